@@ -1,0 +1,134 @@
+"""Plan a job (render + key) and get its cache entry, building it under a per-key lock on a miss."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import builders, counters
+from .arch import Arch
+from .cache import Entry, Store, default_store
+from .errors import BuildError, CacheError
+from .key import FORMAT_VERSION, make_key
+from .logs import log, warn_once
+from .render import render
+from .spec import COMPILE_OPTIONS, Config, OpSpec, Variant
+
+
+@dataclass(frozen=True)
+class Job:
+    """One artifact to build: an op's config rendered for an arch, with its key."""
+
+    spec: OpSpec
+    variant: Variant
+    config: Config
+    arch: Arch
+    source: str
+    signature: dict[str, str]
+    parts: tuple[tuple[str, Any], ...] = field(repr=False)
+    key: str
+
+    def describe(self) -> str:
+        return f"{self.spec.name}/{self.config.describe()} for {self.arch.name}"
+
+
+def plan(spec: OpSpec, config: Config, arch: Arch) -> Job:
+    variant = spec.variant(config.variant)
+    params = config.p
+    context = {
+        **{k: v for k, v in params.items() if k not in COMPILE_OPTIONS},
+        "arch": arch.name,
+        "vendor": arch.vendor,
+        "warp_size": arch.warp_size,
+    }
+    source = render(spec.template_dir, variant.template, context)
+    signature = {a.name: a.resolve(params) for a in variant.args}
+    builder = builders.get(variant.kind)
+    parts = (
+        ("format", FORMAT_VERSION),
+        ("op", spec.name),
+        ("variant", [variant.name, variant.kind, variant.kernel]),
+        ("source", source),
+        ("params", params),
+        ("signature", signature),
+        ("specialization", sorted(a.name for a in variant.args if a.is_pointer or params.get(a.divisible_if or ""))),
+        ("arch", [arch.name, arch.backend, arch.triton_arch, arch.warp_size]),
+        ("compile_options", config.compile_options()),
+        ("compiler", builder.fingerprint(arch)),
+    )
+    return Job(spec, variant, config, arch, source, signature, parts, make_key(parts))
+
+
+def _build_files(job: Job):
+    builder = builders.get(job.variant.kind)
+    log.info("jitkern: building %s", job.describe())
+    t0 = time.perf_counter()
+    files, meta = builder.build(job)
+    dt = time.perf_counter() - t0
+    counters.bump("compiles")
+    log.info("jitkern: built %s in %.2f s (key %s)", job.describe(), dt, job.key[:16])
+    meta = {
+        "op": job.spec.name,
+        "variant": job.variant.name,
+        "kind": job.variant.kind,
+        "kernel": job.variant.kernel,
+        "arch": job.arch.name,
+        "params": job.config.p,
+        "signature": job.signature,
+        "key_parts": {name: value for name, value in job.parts if name != "source"},
+        "build_seconds": round(dt, 3),
+        "created": time.time(),
+        **meta,
+    }
+    return files, meta
+
+
+def get_entry(job: Job, store: Store | None = None) -> tuple[Entry, str]:
+    """Return ``(entry, status)`` with status ``"cached"`` or ``"built"``.
+
+    On a miss the key's lock is taken, the store is checked again (another process may have built it
+    meanwhile), and only then is the job built and published.
+    """
+    store = store or default_store()
+    entry = store.lookup(job.key)
+    if entry is not None:
+        counters.bump("disk_hits")
+        return entry, "cached"
+    try:
+        lock = store.lock(job.key)
+    except CacheError:
+        return _build_in_memory(job), "built"
+    with lock:
+        entry = store.lookup(job.key)
+        if entry is not None:
+            counters.bump("disk_hits")
+            return entry, "cached"
+        files, meta = _build_files(job)
+        try:
+            return store.publish(job.key, files, meta), "built"
+        except OSError as e:
+            warn_once(("publish-failed", str(store)), "jitkern: could not write cache entry (%s); "
+                      "keeping kernels in memory for this process", e)
+            return _memory_entry(job, files, meta), "built"
+
+
+def _build_in_memory(job: Job) -> Entry:
+    files, meta = _build_files(job)
+    return _memory_entry(job, files, meta)
+
+
+def _memory_entry(job: Job, files, meta) -> Entry:
+    """An entry in a private temporary directory, for when no cache layer can be written."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix=f"jitkern-{job.key[:12]}-"))
+    atexit.register(shutil.rmtree, d, True)
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return Entry(job.key, d, {**meta, "key": job.key})
+
+
+__all__ = ["Job", "plan", "get_entry", "BuildError"]

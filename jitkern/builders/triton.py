@@ -1,0 +1,136 @@
+"""Triton builder: import the rendered module and compile its kernel for an explicit GPUTarget.
+
+``triton.compile`` with ``target=GPUTarget(...)`` needs no GPU, so gfx942/gfx950/sm_90 artifacts
+build on any machine. For the CPU interpreter arch there is nothing to compile: the entry holds the
+rendered module, which the launcher imports and runs through Triton's interpreter.
+
+The compile step (``compile_source``) takes and returns plain data, so it can run in this process
+or in a worker process. A process with ``TRITON_INTERPRET=1`` cannot generate GPU code (Triton's
+code generator behaves differently once the interpreter is on), so there it always runs in a clean
+worker.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError
+from ..key import triton_fingerprint
+
+SOURCE_FILE = "kernel.py"
+METADATA_FILE = "metadata.json"
+
+
+def fingerprint(arch) -> dict[str, Any]:
+    return triton_fingerprint()
+
+
+def import_source(path: Path, module_name: str):
+    """Import a rendered kernel module from a file (so ``inspect`` and tracebacks see the source)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise BuildError(f"rendered kernel module {path} failed to import: {type(e).__name__}: {e}") from e
+    return module
+
+
+def kernel_function(module, name: str, where):
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise BuildError(f"rendered module {where} defines no kernel {name!r}")
+    return fn
+
+
+def attrs_for(job) -> dict:
+    """Specialisation attributes: pointers 16-byte aligned, flagged integers multiples of 16."""
+    attrs = {}
+    params = job.config.p
+    for i, a in enumerate(job.variant.args):
+        if a.is_pointer or (a.divisible_if and params.get(a.divisible_if)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def binary_name(arch) -> str:
+    return f"kernel.{arch.binary_ext}"
+
+
+def _summary(e: Exception) -> str:
+    """Triton's messages put the source excerpt first and the error last: keep both ends."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def compile_source(source: str, kernel: str, signature: dict, attrs: dict, target: tuple, options: dict,
+                   what: str) -> tuple[bytes, dict]:
+    """Compile ``kernel`` from rendered ``source`` for ``target`` = (backend, arch, warp_size).
+
+    Returns (binary, Triton metadata as a JSON-able dict). Plain data in and out.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    with tempfile.TemporaryDirectory(prefix="jitkern-build-") as d:
+        path = Path(d) / SOURCE_FILE
+        path.write_text(source)
+        fn = kernel_function(import_source(path, f"jitkern_build_{abs(hash(source))}"), kernel, what)
+        if not isinstance(fn, JITFunction):  # defensive: an InterpretedFunction wraps the raw function
+            fn = JITFunction(fn.fn)
+        gpu_target = GPUTarget(*target)
+        try:
+            ck = triton.compile(ASTSource(fn, signature, {}, attrs), target=gpu_target, options=options)
+        except Exception as e:
+            raise BuildError(f"Triton failed to compile {what}: {type(e).__name__}: {_summary(e)}") from None
+    md = ck.metadata._asdict()
+    md["target"] = {"backend": gpu_target.backend, "arch": gpu_target.arch, "warp_size": gpu_target.warp_size}
+    binary = ck.asm["hsaco" if gpu_target.backend == "hip" else "cubin"]
+    return binary, json.loads(json.dumps(md, default=vars))
+
+
+def _clean_worker_init():
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def compile_in_clean_process(*args):
+    """Run ``compile_source`` in a fresh process without ``TRITON_INTERPRET``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_clean_worker_init) as pool:
+        return pool.submit(compile_source, *args).result()
+
+
+def build(job) -> tuple[dict[str, bytes], dict[str, Any]]:
+    files = {SOURCE_FILE: job.source.encode()}
+    if job.arch.backend is None:  # interpreter: the module is the artifact; check that it imports
+        with tempfile.TemporaryDirectory(prefix="jitkern-build-") as d:
+            path = Path(d) / SOURCE_FILE
+            path.write_text(job.source)
+            kernel_function(import_source(path, f"jitkern_check_{job.key[:16]}"), job.variant.kernel, job.describe())
+        return files, {}
+    from ..runtime import interpreter_enabled
+
+    args = (job.source, job.variant.kernel, job.signature, attrs_for(job),
+            (job.arch.backend, job.arch.triton_arch, job.arch.warp_size), job.config.compile_options(),
+            job.describe())
+    binary, md = compile_in_clean_process(*args) if interpreter_enabled() else compile_source(*args)
+    files[binary_name(job.arch)] = binary
+    files[METADATA_FILE] = json.dumps(md, sort_keys=True).encode()
+    meta = {
+        "kernel_name": md["name"],
+        "shared_bytes": md.get("shared", 0),
+        "num_warps": md.get("num_warps"),
+        "num_stages": md.get("num_stages"),
+    }
+    return files, meta

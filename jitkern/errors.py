@@ -1,0 +1,84 @@
+"""Exception types raised by jitkern.
+
+Every error says what was wrong and what to do about it. Input errors also derive from the
+matching built-in (``TypeError``/``ValueError``) so callers that already catch those keep working.
+"""
+
+
+class JitkernError(Exception):
+    """Base class of every error jitkern raises on purpose."""
+
+
+# --- arch ---------------------------------------------------------------------------------------
+class ArchError(JitkernError):
+    """The target GPU architecture could not be determined or is not supported."""
+
+
+class UnknownArchError(ArchError, ValueError):
+    """An arch name (JITKERN_ARCH, --arch, or a detected GPU) is not in jitkern's arch table."""
+
+
+class NoDeviceError(ArchError, RuntimeError):
+    """No GPU was found and no arch was named."""
+
+
+# --- specs and templates ------------------------------------------------------------------------
+class SpecError(JitkernError, ValueError):
+    """An op spec is malformed (duplicate names, unknown variant, bad parameter)."""
+
+
+class UnknownOpError(SpecError, KeyError):
+    """No op of that name is registered."""
+
+    def __str__(self):  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(JitkernError, ValueError):
+    """A configuration value (environment variable, tile parameter) is not allowed."""
+
+
+class TemplateError(JitkernError):
+    """A kernel template could not be rendered (missing file, undefined variable, syntax)."""
+
+
+# --- build, cache, launch -----------------------------------------------------------------------
+class BuildError(JitkernError, RuntimeError):
+    """A variant could not be compiled. ``log_path`` points at the full compiler log if kept."""
+
+    def __init__(self, message, log_path=None):
+        super().__init__(message)
+        self.log_path = log_path
+
+
+class CacheError(JitkernError, OSError):
+    """The cache directory cannot be used (permissions, layout)."""
+
+
+class CorruptEntryError(CacheError):
+    """A cache entry failed verification. It is discarded and rebuilt, never loaded."""
+
+
+class LaunchError(JitkernError, RuntimeError):
+    """A compiled kernel could not be loaded or launched on this device."""
+
+
+# --- inputs -------------------------------------------------------------------------------------
+class InputError(JitkernError):
+    """An op was called with arguments it does not accept."""
+
+
+class DTypeError(InputError, TypeError):
+    """A tensor has a dtype the op does not accept."""
+
+
+class DeviceError(InputError, ValueError):
+    """A tensor is on a device the op cannot run on, or tensors are on different devices."""
+
+
+class ShapeError(InputError, ValueError):
+    """A tensor has the wrong number of dimensions or sizes that do not match."""
+
+
+class LayoutError(InputError, ValueError):
+    """A tensor's strides or alignment are not what the kernel requires."""

@@ -1,0 +1,20 @@
+"""The ``jitkern`` logger and log-once helpers."""
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("jitkern")
+
+_seen: set = set()
+_lock = threading.Lock()
+
+
+def warn_once(key, msg: str, *args) -> bool:
+    """Log ``msg`` at WARNING the first time ``key`` is seen in this process."""
+    with _lock:
+        if key in _seen:
+            return False
+        _seen.add(key)
+    log.warning(msg, *args)
+    return True

@@ -1,0 +1,122 @@
+"""Declarative op specs: plain dataclasses, no code strings.
+
+An op (``OpSpec``) has variants in fallback order (``Variant``); each variant is a Jinja template
+plus the runtime signature of the kernel it defines (``Arg``). A ``Config`` is one buildable point:
+a variant and the values of its parameters (dtypes, feature flags, tile sizes, ``num_warps`` ...).
+Everything the runtime may select for an arch is enumerated by ``OpSpec.configs(arch)``; prebuild
+compiles exactly that list, so a warm cache covers every launch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import SpecError
+
+#: Parameters that are Triton compile options rather than template variables.
+COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One runtime argument of a kernel.
+
+    ``type`` is a Triton signature type, and may name a parameter in braces: ``"*{dtype}"`` with
+    ``dtype="bf16"`` gives ``"*bf16"``. Pointer arguments are compiled as 16-byte aligned (callers
+    check). ``divisible_if`` names a boolean parameter; when it is true the integer argument is
+    compiled as a multiple of 16, which lets Triton vectorise address arithmetic.
+    """
+
+    name: str
+    type: str
+    divisible_if: str | None = None
+
+    def resolve(self, params: Mapping[str, Any]) -> str:
+        try:
+            return self.type.format(**params)
+        except KeyError as e:
+            raise SpecError(f"argument {self.name!r} type {self.type!r} names unknown parameter {e}") from None
+
+    @property
+    def is_pointer(self) -> bool:
+        return self.type.startswith("*")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation of an op: a template file relative to the op's template folder."""
+
+    name: str
+    template: str
+    kernel: str  # name of the kernel function the template defines
+    args: tuple[Arg, ...] = ()
+    kind: str = "triton"
+
+    def __post_init__(self):
+        names = [a.name for a in self.args]
+        if len(set(names)) != len(names):
+            raise SpecError(f"variant {self.name!r} has duplicate argument names: {names}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A buildable point: variant name plus parameter values (sorted, hashable)."""
+
+    variant: str
+    params: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def make(cls, variant: str, **params) -> "Config":
+        return cls(variant, tuple(sorted(params.items())))
+
+    @property
+    def p(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def compile_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.params if k in COMPILE_OPTIONS}
+
+    def describe(self) -> str:
+        return f"{self.variant}(" + ", ".join(f"{k}={v}" for k, v in self.params) + ")"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op declared once.
+
+    name:         ``jitkern.ops.<name>``
+    variants:     implementations in fallback order
+    template_dir: folder holding the variants' templates
+    fn:           the user-facing function (validates, picks a config, launches)
+    reference:    PyTorch reference with the same signature as ``fn`` (tests use it)
+    configs:      ``configs(arch) -> iterable of Config``: everything the runtime can select on
+                  that arch, in order of preference per signature. Prebuild compiles this list.
+    """
+
+    name: str
+    variants: tuple[Variant, ...]
+    template_dir: Path
+    fn: Callable
+    reference: Callable
+    configs: Callable[[Any], Iterable[Config]]
+    doc: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise SpecError(f"op name {self.name!r} must be a Python identifier")
+        if not self.variants:
+            raise SpecError(f"op {self.name!r} declares no variants")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise SpecError(f"op {self.name!r} has duplicate variant names: {names}")
+        object.__setattr__(self, "template_dir", Path(self.template_dir))
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise SpecError(
+            f"op {self.name!r} has no variant {name!r}; variants: {', '.join(v.name for v in self.variants)}"
+        )
