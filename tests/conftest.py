@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+CPU numerics run through Triton's interpreter, which must be switched on before triton is imported;
+GPU-only tests skip where no GPU is present. Every test gets a private cache directory.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import jitkern.runtime  # noqa: E402
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+requires_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a GPU (runs on the H100 through the device tool)")
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh, private JITKERN_CACHE_DIR and empty in-process kernel memo for each test."""
+    d = tmp_path / "jitkern-cache"
+    monkeypatch.setenv("JITKERN_CACHE_DIR", str(d))
+    jitkern.runtime.clear_memory()
+    yield d
+    jitkern.runtime.clear_memory()
