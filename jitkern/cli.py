@@ -1,0 +1,345 @@
+"""The ``jitkern`` command line (also ``python -m jitkern``).
+
+Subcommands::
+
+    jitkern prebuild --arch gfx942,gfx950,sm_90 [--op NAME ...] [--jobs N] [--cache-dir DIR]
+                     [--report FILE.json] [--keep-going]
+    jitkern list [--json]
+    jitkern doctor [--json]
+    jitkern cache stats|verify|prune --max-size SIZE|clear [--failures]|export FILE|import FILE
+
+Exit status: 0 success; 1 something failed (a build, a damaged cache entry); 2 bad arguments
+(argparse errors, unknown arch or op, bad values); 130 interrupted.
+
+Adding a subcommand: write ``_add_<name>(sub)`` that calls ``sub.add_parser(...)`` and
+``set_defaults(func=<handler>)`` (handler: ``args -> int``), and append it to ``SUBCOMMANDS``.
+Import heavy modules inside the handler, not at module level, so ``jitkern --help`` stays fast.
+Sections of ``jitkern doctor`` are functions in ``DOCTOR_SECTIONS`` returning
+``(title, [(label, value), ...])``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable
+
+from .errors import ConfigError, JitkernError, SpecError, UnknownArchError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ---- argument types ----------------------------------------------------------------------------
+def arch_list(text: str):
+    """argparse type for ``--arch gfx942,gfx950,sm_90``: a list of ``jitkern.arch.Arch``."""
+    from . import arch
+
+    try:
+        return arch.parse_list(text)
+    except UnknownArchError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"500M"``, ``"2GiB"``, ``"1.5G"``, ``"4096"`` -> bytes (K/M/G/T are powers of 1024)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"cannot read size {text!r}; write a number of bytes with an optional unit K, M, G or T "
+                          "(e.g. 500M, 2G, 2GiB)")
+    scale = 1024 ** " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * scale)
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return n
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_table(rows: list[list], header: list[str], file=None) -> None:
+    """A plain, aligned text table."""
+    file = file or sys.stdout
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip(),
+              file=file)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
+def _cache_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="cache directory (layers separated by %r); default: JITKERN_CACHE_DIR, else the "
+                        "user cache dir" % os.pathsep)
+
+
+# ---- prebuild ----------------------------------------------------------------------------------
+def _add_prebuild(sub) -> None:
+    p = sub.add_parser("prebuild", help="compile every configuration the runtime can select, for named arches",
+                       description="Compile every op x variant x configuration that the runtime can select for "
+                                   "each arch into the cache (no GPU needed). A second run builds nothing.")
+    p.add_argument("--arch", type=arch_list, metavar="LIST",
+                   help="comma-separated arches, e.g. gfx942,gfx950,sm_90 ('cpu' = Triton interpreter); "
+                        "default: the detected GPU")
+    p.add_argument("--op", action="append", metavar="NAME", help="only this op (repeatable); default: all ops")
+    p.add_argument("--jobs", "-j", type=positive_int, metavar="N", help="worker processes (default: one per core)")
+    _cache_dir_option(p)
+    p.add_argument("--report", metavar="FILE", help="write a JSON report, one record per artifact")
+    p.add_argument("--keep-going", action="store_true", help="exit 0 even if some artifacts failed to build")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="only the first N configurations of each op and arch (smoke tests, benchmarks)")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="progress display: a bar on a terminal, one line per artifact otherwise (default: auto)")
+    p.set_defaults(func=_run_prebuild)
+
+
+def _run_prebuild(args) -> int:
+    from . import prebuild
+
+    return prebuild.main(args)
+
+
+# ---- list --------------------------------------------------------------------------------------
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="ops, their variants, parameters and supported arches")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_list)
+
+
+def describe_ops() -> list[dict]:
+    """Ops, variants, parameter values and configuration counts per arch (used by ``jitkern list``)."""
+    from . import arch, registry
+
+    out = []
+    for name in registry.names():
+        try:
+            spec = registry.get(name)
+        except JitkernError as e:
+            out.append({"op": name, "error": str(e)})
+            continue
+        per_arch: dict[str, int] = {}
+        params: dict[str, dict[str, set]] = {}
+        for a in arch.ARCHES.values():
+            try:
+                cfgs = list(spec.configs(a))
+            except JitkernError:
+                cfgs = []
+            if cfgs:
+                per_arch[a.name] = len(cfgs)
+            for c in cfgs:
+                vp = params.setdefault(c.variant, {})
+                for k, v in c.params:
+                    vp.setdefault(k, set()).add(v)
+        doc = (spec.doc or "").strip().splitlines()
+        out.append({
+            "op": name,
+            "summary": doc[0] if doc else "",
+            "variants": [{"name": v.name, "kind": v.kind, "kernel": v.kernel,
+                          "params": {k: sorted(vals, key=repr) for k, vals in params.get(v.name, {}).items()}}
+                         for v in spec.variants],
+            "configs_per_arch": per_arch,
+        })
+    return out
+
+
+def _run_list(args) -> int:
+    ops = describe_ops()
+    if args.json:
+        print(json.dumps(ops, indent=1, default=str))
+        return EXIT_OK
+    for op in ops:
+        if "error" in op:
+            print(f"{op['op']}: cannot be loaded: {op['error']}")
+            continue
+        print(f"{op['op']}: {op['summary']}")
+        archs = ", ".join(f"{a} ({n} configs)" for a, n in op["configs_per_arch"].items())
+        print(f"  arches: {archs or '(none)'}")
+        for v in op["variants"]:
+            print(f"  variant {v['name']} [{v['kind']}] kernel {v['kernel']}")
+            for k, vals in v["params"].items():
+                print(f"    {k}: {', '.join(map(str, vals))}")
+    return EXIT_OK
+
+
+# ---- doctor ------------------------------------------------------------------------------------
+def _doctor_arch() -> tuple[str, list[tuple[str, str]]]:
+    from . import arch
+
+    rows = [("JITKERN_ARCH", os.environ.get("JITKERN_ARCH", "") or "(not set)")]
+    try:
+        a = arch.current()
+        rows.append(("arch", f"{a.name} ({a.product}); LDS/shared per block {a.shared_mem_per_block // 1024} KiB"))
+    except JitkernError as e:
+        rows.append(("arch", f"none: {e}"))
+    return "GPU", rows
+
+
+def _doctor_toolchains() -> tuple[str, list[tuple[str, str]]]:
+    import shutil
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    rows = []
+    for pkg in ("jitkern", "triton", "torch", "numpy"):
+        try:
+            rows.append((pkg, version(pkg)))
+        except PackageNotFoundError:
+            rows.append((pkg, "not installed"))
+    for tool, flag in (("nvcc", "--version"), ("hipcc", "--version"), ("ninja", "--version"), ("c++", "--version")):
+        path = shutil.which(tool)
+        if not path:
+            rows.append((tool, "not found"))
+            continue
+        try:
+            r = subprocess.run([path, flag], capture_output=True, text=True, timeout=20)
+            lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+            ver = next((ln for ln in lines if "release" in ln.lower()), lines[0] if lines else "?")
+        except (OSError, subprocess.SubprocessError) as e:
+            ver = f"fails to run: {e}"
+        rows.append((tool, f"{ver.strip()} ({path})"))
+    rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "") or "(not set)"))
+    return "Toolchains", rows
+
+
+def _doctor_cache() -> tuple[str, list[tuple[str, str]]]:
+    from . import cachectl
+
+    rows = []
+    for info in cachectl.layer_info():
+        rows.append((info["path"], f"{'writable' if info['writable'] else 'read-only'}, {info['entries']} entries, "
+                                   f"{human_size(info['bytes'])}"))
+    return "Cache layers (JITKERN_CACHE_DIR, first writable one receives new entries)", rows
+
+
+#: ``jitkern doctor`` prints each of these sections; append yours.
+DOCTOR_SECTIONS: list[Callable[[], tuple[str, list[tuple[str, str]]]]] = [
+    _doctor_arch, _doctor_toolchains, _doctor_cache,
+]
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="detected arch, toolchains and versions, cache layers")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    report = {}
+    for section in DOCTOR_SECTIONS:
+        try:
+            title, rows = section()
+        except Exception as e:  # a broken section must not hide the others
+            title, rows = getattr(section, "__name__", "section"), [("error", f"{type(e).__name__}: {e}")]
+        report[title] = dict(rows)
+        if not args.json:
+            print(title)
+            width = max((len(k) for k, _ in rows), default=0)
+            for k, v in rows:
+                print(f"  {k.ljust(width)}  {v}")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return EXIT_OK
+
+
+# ---- cache -------------------------------------------------------------------------------------
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="inspect and manage the on-disk cache")
+    csub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    s = csub.add_parser("stats", help="entries and bytes per layer, arch and op; recorded build failures")
+    s.add_argument("--json", action="store_true")
+    v = csub.add_parser("verify", help="check every entry's checksums (exit 1 on damage)")
+    v.add_argument("--discard", action="store_true", help="also remove damaged entries from writable layers")
+    pr = csub.add_parser("prune", help="remove least recently used entries until the cache fits a size")
+    pr.add_argument("--max-size", type=size_arg, required=True, metavar="SIZE", help="e.g. 500M, 2G")
+    c = csub.add_parser("clear", help="remove every entry of the writable layer")
+    c.add_argument("--failures", action="store_true", help="only recorded build failures")
+    e = csub.add_parser("export", help="write every entry of every layer into one archive")
+    e.add_argument("file", metavar="FILE", help="archive to write (.tar, .tar.gz)")
+    i = csub.add_parser("import", help="add the entries of an archive to the writable layer (verified, atomic)")
+    i.add_argument("file", metavar="FILE", help="archive made by 'jitkern cache export'")
+    for q in (s, v, pr, c, e, i):
+        _cache_dir_option(q)
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args) -> int:
+    from . import cachectl
+
+    return cachectl.main(args)
+
+
+#: Subcommand registrars, in the order ``jitkern --help`` lists them.
+SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_list, _add_doctor, _add_cache]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="jitkern", description="JIT kernel compilation with an on-disk cache.")
+    parser.add_argument("--version", action="version", version=f"jitkern {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    import logging
+
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logger = logging.getLogger("jitkern")
+    logger.setLevel(level)
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help/--version: 0; bad arguments: 2 (argparse printed why)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("jitkern: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UnknownArchError, SpecError, ConfigError) as e:  # what the user asked for is not valid
+        print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except JitkernError as e:
+        print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
