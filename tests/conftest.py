@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+import jitkern.counters  # noqa: E402
 import jitkern.runtime  # noqa: E402
 
 
@@ -23,9 +24,10 @@ requires_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a GPU (runs on t
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-    """A fresh, private JITKERN_CACHE_DIR and empty in-process kernel memo for each test."""
+    """A fresh, private JITKERN_CACHE_DIR, empty in-process kernel memo and zeroed counters."""
     d = tmp_path / "jitkern-cache"
     monkeypatch.setenv("JITKERN_CACHE_DIR", str(d))
     jitkern.runtime.clear_memory()
+    jitkern.counters.reset()
     yield d
     jitkern.runtime.clear_memory()
