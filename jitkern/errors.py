@@ -82,3 +82,19 @@ class ShapeError(InputError, ValueError):
 
 class LayoutError(InputError, ValueError):
     """A tensor's strides or alignment are not what the kernel requires."""
+
+
+# --- buffer contracts and redzone debug mode (jitkern/contracts.py, jitkern/redzone.py) -----------
+class BufferError(InputError, ValueError):
+    """A caller-provided output/workspace tensor breaks the kernel's buffer contract (too small,
+    wrong dtype, wrong device or layout). The message names the buffer, the expected and given size."""
+
+
+class RedzoneError(JitkernError, RuntimeError):
+    """JITKERN_DEBUG=redzone: a launch wrote outside a buffer it was given (into the guard band).
+    Attributes: ``op``, ``variant``, ``buffer``, ``offset`` (bytes past the end of the buffer, or
+    negative before its start; for row-guarded buffers, past the end of ``row``)."""
+
+    def __init__(self, message, *, op=None, variant=None, buffer=None, offset=None, row=None):
+        super().__init__(message)
+        self.op, self.variant, self.buffer, self.offset, self.row = op, variant, buffer, offset, row
