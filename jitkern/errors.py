@@ -51,6 +51,17 @@ class BuildError(JitkernError, RuntimeError):
         self.log_path = log_path
 
 
+class OverBudgetError(BuildError):
+    """A configuration compiled but uses more shared memory/LDS (or registers) than the arch allows.
+
+    It is never launched; ``figures`` holds what it uses and the budget (see ``jitkern.budget``).
+    """
+
+    def __init__(self, message, figures=None):
+        super().__init__(message)
+        self.figures = dict(figures or {})
+
+
 class CacheError(JitkernError, OSError):
     """The cache directory cannot be used (permissions, layout)."""
 
