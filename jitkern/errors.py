@@ -70,6 +70,15 @@ class CorruptEntryError(CacheError):
     """A cache entry failed verification. It is discarded and rebuilt, never loaded."""
 
 
+class RemoteCacheError(CacheError):
+    """The remote cache (``JITKERN_REMOTE_CACHE``) cannot be used: misconfigured, unreachable, full.
+    Builds never raise it (they go on without the remote, with one warning); ``jitkern cache push/pull`` do."""
+
+
+class UntrustedEntryError(RemoteCacheError):
+    """An entry from the remote cache failed its checksum or signature check; it is never stored or loaded."""
+
+
 class LaunchError(JitkernError, RuntimeError):
     """A compiled kernel could not be loaded or launched on this device."""
 
