@@ -14,8 +14,13 @@ def bump(name: str, n: int = 1) -> None:
 def snapshot() -> dict[str, int]:
     """A copy of the counters: ``compiles`` (kernels compiled by this process), ``disk_hits``
     (entries loaded from the on-disk cache), ``memory_hits`` (kernels reused in-process),
-    ``corrupt_discarded`` (entries that failed verification and were removed)."""
-    base = dict.fromkeys(("compiles", "disk_hits", "memory_hits", "corrupt_discarded"), 0)
+    ``corrupt_discarded`` (entries that failed verification and were removed); remote cache
+    (``jitkern.remote``): ``remote_hits`` (entries fetched instead of compiled), ``remote_misses``,
+    ``remote_puts`` (entries published), ``remote_errors`` (failed requests; the remote switches itself
+    off), ``remote_rejected`` (entries failing their checksum or signature), ``remote_waits`` (builds
+    waited for because another node held the key's build lease)."""
+    base = dict.fromkeys(("compiles", "disk_hits", "memory_hits", "corrupt_discarded", "remote_hits",
+                          "remote_misses", "remote_puts", "remote_errors", "remote_rejected", "remote_waits"), 0)
     base.update(COUNTERS)
     return base
 
