@@ -1,0 +1,340 @@
+"""``jitkern prebuild``: build every artifact the runtime can select, for named arches, in parallel.
+
+The job list is ``op x variant x config`` from each op's ``OpSpec.configs(arch)``, which is by
+contract everything the runtime may pick on that arch, so a prebuilt cache means the first request
+on a fresh node compiles nothing.
+
+How it runs:
+
+1. This process plans every job (render + key: cheap, no compiler) and looks each key up in the
+   store. Hits are reported as ``cached`` and never reach a worker, so a second run builds nothing
+   and starts no worker.
+2. Misses go to a pool of worker processes (``spawn``; default one per core). A worker receives
+   plain data (op name, the module that declares it, variant, parameters, arch name, cache layers),
+   plans the job again, checks that it arrives at the same key, and builds it through
+   ``jitkern.build.get_entry``: the same per-key lock, atomic publish and budget checks as a lazy
+   compile. Workers run without ``TRITON_INTERPRET`` (Triton cannot generate GPU code with it on).
+3. Ctrl-C (SIGINT) reaches only this process's handler (workers ignore SIGINT): the pool is
+   terminated, and any temporary directory a killed worker was writing is removed. Entries are
+   published by an atomic rename, so an interrupted build leaves no partial entry: the key is
+   simply absent and the next run builds it.
+
+Statuses in the report: ``built``, ``cached``, ``failed`` (a build error, or a recorded failure
+entry), ``rejected_over_budget`` (the artifact needs more shared memory / LDS than the arch gives a
+block; recorded so it is not rebuilt).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import arch as _arch
+from . import registry
+from .cache import Store, configured_layers
+from .errors import BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, UnknownOpError
+from .logs import log
+
+STATUSES = ("built", "cached", "rejected_over_budget", "failed")
+#: Entry-meta statuses that record a negative result instead of an artifact (written by the build path).
+_META_STATUS = {"failed": "failed", "rejected_over_budget": "rejected_over_budget"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One artifact to build, as plain data a worker process can receive."""
+
+    op: str
+    module: str  # module that registers the op (for ops registered by a library, not an entry point)
+    variant: str
+    params: tuple[tuple[str, Any], ...]
+    arch: str
+    key: str
+
+    def describe(self) -> str:
+        return f"{self.op}/{self.variant}(" + ", ".join(f"{k}={v}" for k, v in self.params) + f") for {self.arch}"
+
+
+# ---- enumeration -------------------------------------------------------------------------------
+def resolve_arches(arches: Iterable[_arch.Arch] | None) -> list[_arch.Arch]:
+    if arches:
+        return list(arches)
+    try:
+        return [_arch.current()]
+    except NoDeviceError:
+        raise ConfigError(
+            "no GPU detected and no --arch given; name the arches to build for, e.g. "
+            f"--arch gfx942,gfx950,sm_90 (known: {', '.join(_arch.ARCHES)}; 'cpu' = Triton interpreter)"
+        ) from None
+
+
+def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], limit: int | None = None) -> list[Task]:
+    """Every (op, config, arch) the runtime can select, planned and keyed, without duplicates."""
+    from .build import plan
+
+    specs = registry.specs(list(ops) if ops else None)
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for a in arches:
+        for spec in specs:
+            for i, cfg in enumerate(spec.configs(a)):
+                if limit is not None and i >= limit:
+                    break
+                job = plan(spec, cfg, a)
+                if job.key in seen:
+                    continue
+                seen.add(job.key)
+                tasks.append(Task(spec.name, getattr(spec.fn, "__module__", "") or "", cfg.variant, cfg.params,
+                                  a.name, job.key))
+    return tasks
+
+
+def _record(task: Task, status: str, **extra) -> dict[str, Any]:
+    a = _arch.get(task.arch)
+    rec = {
+        "op": task.op, "variant": task.variant, "arch": task.arch, "params": dict(task.params), "key": task.key,
+        "status": status, "shared_bytes": None, "budget_bytes": a.shared_mem_per_block, "seconds": None,
+        "error": None,
+    }
+    rec.update(extra)
+    return rec
+
+
+def _from_entry(task: Task, entry, status: str, seconds: float | None = None) -> dict[str, Any]:
+    meta = entry.meta or {}
+    recorded = _META_STATUS.get(str(meta.get("status", "")))
+    error = meta.get("error")
+    if recorded == "failed" and status == "cached":
+        error = error or "a failed build is recorded for this key (clear it with 'jitkern cache clear --failures')"
+    return _record(task, recorded or status, shared_bytes=meta.get("shared_bytes"),
+                   seconds=meta.get("build_seconds", seconds) if status == "built" else None,
+                   error=error if recorded else None, log_path=meta.get("log_path"))
+
+
+# ---- worker side -------------------------------------------------------------------------------
+def _worker_init(layers: str, level: int) -> None:
+    # Ctrl-C goes to the whole foreground process group; only the parent decides what to do.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported in this process
+    os.environ["JITKERN_CACHE_DIR"] = layers
+    import logging
+
+    logging.getLogger("jitkern").setLevel(level)
+
+
+def _spec_for(task: Task):
+    try:
+        return registry.get(task.op)
+    except UnknownOpError:
+        if not task.module:
+            raise
+        import importlib
+
+        importlib.import_module(task.module)  # an op registered by its library at import
+        return registry.get(task.op)
+
+
+def build_task(task: Task) -> dict[str, Any]:
+    """Build one task in this process (a worker) and return its report record."""
+    from .build import get_entry, plan
+    from .cache import default_store
+    from .spec import Config
+
+    t0 = time.perf_counter()
+    try:
+        spec = _spec_for(task)
+        job = plan(spec, Config(task.variant, task.params), _arch.get(task.arch))
+        if job.key != task.key:
+            raise BuildError(f"{task.describe()} plans to key {job.key[:16]} in the worker but {task.key[:16]} in "
+                             "the parent: something outside the key (environment, installed packages) differs")
+        entry, status = get_entry(job, default_store())
+        return _from_entry(task, entry, status, time.perf_counter() - t0)
+    except JitkernError as e:
+        return _record(task, "failed", error=str(e), seconds=round(time.perf_counter() - t0, 3),
+                       log_path=getattr(e, "log_path", None))
+    except Exception as e:  # a compiler crash must not take the whole prebuild down
+        return _record(task, "failed", error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - t0, 3))
+
+
+# ---- parent side -------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm bar on a terminal, else one plain line per artifact."""
+
+    def __init__(self, total: int, mode: str):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.total, self.done, self.bar = mode, total, 0, None
+        if mode == "bar" and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="artifact", desc="jitkern prebuild", file=sys.stderr)
+
+    def update(self, rec: dict[str, Any]) -> None:
+        self.done += 1
+        line = _line(rec)
+        if self.bar is not None:
+            self.bar.update(1)
+            if rec["status"] == "failed":
+                self.bar.write(line, file=sys.stderr)
+        elif self.mode == "lines":
+            width = len(str(self.total))
+            print(f"[{self.done:>{width}}/{self.total}] {line}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _line(rec: dict[str, Any]) -> str:
+    params = ",".join(f"{k}={v}" for k, v in rec["params"].items())
+    s = f"{rec['status']:<8} {rec['arch']:<7} {rec['op']}/{rec['variant']}({params})"
+    if rec.get("seconds") is not None:
+        s += f" {rec['seconds']:.2f}s"
+    if rec.get("shared_bytes") is not None:
+        s += f" shared={rec['shared_bytes']}"
+    if rec.get("error"):
+        s += f"  error: {rec['error'].splitlines()[0]}"
+        if rec.get("log_path"):
+            s += f" (log: {rec['log_path']})"
+    return s
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        s = out.setdefault(r["arch"], {**dict.fromkeys(STATUSES, 0), "total": 0, "compile_seconds": 0.0})
+        s[r["status"]] = s.get(r["status"], 0) + 1
+        s["total"] += 1
+        if r["status"] == "built" and r.get("seconds"):
+            s["compile_seconds"] += r["seconds"]
+    for s in out.values():
+        s["compile_seconds"] = round(s["compile_seconds"], 3)
+        s["seconds_per_built"] = round(s["compile_seconds"] / s["built"], 3) if s["built"] else None
+    return out
+
+
+def print_summary(summary: dict[str, dict[str, Any]], file=None) -> None:
+    from .cli import print_table
+
+    rows = [[a, s["built"], s["cached"], s["rejected_over_budget"], s["failed"], s["total"],
+             f"{s['seconds_per_built']:.2f}" if s["seconds_per_built"] is not None else "-"]
+            for a, s in summary.items()]
+    print_table(rows, ["arch", "built", "cached", "rejected", "failed", "total", "s/built"], file=file)
+
+
+def _sweep_tmp(store: Store, pids: set[int]) -> int:
+    """Remove temporary entry directories left by killed workers (named ``<key>.<pid>.<rand>``)."""
+    import shutil
+
+    layer = store.write_layer
+    if layer is None or not pids:
+        return 0
+    n = 0
+    for d in (layer.root / "tmp").glob("*.*.*"):
+        parts = d.name.split(".")
+        if len(parts) >= 3 and parts[1].isdigit() and int(parts[1]) in pids:
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
+def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str = "auto",
+        layers_env: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Build ``tasks`` (cached ones are only looked up). Returns (records, interrupted)."""
+    records: list[dict[str, Any]] = []
+    pending: list[Task] = []
+    for t in tasks:
+        entry = store.lookup(t.key)
+        if entry is not None:
+            records.append(_from_entry(t, entry, "cached"))
+        else:
+            pending.append(t)
+    if not pending:
+        return records, False
+    if store.write_layer is None:
+        raise CacheError(f"no writable layer in {[str(layer.base) for layer in store.layers]}; "
+                         "prebuild needs one (--cache-dir DIR or JITKERN_CACHE_DIR)")
+    import logging
+    import multiprocessing
+
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending)))
+    layers_env = layers_env or os.pathsep.join(str(layer.base) for layer in store.layers)
+    bar = _Progress(len(pending), progress)
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(jobs, initializer=_worker_init, initargs=(layers_env, logging.getLogger("jitkern").level))
+    interrupted = False
+    try:
+        for rec in pool.imap_unordered(build_task, pending, chunksize=1):
+            records.append(rec)
+            bar.update(rec)
+        pool.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        pids = {p.pid for p in multiprocessing.active_children()}
+        pool.terminate()
+        pool.join()
+        removed = _sweep_tmp(store, pids)
+        log.debug("prebuild interrupted: terminated workers %s, removed %d temporary directories", sorted(pids), removed)
+    finally:
+        bar.close()
+        pool.join()
+    return records, interrupted
+
+
+def main(args) -> int:
+    """``jitkern prebuild`` (``args`` from ``jitkern.cli``)."""
+    from . import __version__
+
+    t0 = time.perf_counter()
+    arches = resolve_arches(args.arch)
+    layers = configured_layers(args.cache_dir)
+    store = Store(layers)
+    tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None))
+    write = store.write_layer
+    where = str(write.base) if write is not None else "(no writable layer)"
+    print(f"jitkern prebuild: {len(tasks)} artifacts for {', '.join(a.name for a in arches)} "
+          f"({', '.join(args.op) if args.op else 'all ops'}) into {where}", flush=True)
+    records, interrupted = run(tasks, store, args.jobs, args.progress,
+                               os.pathsep.join(str(p) for p in layers))
+    seconds = time.perf_counter() - t0
+    summary = summarize(records)
+    built = sum(s["built"] for s in summary.values())
+    failed = sum(s["failed"] for s in summary.values())
+    if args.report:
+        import importlib.metadata as md
+
+        report = {
+            "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in arches],
+            "ops": list(args.op or registry.names()), "cache_layers": [str(p) for p in layers],
+            "jobs": args.jobs or os.cpu_count(), "seconds": round(seconds, 3), "interrupted": interrupted,
+            "summary": summary, "artifacts": sorted(records, key=lambda r: (r["arch"], r["op"], r["key"])),
+        }
+        path = Path(args.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, path)
+    print_summary(summary)
+    if interrupted:
+        print(f"jitkern prebuild: interrupted after {seconds:.1f} s; {built} built, "
+              f"{len(tasks) - len(records)} not built (no partial entries were left; run again to finish)",
+              file=sys.stderr)
+        return 130
+    if built == 0 and failed == 0:
+        print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache "
+              f"({seconds:.1f} s)")
+    else:
+        print(f"jitkern prebuild: {built} built, {len(records) - built - failed} already cached or recorded, "
+              f"{failed} failed in {seconds:.1f} s")
+    if failed:
+        first = next(r for r in records if r["status"] == "failed")
+        print(f"jitkern prebuild: {failed} artifacts failed; first: {first['op']}/{first['variant']} for "
+              f"{first['arch']}: {(first['error'] or '').splitlines()[0] if first['error'] else ''}"
+              + ("" if args.keep_going else " (use --keep-going to exit 0 anyway)"), file=sys.stderr)
+        return 0 if args.keep_going else 1
+    return 0
