@@ -46,9 +46,24 @@ class TemplateError(JitkernError):
 class BuildError(JitkernError, RuntimeError):
     """A variant could not be compiled. ``log_path`` points at the full compiler log if kept."""
 
-    def __init__(self, message, log_path=None):
+    def __init__(self, message, log_path=None, *, reason=None, log_text=None):
         super().__init__(message)
         self.log_path = log_path
+        self.reason = reason or str(message)  # one line for warnings: e.g. the first compiler error
+        self.log_text = log_text  # the full compiler output, kept with the failure record
+
+
+class UnavailableError(BuildError):
+    """A variant cannot be built on this machine (its compiler, headers or GPU are missing)."""
+
+
+class RecordedBuildFailure(BuildError):
+    """A variant's build failed earlier and the failure is recorded in the cache for this key, so it
+    is not retried until the toolchain changes or failures are cleared (``jitkern cache clear --failures``)."""
+
+
+class NoVariantError(BuildError):
+    """No variant of an op could run these inputs (every one unavailable, failed, or refused by a guard)."""
 
 
 class OverBudgetError(BuildError):
