@@ -1,0 +1,185 @@
+"""Buffer contracts: what a kernel writes, declared once beside its template.
+
+A kernel's contract lists every buffer it writes (outputs, workspaces, scratch) with its shape and
+dtype as functions of the launch's *dims*: plain numbers the op function derives from its real
+inputs and capacities (tokens, sorted-token count, KV-cache capacity ...), never from a model's
+theoretical maximum. jitkern allocates each buffer from the contract, or checks a caller's tensor
+against it before the launch (too small, wrong dtype, wrong device or layout -> ``BufferError``
+naming the buffer, the expected and the given size). Serving engines that pre-allocate (CUDA
+graphs) ask the same contract for the sizes: ``contract.layout(**dims)`` / ``contract.nbytes(**dims)``.
+
+Under ``JITKERN_DEBUG=redzone`` every buffer is placed inside a guard band (see ``jitkern.redzone``)
+and checked after the launch. Off, preparing buffers costs a loop over the contract and nothing else.
+
+An op uses a contract like this::
+
+    bufs = CONTRACT.prepare(x.device, dict(tokens=t, n=n, dtype=x.dtype), out=out)
+    if t == 0:
+        return bufs.result("out")        # empty work: nothing launched
+    k[grid](x, bufs["out"], ...)
+    bufs.finish(k)                       # redzone: synchronize, check the guard bands
+    return bufs.result("out")
+
+Imports torch (only op modules use it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import redzone
+from .errors import BufferError, SpecError
+
+ROLES = ("output", "workspace", "scratch")
+INITS = ("empty", "zero")
+
+
+def _dt(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One buffer a kernel writes.
+
+    shape:     ``shape(dims) -> tuple[int, ...]``; ``dims`` is a namespace of the launch's numbers
+    dtype:     a torch dtype, or ``dtype(dims) -> torch dtype``
+    role:      "output" (returned to the caller; a given ``out=`` must match the shape exactly),
+               "workspace" or "scratch" (internal; a given tensor may be larger, it is used from its
+               start, and must be contiguous)
+    init:      "empty" or "zero" (the kernel accumulates into it)
+    row_guard: the kernel addresses rows of this buffer through a row-stride argument, so redzone
+               mode may pad every row with its own guard (catches a store past a row end that
+               lands in the next row, as in seed 001)
+    """
+
+    name: str
+    shape: Callable[[Any], tuple]
+    dtype: Any
+    role: str = "output"
+    init: str = "empty"
+    row_guard: bool = False
+    doc: str = ""
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise SpecError(f"buffer {self.name!r}: role {self.role!r} is not one of {ROLES}")
+        if self.init not in INITS:
+            raise SpecError(f"buffer {self.name!r}: init {self.init!r} is not one of {INITS}")
+
+    def resolve(self, dims) -> tuple[tuple[int, ...], torch.dtype]:
+        shape = tuple(int(s) for s in self.shape(dims))
+        if any(s < 0 for s in shape):
+            raise SpecError(f"buffer {self.name!r}: contract gives a negative size {shape}")
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else self.dtype(dims)
+        return shape, dtype
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The buffers one kernel (or one op's chain of kernels) writes."""
+
+    op: str
+    buffers: tuple[Buffer, ...]
+
+    def __post_init__(self):
+        names = [b.name for b in self.buffers]
+        if len(set(names)) != len(names):
+            raise SpecError(f"contract of {self.op!r} has duplicate buffer names: {names}")
+
+    def layout(self, **dims) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{buffer: (shape, dtype)}`` for these dims."""
+        d = SimpleNamespace(**dims)
+        return {b.name: b.resolve(d) for b in self.buffers}
+
+    def nbytes(self, **dims) -> dict[str, int]:
+        """``{buffer: size in bytes}`` for these dims (what a caller pre-allocates)."""
+        return {n: math.prod(s) * torch.empty((), dtype=t).element_size() for n, (s, t) in self.layout(**dims).items()}
+
+    def prepare(self, device, dims: Mapping[str, Any], **given) -> "Buffers":
+        """Allocate every buffer, or check the caller's (``given[name]``, ``None`` = allocate)."""
+        for k in given:
+            if not any(b.name == k for b in self.buffers):
+                raise SpecError(f"{self.op}: contract has no buffer {k!r}; buffers: "
+                                f"{', '.join(b.name for b in self.buffers)}")
+        d = SimpleNamespace(**dims)
+        zone = redzone.session(self.op) if redzone.enabled() else None
+        tensors: dict[str, torch.Tensor] = {}
+        user: dict[str, torch.Tensor] = {}
+        for b in self.buffers:
+            shape, dtype = b.resolve(d)
+            t = given.get(b.name)
+            if t is not None:
+                t = check(self.op, b, t, shape, dtype, device)
+                user[b.name] = t
+                if zone is not None:
+                    t = zone.shadow(b, t)
+            elif zone is not None:
+                t = zone.allocate(b, shape, dtype, device)
+            else:
+                t = (torch.zeros if b.init == "zero" else torch.empty)(shape, dtype=dtype, device=device)
+            tensors[b.name] = t
+        return Buffers(tensors, user, zone)
+
+
+class Buffers(dict):
+    """The tensors to launch with, by buffer name."""
+
+    __slots__ = ("_user", "_zone")
+
+    def __init__(self, tensors, user, zone):
+        super().__init__(tensors)
+        self._user = user
+        self._zone = zone
+
+    def finish(self, kernel=None) -> None:
+        """After the launch(es): in redzone mode synchronize, check every guard band, copy shadowed
+        results back to the caller's tensors; raise ``RedzoneError`` on a hit. Otherwise nothing."""
+        if self._zone is not None:
+            self._zone.finish(getattr(kernel, "name", kernel), self._user)
+
+    def result(self, name: str):
+        """The tensor to hand back for ``name``: the caller's own if they gave one."""
+        t = self._user.get(name)
+        if t is not None:
+            return t
+        t = self[name]
+        if self._zone is not None and not t.is_contiguous():
+            return t.contiguous()  # row-guarded in redzone mode: hand back a plain tensor
+        return t
+
+
+def check(op: str, b: Buffer, t, shape, dtype, device):
+    """A caller-provided tensor for buffer ``b``: the right kind, or a ``BufferError`` that says so."""
+    what = f"{op}: {b.role} buffer {b.name!r}"
+    want = f"{shape} {_dt(dtype)} on {device}"
+    if not isinstance(t, torch.Tensor):
+        raise BufferError(f"{what} must be a torch.Tensor of {want}, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise BufferError(f"{what} has dtype {_dt(t.dtype)}; the kernel writes {_dt(dtype)} (expected {want})")
+    if t.device != torch.device(device):
+        raise BufferError(f"{what} is on {t.device}; expected {want}")
+    need = math.prod(shape)
+    if b.role == "output":
+        if tuple(t.shape) != shape:
+            small = " (too small)" if t.numel() < need else ""
+            raise BufferError(f"{what} has shape {tuple(t.shape)}{small}; expected {shape} "
+                              f"({need * t.element_size()} bytes)")
+        if need and not t.is_contiguous():
+            raise BufferError(f"{what} must be contiguous (strides {tuple(t.stride())} given); "
+                              f"pass a contiguous tensor of {want}")
+        return t
+    if t.numel() < need:
+        raise BufferError(f"{what} is too small: {t.numel()} elements ({t.numel() * t.element_size()} bytes) "
+                          f"given, the kernel writes {need} ({need * t.element_size()} bytes, shape {shape}); "
+                          f"size it with the op's contract (.nbytes(...))")
+    if not t.is_contiguous():
+        raise BufferError(f"{what} must be contiguous (strides {tuple(t.stride())} given)")
+    view = t.reshape(-1)[:need].view(shape)
+    if b.init == "zero":
+        view.zero_()
+    return view
