@@ -20,6 +20,7 @@ is discarded (writable layers) or skipped (read-only layers) with one warning, a
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -61,6 +62,28 @@ def _check_key(key: str) -> str:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path, exclusive: bool = False, blocking: bool = True):
+    """Hold an advisory lock on an entry directory itself (no lock file): shared while a process loads
+    the entry, exclusive while ``jitkern cache prune`` removes it. Yields True if the lock is held,
+    False if ``blocking=False`` and another process holds it, and True without locking where the
+    platform or filesystem has no ``flock``. Raises FileNotFoundError if the entry is absent."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except (ImportError, OSError):  # no flock here (e.g. Windows): last-use stamps still apply
+            pass
+        yield True
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -187,11 +210,15 @@ class Store:
     def __repr__(self):
         return f"Store({[str(layer.base) for layer in self.layers]})"
 
+    def _find_write_layer(self) -> Layer | None:
+        if self._writable is False:
+            self._writable = next((layer for layer in self.layers if layer.writable()), None)
+        return self._writable
+
     @property
     def write_layer(self) -> Layer | None:
         if self._writable is False:
-            self._writable = next((layer for layer in self.layers if layer.writable()), None)
-            if self._writable is None:
+            if self._find_write_layer() is None:
                 warn_once(("no-writable-layer", tuple(map(str, self.layers))),
                           "no writable jitkern cache layer among %s; kernels will be built in memory "
                           "for this process only (set JITKERN_CACHE_DIR to a writable directory)",
@@ -202,7 +229,15 @@ class Store:
         """A verified entry for ``key`` from the first layer that has a sound one, else None."""
         for layer in self.layers:
             try:
-                return layer.verify(key)
+                if layer is not self._find_write_layer():  # read-only layers: read as they are
+                    return layer.verify(key)
+                # Write layer: a shared lock while verifying and a last-use stamp (the entry's mtime),
+                # so that ``jitkern cache prune`` (LRU) never removes an entry being loaded.
+                path = layer.entry_dir(key)
+                with entry_lock(path):
+                    with contextlib.suppress(OSError):
+                        os.utime(path)
+                    return layer.verify(key)
             except FileNotFoundError:
                 continue
             except CorruptEntryError as e:
