@@ -13,13 +13,25 @@ from .errors import LaunchError
 
 
 class Kernel:
-    """A loaded kernel. ``kernel[grid](*args)`` launches it; a grid with a zero dimension is a no-op."""
+    """A loaded kernel.
+
+    ``kernel[grid](*args)`` launches it; ``kernel.run(gx, gy, gz, *args)`` is the same launch without
+    building a grid tuple and a closure per call (op functions' hot path). A grid with a zero
+    dimension is a no-op, never a launch. ``takes_addresses``: pointer arguments may be passed as
+    integer device addresses (``t.data_ptr()``), which skips the driver's per-pointer query.
+    """
+
+    takes_addresses = False
 
     def __init__(self, entry, job):
         self.entry = entry
         self.job = job
         self.key = entry.key
         self.name = job.describe()
+
+    def run(self, gx: int, gy: int, gz: int, *args):
+        if gx > 0 and gy > 0 and gz > 0:
+            self.launch((gx, gy, gz), *args)
 
     def __getitem__(self, grid):
         g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
@@ -51,12 +63,42 @@ class GPUKernel(Kernel):
         except Exception as e:
             raise LaunchError(f"could not load {self.name} from {entry.path}: {type(e).__name__}: {e}") from e
         self._ck = ck
-        self._run = ck.run
+        self._run = ck.run  # Triton's launcher object (its C stub is built by gcc once, kept in Triton's cache)
         self._function = ck.function
         self._packed = ck.packed_metadata
         dev = driver.active
         self._device = dev.get_current_device()
-        self._stream = dev.get_current_stream
+        self._stream = dev.get_current_stream  # torch._C._cuda_getCurrentRawStream: CUDA-graph capture aware
+        direct = self._direct_launch()
+        if direct is not None:
+            self.run = direct
+            self.takes_addresses = True
+
+    def _direct_launch(self):
+        """The launch without Triton's Python layer: its C ``launch`` with the constant arguments bound.
+
+        ``CudaLauncher.__call__`` only allocates scratch buffers (none for kernels that need none)
+        and forwards to the C function, after ``CompiledKernel.run`` looked up hooks; both are
+        decided once here. Kernels needing scratch memory, launch hooks set (profilers), and HIP
+        (whose stub takes another argument order; not verified on hardware here) keep the general path.
+        """
+        from triton import knobs
+
+        run, md = self._run, self._ck.metadata
+        if (self.job.arch.backend != "cuda" or getattr(md, "global_scratch_size", 0)
+                or getattr(md, "profile_scratch_size", 0) or knobs.runtime.launch_enter_hook is not None
+                or knobs.runtime.launch_exit_hook is not None or not hasattr(run, "launch")):
+            return None
+        c_launch, stream, device, function = run.launch, self._stream, self._device, self._function
+        # launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch,
+        #        packed_metadata, launch_metadata, enter_hook, exit_hook, *kernel_args)
+        fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, self._packed, None, None, None)
+
+        def run_direct(gx, gy, gz, *args):
+            if gx > 0 and gy > 0 and gz > 0:
+                c_launch(gx, gy, gz, stream(device), function, *fixed, *args)
+
+        return run_direct
 
     def launch(self, grid3, *args):
         self._run(grid3[0], grid3[1], grid3[2], self._stream(self._device), self._function, self._packed,

@@ -1,6 +1,8 @@
 """``jitkern.ops.<name>(...)``: every registered op, resolved on first attribute access.
 
-Looking an op up imports its spec; nothing is rendered, compiled or loaded until it is called.
+Looking an op up imports its spec and registers it with ``torch.library`` (``jitkern.torch_ops``);
+nothing is rendered, compiled or loaded until it is called. What you get is the op's function in
+eager mode and ``torch.ops.jitkern.<name>`` while ``torch.compile`` traces.
 """
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ def __getattr__(name: str):
     if name.startswith("__"):
         raise AttributeError(name)
     try:
-        fn = registry.get(name).fn
+        spec = registry.get(name)
     except UnknownOpError as e:
         raise AttributeError(str(e)) from None
+    from .torch_ops import dispatcher
+
+    fn = dispatcher(spec)
     globals()[name] = fn
     return fn
 

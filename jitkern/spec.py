@@ -92,6 +92,24 @@ class OpSpec:
     reference:    PyTorch reference with the same signature as ``fn`` (tests use it)
     configs:      ``configs(arch) -> iterable of Config``: everything the runtime can select on
                   that arch, in order of preference per signature. Prebuild compiles this list.
+
+    How the op is registered with ``torch.library`` (``jitkern.torch_ops``), so that
+    ``torch.compile(fullgraph=True)`` traces it without a graph break. ``fn``'s parameters must carry
+    type annotations (``torch.Tensor``, ``Optional[torch.Tensor]``, ``float``, ``int``, ``bool``...):
+    the custom op's schema is inferred from them.
+
+    mutates:      parameters ``fn`` writes in place: in-place inputs (a residual, ``qkv``) and
+                  ``out=`` buffers. Everything else must be left untouched.
+    outputs:      parameters whose final values ``fn`` returns (one name: that tensor; several: a
+                  tuple), e.g. ``("out",)`` for an op with ``out=None`` that returns ``out``, or
+                  ``("qkv",)`` for an op that updates ``qkv`` in place and returns it. They are
+                  added to ``mutates``. Empty when ``fn`` returns new tensors (declare ``fake``) or
+                  returns None (annotate ``-> None``).
+    alloc:        ``alloc(**arguments) -> {name: tensor}``: the buffers for ``outputs`` that were
+                  passed as None, allocated with ``torch.empty*`` from the other arguments (it must
+                  work on fake tensors; it is what ``fn`` would allocate).
+    fake:         only for ops that return new tensors and declare no ``outputs``: a function with
+                  ``fn``'s signature returning empty tensors of the outputs' shapes and dtypes.
     """
 
     name: str
@@ -102,6 +120,10 @@ class OpSpec:
     configs: Callable[[Any], Iterable[Config]]
     doc: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    mutates: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    alloc: Callable | None = None
+    fake: Callable | None = None
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -112,6 +134,17 @@ class OpSpec:
         if len(set(names)) != len(names):
             raise SpecError(f"op {self.name!r} has duplicate variant names: {names}")
         object.__setattr__(self, "template_dir", Path(self.template_dir))
+        for field_name in ("mutates", "outputs"):
+            value = getattr(self, field_name)
+            if isinstance(value, str):
+                raise SpecError(f"op {self.name!r}: {field_name} must be a tuple of parameter names, got the "
+                                f"string {value!r}; write ({value!r},)")
+            object.__setattr__(self, field_name, tuple(value))
+        object.__setattr__(self, "mutates", tuple(dict.fromkeys(self.mutates + self.outputs)))
+        if self.outputs and self.fake is not None:
+            raise SpecError(f"op {self.name!r} declares both outputs {self.outputs} and fake: an op either "
+                            f"writes into its outputs (declare outputs and alloc) or returns new tensors "
+                            f"(declare fake)")
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:

@@ -5,6 +5,8 @@ does) and the sum is what gets normalised. bf16/fp16/fp32 in, fp32 accumulation.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import checks, registry, runtime
@@ -59,12 +61,9 @@ def configs(arch):
 _plans = runtime.plan_cache()
 
 
-def rms_norm(x, weight, eps: float = 1e-6, residual=None, out=None):
-    """RMSNorm over the last dimension of ``x`` (any leading shape).
-
-    ``weight``: [N], same dtype as ``x``. ``residual``: like ``x``; updated in place to ``x + residual``.
-    ``out``: like ``x``; allocated if not given. Returns ``out``.
-    """
+def _plan(x, weight, eps, residual, out):
+    """Validate one (shapes, dtypes, strides, devices) signature and decide everything that follows
+    from it: ``(run, rows, n, strides, addresses)``, or None when there is nothing to launch."""
     checks.tensor(OP, "x", x, dtypes=DTYPES)
     if x.dim() == 0:
         raise checks.ShapeError(f"{OP}: x must have at least 1 dimension, got a scalar")
@@ -80,30 +79,71 @@ def rms_norm(x, weight, eps: float = 1e-6, residual=None, out=None):
         checks.same_dtype(OP, "residual", residual, x, "x")
         checks.shape(OP, "residual", residual, x.shape)
         r2 = checks.rows(OP, "residual", residual)
-    if out is None:
-        out = torch.empty_like(x)
-    else:
-        checks.tensor(OP, "out", out, like=x)
-        checks.same_dtype(OP, "out", out, x, "x")
-        checks.shape(OP, "out", out, x.shape)
+    checks.tensor(OP, "out", out, like=x)
+    checks.same_dtype(OP, "out", out, x, "x")
+    checks.shape(OP, "out", out, x.shape)
     o2 = checks.rows(OP, "out", out)
     m = x2.shape[0]
     if m == 0 or n == 0:
-        return out
-    for name, t in (("x", x2), ("weight", weight), ("residual", r2), ("out", o2)):
-        if t is not None:
-            checks.aligned(OP, name, t)
+        return None
     rs = r2.stride(0) if r2 is not None else 0
     strides = (x2.stride(0), rs, o2.stride(0))
     aligned = n % 16 == 0 and all(s % 16 == 0 for s in strides)
-    sig = (x.dtype, x.device, n, residual is not None, aligned)
-    k = _plans.get(sig)
-    if k is None:
-        block_n, single = block_for(n)
-        cfg = config(checks.TRITON_TYPE[x.dtype], residual is not None, aligned, block_n, single)
-        k = _plans[sig] = runtime.kernel(SPEC, cfg, x.device)
-    k[(m,)](x2, weight, r2 if r2 is not None else x2, o2, n, *strides, float(eps))
+    block_n, single = block_for(n)
+    cfg = config(checks.TRITON_TYPE[x.dtype], residual is not None, aligned, block_n, single)
+    k = runtime.kernel(SPEC, cfg, x.device)
+    return k.run, m, n, strides, k.takes_addresses
+
+
+def _check_aligned(x, weight, residual, out):
+    for name, t in (("x", x), ("weight", weight), ("residual", residual), ("out", out)):
+        if t is not None:
+            checks.aligned(OP, name, t)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x`` (any leading shape).
+
+    ``weight``: [N], same dtype as ``x``. ``residual``: like ``x``; updated in place to ``x + residual``.
+    ``out``: like ``x``; allocated if not given. Returns ``out``.
+
+    Validation runs in full once per signature (shapes, strides, dtypes, devices of every tensor);
+    later calls with the same signature check only what can change between them: the addresses.
+    """
+    try:
+        if out is None:
+            out = torch.empty_like(x)
+        sig = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
+               out.shape, out.stride(), out.dtype, out.device,
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
+        plan = _plans.get(sig, False)
+    except (AttributeError, TypeError):  # not tensors: the full checks below say what is wrong
+        sig, plan = None, False
+    if plan is False:
+        plan = _plan(x, weight, eps, residual, out)
+        if sig is not None:
+            _plans[sig] = plan
+    if plan is None:
+        return out
+    run, m, n, strides, addresses = plan
+    if addresses:
+        xp, wp, op = x.data_ptr(), weight.data_ptr(), out.data_ptr()
+        rp = xp if residual is None else residual.data_ptr()
+        if (xp | wp | rp | op) & 15:
+            _check_aligned(x, weight, residual, out)
+        run(m, 1, 1, xp, wp, rp, op, n, *strides, float(eps))
+    else:
+        _check_aligned(x, weight, residual, out)
+        x2 = x.view(m, n)
+        run(m, 1, 1, x2, weight, x2 if residual is None else residual.view(m, n), out.view(m, n), n, *strides,
+            float(eps))
     return out
+
+
+def alloc(x, weight, eps=1e-6, residual=None, out=None):
+    """The output buffer ``rms_norm`` allocates when ``out`` is None (torch.compile path)."""
+    return {"out": torch.empty_like(x)}
 
 
 SPEC = registry.register(OpSpec(
@@ -124,4 +164,7 @@ SPEC = registry.register(OpSpec(
     reference=reference,
     configs=configs,
     doc=__doc__,
+    mutates=("residual",),
+    outputs=("out",),
+    alloc=alloc,
 ))

@@ -1,0 +1,169 @@
+"""Register jitkern ops with ``torch.library``, so ``torch.compile`` and CUDA graphs see them.
+
+Every op becomes the custom op ``torch.ops.jitkern.<name>``, built from data its ``OpSpec`` declares
+(``mutates``, ``outputs``, ``alloc``, ``fake``; see ``jitkern.spec.OpSpec``): the schema is inferred
+from the annotations of ``spec.fn``, in-place arguments are annotated as mutated, and the fake
+(meta) implementation is derived:
+
+* ops with ``outputs`` (``out=`` buffers, or in-place inputs they return) are registered as
+  returning nothing; the fake implementation has nothing to do, and ``alloc`` provides any output
+  buffer the caller did not pass, on real or fake tensors alike;
+* ops returning new tensors register ``spec.fake``;
+* ops annotated ``-> None`` return nothing.
+
+``jitkern.ops.<name>`` is :func:`dispatcher`: in eager mode it calls ``spec.fn`` directly, with no
+trip through torch's dispatcher (that trip costs several microseconds a call, more than the whole
+launch budget of a small kernel); while ``torch.compile`` traces, it calls the custom op, which
+Dynamo puts in the graph as one node. Both run the same ``spec.fn``: the custom op's
+implementation is ``spec.fn`` itself.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+import typing
+
+import torch
+
+from .errors import SpecError
+from .logs import warn_once
+from .spec import OpSpec
+
+NAMESPACE = "jitkern"
+
+_ops: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def _signature(spec: OpSpec) -> inspect.Signature:
+    try:
+        sig = inspect.signature(spec.fn, eval_str=True)
+    except Exception as e:  # annotation naming something the module does not define
+        raise SpecError(f"op {spec.name!r}: the annotations of {spec.fn.__qualname__} cannot be resolved "
+                        f"({type(e).__name__}: {e}); annotate with torch.Tensor, Optional[torch.Tensor], "
+                        f"float, int, bool") from e
+    names = set(sig.parameters)
+    for field in ("mutates", "outputs"):
+        unknown = [n for n in getattr(spec, field) if n not in names]
+        if unknown:
+            raise SpecError(f"op {spec.name!r}: {field} names {unknown}, which are not parameters of "
+                            f"{spec.fn.__qualname__}{sig}")
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise SpecError(f"op {spec.name!r}: {spec.fn.__qualname__} takes *{p.name}; a registered op needs "
+                            f"named, annotated parameters")
+        if p.annotation is p.empty:
+            raise SpecError(f"op {spec.name!r}: parameter {p.name!r} of {spec.fn.__qualname__} has no type "
+                            f"annotation; torch.library infers the op's schema from the annotations")
+    optional_outputs = [n for n in spec.outputs if sig.parameters[n].default is None]
+    if optional_outputs and spec.alloc is None:
+        raise SpecError(f"op {spec.name!r}: outputs {optional_outputs} default to None but the spec declares no "
+                        f"alloc(**arguments) -> {{name: tensor}} to allocate them")
+    return sig
+
+
+def _returns_new_tensors(spec: OpSpec, sig: inspect.Signature) -> bool:
+    if spec.outputs:
+        return False
+    if sig.return_annotation is None or sig.return_annotation is type(None):
+        return False
+    if spec.fake is None:
+        raise SpecError(f"op {spec.name!r}: {spec.fn.__qualname__} returns something, but the spec declares "
+                        f"neither outputs (the parameters it returns) nor fake (a function computing the shapes "
+                        f"of new output tensors); annotate it '-> None' if it returns nothing")
+    return True
+
+
+def register(spec: OpSpec):
+    """``torch.ops.jitkern.<spec.name>`` for ``spec`` (registered on first call; idempotent)."""
+    with _lock:
+        op = _ops.get(spec.name)
+        if op is not None:
+            return op
+        sig = _signature(spec)
+        returns = _returns_new_tensors(spec, sig)
+        fn = spec.fn
+        if returns:
+            def impl(*args, **kwargs):
+                return fn(*args, **kwargs)
+            impl.__signature__ = sig
+        else:
+            def impl(*args, **kwargs):
+                fn(*args, **kwargs)
+            impl.__signature__ = sig.replace(return_annotation=None)
+        impl.__name__ = spec.name
+        impl.__doc__ = fn.__doc__
+        op = torch.library.custom_op(f"{NAMESPACE}::{spec.name}", impl, mutates_args=spec.mutates)
+        if returns:
+            op.register_fake(spec.fake)
+        else:
+            def fake(*args, **kwargs):
+                return None
+            op.register_fake(fake)
+        _ops[spec.name] = op
+        return op
+
+
+def registered(name: str):
+    """The custom op registered for ``name``, or None."""
+    return _ops.get(name)
+
+
+def dispatcher(spec: OpSpec):
+    """What ``jitkern.ops.<name>`` is: ``spec.fn`` in eager mode, the custom op under torch.compile.
+
+    An op whose spec cannot be registered (unannotated parameters, no ``outputs``/``fake``) is
+    returned as its plain function, with one warning saying what to declare: it runs eagerly, and
+    ``torch.compile`` breaks the graph around it.
+    """
+    try:
+        op = register(spec)
+    except SpecError as e:
+        warn_once(("torch-op", spec.name), "jitkern: op %r is not registered with torch.library, so "
+                  "torch.compile will break the graph at it: %s", spec.name, e)
+        return spec.fn
+    fn = spec.fn
+    sig = _signature(spec)
+    names = tuple(sig.parameters)
+    defaults = tuple((n, p.default) for n, p in sig.parameters.items() if p.default is not p.empty)
+    outputs = spec.outputs
+    alloc = spec.alloc
+    is_compiling = torch.compiler.is_compiling
+
+    def traced(args, kwargs):
+        # Runs under Dynamo: plain dict/tuple work that it traces without a graph break.
+        bound = dict(defaults)
+        bound.update(zip(names, args))
+        bound.update(kwargs)
+        if not outputs:
+            return op(**bound)
+        if any(bound[n] is None for n in outputs):
+            made = alloc(**bound)
+            for n in outputs:
+                if bound[n] is None:
+                    bound[n] = made[n]
+        op(**bound)
+        if len(outputs) == 1:
+            return bound[outputs[0]]
+        return tuple(bound[n] for n in outputs)
+
+    def call(*args, **kwargs):
+        if is_compiling():
+            return traced(args, kwargs)
+        return fn(*args, **kwargs)
+
+    call.__name__ = spec.name
+    call.__qualname__ = spec.name
+    call.__doc__ = fn.__doc__
+    call.__wrapped__ = fn
+    call.__signature__ = sig
+    call.spec = spec
+    call.op = op
+    return call
+
+
+def register_all(names: typing.Iterable[str] | None = None) -> dict[str, object]:
+    """Register every available op (or ``names``); returns ``{name: custom op}``."""
+    from . import registry
+
+    return {s.name: register(s) for s in registry.specs(names)}
