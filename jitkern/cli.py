@@ -276,6 +276,8 @@ def _add_cache(sub) -> None:
     v.add_argument("--discard", action="store_true", help="also remove damaged entries from writable layers")
     pr = csub.add_parser("prune", help="remove least recently used entries until the cache fits a size")
     pr.add_argument("--max-size", type=size_arg, required=True, metavar="SIZE", help="e.g. 500M, 2G")
+    pr.add_argument("--keep-recent", type=float, default=60.0, metavar="SECONDS",
+                    help="never remove entries used this recently (default 60)")
     c = csub.add_parser("clear", help="remove every entry of the writable layer")
     c.add_argument("--failures", action="store_true", help="only recorded build failures")
     e = csub.add_parser("export", help="write every entry of every layer into one archive")

@@ -1,0 +1,380 @@
+"""Cache management: ``jitkern cache stats | verify | prune | clear | export | import``.
+
+Only the first writable layer (where new entries go) is ever changed; read-only layers are read.
+
+**In use.** A process that loads an entry from the writable layer holds a shared ``flock`` on the
+entry directory while it verifies the entry and stamps the directory's mtime (its last use; see
+``jitkern.cache.Store.lookup``). ``prune`` removes least recently used entries first, and only an
+entry that (a) was not used in the last ``keep_recent`` seconds (default 60: covers the step from
+verify to loaded kernel) and (b) it can lock exclusively without waiting; it re-checks the stamp
+under that lock, then renames the entry out of ``entries/`` (atomic) before deleting it. A kernel
+already loaded by a running process lives in that process's memory, so removing its files later
+does not disturb it.
+
+**Failures.** Entries whose metadata says ``status: failed`` are recorded build failures (kept so
+that no process retries a build that cannot succeed with this toolchain); ``rejected_over_budget``
+entries record artifacts that exceed the arch's shared-memory budget. ``clear --failures`` removes
+the former.
+
+**Archives.** ``export`` writes one tar (gzip if the name ends in .gz/.tgz) holding
+``jitkern-export.json`` and ``entries/<key>/<file>`` for every sound entry of every layer.
+``import`` stages each entry under the writable layer's ``tmp/``, verifies it against its manifest
+with the same code that verifies every load, and renames it into place: atomic per entry; a damaged
+entry is refused and reported, never installed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from .cache import ENTRY_META, MANIFEST, Layer, Store, configured_layers, entry_lock
+from .errors import CacheError, ConfigError, CorruptEntryError
+from .key import FORMAT_VERSION
+from .logs import log
+
+EXPORT_META = "jitkern-export.json"
+_HEX = set("0123456789abcdef")
+
+
+# ---- walking a layer ---------------------------------------------------------------------------
+def _is_key(name: str) -> bool:
+    return len(name) == 64 and set(name) <= _HEX
+
+
+def iter_entries(layer: Layer) -> Iterator[tuple[str, Path]]:
+    """(key, entry directory) for every published entry of ``layer`` (unverified)."""
+    root = layer.root / "entries"
+    try:
+        shards = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for shard in shards:
+        if not shard.is_dir(follow_symlinks=False):
+            continue
+        for e in sorted(os.scandir(shard.path), key=lambda e: e.name):
+            if _is_key(e.name) and e.is_dir(follow_symlinks=False):
+                yield e.name, Path(e.path)
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for e in os.scandir(path):
+        try:
+            total += e.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / ENTRY_META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def can_write(path: Path) -> bool:
+    """Whether this process could create entries under ``path``, without creating anything."""
+    p = Path(path)
+    while not p.exists():
+        if p.parent == p:
+            return False
+        p = p.parent
+    return os.access(p, os.W_OK | os.X_OK)
+
+
+def layer_info(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Path, writability, entry count and bytes of each configured layer (creates nothing)."""
+    out = []
+    for p in configured_layers(cache_dir):
+        layer = Layer(p)
+        n = size = 0
+        for _, path in iter_entries(layer):
+            n += 1
+            size += dir_size(path)
+        out.append({"path": str(p), "exists": p.exists(), "writable": can_write(layer.root), "entries": n,
+                    "bytes": size})
+    return out
+
+
+def _store(args) -> Store:
+    return Store(configured_layers(getattr(args, "cache_dir", None)))
+
+
+def _write_layer(store: Store) -> Layer:
+    layer = store.write_layer
+    if layer is None:
+        raise CacheError(f"no writable layer in {[str(x.base) for x in store.layers]}; set JITKERN_CACHE_DIR or "
+                         "--cache-dir to a directory you can write")
+    return layer
+
+
+# ---- stats -------------------------------------------------------------------------------------
+def stats(store: Store) -> dict[str, Any]:
+    layers = []
+    for layer in store.layers:
+        info: dict[str, Any] = {"path": str(layer.base), "writable": can_write(layer.root), "entries": 0, "bytes": 0,
+                                "failures": 0, "rejected_over_budget": 0, "per_arch": {}, "per_op": {}}
+        for _, path in iter_entries(layer):
+            meta = read_meta(path)
+            size = dir_size(path)
+            info["entries"] += 1
+            info["bytes"] += size
+            status = meta.get("status")
+            if status == "failed":
+                info["failures"] += 1
+            elif status == "rejected_over_budget":
+                info["rejected_over_budget"] += 1
+            for group, name in (("per_arch", meta.get("arch", "?")), ("per_op", meta.get("op", "?"))):
+                g = info[group].setdefault(str(name), {"entries": 0, "bytes": 0})
+                g["entries"] += 1
+                g["bytes"] += size
+        layers.append(info)
+    return {"format": FORMAT_VERSION, "layers": layers,
+            "entries": sum(x["entries"] for x in layers), "bytes": sum(x["bytes"] for x in layers)}
+
+
+# ---- verify ------------------------------------------------------------------------------------
+def verify(store: Store, discard: bool = False) -> tuple[int, list[dict[str, str]]]:
+    """Check every entry of every layer. Returns (entries checked, damaged entries)."""
+    write = store.write_layer if discard else None
+    checked, damaged = 0, []
+    for layer in store.layers:
+        for key, path in iter_entries(layer):
+            checked += 1
+            try:
+                layer.verify(key)
+            except (CorruptEntryError, FileNotFoundError) as e:
+                removed = False
+                if discard and layer is write:
+                    layer.discard(key)
+                    removed = True
+                damaged.append({"layer": str(layer.base), "key": key, "path": str(path), "error": str(e),
+                                "discarded": removed})
+    return checked, damaged
+
+
+# ---- prune -------------------------------------------------------------------------------------
+def prune(store: Store, max_size: int, keep_recent: float = 60.0) -> dict[str, Any]:
+    """Remove least recently used entries of the writable layer until it holds at most ``max_size``
+    bytes. Never removes an entry used in the last ``keep_recent`` seconds or locked by a loader."""
+    layer = _write_layer(store)
+    items = []
+    for key, path in iter_entries(layer):
+        try:
+            items.append((path.stat().st_mtime, key, path, dir_size(path)))
+        except FileNotFoundError:
+            continue
+    total = sum(i[3] for i in items)
+    before = total
+    removed, in_use = [], []
+    now = time.time()
+    for mtime, key, path, size in sorted(items):
+        if total <= max_size:
+            break
+        if now - mtime < keep_recent:
+            in_use.append(key)
+            continue
+        try:
+            with entry_lock(path, exclusive=True, blocking=False) as held:
+                if not held or path.stat().st_mtime != mtime:  # being loaded, or used since we looked
+                    in_use.append(key)
+                    continue
+                grave = layer.root / "tmp" / f"prune-{key}-{uuid.uuid4().hex[:8]}"
+                os.rename(path, grave)
+        except FileNotFoundError:  # removed by someone else meanwhile
+            total -= size
+            continue
+        shutil.rmtree(grave, ignore_errors=True)
+        total -= size
+        removed.append(key)
+    return {"layer": str(layer.base), "bytes_before": before, "bytes_after": total, "max_size": max_size,
+            "removed": len(removed), "kept_in_use": len(in_use), "fits": total <= max_size}
+
+
+# ---- clear -------------------------------------------------------------------------------------
+def clear(store: Store, failures_only: bool = False) -> int:
+    """Remove every entry (or only recorded build failures) of the writable layer."""
+    layer = _write_layer(store)
+    n = 0
+    for key, path in list(iter_entries(layer)):
+        if failures_only and read_meta(path).get("status") != "failed":
+            continue
+        layer.discard(key)
+        n += 1
+    return n
+
+
+def clear_failures(store: Store) -> int:
+    return clear(store, failures_only=True)
+
+
+# ---- export / import ---------------------------------------------------------------------------
+def _tar_mode(path: str, write: bool) -> str:
+    gz = path.endswith((".gz", ".tgz"))
+    return ("w:gz" if gz else "w") if write else "r:*"
+
+
+def export(store: Store, file: str | os.PathLike) -> dict[str, Any]:
+    """Write every sound entry of every layer (first layer wins per key) into one archive, atomically."""
+    file = os.fspath(file)
+    seen: set[str] = set()
+    skipped = []
+    tmp = f"{file}.tmp-{os.getpid()}"
+    try:
+        with tarfile.open(tmp, _tar_mode(file, True)) as tar:
+            for layer in store.layers:
+                for key, path in iter_entries(layer):
+                    if key in seen:
+                        continue
+                    try:
+                        entry = layer.verify(key)
+                    except (CorruptEntryError, FileNotFoundError) as e:
+                        skipped.append({"key": key, "layer": str(layer.base), "error": str(e)})
+                        continue
+                    names = sorted(json.loads((entry.path / MANIFEST).read_text())["files"]) + [MANIFEST]
+                    for name in names:
+                        data = (entry.path / name).read_bytes()
+                        info = tarfile.TarInfo(f"entries/{key}/{name}")
+                        info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+                        tar.addfile(info, io.BytesIO(data))
+                    seen.add(key)
+            meta = json.dumps({"format": FORMAT_VERSION, "entries": len(seen), "created": time.time()}).encode()
+            info = tarfile.TarInfo(EXPORT_META)
+            info.size, info.mode, info.mtime = len(meta), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(meta))
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"file": file, "entries": len(seen), "skipped_damaged": skipped}
+
+
+def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
+    """Install the entries of an ``export`` archive into the writable layer, each verified and renamed
+    into place (atomic per entry). Damaged entries are refused."""
+    layer = _write_layer(store)
+    file = os.fspath(file)
+    try:
+        tar = tarfile.open(file, _tar_mode(file, False))
+    except (OSError, tarfile.TarError) as e:
+        raise ConfigError(f"cannot read archive {file!r}: {e}; expected a file made by 'jitkern cache export'") from None
+    stage = Layer(layer.root / "tmp" / f"import-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    installed, present, refused = 0, 0, []
+    try:
+        with tar:
+            files: dict[str, dict[str, bytes]] = {}
+            fmt = None
+            for m in tar:
+                if m.name == EXPORT_META:
+                    fmt = json.loads(tar.extractfile(m).read()).get("format")
+                    continue
+                parts = m.name.split("/")
+                if (not m.isfile() or len(parts) != 3 or parts[0] != "entries" or not _is_key(parts[1])
+                        or parts[2].startswith(".") or not parts[2]):
+                    refused.append({"member": m.name, "error": "not an entry file of a jitkern export"})
+                    continue
+                files.setdefault(parts[1], {})[parts[2]] = tar.extractfile(m).read()
+            if fmt is None:
+                raise ConfigError(f"{file!r} is not a jitkern cache export (no {EXPORT_META})")
+            if fmt != FORMAT_VERSION:
+                raise ConfigError(f"{file!r} holds cache format v{fmt}; this jitkern reads v{FORMAT_VERSION}: "
+                                  "export it again with this version, or rebuild with 'jitkern prebuild'")
+        for key, entry_files in sorted(files.items()):
+            try:
+                layer.verify(key)
+                present += 1
+                continue
+            except FileNotFoundError:
+                pass
+            except CorruptEntryError:
+                layer.discard(key)  # ours is damaged: replace it with the sound one from the archive
+            d = stage.entry_dir(key)
+            d.mkdir(parents=True, mode=0o700)
+            for name, data in entry_files.items():
+                (d / name).write_bytes(data)
+            try:
+                stage.verify(key)
+            except (CorruptEntryError, FileNotFoundError) as e:
+                refused.append({"key": key, "error": str(e)})
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            final = layer.entry_dir(key)
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                os.rename(d, final)
+                installed += 1
+            except OSError:  # another process installed or built the same key meanwhile
+                shutil.rmtree(d, ignore_errors=True)
+                present += 1
+    finally:
+        shutil.rmtree(stage.base, ignore_errors=True)
+    return {"file": file, "installed": installed, "already_present": present, "refused": refused,
+            "layer": str(layer.base)}
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def main(args) -> int:
+    """``jitkern cache ACTION`` (``args`` from ``jitkern.cli``)."""
+    from .cli import human_size, print_table
+
+    store = _store(args)
+    action = args.cache_command
+    if action == "stats":
+        s = stats(store)
+        if args.json:
+            print(json.dumps(s, indent=1))
+            return 0
+        for info in s["layers"]:
+            print(f"{info['path']} ({'writable' if info['writable'] else 'read-only'}): {info['entries']} entries, "
+                  f"{human_size(info['bytes'])}, {info['failures']} recorded failures, "
+                  f"{info['rejected_over_budget']} rejected over budget")
+            for group, title in (("per_arch", "arch"), ("per_op", "op")):
+                if info[group]:
+                    print_table([[k, v["entries"], human_size(v["bytes"])] for k, v in sorted(info[group].items())],
+                                [f"  {title}", "entries", "size"])
+        return 0
+    if action == "verify":
+        checked, damaged = verify(store, discard=args.discard)
+        for d in damaged:
+            print(f"DAMAGED {d['key']} in {d['layer']}: {d['error']}" + (" (discarded)" if d["discarded"] else ""))
+        print(f"jitkern cache verify: {checked} entries checked, {len(damaged)} damaged")
+        return 1 if damaged else 0
+    if action == "prune":
+        r = prune(store, args.max_size, args.keep_recent)
+        print(f"jitkern cache prune: {r['layer']}: {human_size(r['bytes_before'])} -> {human_size(r['bytes_after'])} "
+              f"(limit {human_size(r['max_size'])}); removed {r['removed']} least recently used entries, "
+              f"kept {r['kept_in_use']} in use or used in the last {args.keep_recent:g} s")
+        if not r["fits"]:
+            print("jitkern cache prune: the cache still exceeds the limit because the remaining entries are in use",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if action == "clear":
+        n = clear(store, failures_only=args.failures)
+        print(f"jitkern cache clear: removed {n} {'recorded failures' if args.failures else 'entries'} from "
+              f"{_write_layer(store).base}")
+        return 0
+    if action == "export":
+        r = export(store, args.file)
+        for s in r["skipped_damaged"]:
+            print(f"skipped damaged entry {s['key']} in {s['layer']}: {s['error']}", file=sys.stderr)
+        print(f"jitkern cache export: {r['entries']} entries -> {r['file']} ({human_size(os.path.getsize(r['file']))})")
+        return 1 if r["skipped_damaged"] else 0
+    if action == "import":
+        r = import_archive(store, args.file)
+        for x in r["refused"]:
+            print(f"refused {x.get('key') or x.get('member')}: {x['error']}", file=sys.stderr)
+        print(f"jitkern cache import: {r['installed']} entries installed, {r['already_present']} already present, "
+              f"{len(r['refused'])} refused -> {r['layer']}")
+        return 1 if r["refused"] else 0
+    log.error("unknown cache action %r", action)
+    return 2
