@@ -7,6 +7,7 @@ Subcommands::
     jitkern list [--json]
     jitkern doctor [--json]
     jitkern cache stats|verify|prune --max-size SIZE|clear [--failures]|export FILE|import FILE
+    jitkern cache push|pull [--remote redis://host:port/db]
 
 Exit status: 0 success; 1 something failed (a build, a damaged cache entry); 2 bad arguments
 (argparse errors, unknown arch or op, bad values); 130 interrupted.
@@ -284,12 +285,22 @@ def _add_cache(sub) -> None:
     e.add_argument("file", metavar="FILE", help="archive to write (.tar, .tar.gz)")
     i = csub.add_parser("import", help="add the entries of an archive to the writable layer (verified, atomic)")
     i.add_argument("file", metavar="FILE", help="archive made by 'jitkern cache export'")
-    for q in (s, v, pr, c, e, i):
+    pu = csub.add_parser("push", help="upload every local entry the remote cache lacks (JITKERN_REMOTE_CACHE)")
+    pu.add_argument("--overwrite", action="store_true", help="replace entries the remote already has")
+    pl = csub.add_parser("pull", help="download every remote entry missing locally (checked before it is stored)")
+    for q in (pu, pl):
+        q.add_argument("--remote", metavar="URL", help="redis://host:port/db; default: JITKERN_REMOTE_CACHE "
+                                                       "(signing: JITKERN_REMOTE_CACHE_KEY)")
+    for q in (s, v, pr, c, e, i, pu, pl):
         _cache_dir_option(q)
     p.set_defaults(func=_run_cache)
 
 
 def _run_cache(args) -> int:
+    if args.cache_command in ("push", "pull"):
+        from . import remote
+
+        return remote.main(args)
     from . import cachectl
 
     return cachectl.main(args)
