@@ -1,0 +1,199 @@
+"""paged_attention_decode: one query token per sequence attending to its paged KV cache (split-KV).
+
+``q`` [batch, num_heads, head_dim]; ``k_cache``/``v_cache`` [num_blocks, page_size, num_kv_heads,
+head_dim] (each token's head vector contiguous); ``block_tables`` [batch, max_blocks] int32;
+``seq_lens`` [batch] int32. Returns ``out`` [batch, num_heads, head_dim] in q's dtype; a sequence of
+length 0 gives zeros.
+
+Two kernels (variants ``partition`` and ``combine``, always launched together): every
+``partition``-token slice of a sequence is attended by its own program, which writes a normalised
+partial output and its softmax (max, sum) to a workspace; ``combine`` merges them.
+
+The workspace holds one slot per partition of the longest sequence the launch can see, and that is
+bounded by the *capacity*: ``min(max_context_len, tokens the KV cache holds, tokens block_tables can
+address)``. Seed 000 sized it from the model's theoretical maximum context (131K) instead of what the
+KV cache could hold (25K): 16 GiB instead of 3 GiB. Engines that pre-allocate call
+``workspace_nbytes(...)`` with the same numbers. ``seq_lens`` must not exceed the capacity; tokens
+past it are not read (the grid ends there), so the kernel never reads past ``block_tables``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import checks, registry, runtime
+from ..contracts import Buffer, Contract
+from ..render import builtin_template_dir
+from ..spec import Arg, Config, OpSpec, Variant
+
+OP = "paged_attention_decode"
+DTYPES = (torch.bfloat16, torch.float16)
+PAGE_SIZES = (16, 32, 64)
+HEAD_DIMS = (64, 128, 256)
+GROUPS = (1, 2, 4, 8, 16)
+#: tokens per partition and per inner step, by arch (the interpreter uses small ones so CPU tests
+#: cover several partitions with a few dozen tokens)
+TILES = {"cpu": (32, 16)}
+DEFAULT_TILES = (512, 64)
+BLOCK_P = 16
+
+#: Written once beside the template. ``parts`` = cdiv(capacity, partition).
+CONTRACT = Contract(OP, (
+    Buffer("out", lambda d: (d.batch, d.heads, d.head_dim), lambda d: d.dtype, role="output"),
+    Buffer("workspace", lambda d: (d.batch * d.heads * d.parts * (d.head_dim + 2),), torch.float32,
+           role="workspace", doc="per (seq, head, partition): partial output [head_dim], then (max, sum)"),
+))
+
+
+def tiles(arch_name: str) -> tuple[int, int]:
+    return TILES.get(arch_name, DEFAULT_TILES)
+
+
+def capacity(max_context_len: int | None, kv_cache_tokens: int, table_tokens: int | None = None) -> int:
+    """The longest sequence a launch can see: what the KV cache holds, not the model's maximum."""
+    cap = kv_cache_tokens if table_tokens is None else min(kv_cache_tokens, table_tokens)
+    return cap if max_context_len is None else min(cap, int(max_context_len))
+
+
+def workspace_nbytes(batch: int, num_heads: int, head_dim: int, max_context_len: int | None,
+                     kv_cache_tokens: int, arch: str = "sm_90") -> int:
+    """Bytes of the ``workspace`` the op needs (for engines that pre-allocate, e.g. for CUDA graphs)."""
+    part, _ = tiles(arch)
+    parts = -(-capacity(max_context_len, kv_cache_tokens) // part)
+    return CONTRACT.nbytes(batch=batch, heads=num_heads, head_dim=head_dim, parts=parts,
+                           dtype=torch.bfloat16)["workspace"]
+
+
+def reference(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context_len=None, out=None,
+              workspace=None):
+    """Gather each sequence's pages into a dense padded K/V and run SDPA with a length mask."""
+    b, h, d = q.shape
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    longest = int(seq_lens.max()) if b else 0
+    nblk = max(1, -(-longest // page))
+    idx = block_tables[:, :nblk].long()
+    k = k_cache[idx].reshape(b, nblk * page, hkv, d)[:, :longest].transpose(1, 2)
+    v = v_cache[idx].reshape(b, nblk * page, hkv, d)[:, :longest].transpose(1, 2)
+    mask = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hkv != h)[:, :, 0]
+    y = torch.where((seq_lens > 0)[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def partition_config(dtype, page_size, head_dim, group, arch_name) -> Config:
+    part, block_n = tiles(arch_name)
+    return Config.make("partition", dtype=dtype, page_size=page_size, head_dim=head_dim, group=group,
+                       group_pad=max(16, 1 << (group - 1).bit_length()), partition=part, block_n=block_n,
+                       num_warps=4, num_stages=2)
+
+
+def combine_config(dtype, head_dim, arch_name) -> Config:
+    part, _ = tiles(arch_name)
+    return Config.make("combine", dtype=dtype, head_dim=head_dim, partition=part, block_p=BLOCK_P, num_warps=4)
+
+
+def configs(arch):
+    for dtype in ("bf16", "fp16"):
+        for head_dim in HEAD_DIMS:
+            yield combine_config(dtype, head_dim, arch.name)
+            for page in PAGE_SIZES:
+                for group in GROUPS:
+                    yield partition_config(dtype, page, head_dim, group, arch.name)
+
+
+_plans = runtime.plan_cache()
+
+
+def paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: float | None = None,
+                           max_context_len: int | None = None, out=None, workspace=None):
+    """Decode attention over a paged KV cache. ``workspace``: fp32, at least ``workspace_nbytes`` bytes."""
+    checks.tensor(OP, "q", q, dtypes=DTYPES, ndim=3)
+    checks.tensor(OP, "k_cache", k_cache, ndim=4, like=q)
+    checks.tensor(OP, "v_cache", v_cache, ndim=4, like=q)
+    checks.same_dtype(OP, "k_cache", k_cache, q, "q")
+    checks.same_dtype(OP, "v_cache", v_cache, q, "q")
+    checks.shape(OP, "v_cache", v_cache, k_cache.shape)
+    checks.tensor(OP, "block_tables", block_tables, dtypes=(torch.int32,), ndim=2, like=q)
+    checks.tensor(OP, "seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, like=q)
+    b, h, d = q.shape
+    nb, page, hkv, dk = k_cache.shape
+    if dk != d:
+        raise checks.ShapeError(f"{OP}: k_cache head_dim {dk} != q head_dim {d}")
+    if d not in HEAD_DIMS:
+        raise checks.ShapeError(f"{OP}: head_dim {d} is not supported; supported: {HEAD_DIMS}")
+    if page not in PAGE_SIZES:
+        raise checks.ShapeError(f"{OP}: page size {page} is not supported; supported: {PAGE_SIZES}")
+    if hkv == 0 or h % hkv or h // hkv not in GROUPS:
+        raise checks.ShapeError(f"{OP}: num_heads {h} must be num_kv_heads {hkv} times one of {GROUPS}")
+    checks.shape(OP, "seq_lens", seq_lens, (b,))
+    if block_tables.shape[0] != b:
+        raise checks.ShapeError(f"{OP}: block_tables has {block_tables.shape[0]} rows for a batch of {b}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
+        checks.unit_last_stride(OP, name, t)
+    select_arch, _ = runtime.arches_for(q.device)
+    part, _ = tiles(select_arch.name)
+    cap = capacity(max_context_len, nb * page, block_tables.shape[1] * page)
+    parts = -(-cap // part)
+    bufs = CONTRACT.prepare(q.device, dict(batch=b, heads=h, head_dim=d, parts=parts, dtype=q.dtype),
+                            out=out, workspace=workspace)
+    o = bufs["out"]
+    if b == 0 or h == 0:
+        return bufs.result("out")  # empty work: nothing to launch
+    if parts == 0:  # nothing can be attended: every sequence is empty
+        o.zero_()
+        bufs.finish(None)
+        return bufs.result("out")
+    ws = bufs["workspace"]
+    ws_o = ws[: b * h * parts * d]
+    ws_ml = ws[b * h * parts * d:]
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("seq_lens", seq_lens), ("out", o), ("workspace", ws_o), ("workspace", ws_ml)):
+        checks.aligned(OP, name, t)
+    sig = (q.dtype, q.device, page, d, h // hkv)
+    ks = _plans.get(sig)
+    if ks is None:
+        dt = checks.TRITON_TYPE[q.dtype]
+        ks = _plans[sig] = (
+            runtime.kernel(SPEC, partition_config(dt, page, d, h // hkv, select_arch.name), q.device),
+            runtime.kernel(SPEC, combine_config(dt, d, select_arch.name), q.device))
+    k1, k2 = ks
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    k1[(b, hkv, parts)](q, k_cache, v_cache, block_tables, seq_lens, ws_o, ws_ml,
+                        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+                        h, parts, scale)
+    k2[(b, h)](seq_lens, ws_o, ws_ml, o, o.stride(0), o.stride(1), h, parts)
+    bufs.finish(k1)
+    return bufs.result("out")
+
+
+_PARTITION_ARGS = (
+    Arg("q_ptr", "*{dtype}"), Arg("k_ptr", "*{dtype}"), Arg("v_ptr", "*{dtype}"), Arg("bt_ptr", "*i32"),
+    Arg("lens_ptr", "*i32"), Arg("ws_o_ptr", "*fp32"), Arg("ws_ml_ptr", "*fp32"),
+    Arg("stride_qb", "i64"), Arg("stride_qh", "i64"), Arg("stride_kb", "i64"), Arg("stride_kt", "i64"),
+    Arg("stride_kh", "i64"), Arg("stride_vb", "i64"), Arg("stride_vt", "i64"), Arg("stride_vh", "i64"),
+    Arg("stride_bt", "i64"), Arg("n_heads", "i32"), Arg("n_parts", "i32"), Arg("scale", "fp32"),
+)
+_COMBINE_ARGS = (
+    Arg("lens_ptr", "*i32"), Arg("ws_o_ptr", "*fp32"), Arg("ws_ml_ptr", "*fp32"), Arg("out_ptr", "*{dtype}"),
+    Arg("stride_ob", "i64"), Arg("stride_oh", "i64"), Arg("n_heads", "i32"), Arg("n_parts", "i32"),
+)
+
+SPEC = registry.register(OpSpec(
+    name=OP,
+    variants=(
+        Variant(name="partition", template="partition.py.j2", kernel="pa_decode_partition_kernel", args=_PARTITION_ARGS),
+        Variant(name="combine", template="combine.py.j2", kernel="pa_decode_reduce_kernel", args=_COMBINE_ARGS),
+    ),
+    template_dir=builtin_template_dir() / OP,
+    fn=paged_attention_decode,
+    reference=reference,
+    configs=configs,
+    doc=__doc__,
+    extra={"contract": CONTRACT, "stages": ("partition", "combine")},
+))
