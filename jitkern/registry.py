@@ -22,6 +22,7 @@ ENTRY_POINT_GROUP = "jitkern.ops"
 #: Built-in ops: name -> module defining ``SPEC``.
 BUILTIN = {
     "rms_norm": "jitkern.library.rms_norm",
+    "qk_norm_rope": "jitkern.library.qk_norm_rope",
 }
 
 _specs: dict[str, OpSpec] = {}
