@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import builders, counters
+from . import budget, builders, counters, remote
 from .arch import Arch
 from .cache import Entry, Store, default_store
 from .errors import BuildError, CacheError
@@ -64,6 +64,7 @@ def _build_files(job: Job):
     log.info("jitkern: building %s", job.describe())
     t0 = time.perf_counter()
     files, meta = builder.build(job)
+    meta = {**meta, **budget.assess_build(job, files, meta)}  # status ok|rejected_over_budget + figures
     dt = time.perf_counter() - t0
     counters.bump("compiles")
     log.info("jitkern: built %s in %.2f s (key %s)", job.describe(), dt, job.key[:16])
@@ -83,29 +84,61 @@ def _build_files(job: Job):
     return files, meta
 
 
-def get_entry(job: Job, store: Store | None = None) -> tuple[Entry, str]:
-    """Return ``(entry, status)`` with status ``"cached"`` or ``"built"``.
+def _cached(entry: Entry) -> tuple[Entry, str]:
+    if entry.meta.get("status") == "failed":  # a recorded build failure (jitkern.fallback)
+        from .fallback import recorded_failure
+
+        raise recorded_failure(entry)
+    counters.bump("disk_hits")
+    return entry, "cached"
+
+
+def get_entry(job: Job, store: Store | None = None, *, record_failures: bool = False) -> tuple[Entry, str]:
+    """Return ``(entry, status)`` with status ``"cached"`` or ``"built"``; see ``_lookup_or_build``.
+
+    Every entry, built now or loaded, passes the resource check (``jitkern.budget``): one over the
+    arch's budget raises ``OverBudgetError`` and is never returned for a launch; its rejection is
+    stored in the entry, so no later process compiles it again.
+    """
+    entry, how = _lookup_or_build(job, store, record_failures=record_failures)
+    budget.enforce(job, entry)
+    return entry, how
+
+
+def _lookup_or_build(job: Job, store: Store | None = None, *, record_failures: bool = False
+                     ) -> tuple[Entry, str]:
+    """Return ``(entry, status)`` with status ``"cached"``, ``"fetched"`` (remote cache) or ``"built"``.
 
     On a miss the key's lock is taken, the store is checked again (another process may have built it
-    meanwhile), and only then is the job built and published.
+    meanwhile), and only then is the job built and published. A key whose failure was recorded raises
+    ``RecordedBuildFailure``; with ``record_failures`` a ``BuildError`` is recorded under the key's
+    lock before it propagates, so no process retries it (see ``jitkern.fallback``).
     """
     store = store or default_store()
     entry = store.lookup(job.key)
     if entry is not None:
-        counters.bump("disk_hits")
-        return entry, "cached"
+        return _cached(entry)
     try:
         lock = store.lock(job.key)
     except CacheError:
         return _build_in_memory(job), "built"
-    with lock:
+    with lock, remote.FleetBuild(job.key, store) as fleet:
         entry = store.lookup(job.key)
         if entry is not None:
-            counters.bump("disk_hits")
-            return entry, "cached"
-        files, meta = _build_files(job)
+            return _cached(entry)
+        entry = fleet.fetch_or_lease()  # JITKERN_REMOTE_CACHE: fetched, or None holding the fleet's build lease
+        if entry is not None:
+            return entry, "fetched"
         try:
-            return store.publish(job.key, files, meta), "built"
+            files, meta = _build_files(job)
+        except BuildError as e:
+            if not record_failures:
+                raise
+            from .fallback import record_failure
+
+            raise record_failure(store, job, e) from e
+        try:
+            return fleet.publish(store.publish(job.key, files, meta)), "built"
         except OSError as e:
             warn_once(("publish-failed", str(store)), "jitkern: could not write cache entry (%s); "
                       "keeping kernels in memory for this process", e)

@@ -9,7 +9,12 @@ import importlib
 
 from ..errors import SpecError
 
-KINDS = {"triton": "jitkern.builders.triton"}
+KINDS = {
+    "triton": "jitkern.builders.triton",
+    "cuda": "jitkern.builders.cuda",  # C++ kinds: see jitkern.builders.cpp
+    "hip": "jitkern.builders.hip",
+    "cpp": "jitkern.builders.host",
+}
 
 
 def get(kind: str):

@@ -1,0 +1,345 @@
+"""C++ builders: CUDA (nvcc), HIP (hipcc, optionally with Composable Kernel headers) and host C++.
+
+A C++ variant is a Jinja template like a Triton one. Its rendered source is compiled by the real
+toolchain in a subprocess with a time limit (``JITKERN_BUILD_TIMEOUT`` seconds, default 600); the
+full compiler log is kept in the entry as ``build.log`` (and in the failure record when it fails).
+
+How the binary is loaded, and why:
+
+* ``cuda`` / ``hip``: the compiler writes a device-code object (``nvcc -cubin`` / ``hipcc --genco``:
+  a cubin or hsaco holding one ``extern "C" __global__`` function). It is loaded with the same
+  driver helper Triton uses for its own kernels (``driver.active.utils.load_binary``: module load
+  and function lookup in the current device context) and launched with the driver's
+  ``cuLaunchKernel``/``hipModuleLaunchKernel`` through ``ctypes``. No host code is compiled, so a
+  build takes a second or two instead of the tens of seconds a torch C++ extension needs to parse
+  torch's headers, the artifact does not depend on the torch version or ABI, and a cubin for
+  sm_90 can be built on a machine without a GPU or a CUDA-enabled torch (prebuild).
+* ``cpp``: host C++ compiled into a shared library (``c++ -shared -fPIC``) whose
+  ``extern "C" int kernel(...)`` is called through ``ctypes`` on CPU tensors' memory; a non-zero
+  return value is a launch error. It serves CPU-only reference variants and, in tests, real
+  compiler failures and real run-time failures.
+
+The key (``fingerprint``) holds the compiler path and ``--version`` text, the flags, the include
+directories and, for HIP, the CK directory and its version where CK states it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import counters
+from ..errors import BuildError, LaunchError, UnavailableError
+from ..launcher import Kernel
+
+LOG_FILE = "build.log"
+DEFAULT_TIMEOUT = 600.0
+
+
+def build_timeout() -> float:
+    raw = os.environ.get("JITKERN_BUILD_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        return max(1.0, float(raw))
+    except ValueError:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"JITKERN_BUILD_TIMEOUT={raw!r} is not a number of seconds") from None
+
+
+def first_error_line(log_text: str) -> str:
+    """The line a human needs first: the first one naming an error, else the first non-empty one."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"\b(fatal )?error\b", ln, re.IGNORECASE):
+            return ln
+    return lines[0] if lines else "(no compiler output)"
+
+
+@functools.lru_cache(maxsize=None)
+def _version(path: str, mtime_ns: int) -> str:
+    counters.bump("toolchain_queries")
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        return (r.stdout + r.stderr).strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unrunnable: {e}"
+
+
+def tool_version(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _version(os.path.realpath(path), st.st_mtime_ns)
+
+
+def _env_flags(name: str) -> list[str]:
+    return shlex.split(os.environ.get(name, ""))
+
+
+# ---- toolchains ----------------------------------------------------------------------------------
+def find_nvcc() -> str | None:
+    for env in ("JITKERN_NVCC", "CUDA_HOME", "CUDA_PATH"):
+        v = os.environ.get(env, "").strip()
+        if v:
+            p = v if env == "JITKERN_NVCC" else os.path.join(v, "bin", "nvcc")
+            if os.access(p, os.X_OK):
+                return p
+    return shutil.which("nvcc")
+
+
+def find_hipcc() -> str | None:
+    v = os.environ.get("JITKERN_HIPCC", "").strip()
+    if v and os.access(v, os.X_OK):
+        return v
+    rocm = os.environ.get("ROCM_PATH", "").strip() or "/opt/rocm"
+    p = os.path.join(rocm, "bin", "hipcc")
+    return p if os.access(p, os.X_OK) else shutil.which("hipcc")
+
+
+def find_cxx() -> str | None:
+    v = os.environ.get("CXX", "").strip()
+    if v:
+        return v if os.access(v, os.X_OK) else shutil.which(v)
+    return shutil.which("c++") or shutil.which("g++")
+
+
+def find_ck() -> str | None:
+    """CK's install or source root (has ``include/ck/ck.hpp``), from JITKERN_CK_DIR or CK_DIR."""
+    for env in ("JITKERN_CK_DIR", "CK_DIR"):
+        v = os.environ.get(env, "").strip()
+        if v and (Path(v) / "include" / "ck" / "ck.hpp").is_file():
+            return v
+    return None
+
+
+def ck_version(root: str | None) -> str | None:
+    """CK's version from ``ck/version.h`` (CK_VERSION_MAJOR/MINOR/PATCH) or a git commit file."""
+    if not root:
+        return None
+    vh = Path(root) / "include" / "ck" / "version.h"
+    if vh.is_file():
+        nums = dict(re.findall(r"#define\s+CK_VERSION_(MAJOR|MINOR|PATCH)\s+(\d+)", vh.read_text(errors="replace")))
+        if nums:
+            return ".".join(nums.get(k, "0") for k in ("MAJOR", "MINOR", "PATCH"))
+    head = Path(root) / ".git" / "HEAD"
+    if head.is_file():
+        return head.read_text().strip()
+    return "unknown"
+
+
+def needs_ck(source: str) -> bool:
+    """A HIP source needs Composable Kernel when it includes one of CK's headers."""
+    return re.search(r"^\s*#\s*include\s*[<\"]ck(_tile)?/", source, re.MULTILINE) is not None
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """One C++ variant kind: how to find its compiler, probe it, and compile a rendered source."""
+
+    kind: str
+    source_name: str
+    binary_name: str
+    find: Callable[[], str | None]
+    vendor: str  # arch vendor this kind produces code for ("nvidia", "amd", "cpu")
+    flags_env: str
+
+    # -- key ----------------------------------------------------------------------------------
+    def includes(self) -> list[str]:
+        inc = [p for p in os.environ.get("JITKERN_CXX_INCLUDE", "").split(os.pathsep) if p]
+        if self.kind == "hip":
+            ck = find_ck()
+            if ck:
+                inc.append(str(Path(ck) / "include"))
+        return inc
+
+    def flags(self, arch) -> list[str]:
+        if self.kind == "cuda":
+            base = ["-cubin", f"-arch=sm_{arch.triton_arch}", "-O3", "-std=c++17", "-lineinfo"]
+        elif self.kind == "hip":
+            base = ["--genco", f"--offload-arch={arch.name}", "-O3", "-std=c++17"]
+        else:
+            base = ["-shared", "-fPIC", "-O2", "-std=c++17"]
+        return base + _env_flags(self.flags_env)
+
+    def fingerprint(self, arch) -> dict[str, Any]:
+        comp = self.find()
+        fp: dict[str, Any] = {
+            "kind": self.kind,
+            "compiler": comp and os.path.realpath(comp),
+            "version": tool_version(comp),
+            "flags": self.flags(arch) if arch.vendor == self.vendor else None,
+            "include": self.includes(),
+        }
+        if self.kind == "hip":
+            ck = find_ck()
+            fp["ck"] = {"dir": ck, "version": ck_version(ck)}
+        return fp
+
+    # -- availability -------------------------------------------------------------------------
+    def probe(self, arch) -> str | None:
+        """Why this kind cannot build for ``arch`` on this machine, or None if it can try."""
+        reasons = []
+        if arch.vendor != self.vendor:
+            what = {"nvidia": "an NVIDIA GPU arch", "amd": "an AMD GPU arch", "cpu": "CPU tensors"}[self.vendor]
+            where = "CPU tensors (Triton interpreter)" if arch.vendor == "cpu" else f"arch {arch.name}"
+            reasons.append(f"{self.kind} variants need {what}; this call is for {where}")
+        if self.find() is None:
+            reasons.append({"cuda": "nvcc not found (set CUDA_HOME or JITKERN_NVCC, or put nvcc on PATH)",
+                            "hip": "hipcc not found (set ROCM_PATH or JITKERN_HIPCC, or put hipcc on PATH)",
+                            "cpp": "no C++ compiler found (set CXX or put c++ on PATH)"}[self.kind])
+        return "; ".join(reasons) or None
+
+    # -- build --------------------------------------------------------------------------------
+    def build(self, job) -> tuple[dict[str, bytes], dict[str, Any]]:
+        reason = self.probe(job.arch)
+        if reason is None and self.kind == "hip" and needs_ck(job.source):
+            if find_ck() is None:
+                reason = "CK headers not found (set JITKERN_CK_DIR or CK_DIR to a Composable Kernel root)"
+        if reason is not None:
+            raise UnavailableError(f"{job.describe()}: {reason}", reason=reason, log_text=reason + "\n")
+        comp = self.find()
+        with tempfile.TemporaryDirectory(prefix=f"jitkern-{self.kind}-") as d:
+            src = Path(d) / self.source_name
+            out = Path(d) / self.binary_name
+            src.write_text(job.source)
+            cmd = [comp, *self.flags(job.arch), *[f"-I{p}" for p in self.includes()], "-o", str(out), str(src)]
+            header = f"$ {shlex.join(cmd)}\n"
+            counters.bump("compiler_runs")
+            t0 = time.perf_counter()
+            limit = build_timeout()
+            try:
+                r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   timeout=limit, cwd=d)
+                text, rc = r.stdout, r.returncode
+            except subprocess.TimeoutExpired as e:
+                out_text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+                text = out_text + f"\nerror: build timed out after {limit:.0f} s (JITKERN_BUILD_TIMEOUT)\n"
+                rc = -1
+            except OSError as e:
+                text, rc = f"error: could not run {comp}: {e}\n", -1
+            dt = time.perf_counter() - t0
+            log_text = f"{header}{text}\n[exit status {rc}, {dt:.2f} s]\n"
+            if rc != 0 or not out.is_file():
+                line = first_error_line(text)
+                raise BuildError(f"{self.kind} build of {job.describe()} failed: {line}", reason=line,
+                                 log_text=log_text)
+            binary = out.read_bytes()
+        files = {self.source_name: job.source.encode(), self.binary_name: binary, LOG_FILE: log_text.encode()}
+        return files, {"compiler": comp, "compile_seconds": round(dt, 3), "binary": self.binary_name}
+
+
+CUDA = Toolchain("cuda", "kernel.cu", "kernel.cubin", find_nvcc, "nvidia", "JITKERN_NVCC_FLAGS")
+HIP = Toolchain("hip", "kernel.hip.cpp", "kernel.hsaco", find_hipcc, "amd", "JITKERN_HIPCC_FLAGS")
+HOST = Toolchain("cpp", "kernel.cpp", "kernel.so", find_cxx, "cpu", "JITKERN_CXXFLAGS")
+TOOLCHAINS = {t.kind: t for t in (CUDA, HIP, HOST)}
+
+
+# ---- loading and launching ---------------------------------------------------------------------
+_SCALARS = {"i1": ctypes.c_int8, "i8": ctypes.c_int8, "i16": ctypes.c_int16, "i32": ctypes.c_int32,
+            "i64": ctypes.c_int64, "u8": ctypes.c_uint8, "u16": ctypes.c_uint16, "u32": ctypes.c_uint32,
+            "u64": ctypes.c_uint64, "fp32": ctypes.c_float, "fp64": ctypes.c_double}
+
+
+def _ctype(sig: str):
+    if sig.startswith("*"):
+        return ctypes.c_void_p
+    try:
+        return _SCALARS[sig]
+    except KeyError:
+        raise BuildError(f"C++ variants take pointers and {', '.join(_SCALARS)} arguments, not {sig!r}") from None
+
+
+def _address(a) -> int:
+    return a if isinstance(a, int) else a.data_ptr()
+
+
+class DeviceKernel(Kernel):
+    """A cubin/hsaco function launched through the driver API; block size from the config's
+    ``block_x``/``block_y``/``block_z`` parameters."""
+
+    def __init__(self, entry, job, toolchain: Toolchain):
+        super().__init__(entry, job)
+        from triton.runtime.driver import driver
+
+        dev = driver.active
+        self._device = dev.get_current_device()
+        self._stream = dev.get_current_stream
+        data = entry.file(toolchain.binary_name).read_bytes()
+        try:
+            _, self._function, self.n_regs, self.n_spills, _ = dev.utils.load_binary(
+                job.variant.kernel, data, 0, self._device)[:5]
+        except Exception as e:
+            raise LaunchError(f"could not load {self.name} from {entry.path}: {type(e).__name__}: {e}") from e
+        p = job.config.p
+        self._block = (int(p.get("block_x", 1)), int(p.get("block_y", 1)), int(p.get("block_z", 1)))
+        self._types = [_ctype(job.signature[a.name]) for a in job.variant.args]
+        self._pointer = [t is ctypes.c_void_p for t in self._types]
+        self._api = _driver_launch(toolchain.kind)
+
+    def launch(self, grid3, *args):
+        vals = [t(_address(a)) if ptr else t(a) for t, ptr, a in zip(self._types, self._pointer, args)]
+        params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        bx, by, bz = self._block
+        rc = self._api(self._function, grid3[0], grid3[1], grid3[2], bx, by, bz, 0,
+                       self._stream(self._device), params, None)
+        if rc != 0:
+            raise LaunchError(f"launching {self.name} failed with driver error {rc}")
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_launch(kind: str):
+    if kind == "cuda":
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            from triton.backends.nvidia.driver import libcuda_dirs
+
+            lib = ctypes.CDLL(os.path.join(libcuda_dirs()[0], "libcuda.so.1"))
+        fn = lib.cuLaunchKernel
+    else:
+        fn = ctypes.CDLL("libamdhip64.so").hipModuleLaunchKernel
+    u = ctypes.c_uint
+    fn.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class HostKernel(Kernel):
+    """``extern "C" int kernel(...)`` from the entry's shared library; non-zero return = failure."""
+
+    def __init__(self, entry, job):
+        super().__init__(entry, job)
+        try:
+            lib = ctypes.CDLL(str(entry.file(HOST.binary_name)))
+            fn = getattr(lib, job.variant.kernel)
+        except (OSError, AttributeError) as e:
+            raise LaunchError(f"could not load {self.name} from {entry.path}: {e}") from e
+        types = [_ctype(job.signature[a.name]) for a in job.variant.args]
+        fn.argtypes = types
+        fn.restype = ctypes.c_int
+        self._fn = fn
+        self._pointer = [t is ctypes.c_void_p for t in types]
+
+    def launch(self, grid3, *args):
+        rc = self._fn(*[_address(a) if ptr else a for ptr, a in zip(self._pointer, args)])
+        if rc != 0:
+            raise LaunchError(f"{self.name} returned error code {rc}")
+
+
+def load(entry, job) -> Kernel:
+    tc = TOOLCHAINS[job.variant.kind]
+    return HostKernel(entry, job) if tc.kind == "cpp" else DeviceKernel(entry, job, tc)
