@@ -1,0 +1,195 @@
+"""`jitkern prebuild` as users run it: real processes, real compilers, real signals.
+
+CPU numerics run on artifacts built for the pseudo-arch "cpu" (Triton's interpreter); GPU arches are
+cross-compiled by Triton for real (sm_90 here: no GPU needed).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from jitkern.cache import Layer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(cache, **extra):
+    env = dict(os.environ)
+    env["JITKERN_CACHE_DIR"] = os.pathsep.join(map(str, cache)) if isinstance(cache, (list, tuple)) else str(cache)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def jitkern_cli(*args, cache, timeout=300, **extra):
+    return subprocess.run([sys.executable, "-m", "jitkern", *args], env=_env(cache, **extra), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root with its size and mtime: any write, stamp or lock file changes it."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def entries(root: Path) -> list[Path]:
+    return sorted((Layer(root).root / "entries").glob("*/*"))
+
+
+def test_prebuild_report_and_second_run_builds_nothing(tmp_path):
+    a, report = tmp_path / "A", tmp_path / "report.json"
+    r = jitkern_cli("prebuild", "--arch", "cpu", "--op", "rms_norm", "--jobs", "2", "--report", str(report),
+                    "--progress", "lines", cache=a)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(report.read_text())
+    arts = rep["artifacts"]
+    # everything rms_norm's spec says the runtime can select, once each
+    import jitkern.library.rms_norm as rn
+    from jitkern import arch
+
+    assert len(arts) == len(list(rn.configs(arch.get("cpu")))) == len({x["key"] for x in arts})
+    assert {x["status"] for x in arts} == {"built"}
+    assert rep["summary"]["cpu"]["built"] == len(arts)
+    for x in arts:
+        assert x["op"] == "rms_norm" and x["variant"] == "triton" and x["arch"] == "cpu"
+        assert set(x["params"]) >= {"dtype", "block_n", "residual"} and len(x["key"]) == 64
+        assert Layer(a).verify(x["key"]).meta["params"] == x["params"]
+    # plain output: one line per artifact, then the summary table
+    assert sum(1 for ln in r.stdout.splitlines() if ln.startswith("[") and " built " in ln) == len(arts)
+
+    r2 = jitkern_cli("prebuild", "--arch", "cpu", "--op", "rms_norm", "--report", str(report), cache=a)
+    assert r2.returncode == 0, r2.stderr
+    assert "nothing to build" in r2.stdout
+    assert {x["status"] for x in json.loads(report.read_text())["artifacts"]} == {"cached"}
+
+
+RUN_OPS = textwrap.dedent("""
+    import json, torch, jitkern
+    torch.manual_seed(0)
+    from jitkern.library.rms_norm import reference
+    worst = 0.0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n in (1, 100, 256, 5000, 9000):          # single pass, unaligned, and the looped long-row kernel
+            for residual in (False, True):
+                x = torch.randn(3, n, dtype=dtype); w = torch.randn(n, dtype=dtype)
+                r1 = torch.randn(3, n, dtype=dtype) if residual else None
+                r2 = r1.clone() if residual else None
+                y = jitkern.ops.rms_norm(x, w, residual=r1)
+                ref = reference(x, w, residual=r2)
+                worst = max(worst, (y.float() - ref.float()).abs().max().item())
+    print(json.dumps({"stats": jitkern.stats(), "worst": worst}))
+""")
+
+
+def test_readonly_layer_serves_everything_without_compiling_or_writing(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    r = jitkern_cli("prebuild", "--arch", "cpu", "--op", "rms_norm", cache=a)
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["chmod", "-R", "a-w", str(a)], check=True)
+    try:
+        before = snapshot(a)
+        run = subprocess.run([sys.executable, "-c", RUN_OPS], env=_env([b, a], TRITON_INTERPRET="1"),
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout.strip().splitlines()[-1])
+        assert out["stats"]["compiles"] == 0, out
+        assert out["stats"]["disk_hits"] >= 20, out
+        assert out["worst"] < 0.1, out  # and the kernels it loaded compute the right thing
+        assert snapshot(a) == before, "the read-only layer was written (entry, stamp or lock file)"
+        assert entries(b) == [], "nothing was built, so nothing may be published to the writable layer"
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(a)], check=True)
+
+
+BAD_OP = textwrap.dedent('''
+    from pathlib import Path
+    import jitkern
+    from jitkern.spec import Arg, Config, OpSpec, Variant
+
+    def configs(arch):
+        yield Config.make("triton", ok=True)
+        yield Config.make("triton", ok=False)    # renders a module with a syntax error
+
+    def fn(*a):
+        raise NotImplementedError
+
+    SPEC = jitkern.register(OpSpec(
+        name="badop", variants=(Variant("triton", "k.py.j2", "k", (Arg("x", "*fp32"),)),),
+        template_dir=Path(__file__).parent / "badop_templates", fn=fn, reference=fn, configs=configs))
+''')
+
+
+def test_failed_build_exit_status_keep_going_and_report(tmp_path):
+    (tmp_path / "badop_templates").mkdir()
+    (tmp_path / "badop_templates" / "k.py.j2").write_text(
+        "import triton\n@triton.jit\ndef k(x):\n    pass\n{% if not ok %}def broken(:\n{% endif %}\n")
+    (tmp_path / "badop.py").write_text(BAD_OP)
+    driver = "import sys, badop; from jitkern.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = _env(tmp_path / "A")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    args = ["--arch", "cpu", "--op", "badop", "--report", str(tmp_path / "r.json"), "--jobs", "1"]
+    r = subprocess.run([sys.executable, "-c", driver, "prebuild", *args], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "--keep-going" in r.stderr and "Traceback" not in r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    by_ok = {x["params"]["ok"]: x for x in rep["artifacts"]}
+    assert by_ok[True]["status"] == "built"
+    assert by_ok[False]["status"] == "failed" and "SyntaxError" in by_ok[False]["error"]
+    r = subprocess.run([sys.executable, "-c", driver, "prebuild", *args, "--keep-going"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["cpu"]["failed"] == 1
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                if marker.encode() in (p / "environ").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds leftover workers through /proc")
+def test_sigint_stops_workers_and_leaves_no_partial_entries(tmp_path):
+    a = tmp_path / "A-interrupt"
+    p = subprocess.Popen([sys.executable, "-m", "jitkern", "prebuild", "--arch", "sm_90", "--op", "rms_norm",
+                          "--jobs", "2", "--progress", "lines"], env=_env(a), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    built = 0
+    deadline = time.time() + 240
+    while built < 3 and time.time() < deadline:  # interrupt mid-run, with compiles in flight
+        line = p.stdout.readline()
+        assert line or p.poll() is None, p.stderr.read()
+        built += " built " in line
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    for _ in range(50):  # the workers are gone too
+        if not _processes_with(str(a)):
+            break
+        time.sleep(0.1)
+    assert _processes_with(str(a)) == []
+    found = entries(a)
+    assert 3 <= len(found) < 84
+    for e in found:  # every published entry is whole
+        Layer(a).verify(e.name)
+    assert list((Layer(a).root / "tmp").iterdir()) == []  # no half-written temporary entries either
+    v = jitkern_cli("cache", "verify", cache=a)
+    assert v.returncode == 0 and f"{len(found)} entries checked, 0 damaged" in v.stdout
