@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "jitkern.ops"
 BUILTIN = {
     "rms_norm": "jitkern.library.rms_norm",
     "qk_norm_rope": "jitkern.library.qk_norm_rope",
+    "gemm": "jitkern.library.gemm",
 }
 
 _specs: dict[str, OpSpec] = {}

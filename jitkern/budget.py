@@ -1,0 +1,193 @@
+"""The resource check after every compile: what an artifact uses against what its arch allows.
+
+Triton reports a kernel's shared memory (``metadata.shared``) at compile time but only compares it
+with the device's limit when it loads the kernel on a live GPU. jitkern compares at build time,
+offline too, so an over-budget configuration is rejected on a build machine without a GPU and never
+reaches a launch (seed 003: a gfx950 MoE tile that needed 269 KiB of LDS against 160 KiB).
+
+Figures, per backend:
+
+* shared memory / LDS bytes: Triton's metadata (``shared``), for every backend;
+* registers and spills: NVIDIA from ``cuobjdump --dump-resource-usage`` on the cubin (the tool
+  ships with Triton); AMD from the code object's kernel descriptor metadata (``.vgpr_count``,
+  ``.agpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``).
+
+Verdict (``assess``): ``rejected_over_budget`` when shared bytes exceed the arch's per-block budget,
+or the block's registers exceed the register file a block can use; otherwise ``ok``. Spills are
+recorded, not rejected (the kernel runs, slower). The verdict is stored in the cache entry's
+metadata (``status``, ``resources``), so a rejected configuration is compiled once and then
+remembered by every later process; ``enforce`` raises ``OverBudgetError`` for it.
+
+``status(job)`` is the function prebuild calls: build-or-load a job and return its status
+(``built``/``cached``/``rejected_over_budget``) with the figures.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import OverBudgetError
+from .logs import warn_once
+
+log = logging.getLogger("jitkern")
+
+OK = "ok"
+REJECTED = "rejected_over_budget"
+
+#: Registers a single block may hold, by vendor. NVIDIA: 64 K 32-bit registers per block (sm_50 and
+#: later). AMD CDNA3/CDNA4: 512 VGPRs (incl. AGPRs) per lane of a SIMD; a workgroup's waves are
+#: spread over the CU's 4 SIMDs, so ceil(waves / 4) waves share one SIMD's file.
+REGS_PER_BLOCK_NVIDIA = 65536
+AMD_SIMDS_PER_CU = 4
+AMD_VGPRS_PER_SIMD_LANE = 512
+
+
+# ---- figures ------------------------------------------------------------------------------------
+_MSGPACK_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4}
+
+
+def _msgpack_uint_after(data: bytes, key: str) -> int | None:
+    """The unsigned integer that follows the msgpack string ``key`` in an AMD code object's note."""
+    k = key.encode()
+    m = re.search(re.escape(bytes([0xA0 | len(k)]) + k), data) if len(k) < 32 else None
+    if m is None:
+        return None
+    i = m.end()
+    if i >= len(data):
+        return None
+    tag = data[i]
+    if tag < 0x80:  # positive fixint
+        return tag
+    width = _MSGPACK_UINT.get(tag)
+    if width is None:
+        return None
+    return int.from_bytes(data[i + 1:i + 1 + width], "big")
+
+
+def amd_figures(hsaco: bytes) -> dict[str, int | None]:
+    vgpr = _msgpack_uint_after(hsaco, ".vgpr_count")
+    agpr = _msgpack_uint_after(hsaco, ".agpr_count") or 0
+    vspill = _msgpack_uint_after(hsaco, ".vgpr_spill_count")
+    sspill = _msgpack_uint_after(hsaco, ".sgpr_spill_count")
+    return {
+        "regs": None if vgpr is None else vgpr + agpr,
+        "spills": None if vspill is None and sspill is None else (vspill or 0) + (sspill or 0),
+    }
+
+
+_CUOBJDUMP = re.compile(r"REG:(\d+).*?LOCAL:(\d+)")
+
+
+def nvidia_figures(cubin: bytes) -> dict[str, int | None]:
+    """Registers per thread and local (spill/stack) bytes per thread, via Triton's cuobjdump."""
+    try:
+        from triton import knobs
+
+        tool = knobs.nvidia.cuobjdump.path
+    except Exception as e:  # Triton without its NVIDIA tools: figures unknown, never a failure
+        log.debug("jitkern: no cuobjdump (%s); register figures unknown", e)
+        return {"regs": None, "spills": None}
+    with tempfile.TemporaryDirectory(prefix="jitkern-res-") as d:
+        path = Path(d) / "kernel.cubin"
+        path.write_bytes(cubin)
+        try:
+            out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            log.debug("jitkern: cuobjdump failed (%s); register figures unknown", e)
+            return {"regs": None, "spills": None}
+    m = _CUOBJDUMP.search(out)
+    if m is None:
+        return {"regs": None, "spills": None}
+    return {"regs": int(m.group(1)), "spills": int(m.group(2))}
+
+
+def figures(arch, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a freshly built artifact uses: shared bytes, registers per thread, spills."""
+    out = {"shared_bytes": meta.get("shared_bytes"), "regs": None, "spills": None}
+    binary = files.get(f"kernel.{arch.binary_ext}") if arch.binary_ext else None
+    if binary:
+        out.update(amd_figures(binary) if arch.backend == "hip" else nvidia_figures(binary))
+    return out
+
+
+# ---- verdict ------------------------------------------------------------------------------------
+def register_limit(arch, num_warps: int | None) -> int | None:
+    """Registers per thread a block of ``num_warps`` warps/waves can use on ``arch``."""
+    if num_warps is None or arch.backend is None:
+        return None
+    if arch.vendor == "nvidia":
+        return min(arch.max_regs_per_thread, REGS_PER_BLOCK_NVIDIA // (num_warps * arch.warp_size))
+    waves_per_simd = -(-num_warps // AMD_SIMDS_PER_CU)
+    return min(arch.max_regs_per_thread, AMD_VGPRS_PER_SIMD_LANE // waves_per_simd)
+
+
+def assess(arch, figs: Mapping[str, Any], num_warps: int | None = None) -> dict[str, Any]:
+    """``{"status": "ok"|"rejected_over_budget", "reason", "resources": {...}}`` for ``figs`` on ``arch``."""
+    budget = arch.shared_mem_per_block if arch.backend is not None else None
+    reg_limit = register_limit(arch, num_warps)
+    res = {**figs, "budget_bytes": budget, "regs_limit": reg_limit}
+    reasons = []
+    shared = figs.get("shared_bytes")
+    if budget is not None and shared is not None and shared > budget:
+        reasons.append(f"needs {shared} B ({shared / 1024:.0f} KiB) of shared memory, budget {budget} B "
+                       f"({budget / 1024:.0f} KiB)")
+    regs = figs.get("regs")
+    if reg_limit is not None and regs is not None and regs > reg_limit:
+        reasons.append(f"needs {regs} registers per thread, {num_warps} warps allow {reg_limit}")
+    return {"status": REJECTED if reasons else OK, "reason": "; ".join(reasons), "resources": res}
+
+
+def assess_build(job, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Entry metadata to add after building ``job``: status, reason, resources. Called by build."""
+    verdict = assess(job.arch, figures(job.arch, files, meta), job.config.compile_options().get("num_warps"))
+    if verdict["status"] == REJECTED:
+        log.debug("jitkern: %s rejected: %s", job.describe(), verdict["reason"])
+    return verdict
+
+
+def enforce(job, entry) -> None:
+    """Raise ``OverBudgetError`` if ``entry`` (built or loaded for ``job``) was rejected; log one
+    line per (op, arch) naming the configuration, its bytes and the budget."""
+    meta = entry.meta
+    if meta.get("status") != REJECTED:
+        return
+    figs = dict(meta.get("resources") or {})
+    figs.update(config=job.config.describe(), op=job.spec.name, arch=job.arch.name, key=job.key)
+    msg = f"{job.describe()} is over the budget of {job.arch.name}: {meta.get('reason')}; not launched"
+    if not warn_once(("over-budget", job.spec.name, job.arch.name),
+                     "jitkern: %s; using the next candidate (further rejections for %s on %s are logged "
+                     "at debug level)", msg, job.spec.name, job.arch.name):
+        log.debug("jitkern: %s", msg)
+    raise OverBudgetError(msg, figs)
+
+
+def status(job, store=None) -> dict[str, Any]:
+    """Build or load ``job`` and report it, for prebuild and tools.
+
+    Returns ``{"status": "built"|"cached"|"rejected_over_budget", "shared_bytes", "budget_bytes",
+    "regs", "regs_limit", "spills", "reason"}``. Build failures raise (``BuildError``) as usual.
+    """
+    from .build import get_entry
+
+    try:
+        entry, how = get_entry(job, store)
+    except OverBudgetError as e:
+        f = e.figures
+        return {"status": REJECTED, "reason": str(e), **{k: f.get(k) for k in _FIGURE_KEYS}}
+    res = entry.meta.get("resources") or {}
+    figs = {k: res.get(k) for k in _FIGURE_KEYS}
+    if figs["shared_bytes"] is None:
+        figs["shared_bytes"] = entry.meta.get("shared_bytes")
+    if figs["budget_bytes"] is None and job.arch.backend is not None:
+        figs["budget_bytes"] = job.arch.shared_mem_per_block
+    return {"status": how, "reason": "", **figs}
+
+
+_FIGURE_KEYS = ("shared_bytes", "budget_bytes", "regs", "regs_limit", "spills")
+
+__all__ = ["OK", "REJECTED", "figures", "assess", "assess_build", "enforce", "status", "register_limit"]

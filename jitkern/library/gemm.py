@@ -1,0 +1,268 @@
+"""gemm: ``C = A @ B`` for bf16/fp16 matrices, fp32 accumulation, output in the input dtype.
+
+A is [M, K] with unit stride along K; B is [K, N] with unit stride along N (row-major) or along K
+(the transpose of a row-major [N, K] weight, as ``x @ w.t()``); C is [M, N] row-major. Any M, N, K
+(including 1 and sizes that are not multiples of a tile) work: loads wrap inside the matrices and
+the store is masked.
+
+Configuration: each shape bucket (by M: decode 1-16, 17-64, 65-128, and large) has an ordered
+list of tile candidates. Selection takes, for the arch, the tuned winner if one is recorded
+(``jitkern.tuning``), then the bucket's candidates; pins and ``JITKERN_GEMM_<PARAM>`` overrides are
+applied and rule breakers dropped (``jitkern.constraints``); the first candidate whose compiled
+artifact fits the arch's shared-memory budget (``jitkern.budget``) is used.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import checks, constraints, registry, runtime, tuning
+from ..errors import OverBudgetError, ShapeError
+from ..render import builtin_template_dir
+from ..spec import Arg, Config, OpSpec, Variant
+
+OP = "gemm"
+DTYPES = (torch.bfloat16, torch.float16)
+
+#: Values each tile parameter may take at all (env overrides are checked against these).
+TUNABLES = {
+    "block_m": (16, 32, 64, 128, 256),
+    "block_n": (16, 32, 64, 128, 256, 512),
+    "block_k": (16, 32, 64, 128, 256, 512),
+    "group_m": (1, 2, 4, 8, 16),
+    "num_warps": (1, 2, 4, 8, 16),
+    "num_stages": (1, 2, 3, 4, 5, 6, 7, 8),
+}
+TILE_PARAMS = tuple(TUNABLES)
+
+#: Shape buckets by M: (name, largest M in it); the last one takes everything larger.
+BUCKETS = (("m16", 16), ("m64", 64), ("m128", 128), ("large", None))
+
+
+def _t(bm, bn, bk, gm, nw, ns):
+    return dict(block_m=bm, block_n=bn, block_k=bk, group_m=gm, num_warps=nw, num_stages=ns)
+
+
+#: Candidates per bucket, most preferred first (before tuning). Early ones are deep or large tiles
+#: that only fit the arches with the most shared memory (sm_90: 227 KiB; Triton keeps num_stages
+#: buffers there, num_stages - 1 on AMD); later ones fit gfx950 (160 KiB) and gfx942 (64 KiB); the
+#: last of each list fits all of them. Measured figures: ``tools/tune_gemm.py --offline``.
+CANDIDATES = {
+    "m16": (_t(16, 32, 256, 1, 4, 6), _t(16, 64, 256, 1, 4, 4), _t(16, 32, 256, 1, 4, 4), _t(16, 32, 128, 1, 4, 4),
+            _t(16, 64, 128, 1, 4, 3), _t(16, 16, 256, 1, 2, 4), _t(16, 64, 64, 1, 4, 2)),
+    "m64": (_t(64, 32, 256, 1, 4, 4), _t(64, 64, 128, 1, 4, 4), _t(64, 32, 128, 1, 4, 4), _t(32, 64, 128, 1, 4, 3),
+            _t(64, 64, 64, 1, 4, 3), _t(64, 64, 64, 1, 4, 2)),
+    # sm_90 only (224 KiB) -> fits gfx950 (96 KiB of LDS) -> fits gfx942 (64 KiB) -> smaller
+    "m128": (_t(64, 64, 128, 1, 4, 7), _t(64, 64, 128, 1, 4, 4), _t(64, 64, 128, 1, 4, 3), _t(128, 64, 64, 1, 4, 3),
+             _t(64, 32, 128, 1, 4, 3), _t(32, 64, 64, 1, 4, 2)),
+    "large": (_t(128, 256, 64, 8, 8, 4), _t(128, 256, 64, 8, 8, 3), _t(256, 128, 64, 8, 8, 3), _t(128, 128, 64, 8, 8, 4),
+              _t(128, 128, 64, 8, 4, 3), _t(256, 256, 64, 8, 8, 2), _t(128, 128, 64, 8, 4, 2), _t(64, 64, 64, 8, 4, 2)),
+}
+
+
+def reference(a, b, out=None):
+    c = (a.float() @ b.float()).to(a.dtype)
+    if out is not None:
+        out.copy_(c)
+        return out
+    return c
+
+
+def bucket(m: int) -> str:
+    for name, top in BUCKETS:
+        if top is None or m <= top:
+            return name
+    raise AssertionError("unreachable")
+
+
+def config(dtype: str, b_trans: bool, aligned: bool, tile: dict) -> Config:
+    return Config.make("triton", dtype=dtype, b_trans=b_trans, aligned=aligned,
+                       **{k: tile[k] for k in TILE_PARAMS})
+
+
+def candidates(arch, dtype: str, bucket_name: str) -> list[dict]:
+    """Tile candidates for ``arch`` (name or Arch) in order: tuned winner first, then the bucket's
+    list; pins and ``JITKERN_GEMM_*`` overrides applied, rule breakers dropped."""
+    name = getattr(arch, "name", arch)
+    tuned = tuning.lookup(name, OP, dtype, bucket_name)
+    listed = ([tuned] if tuned else []) + [dict(t, dtype=dtype) for t in CANDIDATES[bucket_name]]
+    found = constraints.apply(name, OP, [dict(t, dtype=dtype) for t in listed], TUNABLES)
+    return [{k: t[k] for k in TILE_PARAMS} for t in found]
+
+
+def tile_aligned(tile: dict, n: int, k: int, strides=()) -> bool:
+    return k % tile["block_k"] == 0 and n % 16 == 0 and k % 16 == 0 and all(s % 16 == 0 for s in strides)
+
+
+def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, strides=None):
+    """The config ``gemm`` uses on ``arch`` for this shape: the first candidate that passes the rules
+    and whose compiled artifact fits the arch's budget. Compiles (or loads) candidates for ``arch``,
+    so it works offline for any arch. Returns ``(Config, rejected)`` with ``rejected`` a list of
+    ``OverBudgetError.figures`` of the candidates skipped."""
+    from ..build import get_entry, plan
+
+    strides = (k, n if not b_trans else k, n) if strides is None else strides
+    rejected = []
+    for tile in candidates(arch, dtype, bucket(m)):
+        cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
+        if arch.backend is None:
+            return cfg, rejected
+        try:
+            get_entry(plan(SPEC, cfg, arch))
+        except OverBudgetError as e:
+            rejected.append(e.figures)
+            continue
+        return cfg, rejected
+    raise OverBudgetError(f"{OP}: no candidate for {dtype} M={m} fits the budget of {arch.name}; "
+                          f"rejected: {[r.get('config') for r in rejected]}", {"rejected": rejected})
+
+
+def configs(arch):
+    """Everything the runtime may select on ``arch`` (prebuild compiles this list; candidates over the
+    budget are recorded as rejected)."""
+    seen = set()
+    for dtype in ("bf16", "fp16"):
+        for b_name, _ in BUCKETS:
+            try:
+                tiles = candidates(arch, dtype, b_name)
+            except Exception:  # a bad override is reported by the op at call time; prebuild skips it
+                continue
+            for tile in tiles:
+                for b_trans in (False, True):
+                    for aligned in (True, False):
+                        cfg = config(dtype, b_trans, aligned, tile)
+                        if cfg not in seen:
+                            seen.add(cfg)
+                            yield cfg
+
+
+_plans = runtime.plan_cache()
+
+
+def _launchable(cfg: Config, device):
+    """The loaded kernel for ``cfg``, or None if it is over the budget of the device's arch."""
+    try:
+        return runtime.kernel(SPEC, cfg, device)
+    except OverBudgetError:
+        return None
+
+
+def _select(dtype: str, device, m: int, n: int, k: int, b_trans: bool, strides):
+    select_arch, build_arch = runtime.arches_for(device)
+    b_name = bucket(m)
+    if tuning.autotune_enabled() and build_arch.backend is not None:
+        tuning.ensure_tuned(SPEC, build_arch, dtype, b_name, lambda: tune_args(dtype, m, n, k, b_trans, device))
+    if select_arch is not build_arch and select_arch.backend is not None:
+        cfg, _ = choose(select_arch, dtype, m, n, k, b_trans, strides=strides)  # as it would run there
+        tile = {p: cfg.p[p] for p in TILE_PARAMS}
+        return cfg, runtime.kernel(SPEC, config(dtype, b_trans, cfg.p["aligned"], tile), device)
+    for tile in candidates(select_arch, dtype, b_name):
+        cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
+        k_ = _launchable(cfg, device)
+        if k_ is not None:
+            return cfg, k_
+    raise OverBudgetError(f"{OP}: no {dtype} candidate for M bucket {b_name} fits the budget of {build_arch.name}")
+
+
+def tune_args(dtype: str, m: int, n: int, k: int, b_trans: bool, device):
+    """What ``jitkern.tuning`` needs to benchmark gemm candidates at one shape: (candidates as
+    Configs, a function that launches one kernel)."""
+    tdt = checks.TORCH_DTYPE[dtype]
+    a = torch.randn(m, k, device=device, dtype=tdt)
+    b = torch.randn(n, k, device=device, dtype=tdt).t() if b_trans else torch.randn(k, n, device=device, dtype=tdt)
+    c = torch.empty(m, n, device=device, dtype=tdt)
+    strides = (a.stride(0), b.stride(1) if b_trans else b.stride(0), c.stride(0))
+    _, build_arch = runtime.arches_for(device)
+    cfgs = [config(dtype, b_trans, tile_aligned(t, n, k, strides), t)
+            for t in candidates(build_arch, dtype, bucket(m))]
+    # untuned candidates only: the tuned winner must earn its place again
+    cfgs = [c_ for i, c_ in enumerate(cfgs) if c_ not in cfgs[:i]]
+
+    def run(cfg):
+        kern = runtime.kernel(SPEC, cfg, device)
+        grid = (_grid(cfg.p, m, n),)
+        return lambda: kern[grid](a, b, c, m, n, k, *strides)
+
+    return cfgs, run, {"shape": [m, n, k], "b_trans": b_trans}
+
+
+def _grid(p, m, n) -> int:
+    return -(-m // p["block_m"]) * -(-n // p["block_n"])
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b`` for 2-D bf16/fp16 ``a`` [M, K] and ``b`` [K, N] (fp32 accumulation).
+
+    ``a`` needs unit stride along K; ``b`` unit stride along N or along K (e.g. ``w.t()`` for a
+    row-major weight ``w`` [N, K]). ``out``: [M, N], same dtype, unit stride along N; allocated if
+    not given. Returns ``out``.
+    """
+    checks.tensor(OP, "a", a, dtypes=DTYPES, ndim=2)
+    checks.tensor(OP, "b", b, dtypes=DTYPES, ndim=2, like=a)
+    checks.same_dtype(OP, "b", b, a, "a")
+    m, k = a.shape
+    if b.shape[0] != k:
+        raise ShapeError(f"{OP}: a is {tuple(a.shape)} and b is {tuple(b.shape)}; b must have {k} rows "
+                         f"(a's columns) for a @ b")
+    n = b.shape[1]
+    checks.unit_last_stride(OP, "a", a)
+    b_trans = b.stride(1) != 1 and n > 1
+    if b_trans and b.stride(0) != 1 and k > 1:
+        raise checks.LayoutError(f"{OP}: b must have unit stride along N (row-major [K, N]) or along K (the "
+                                 f"transpose of a row-major [N, K]), got strides {tuple(b.stride())}; "
+                                 f"pass b.contiguous()")
+    if out is None:
+        out = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    else:
+        checks.tensor(OP, "out", out, ndim=2, like=a)
+        checks.same_dtype(OP, "out", out, a, "a")
+        checks.shape(OP, "out", out, (m, n))
+        checks.unit_last_stride(OP, "out", out)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        checks.aligned(OP, name, t)
+    stride_b = b.stride(1) if b_trans else b.stride(0)
+    strides = (a.stride(0) if m > 1 else k, stride_b if (n > 1 if b_trans else k > 1) else (k if b_trans else n),
+               out.stride(0) if m > 1 else n)
+    dtype = checks.TRITON_TYPE[a.dtype]
+    sig = (a.dtype, a.device, bucket(m), b_trans, n % 16, k % 512, tuple(s % 16 for s in strides))
+    plan = _plans.get(sig)
+    if plan is None:
+        plan = _plans[sig] = _select(dtype, a.device, m, n, k, b_trans, strides)
+    cfg, kern = plan
+    kern[(_grid(cfg.p, m, n),)](a, b, out, m, n, k, *strides)
+    return out
+
+
+def alloc(a, b, out=None):
+    """The output buffer ``gemm`` allocates when ``out`` is None (torch.compile path)."""
+    return {"out": torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)}
+
+
+SPEC = registry.register(OpSpec(
+    name=OP,
+    variants=(Variant(
+        name="triton",
+        template="triton.py.j2",
+        kernel="gemm_kernel",
+        args=(
+            Arg("a_ptr", "*{dtype}"), Arg("b_ptr", "*{dtype}"), Arg("c_ptr", "*{dtype}"),
+            Arg("M", "i32"), Arg("N", "i32", divisible_if="aligned"), Arg("K", "i32", divisible_if="aligned"),
+            Arg("stride_am", "i32", divisible_if="aligned"), Arg("stride_b", "i32", divisible_if="aligned"),
+            Arg("stride_cm", "i32", divisible_if="aligned"),
+        ),
+    ),),
+    template_dir=builtin_template_dir() / OP,
+    fn=gemm,
+    reference=reference,
+    configs=configs,
+    doc=__doc__,
+    extra={"tunables": TUNABLES, "buckets": BUCKETS, "tune_args": lambda dtype, m, n, k, b_trans, device:
+           tune_args(dtype, m, n, k, b_trans, device), "bucket": lambda m: bucket(m)},
+    outputs=("out",),
+    alloc=alloc,
+))

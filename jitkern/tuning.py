@@ -1,0 +1,232 @@
+"""Persistent autotuning: benchmark an op's candidates once per (arch, op, dtype, shape bucket,
+compiler fingerprint), keep the winner, and put it first in the op's candidate order.
+
+Where winners come from, first match wins:
+
+1. **Records** written by a tuning run on this machine or fleet: one JSON file per key under
+   ``<cache layer>/v<N>/tuning/<arch>/<op>/<dtype>-<bucket>-<fingerprint>.json`` in any layer of
+   ``JITKERN_CACHE_DIR`` (so a container image can ship them in its read-only layer). A record is
+   used only if its compiler fingerprint (Triton version, code-generation environment, the op's
+   template text) matches the running one: a new toolchain retunes instead of trusting old timings.
+2. **Shipped tables** in the package, ``jitkern/tuned/<arch>.json``: winners measured on real
+   hardware (sm_90: an H100, ``tools/tune_gemm.py``) or reasoned defaults (gfx942/gfx950). They
+   are a preference, not a pin: the winner still passes the arch rules and the budget check.
+
+Tuning runs only when asked: ``JITKERN_AUTOTUNE=1`` (an op tunes a bucket on first use when it has
+no record), or ``jitkern tune --op NAME --shapes MxNxK,...``. One process tunes a key at a time
+(a file lock); the others wait and then read its record.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import BuildError, ConfigError, LaunchError, OverBudgetError
+from .logs import warn_once
+
+log = logging.getLogger("jitkern")
+
+RECORD_VERSION = 1
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+_memory_records: dict[tuple, dict] = {}  # when no cache layer is writable
+
+
+def autotune_enabled() -> bool:
+    raw = os.environ.get("JITKERN_AUTOTUNE", "").strip().lower()
+    if raw in ("", "0", "false", "off", "no"):
+        return False
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    raise ConfigError(f"JITKERN_AUTOTUNE={raw!r} is not allowed; use 1 to tune on first use or 0 (default) to "
+                      f"use recorded and shipped winners only")
+
+
+# ---- fingerprint ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _template_hash(op: str) -> str:
+    from . import registry
+
+    spec = registry.get(op)
+    h = hashlib.sha256()
+    for v in spec.variants:
+        path = Path(spec.template_dir) / v.template
+        h.update(v.name.encode() + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"")
+    return h.hexdigest()
+
+
+def fingerprint(arch: str, op: str) -> dict[str, Any]:
+    """What a tuning result depends on besides the shape: toolchain, codegen env, template text."""
+    from .key import FORMAT_VERSION, triton_fingerprint
+
+    return {"arch": arch, "op": op, "compiler": triton_fingerprint(), "template": _template_hash(op),
+            "format": FORMAT_VERSION, "record": RECORD_VERSION}
+
+
+def fingerprint_hash(arch: str, op: str) -> str:
+    blob = json.dumps(fingerprint(arch, op), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---- records -------------------------------------------------------------------------------------
+def _tuning_dirs() -> list[Path]:
+    from .cache import default_store
+
+    return [layer.root / "tuning" for layer in default_store().layers]
+
+
+def _record_name(dtype: str, bucket: str, fp: str) -> str:
+    return f"{dtype}-{bucket}-{fp}.json"
+
+
+def record_path(arch: str, op: str, dtype: str, bucket: str) -> Path | None:
+    """Where a new record for this key goes (first writable cache layer), or None."""
+    from .cache import default_store
+
+    layer = default_store().write_layer
+    if layer is None:
+        return None
+    return layer.root / "tuning" / arch / op / _record_name(dtype, bucket, fingerprint_hash(arch, op))
+
+
+def load_record(arch: str, op: str, dtype: str, bucket: str) -> dict | None:
+    """The tuning record for this key and the running toolchain, from any cache layer."""
+    fp = fingerprint_hash(arch, op)
+    mem = _memory_records.get((arch, op, dtype, bucket, fp))
+    if mem is not None:
+        return mem
+    for d in _tuning_dirs():
+        path = d / arch / op / _record_name(dtype, bucket, fp)
+        try:
+            rec = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            warn_once(("bad-tuning-record", str(path)), "jitkern: ignoring unreadable tuning record %s (%s)", path, e)
+            continue
+        if isinstance(rec, dict) and rec.get("fingerprint_hash") == fp and isinstance(rec.get("params"), dict):
+            return rec
+    return None
+
+
+def save_record(record: Mapping[str, Any]) -> Path | None:
+    """Write a record atomically (temp file + rename) into the first writable cache layer."""
+    key = (record["arch"], record["op"], record["dtype"], record["bucket"], record["fingerprint_hash"])
+    path = record_path(record["arch"], record["op"], record["dtype"], record["bucket"])
+    if path is None:
+        warn_once(("tuning-in-memory",), "jitkern: no writable cache layer; tuning results kept in memory only")
+        _memory_records[key] = dict(record)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_table(arch: str) -> dict:
+    """``jitkern/tuned/<arch>.json`` (empty if there is none)."""
+    path = TUNED_DIR / f"{arch}.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def shipped(arch: str, op: str, dtype: str, bucket: str) -> dict | None:
+    entry = shipped_table(arch).get("ops", {}).get(op, {}).get(dtype, {}).get(bucket)
+    return dict(entry["params"]) if entry else None
+
+
+def lookup(arch: str, op: str, dtype: str, bucket: str) -> dict | None:
+    """The preferred tile parameters for this key: a matching record, else the shipped table."""
+    rec = load_record(arch, op, dtype, bucket)
+    if rec is not None:
+        return dict(rec["params"])
+    return shipped(arch, op, dtype, bucket)
+
+
+# ---- tuning --------------------------------------------------------------------------------------
+def _bench(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of ``fn`` on the current GPU (Triton's benchmarking helper)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def tune(spec, arch, dtype: str, bucket: str, cfgs, run: Callable, info: Mapping[str, Any] | None = None,
+         bench: Callable[[Callable], float] = _bench) -> dict:
+    """Benchmark ``cfgs`` (Configs) with ``run(cfg) -> launch function`` and persist the winner.
+
+    Candidates over the budget or failing to build/load are recorded with the reason and skipped.
+    Returns the record.
+    """
+    results = []
+    for cfg in cfgs:
+        tile = {k: v for k, v in cfg.p.items() if k in spec.extra.get("tunables", {})}
+        try:
+            fn = run(cfg)
+            fn()  # compile/load and warm up outside the timing
+            ms = bench(fn)
+        except OverBudgetError as e:
+            results.append({"params": tile, "rejected": str(e)})
+            continue
+        except (BuildError, LaunchError) as e:
+            results.append({"params": tile, "failed": f"{type(e).__name__}: {e}"})
+            continue
+        results.append({"params": tile, "ms": round(ms, 6)})
+        log.debug("jitkern: tune %s %s %s %s: %.4f ms", spec.name, arch.name, bucket, tile, ms)
+    timed = [r for r in results if "ms" in r]
+    if not timed:
+        raise BuildError(f"tuning {spec.name} {dtype} {bucket} on {arch.name}: no candidate could run: {results}")
+    best = min(timed, key=lambda r: r["ms"])
+    record = {
+        "arch": arch.name, "op": spec.name, "dtype": dtype, "bucket": bucket,
+        "fingerprint": fingerprint(arch.name, spec.name), "fingerprint_hash": fingerprint_hash(arch.name, spec.name),
+        "params": best["params"], "ms": best["ms"], "results": results, "created": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": _device_name(), **dict(info or {}),
+    }
+    path = save_record(record)
+    log.info("jitkern: tuned %s %s %s on %s: %s (%.4f ms, %d candidates) -> %s", spec.name, dtype, bucket, arch.name,
+             best["params"], best["ms"], len(results), path or "memory")
+    return record
+
+
+def ensure_tuned(spec, arch, dtype: str, bucket: str, make_args: Callable[[], tuple]) -> dict:
+    """The record for this key, tuning first (once across processes, under a file lock) if there is
+    none. ``make_args() -> (cfgs, run, info)`` prepares the benchmark only when it is needed."""
+    rec = load_record(arch.name, spec.name, dtype, bucket)
+    if rec is not None:
+        return rec
+    path = record_path(arch.name, spec.name, dtype, bucket)
+    if path is None:
+        return tune(spec, arch, dtype, bucket, *make_args())
+    import filelock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path) + ".lock"):
+        rec = load_record(arch.name, spec.name, dtype, bucket)
+        if rec is None:
+            rec = tune(spec, arch, dtype, bucket, *make_args())
+    return rec
+
+
+def _device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # informational only
+        return "unknown"
+
+
+__all__ = ["autotune_enabled", "fingerprint", "fingerprint_hash", "load_record", "save_record", "shipped",
+           "shipped_table", "lookup", "tune", "ensure_tuned", "record_path"]
