@@ -91,7 +91,7 @@ def _failure_error(entry: Entry, fresh: bool) -> RecordedBuildFailure:
     when = "" if fresh else " (recorded earlier; not retried until the toolchain changes or " \
                            "'jitkern cache clear --failures')"
     e = RecordedBuildFailure(f"{m.get('op')}/{m.get('variant')} for {m.get('arch')}: {m.get('reason')}{when}",
-                             str(log_path), reason=m.get("reason"))
+                             str(log_path), reason=f"{m.get('reason')}{' (recorded earlier)' if not fresh else ''}")
     e.unavailable = bool(m.get("unavailable"))
     return e
 
@@ -286,6 +286,7 @@ class Route:
                 s.proven = s.kernel.key in _proven_keys
             if not s.proven:
                 backups = [(args[i], args[i].clone()) for i in self.inplace if args[i] is not None]
+                counters.bump("inplace_backups", len(backups))
                 try:
                     c.launch(s.kernel, *args)
                 except Exception as e:  # any failure of an unproven variant: restore, fall through

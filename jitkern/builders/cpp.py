@@ -216,7 +216,7 @@ class Toolchain:
             src = Path(d) / self.source_name
             out = Path(d) / self.binary_name
             src.write_text(job.source)
-            cmd = [comp, *self.flags(job.arch), *[f"-I{p}" for p in self.includes()], "-o", str(out), str(src)]
+            cmd = [comp, *self.flags(job.arch), *[f"-I{p}" for p in self.includes()], "-o", out.name, src.name]
             header = f"$ {shlex.join(cmd)}\n"
             counters.bump("compiler_runs")
             t0 = time.perf_counter()

@@ -133,8 +133,9 @@ def candidates(arch, dtype, cache_dtype, pos_dtype, head_dim, is_neox) -> list[f
 _routes = runtime.plan_cache()
 
 
-def qk_norm_rope(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads: int, num_kv_heads: int,
-                 head_dim: int, eps: float = 1e-6, is_neox: bool = True):
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 positions: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6,
+                 is_neox: bool = True) -> torch.Tensor:
     """RMSNorm each q and k head of packed ``qkv`` and rotate it by its token's position, in place.
 
     qkv: [tokens, (Hq + 2*Hkv) * head_dim], bf16/fp16/fp32, rows contiguous.
@@ -200,4 +201,6 @@ SPEC = registry.register(OpSpec(
     extra={"guards": {"hip": "plain torch.Tensor arguments only (no subclasses)",
                       "cuda": "plain torch.Tensor arguments only (no subclasses)"},
            "inplace": ("qkv",)},
+    mutates=("qkv",),
+    outputs=("qkv",),
 ))
