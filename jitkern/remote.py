@@ -187,7 +187,7 @@ class RedisRemote:
         self.enabled = True
         self.can_put = True
         self._client = None
-        self._rejected: set[str] = set()  # keys whose remote entry failed checks: overwrite when built
+        self._rejected: dict[str, str] = {}  # key -> SHA-256 of the remote blob that failed its checks
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -237,10 +237,10 @@ class RedisRemote:
                   "build leases (fetching goes on). Give the server more memory or an eviction policy",
                   redact(self.url), exc)
 
-    def _reject(self, key: str, exc: UntrustedEntryError) -> None:
+    def _reject(self, key: str, blob: bytes, exc: UntrustedEntryError) -> None:
         counters.bump("remote_rejected")
-        self._rejected.add(key)
-        warn_once(("remote-rejected", self.url, key),
+        self._rejected[key] = digest = hashlib.sha256(blob).hexdigest()
+        warn_once(("remote-rejected", self.url, key, digest),
                   "jitkern: rejected an entry from the remote cache: %s. It is not stored or loaded; the kernel "
                   "is built here and the remote entry replaced. If this repeats, check that every node uses the "
                   "same %s and who can write to %s", exc, ENV_SECRET, redact(self.url))
@@ -268,14 +268,16 @@ class RedisRemote:
             if count_miss:
                 counters.bump("remote_misses")
             return None
+        if key in self._rejected and self._rejected[key] == hashlib.sha256(blob).hexdigest():
+            return None  # the same bad entry again (polling during a lease wait): rejected already
         try:
             files = decode(key, blob, self.secret)
             entry = store_files(store, key, files)
         except UntrustedEntryError as e:
-            self._reject(key, e)
+            self._reject(key, blob, e)
             return None
         except CorruptEntryError as e:  # the local re-verification disagreed: treat like a bad remote entry
-            self._reject(key, UntrustedEntryError(str(e)))
+            self._reject(key, blob, UntrustedEntryError(str(e)))
             return None
         except OSError as e:  # the local cache cannot take it: build as if it were absent
             log.warning("jitkern: could not store remote entry %s locally: %s", key[:16], e)
@@ -314,7 +316,7 @@ class RedisRemote:
             return False
         if done:
             counters.bump("remote_puts")
-            self._rejected.discard(entry.key)
+            self._rejected.pop(entry.key, None)
         return done
 
     # -- build lease --
@@ -371,9 +373,10 @@ class RedisRemote:
 
 
 def _is_refused_write(exc: BaseException) -> bool:
-    text = str(exc)
-    return type(exc).__name__ in ("ResponseError", "ReadOnlyError", "OutOfMemoryError") and (
-        text.startswith(("OOM", "READONLY")) or "maxmemory" in text)
+    """A server that is full (``maxmemory`` with no eviction) or a read-only replica."""
+    name, text = type(exc).__name__, str(exc)
+    return name in ("OutOfMemoryError", "ReadOnlyError") or (
+        name == "ResponseError" and (text.startswith(("OOM", "READONLY")) or "maxmemory" in text))
 
 
 def _release(lease) -> None:
