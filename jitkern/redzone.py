@@ -120,13 +120,13 @@ class Session:
                 hits.append((g, *h))
         if hits:
             g, off, row = hits[0]
-            where = (f"{off} byte(s) past the end of row {row} (row is {g.row_bytes} bytes)" if row is not None
-                     else f"{off} byte(s) past the end of the buffer ({g.nbytes} bytes)" if off >= 0
-                     else f"{-off} byte(s) before the start of the buffer")
-            others = "".join(f"; also buffer {h[0].name!r}" for h in hits[1:])
+            where = (f"+{off} past the end of row {row} (rows are {g.row_bytes} bytes)" if row is not None
+                     else f"+{off} past the end of the buffer ({g.nbytes} bytes)" if off >= 0
+                     else f"{off}, before the start of the buffer")
+            others = "".join(f"; buffer {h[0].name!r} was hit too" for h in hits[1:])
             msg = (f"redzone: {self.op} ({variant or 'unknown variant'}) wrote outside buffer {g.name!r}: first "
-                   f"damaged byte at offset {off}, {where}{others}. A store in the kernel lacks a bounds mask or "
-                   f"the buffer contract is smaller than what the kernel writes.")
+                   f"damaged byte at offset {where}{others}. A store in the kernel lacks a bounds mask or the "
+                   f"buffer contract is smaller than what the kernel writes.")
             log.error("jitkern: %s", msg)
             raise RedzoneError(msg, op=self.op, variant=variant, buffer=g.name, offset=off, row=row)
         for _, t, body in self.shadows:

@@ -1,0 +1,141 @@
+"""paged_mqa_logits: the lightning-indexer logits of sparse attention (DeepSeek V3.2) over a paged cache.
+
+``q`` [batch, next_n, heads, head_dim]; ``kv_cache`` [num_blocks, page_size, head_dim] (one key
+vector per token, e.g. the indexer keys); ``weights`` [batch * next_n, heads] fp32;
+``context_lens`` [batch] int32; ``block_tables`` [batch, max_blocks] int32. Returns ``out``
+[batch * next_n, max_model_len] fp32 where row ``b * next_n + i``, position ``t`` is
+``sum_h weights[r, h] * relu(q[b, i, h] . k[t])`` for ``t < context_lens[b] - next_n + i + 1`` (the
+i-th of next_n speculative tokens sees one more position than the one before it) and ``-inf``
+elsewhere. Every element of ``out`` is written, none outside it: at ``context_len == max_model_len``
+the last tile of a row runs past the row end and its stores are masked (seed 001).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import checks, registry, runtime
+from ..contracts import Buffer, Contract
+from ..render import builtin_template_dir
+from ..spec import Arg, Config, OpSpec, Variant
+
+OP = "paged_mqa_logits"
+DTYPES = (torch.bfloat16, torch.float16)
+PAGE_SIZES = (16, 32, 64)
+HEADS = (16, 32, 64, 128)
+HEAD_DIMS = (64, 128)
+NEXT_N = (1, 2, 3, 4)
+BLOCK_T = {"cpu": 16}
+DEFAULT_BLOCK_T = 64
+#: Every store masked by ``t < max_model_len``. Only tests turn this off, to show that redzone mode
+#: catches the seed-001 bug.
+MASK_STORES = True
+
+#: Written once beside the template. The kernel takes the row stride, so redzone mode can guard rows.
+CONTRACT = Contract(OP, (
+    Buffer("out", lambda d: (d.rows, d.max_model_len), torch.float32, role="output", row_guard=True,
+           doc="logits, one row per (sequence, next_n) query"),
+))
+
+
+def reference(q, kv_cache, weights, context_lens, block_tables, max_model_len: int, out=None):
+    """Gather the pages, one batched matmul for all heads, ReLU, weighted head sum, causal mask."""
+    b, nn, h, d = q.shape
+    page = kv_cache.shape[1]
+    nblk = min(block_tables.shape[1], -(-max_model_len // page))
+    k = kv_cache[block_tables[:, :nblk].long()].reshape(b, nblk * page, d)[:, :max_model_len]
+    s = torch.matmul(q.reshape(b, nn * h, d), k.transpose(1, 2)).float().relu_()
+    logits = (s.view(b, nn, h, -1) * weights.view(b, nn, h, 1)).sum(2)
+    pos = torch.arange(logits.shape[-1], device=q.device)
+    limit = context_lens.view(b, 1, 1) - nn + 1 + torch.arange(nn, device=q.device).view(1, nn, 1)
+    logits = logits.masked_fill(pos.view(1, 1, -1) >= limit, float("-inf")).view(b * nn, -1)
+    y = out if out is not None else torch.empty(b * nn, max_model_len, dtype=torch.float32, device=q.device)
+    y[:, :logits.shape[-1]] = logits
+    y[:, logits.shape[-1]:] = float("-inf")
+    return y
+
+
+def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=True) -> Config:
+    return Config.make("triton", dtype=dtype, page_size=page_size, heads=heads, head_dim=head_dim, next_n=next_n,
+                       block_t=BLOCK_T.get(arch_name, DEFAULT_BLOCK_T), mask_stores=mask_stores, num_warps=4,
+                       num_stages=2)
+
+
+def configs(arch):
+    for dtype in ("bf16", "fp16"):
+        for page in PAGE_SIZES:
+            for heads in HEADS:
+                for d in HEAD_DIMS:
+                    for nn in NEXT_N:
+                        yield config(dtype, page, heads, d, nn, arch.name)
+
+
+_plans = runtime.plan_cache()
+
+
+def paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, max_model_len: int, out=None):
+    """Indexer logits into ``out`` [batch * next_n, max_model_len] fp32 (allocated if not given)."""
+    checks.tensor(OP, "q", q, dtypes=DTYPES, ndim=4)
+    checks.tensor(OP, "kv_cache", kv_cache, ndim=3, like=q)
+    checks.same_dtype(OP, "kv_cache", kv_cache, q, "q")
+    checks.tensor(OP, "weights", weights, dtypes=(torch.float32,), ndim=2, like=q)
+    checks.tensor(OP, "context_lens", context_lens, dtypes=(torch.int32,), ndim=1, like=q)
+    checks.tensor(OP, "block_tables", block_tables, dtypes=(torch.int32,), ndim=2, like=q)
+    b, nn, h, d = q.shape
+    page = kv_cache.shape[1]
+    for what, v, ok in (("next_n", nn, NEXT_N), ("heads", h, HEADS), ("head_dim", d, HEAD_DIMS),
+                        ("page size", page, PAGE_SIZES)):
+        if v not in ok and b:
+            raise checks.ShapeError(f"{OP}: {what} {v} is not supported; supported: {ok}")
+    if kv_cache.shape[2] != d:
+        raise checks.ShapeError(f"{OP}: kv_cache head_dim {kv_cache.shape[2]} != q head_dim {d}")
+    checks.shape(OP, "weights", weights, (b * nn, h))
+    checks.shape(OP, "context_lens", context_lens, (b,))
+    if block_tables.shape[0] != b:
+        raise checks.ShapeError(f"{OP}: block_tables has {block_tables.shape[0]} rows for a batch of {b}")
+    max_model_len = int(max_model_len)
+    if max_model_len > block_tables.shape[1] * page:
+        raise checks.ShapeError(f"{OP}: max_model_len {max_model_len} exceeds what block_tables can address "
+                                f"({block_tables.shape[1]} blocks x {page} tokens)")
+    for name, t in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("block_tables", block_tables)):
+        checks.unit_last_stride(OP, name, t)
+    bufs = CONTRACT.prepare(q.device, dict(rows=b * nn, max_model_len=max_model_len), out=out)
+    if b == 0 or max_model_len == 0:
+        return bufs.result("out")  # empty work: nothing to launch
+    o = bufs["out"]
+    for name, t in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("out", o)):
+        checks.aligned(OP, name, t)
+    select_arch, _ = runtime.arches_for(q.device)
+    sig = (q.dtype, q.device, page, h, d, nn, MASK_STORES)
+    k = _plans.get(sig)
+    if k is None:
+        cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, select_arch.name, MASK_STORES)
+        k = _plans[sig] = runtime.kernel(SPEC, cfg, q.device)
+    block_t = k.job.config.p["block_t"]
+    k[(b, -(-max_model_len // block_t))](q, kv_cache, weights, context_lens, block_tables, o,
+                                         q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0),
+                                         kv_cache.stride(1), weights.stride(0), block_tables.stride(0),
+                                         o.stride(0), max_model_len)
+    bufs.finish(k)
+    return bufs.result("out")
+
+
+SPEC = registry.register(OpSpec(
+    name=OP,
+    variants=(Variant(
+        name="triton",
+        template="triton.py.j2",
+        kernel="paged_mqa_logits_kernel",
+        args=(
+            Arg("q_ptr", "*{dtype}"), Arg("k_ptr", "*{dtype}"), Arg("w_ptr", "*fp32"), Arg("lens_ptr", "*i32"),
+            Arg("bt_ptr", "*i32"), Arg("out_ptr", "*fp32"), Arg("stride_qb", "i64"), Arg("stride_qn", "i64"),
+            Arg("stride_qh", "i64"), Arg("stride_kb", "i64"), Arg("stride_kt", "i64"), Arg("stride_w", "i64"),
+            Arg("stride_bt", "i64"), Arg("stride_out", "i64"), Arg("max_model_len", "i32"),
+        ),
+    ),),
+    template_dir=builtin_template_dir() / OP,
+    fn=paged_mqa_logits,
+    reference=reference,
+    configs=configs,
+    doc=__doc__,
+    extra={"contract": CONTRACT},
+))
