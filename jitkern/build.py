@@ -32,7 +32,9 @@ class Job:
         return f"{self.spec.name}/{self.config.describe()} for {self.arch.name}"
 
 
-def plan(spec: OpSpec, config: Config, arch: Arch) -> Job:
+def plan(spec: OpSpec, config: Config, arch: Arch, source: str | None = None) -> Job:
+    """Render and key ``config`` for ``arch``. ``source``: the rendered source, already known (from
+    ``jitkern.plan_index``), so the template is not rendered; the key is computed from it as usual."""
     variant = spec.variant(config.variant)
     params = config.p
     context = {
@@ -41,7 +43,8 @@ def plan(spec: OpSpec, config: Config, arch: Arch) -> Job:
         "vendor": arch.vendor,
         "warp_size": arch.warp_size,
     }
-    source = render(spec.template_dir, variant.template, context)
+    if source is None:
+        source = render(spec.template_dir, variant.template, context)
     signature = {a.name: a.resolve(params) for a in variant.args}
     builder = builders.get(variant.kind)
     parts = (

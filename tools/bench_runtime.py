@@ -1,0 +1,321 @@
+"""Runtime benchmark for jitkern's fast path (issue 6), with Triton's own anchors measured in the same run.
+
+    python tools/bench_runtime.py [--runs 3] [--json-out FILE]
+
+Needs a CUDA GPU (run it on the H100 through the device tool, from the repo root with PYTHONPATH=$PWD).
+Prints one JSON object (also written to --json-out) and a table of the floors:
+
+1. warm start: a fresh process gets the first results of 16 matmul tile variants (the kernel and tiles of
+   ../shared/tools/triton_baseline.py) from a warm jitkern cache, against the same 16 through Triton's JIT
+   with Triton's own warm cache. Both clocks start after ``import torch, triton`` and ``torch.cuda.init()``
+   and stop after the results are on the host (allocation, reference matmul, launches, synchronize: the
+   same work in both). Triton's cache is warmed first (one cold process), then jitkern's (one cold process,
+   sharing TRITON_CACHE_DIR, where Triton keeps the gcc-built C launcher stub and its cuda_utils module).
+   Also reported: jitkern warm with an EMPTY Triton cache dir, which pays gcc for those two stubs.
+2. dispatch: steady-state CPU time per call (wall clock of 20000 asynchronous calls, best of 5, as
+   triton_baseline.py) of ``jitkern.ops.rms_norm`` on a tiny bf16 input with ``out=``, against the Triton
+   JIT launch of the very same kernel (imported from jitkern's cache entry), Triton's CompiledKernel called
+   directly, and ``torch.add(out=)``.
+3. import: ``import jitkern`` in a fresh interpreter (best of 5), and whether it imported torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TILES = [(bm, bn, bk) for bm in (32, 64, 128) for bn in (32, 64, 128) for bk in (32, 64)][:16]
+MNK = 512
+
+
+# ---------------------------------------------------------------------------------------------------
+# children (each runs in a fresh process)
+# ---------------------------------------------------------------------------------------------------
+def _matmul_spec():
+    import torch
+
+    from jitkern.spec import Arg, Config, OpSpec, Variant
+
+    def configs(arch):
+        for bm, bn, bk in TILES:
+            yield Config.make("triton", bm=bm, bn=bn, bk=bk, num_warps=4)
+
+    ints = [Arg(n, "i32") for n in ("M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "scn")]
+    return OpSpec(
+        name="bench_matmul",
+        variants=(Variant(name="triton", template="triton.py.j2", kernel="matmul_kernel",
+                          args=(Arg("a", "*bf16"), Arg("b", "*bf16"), Arg("c", "*bf16"), *ints)),),
+        template_dir=HERE / "templates" / "bench_matmul",
+        fn=lambda *a: None,
+        reference=lambda a, b: (a.float() @ b.float()).to(torch.bfloat16),
+        configs=configs,
+    )
+
+
+def child_warmstart(which: str) -> dict:
+    t0 = time.perf_counter()
+    import torch
+    import triton
+    import triton.language as tl
+
+    t_import = time.perf_counter() - t0
+    torch.cuda.init()
+    M = N = K = MNK
+    if which == "triton":
+        @triton.jit
+        def matmul(a, b, c, M, N, K, sam, sak, sbk, sbn, scm, scn,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+            pid = tl.program_id(0)
+            npn = tl.cdiv(N, BN)
+            pm = pid // npn
+            pn = pid % npn
+            rm = pm * BM + tl.arange(0, BM)
+            rn = pn * BN + tl.arange(0, BN)
+            rk = tl.arange(0, BK)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BK)):
+                ak = k * BK + rk
+                x = tl.load(a + rm[:, None] * sam + ak[None, :] * sak,
+                            mask=(rm[:, None] < M) & (ak[None, :] < K), other=0.)
+                y = tl.load(b + ak[:, None] * sbk + rn[None, :] * sbn,
+                            mask=(ak[:, None] < K) & (rn[None, :] < N), other=0.)
+                acc += tl.dot(x, y)
+            tl.store(c + rm[:, None] * scm + rn[None, :] * scn, acc.to(tl.bfloat16),
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+        t = time.perf_counter()
+        a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+        c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        ref = a.float() @ b.float()
+        for bm, bn, bk in TILES:
+            grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+            matmul[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                         c.stride(0), c.stride(1), BM=bm, BN=bn, BK=bk)
+        torch.cuda.synchronize()
+        err = (c.float() - ref).abs().max().item()
+        dt = time.perf_counter() - t
+        return {"seconds": dt, "import_s": t_import, "max_err": err}
+
+    import jitkern
+    from jitkern import runtime
+    from jitkern.spec import Config
+
+    t_import = time.perf_counter() - t0
+    spec = _matmul_spec()
+    t = time.perf_counter()
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    ref = a.float() @ b.float()
+    dev = a.device
+    for bm, bn, bk in TILES:
+        k = runtime.kernel(spec, Config.make("triton", bm=bm, bn=bn, bk=bk, num_warps=4), dev)
+        k.run(triton.cdiv(M, bm) * triton.cdiv(N, bn), 1, 1, a, b, c, M, N, K, a.stride(0), a.stride(1),
+              b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    torch.cuda.synchronize()
+    err = (c.float() - ref).abs().max().item()
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "import_s": t_import, "max_err": err, "stats": jitkern.stats()}
+
+
+def _best_per_call(fn, iters=20000, reps=5) -> float:
+    import torch
+
+    for _ in range(500):
+        fn()
+    torch.cuda.synchronize()
+    best = 1e9
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        dt = (time.perf_counter() - t) / iters
+        torch.cuda.synchronize()
+        best = min(best, dt)
+    return best * 1e6
+
+
+def child_dispatch() -> dict:
+    import torch
+    import triton
+    import triton.language as tl
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    import jitkern
+    from jitkern import runtime
+    from jitkern.builders.triton import SOURCE_FILE, import_source
+    from jitkern.library import rms_norm as rn
+
+    @triton.jit
+    def add(x, y, out, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(out + offs, tl.load(x + offs, mask=m) + tl.load(y + offs, mask=m), mask=m)
+
+    rows, n = 4, 256
+    x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    o = torch.empty_like(x)
+    f = jitkern.ops.rms_norm
+    f(x, w, out=o)
+    torch.testing.assert_close(o, rn.reference(x, w), atol=2e-2, rtol=2e-2)
+    # the very kernel jitkern launched, through Triton's JIT
+    block, single = rn.block_for(n)
+    cfg = rn.config("bf16", False, True, block, single)
+    k = runtime.kernel(rn.SPEC, cfg, x.device)
+    jit_fn = getattr(import_source(k.entry.file(SOURCE_FILE), "bench_rms_norm_jit"), rn.SPEC.variants[0].kernel)
+    nw = cfg.p["num_warps"]
+    ck = jit_fn[(rows,)](x, w, x, o, n, n, 0, n, 1e-6, num_warps=nw)
+    xs = torch.randn(rows * n, device="cuda", dtype=torch.bfloat16)
+    ys, outs = torch.randn_like(xs), torch.empty_like(xs)
+    ack = add[(1,)](xs, ys, outs, rows * n, BLOCK=1024)
+    torch.cuda.synchronize()
+    cases = [
+        ("jitkern_rms_norm_out", lambda: f(x, w, out=o)),
+        ("jitkern_rms_norm_residual_out", lambda: f(x, w, residual=r, out=o)),
+        ("jitkern_rms_norm_alloc", lambda: f(x, w)),
+        ("torch_ops_jitkern_rms_norm_out", lambda: torch.ops.jitkern.rms_norm(x, w, 1e-6, None, o)),
+        ("triton_jit_rms_norm", lambda: jit_fn[(rows,)](x, w, x, o, n, n, 0, n, 1e-6, num_warps=nw)),
+        ("triton_compiled_kernel_rms_norm", lambda: ck[(rows, 1, 1)](x, w, x, o, n, n, 0, n, 1e-6)),
+        ("torch_add_out", lambda: torch.add(xs, ys, out=outs)),
+        ("triton_jit_add_4args", lambda: add[(1,)](xs, ys, outs, rows * n, BLOCK=1024)),
+        ("triton_compiled_kernel_add", lambda: ack[(1, 1, 1)](xs, ys, outs, rows * n, 1024)),
+    ]
+    res = {name + "_us": round(_best_per_call(fn), 3) for name, fn in cases}
+    torch.cuda.synchronize()
+    torch.testing.assert_close(o, rn.reference(x, w), atol=2e-2, rtol=2e-2)
+    res["input"] = f"x[{rows},{n}] bf16, weight[{n}], out= given"
+    return res
+
+
+def child_import() -> dict:
+    t = time.perf_counter()
+    import jitkern  # noqa: F401
+
+    dt = time.perf_counter() - t
+    return {"import_jitkern_s": dt, "torch_imported": "torch" in sys.modules, "triton_imported": "triton" in sys.modules}
+
+
+CHILDREN = {"warm-triton": lambda: child_warmstart("triton"), "warm-jitkern": lambda: child_warmstart("jitkern"),
+            "dispatch": child_dispatch, "import": child_import}
+
+
+# ---------------------------------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------------------------------
+def _child(mode: str, env_extra: dict, timeout=600) -> dict:
+    env = {**os.environ, **env_extra}
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    r = subprocess.run([sys.executable, __file__, "--child", mode], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"child {mode} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_all(runs: int) -> dict:
+    import torch
+    import triton
+
+    out = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "python": sys.version.split()[0],
+           "torch": torch.__version__, "triton": triton.__version__,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": runs}
+    with tempfile.TemporaryDirectory(prefix="bench-runtime-") as d:
+        d = Path(d)
+        tc, jc, tc_empty = d / "triton-cache", d / "jitkern-cache", d / "triton-cache-empty-{}"
+        env = {"TRITON_CACHE_DIR": str(tc), "JITKERN_CACHE_DIR": str(jc)}
+        out["triton_cold"] = _child("warm-triton", env)
+        out["triton_warm"] = [_child("warm-triton", env) for _ in range(runs)]
+        out["jitkern_cold"] = _child("warm-jitkern", env)
+        out["jitkern_warm"] = [_child("warm-jitkern", env) for _ in range(runs)]
+        out["jitkern_warm_empty_triton_cache"] = [
+            _child("warm-jitkern", {**env, "TRITON_CACHE_DIR": str(tc_empty).format(i)}) for i in range(runs)]
+        out["dispatch"] = _child("dispatch", {**env})
+    out["import"] = [_child("import", {}) for _ in range(5)]
+    return out
+
+
+def summarize(res: dict) -> dict:
+    tw = [r["seconds"] for r in res["triton_warm"]]
+    jw = [r["seconds"] for r in res["jitkern_warm"]]
+    je = [r["seconds"] for r in res["jitkern_warm_empty_triton_cache"]]
+    d = res["dispatch"]
+    imp = [r["import_jitkern_s"] for r in res["import"]]
+    s = {
+        "warm_triton_s_median": statistics.median(tw),
+        "warm_jitkern_s_median": statistics.median(jw),
+        "warm_ratio_jitkern_over_triton": statistics.median(jw) / statistics.median(tw),
+        "warm_jitkern_empty_triton_cache_s_median": statistics.median(je),
+        "warm_jitkern_compiles": [r["stats"]["compiles"] for r in res["jitkern_warm"]],
+        "dispatch_ratio_vs_triton_jit": d["jitkern_rms_norm_out_us"] / d["triton_jit_rms_norm_us"],
+        "dispatch_ratio_vs_torch_add_out": d["jitkern_rms_norm_out_us"] / d["torch_add_out_us"],
+        "import_jitkern_ms_best": min(imp) * 1e3,
+        "import_jitkern_ms_median": statistics.median(imp) * 1e3,
+        "import_pulls_torch": any(r["torch_imported"] for r in res["import"]),
+    }
+    s["floors"] = {
+        "warm_start_le_0.1": s["warm_ratio_jitkern_over_triton"] <= 0.1,
+        "dispatch_le_0.5_triton_jit": s["dispatch_ratio_vs_triton_jit"] <= 0.5,
+        "dispatch_le_1.2_torch_add_out": s["dispatch_ratio_vs_torch_add_out"] <= 1.2,
+        "import_le_50ms_no_torch": s["import_jitkern_ms_median"] <= 50 and not s["import_pulls_torch"],
+    }
+    return s
+
+
+def table(res: dict, s: dict) -> str:
+    d = res["dispatch"]
+    rows = [
+        ("warm start, 16 matmul variants (median of %d fresh processes)" % res["runs"], "", ""),
+        ("  Triton JIT, Triton cache warm", f"{s['warm_triton_s_median'] * 1e3:9.1f} ms", "anchor"),
+        ("  jitkern, jitkern cache warm", f"{s['warm_jitkern_s_median'] * 1e3:9.1f} ms",
+         f"{s['warm_ratio_jitkern_over_triton']:.3f}x  (floor <= 0.1)"),
+        ("  jitkern, empty Triton cache (gcc builds 2 stubs)", f"{s['warm_jitkern_empty_triton_cache_s_median'] * 1e3:9.1f} ms",
+         f"{s['warm_jitkern_empty_triton_cache_s_median'] / s['warm_triton_s_median']:.3f}x"),
+        ("  Triton cold / jitkern cold", f"{res['triton_cold']['seconds']:.2f} s / {res['jitkern_cold']['seconds']:.2f} s", ""),
+        ("dispatch, CPU us per call, " + d["input"], "", ""),
+        *[(f"  {k[:-3]}", f"{v:9.2f} us", "") for k, v in d.items() if k.endswith("_us")],
+        ("  jitkern / Triton JIT (same kernel)", "", f"{s['dispatch_ratio_vs_triton_jit']:.3f}x  (floor <= 0.5)"),
+        ("  jitkern / torch.add(out=)", "", f"{s['dispatch_ratio_vs_torch_add_out']:.3f}x  (floor <= 1.2)"),
+        ("import jitkern (best / median of 5)", f"{s['import_jitkern_ms_best']:.1f} / {s['import_jitkern_ms_median']:.1f} ms",
+         f"torch imported: {s['import_pulls_torch']}  (floor <= 50 ms, no torch)"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{res['gpu']}, torch {res['torch']}, triton {res['triton']}, python {res['python']}, {res['date_utc']} UTC"]
+    lines += [f"{a:<{w}}  {b:>18}  {c}" for a, b, c in rows]
+    lines.append("floors: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in s["floors"].items()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per warm-start measurement")
+    ap.add_argument("--json-out", type=Path)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(CHILDREN[a.child](), default=str))
+        return 0
+    res = run_all(a.runs)
+    res["summary"] = summarize(res)
+    text = json.dumps(res, indent=1, default=str)
+    print(text)
+    if a.json_out:
+        a.json_out.write_text(text)
+    print()
+    print(table(res, res["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
