@@ -81,11 +81,12 @@ def config(dtype: str, b_trans: bool, aligned: bool, tile: dict) -> Config:
                        **{k: tile[k] for k in TILE_PARAMS})
 
 
-def candidates(arch, dtype: str, bucket_name: str) -> list[dict]:
-    """Tile candidates for ``arch`` (name or Arch) in order: tuned winner first, then the bucket's
-    list; pins and ``JITKERN_GEMM_*`` overrides applied, rule breakers dropped."""
+def candidates(arch, dtype: str, bucket_name: str, tuned: bool = True) -> list[dict]:
+    """Tile candidates for ``arch`` (name or Arch) in order: tuned winner first (unless ``tuned`` is
+    False), then the bucket's list; pins and ``JITKERN_GEMM_*`` overrides applied, rule breakers
+    dropped."""
     name = getattr(arch, "name", arch)
-    tuned = tuning.lookup(name, OP, dtype, bucket_name)
+    tuned = tuning.lookup(name, OP, dtype, bucket_name) if tuned else None
     listed = ([tuned] if tuned else []) + [dict(t, dtype=dtype) for t in CANDIDATES[bucket_name]]
     found = constraints.apply(name, OP, [dict(t, dtype=dtype) for t in listed], TUNABLES)
     return [{k: t[k] for k in TILE_PARAMS} for t in found]
@@ -95,7 +96,7 @@ def tile_aligned(tile: dict, n: int, k: int, strides=()) -> bool:
     return k % tile["block_k"] == 0 and n % 16 == 0 and k % 16 == 0 and all(s % 16 == 0 for s in strides)
 
 
-def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, strides=None):
+def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, strides=None, tuned: bool = True):
     """The config ``gemm`` uses on ``arch`` for this shape: the first candidate that passes the rules
     and whose compiled artifact fits the arch's budget. Compiles (or loads) candidates for ``arch``,
     so it works offline for any arch. Returns ``(Config, rejected)`` with ``rejected`` a list of
@@ -104,7 +105,7 @@ def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, s
 
     strides = (k, n if not b_trans else k, n) if strides is None else strides
     rejected = []
-    for tile in candidates(arch, dtype, bucket(m)):
+    for tile in candidates(arch, dtype, bucket(m), tuned):
         cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
         if arch.backend is None:
             return cfg, rejected

@@ -1,0 +1,146 @@
+"""gemm: numerics against PyTorch (Triton's interpreter on CPU tensors), input validation, and the
+per-arch choice of tile with real cross-compiles for gfx942 / gfx950 / sm_90 and the resource check.
+"""
+import logging
+
+import pytest
+import torch
+
+import jitkern
+from jitkern import arch, budget, counters
+from jitkern.build import get_entry, plan
+from jitkern.errors import DTypeError, LayoutError, OverBudgetError, ShapeError
+from jitkern.library import gemm
+
+from conftest import requires_gpu
+
+
+def _check(c, a, b):
+    ref = a.float() @ b.float()
+    tol = 2e-2 * max(1.0, ref.abs().max().item())  # output rounding to 16 bits; fp32 accumulation
+    assert c.dtype == a.dtype and c.shape == ref.shape
+    assert (c.float() - ref).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 37, 19), (33, 65, 70), (16, 64, 64), (100, 48, 128), (130, 17, 64)])
+def test_numerics_row_major_b(m, n, k, dtype):
+    torch.manual_seed(m * 1000 + n + k)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    _check(jitkern.ops.gemm(a, b), a, b)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (17, 33, 80), (64, 128, 48)])
+def test_numerics_transposed_weight(m, n, k):
+    """x @ w.t() with a row-major weight w [N, K]: B has unit stride along K."""
+    a, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    _check(jitkern.ops.gemm(a, w.t()), a, w.t())
+
+
+def test_out_argument_and_strided_rows():
+    a_big = torch.randn(24, 96, dtype=torch.float16)
+    a = a_big[:, :80]  # row stride 96, not contiguous
+    b = torch.randn(80, 40, dtype=torch.float16)
+    out_big = torch.full((24, 48), 7.0, dtype=torch.float16)
+    out = out_big[:, :40]
+    r = jitkern.ops.gemm(a, b, out=out)
+    assert r.data_ptr() == out.data_ptr()
+    _check(out, a, b)
+    assert (out_big[:, 40:] == 7.0).all()  # masked store: nothing written past N
+
+
+def test_empty_and_zero_k():
+    a, b = torch.randn(0, 8, dtype=torch.bfloat16), torch.randn(8, 5, dtype=torch.bfloat16)
+    assert jitkern.ops.gemm(a, b).shape == (0, 5)
+    a, b = torch.randn(3, 0, dtype=torch.bfloat16), torch.randn(0, 5, dtype=torch.bfloat16)
+    out = torch.full((3, 5), 1.0, dtype=torch.bfloat16)
+    assert (jitkern.ops.gemm(a, b, out=out) == 0).all()
+    assert counters.snapshot()["compiles"] == 0
+
+
+def test_input_errors():
+    a, b = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, 5, dtype=torch.bfloat16)
+    with pytest.raises(DTypeError, match="a has dtype float32; expected one of: bfloat16, float16"):
+        jitkern.ops.gemm(a.float(), b)
+    with pytest.raises(DTypeError, match="b has dtype float16 but a has bfloat16"):
+        jitkern.ops.gemm(a, b.half())
+    with pytest.raises(ShapeError, match=r"b must have 8 rows"):
+        jitkern.ops.gemm(a, torch.randn(7, 5, dtype=torch.bfloat16))
+    with pytest.raises(ShapeError, match="must have 2 dimension"):
+        jitkern.ops.gemm(a[None], b)
+    with pytest.raises(ShapeError, match=r"out has shape \(4, 6\); expected \(4, 5\)"):
+        jitkern.ops.gemm(a, b, out=torch.empty(4, 6, dtype=torch.bfloat16))
+    with pytest.raises(LayoutError, match="a must be contiguous in its last dimension"):
+        jitkern.ops.gemm(torch.randn(8, 4, dtype=torch.bfloat16).t(), b)
+    with pytest.raises(LayoutError, match="b must have unit stride along N"):
+        jitkern.ops.gemm(a, torch.randn(16, 10, dtype=torch.bfloat16)[::2, ::2])
+
+
+# ---- arch selection with real cross-compiles ---------------------------------------------------
+def test_choice_differs_across_arches_by_budget(caplog, monkeypatch):
+    """M=128 bucket: the first candidate fits sm_90's 227 KiB only, the second gfx950's 160 KiB,
+    the third gfx942's 64 KiB. Real compiles decide, and rejections are remembered."""
+    monkeypatch.delenv("JITKERN_ARCH", raising=False)
+    caplog.set_level(logging.WARNING, logger="jitkern")
+    m, n, k = 128, 256, 256
+    chosen = {}
+    for name in ("sm_90", "gfx950", "gfx942"):
+        a = arch.get(name)
+        cfg, rejected = gemm.choose(a, "bf16", m, n, k, tuned=False)
+        chosen[name] = cfg
+        entry, _ = get_entry(plan(gemm.SPEC, cfg, a))
+        res = entry.meta["resources"]
+        assert entry.meta["status"] == budget.OK
+        assert 0 < res["shared_bytes"] <= a.shared_mem_per_block == res["budget_bytes"]
+        assert res["regs"] and res["regs"] <= res["regs_limit"]  # read from the cubin / hsaco
+        for r in rejected:
+            assert r["shared_bytes"] > a.shared_mem_per_block == r["budget_bytes"]
+            assert r["arch"] == name
+        # each arch skips exactly the candidates before its choice, all for their bytes
+        order = gemm.candidates(name, "bf16", "m128", tuned=False)
+        assert len(rejected) == order.index({p: cfg.p[p] for p in gemm.TILE_PARAMS})
+    assert len({c for c in chosen.values()}) == 3, chosen
+    assert [len(gemm.choose(arch.get(n_), "bf16", m, n, k, tuned=False)[1]) for n_ in ("sm_90", "gfx950", "gfx942")] \
+        == [0, 1, 2]
+    # one warning line per (op, arch) naming config, bytes and budget
+    lines = [r.getMessage() for r in caplog.records if "over the budget" in r.getMessage()]
+    assert len(lines) == 2 and any("gfx942" in ln and "budget 65536 B (64 KiB)" in ln for ln in lines)
+    assert any("for gfx950" in ln and "block_m=64" in ln and "num_stages=7" in ln for ln in lines)
+    # a rejected config is remembered: asking again compiles nothing
+    before = counters.snapshot()["compiles"]
+    with pytest.raises(OverBudgetError) as e:
+        get_entry(plan(gemm.SPEC, gemm.config("bf16", False, True, gemm.CANDIDATES["m128"][0]), arch.get("gfx942")))
+    assert e.value.figures["shared_bytes"] > 65536 and e.value.figures["budget_bytes"] == 65536
+    status = budget.status(plan(gemm.SPEC, gemm.config("bf16", False, True, gemm.CANDIDATES["m128"][0]),
+                                arch.get("gfx950")))
+    assert status["status"] == "rejected_over_budget" and status["budget_bytes"] == 160 * 1024
+    assert counters.snapshot()["compiles"] == before
+
+    # The runtime path: CPU tensors with JITKERN_ARCH=gfx942 run the configuration gfx942 would
+    # use (chosen through the same checks, from the cache), interpreted.
+    monkeypatch.setenv("JITKERN_ARCH", "gfx942")
+    want, _ = gemm.choose(arch.get("gfx942"), "bf16", m, n, k)
+    a_, b_ = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+    _check(jitkern.ops.gemm(a_, b_), a_, b_)
+    (used, _), = [v for v in gemm._plans.values()]
+    assert {p: used.p[p] for p in gemm.TILE_PARAMS} == {p: want.p[p] for p in gemm.TILE_PARAMS}
+
+
+def test_register_budget_verdict():
+    sm90, gfx942 = arch.get("sm_90"), arch.get("gfx942")
+    assert budget.register_limit(sm90, 8) == 255 and budget.register_limit(sm90, 16) == 128
+    assert budget.register_limit(gfx942, 4) == 512 and budget.register_limit(gfx942, 8) == 256
+    v = budget.assess(sm90, {"shared_bytes": 1024, "regs": 200, "spills": 0}, num_warps=16)
+    assert v["status"] == budget.REJECTED and "200 registers per thread, 16 warps allow 128" in v["reason"]
+    v = budget.assess(gfx942, {"shared_bytes": 65536, "regs": 256, "spills": 4}, num_warps=8)
+    assert v["status"] == budget.OK and v["resources"]["spills"] == 4
+
+
+@requires_gpu
+def test_gpu_numerics_large():
+    torch.manual_seed(0)
+    for m in (1, 16, 64, 128, 4096):
+        a = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        _check(jitkern.ops.gemm(a, b), a, b)
+        _check(jitkern.ops.gemm(a, b.t()), a, b.t())
