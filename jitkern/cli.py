@@ -7,6 +7,7 @@ Subcommands::
     jitkern list [--json]
     jitkern doctor [--json]
     jitkern cache stats|verify|prune --max-size SIZE|clear [--failures]|export FILE|import FILE
+    jitkern tune --op NAME --shapes MxNxK,... [--dtype bf16|fp16] [--b-trans] [--force] [--json]
     jitkern cache push|pull [--remote redis://host:port/db]
 
 Exit status: 0 success; 1 something failed (a build, a damaged cache entry); 2 bad arguments
@@ -306,8 +307,31 @@ def _run_cache(args) -> int:
     return cachectl.main(args)
 
 
+# ---- tune --------------------------------------------------------------------------------------
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="benchmark an op's tile candidates on this GPU and keep the winners",
+                       description="Time every candidate that passes the arch rules and budget for each shape "
+                                   "bucket, and persist the winner per (arch, op, dtype, bucket, compiler "
+                                   "fingerprint) in the cache; later processes use it without retuning.")
+    p.add_argument("--op", required=True, metavar="NAME", help="op to tune, e.g. gemm")
+    p.add_argument("--shapes", required=True, metavar="LIST",
+                   help="comma-separated shapes, sizes joined by 'x' (gemm: MxNxK), e.g. 4096x4096x4096,16x4096x4096")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="input dtype (default: bf16)")
+    p.add_argument("--b-trans", action="store_true", help="gemm: B is a transposed row-major [N, K] weight")
+    p.add_argument("--force", action="store_true", help="retune buckets that already have a record")
+    _cache_dir_option(p)
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args) -> int:
+    from . import tuning
+
+    return tuning.main(args)
+
+
 #: Subcommand registrars, in the order ``jitkern --help`` lists them.
-SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_list, _add_doctor, _add_cache]
+SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_list, _add_doctor, _add_cache, _add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:

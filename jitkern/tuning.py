@@ -219,6 +219,81 @@ def ensure_tuned(spec, arch, dtype: str, bucket: str, make_args: Callable[[], tu
     return rec
 
 
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"4096x4096x4096,16x4096x4096"`` -> [(4096, 4096, 4096), (16, 4096, 4096)]."""
+    shapes = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            dims = tuple(int(x) for x in part.lower().split("x"))
+        except ValueError:
+            dims = ()
+        if not dims or any(d < 1 for d in dims):
+            raise ConfigError(f"cannot read shape {part!r} in {text!r}; write sizes joined by 'x', shapes "
+                              f"separated by commas, e.g. 4096x4096x4096,16x4096x4096 (M x N x K for gemm)")
+        shapes.append(dims)
+    if not shapes:
+        raise ConfigError(f"no shape in {text!r}; e.g. --shapes 4096x4096x4096,16x4096x4096")
+    return shapes
+
+
+def tune_op(op: str, shapes, dtype: str = "bf16", *, b_trans: bool = False, force: bool = False,
+            device=None) -> list[dict]:
+    """Tune ``op`` on this GPU for ``shapes`` (grouped by the op's shape buckets; the shapes of one
+    bucket are timed together) and persist one record per bucket. Buckets that already have a
+    record for this toolchain are kept unless ``force``. Returns the records, in bucket order."""
+    import torch
+
+    from . import registry, runtime
+    from .errors import NoDeviceError
+
+    spec = registry.get(op)
+    bucket_of, make = spec.extra.get("bucket"), spec.extra.get("tune_args")
+    if bucket_of is None or make is None:
+        raise ConfigError(f"op {op!r} cannot be tuned: its spec declares no 'bucket' and 'tune_args' in extra")
+    if device is None:
+        if not torch.cuda.is_available():
+            raise NoDeviceError("tuning measures kernels on a GPU and none was found; run `jitkern tune` on the "
+                                "machine whose arch you are tuning")
+        device = torch.device("cuda", torch.cuda.current_device())
+    _, arch = runtime.arches_for(device)
+    groups: dict[str, list] = {}
+    for shape in shapes:
+        groups.setdefault(bucket_of(shape[0]), []).append(tuple(shape))
+    records = []
+    for b, group in groups.items():
+        if force:
+            records.append(tune(spec, arch, dtype, b, *make(dtype, group, b_trans, device)))
+        else:
+            records.append(ensure_tuned(spec, arch, dtype, b, lambda: make(dtype, group, b_trans, device)))
+    return records
+
+
+def table_entry(record: Mapping[str, Any]) -> dict:
+    """What a shipped table keeps of a record (``jitkern/tuned/<arch>.json``)."""
+    return {"params": dict(record["params"]), "ms": record.get("ms"), "shapes": record.get("shapes"),
+            "device": record.get("device"), "triton": record.get("fingerprint", {}).get("compiler", {}).get("triton"),
+            "tuned": record.get("created")}
+
+
+def main(args) -> int:
+    """``jitkern tune`` (see ``jitkern.cli``): tune, then print one line (or JSON record) per bucket."""
+    if getattr(args, "cache_dir", None):
+        os.environ["JITKERN_CACHE_DIR"] = args.cache_dir
+    records = tune_op(args.op, parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans, force=args.force)
+    if args.json:
+        print(json.dumps(records, indent=1, sort_keys=True))
+        return 0
+    from .cli import print_table
+
+    rows = [[r["bucket"], " ".join(f"{k}={v}" for k, v in sorted(r["params"].items())), f"{r['ms']:.4f}",
+             sum("ms" in x for x in r["results"]), sum("rejected" in x for x in r["results"]), r.get("created", "")]
+            for r in records]
+    print_table(rows, ["bucket", "winner", "ms", "timed", "over budget", "tuned"])
+    return 0
+
+
 def _device_name() -> str:
     try:
         import torch
@@ -228,5 +303,5 @@ def _device_name() -> str:
         return "unknown"
 
 
-__all__ = ["autotune_enabled", "fingerprint", "fingerprint_hash", "load_record", "save_record", "shipped",
+__all__ = ["parse_shapes", "tune_op", "table_entry", "autotune_enabled", "fingerprint", "fingerprint_hash", "load_record", "save_record", "shipped",
            "shipped_table", "lookup", "tune", "ensure_tuned", "record_path"]

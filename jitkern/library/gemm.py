@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import checks, constraints, registry, runtime, tuning
-from ..errors import OverBudgetError, ShapeError
+from ..errors import ConfigError, OverBudgetError, ShapeError
 from ..render import builtin_template_dir
 from ..spec import Arg, Config, OpSpec, Variant
 
@@ -153,7 +153,7 @@ def _select(dtype: str, device, m: int, n: int, k: int, b_trans: bool, strides):
     select_arch, build_arch = runtime.arches_for(device)
     b_name = bucket(m)
     if tuning.autotune_enabled() and build_arch.backend is not None:
-        tuning.ensure_tuned(SPEC, build_arch, dtype, b_name, lambda: tune_args(dtype, m, n, k, b_trans, device))
+        tuning.ensure_tuned(SPEC, build_arch, dtype, b_name, lambda: tune_args(dtype, [(m, n, k)], b_trans, device))
     if select_arch is not build_arch and select_arch.backend is not None:
         cfg, _ = choose(select_arch, dtype, m, n, k, b_trans, strides=strides)  # as it would run there
         tile = {p: cfg.p[p] for p in TILE_PARAMS}
@@ -166,26 +166,43 @@ def _select(dtype: str, device, m: int, n: int, k: int, b_trans: bool, strides):
     raise OverBudgetError(f"{OP}: no {dtype} candidate for M bucket {b_name} fits the budget of {build_arch.name}")
 
 
-def tune_args(dtype: str, m: int, n: int, k: int, b_trans: bool, device):
-    """What ``jitkern.tuning`` needs to benchmark gemm candidates at one shape: (candidates as
-    Configs, a function that launches one kernel)."""
+def tune_args(dtype: str, shapes, b_trans: bool, device):
+    """What ``jitkern.tuning`` needs to benchmark gemm candidates on ``shapes`` [(M, N, K), ...] of
+    one bucket: (candidate Configs, ``run(cfg) -> function launching every shape once``, info)."""
+    shapes = [tuple(int(x) for x in s) for s in shapes]
+    if any(len(s) != 3 for s in shapes):
+        raise ConfigError(f"{OP}: tune shapes are MxNxK (three sizes), got {shapes}")
+    buckets = {bucket(s[0]) for s in shapes}
+    if len(buckets) != 1:
+        raise ShapeError(f"{OP}: tune shapes of one M bucket at a time; got buckets {sorted(buckets)}")
     tdt = checks.TORCH_DTYPE[dtype]
-    a = torch.randn(m, k, device=device, dtype=tdt)
-    b = torch.randn(n, k, device=device, dtype=tdt).t() if b_trans else torch.randn(k, n, device=device, dtype=tdt)
-    c = torch.empty(m, n, device=device, dtype=tdt)
-    strides = (a.stride(0), b.stride(1) if b_trans else b.stride(0), c.stride(0))
+    tensors = []
+    for m, n, k in shapes:
+        a = torch.randn(m, k, device=device, dtype=tdt)
+        b = torch.randn(n, k, device=device, dtype=tdt).t() if b_trans else torch.randn(k, n, device=device, dtype=tdt)
+        c = torch.empty(m, n, device=device, dtype=tdt)
+        tensors.append((a, b, c, (a.stride(0), b.stride(1) if b_trans else b.stride(0), c.stride(0))))
     _, build_arch = runtime.arches_for(device)
-    cfgs = [config(dtype, b_trans, tile_aligned(t, n, k, strides), t)
-            for t in candidates(build_arch, dtype, bucket(m))]
-    # untuned candidates only: the tuned winner must earn its place again
-    cfgs = [c_ for i, c_ in enumerate(cfgs) if c_ not in cfgs[:i]]
+    m0, n0, k0 = shapes[0]
+    cfgs = []
+    for t in candidates(build_arch, dtype, bucket(m0)):
+        cfg = config(dtype, b_trans, tile_aligned(t, n0, k0, tensors[0][3]), t)
+        if cfg not in cfgs:
+            cfgs.append(cfg)
 
     def run(cfg):
-        kern = runtime.kernel(SPEC, cfg, device)
-        grid = (_grid(cfg.p, m, n),)
-        return lambda: kern[grid](a, b, c, m, n, k, *strides)
+        tile = {p: cfg.p[p] for p in TILE_PARAMS}
+        launches = []
+        for (m, n, k), (a, b, c, strides) in zip(shapes, tensors):
+            kern = runtime.kernel(SPEC, config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile), device)
+            launches.append((kern[(_grid(tile, m, n),)], (a, b, c, m, n, k, *strides)))
 
-    return cfgs, run, {"shape": [m, n, k], "b_trans": b_trans}
+        def launch_all():
+            for fn, args in launches:
+                fn(*args)
+        return launch_all
+
+    return cfgs, run, {"shapes": [list(s) for s in shapes], "b_trans": b_trans}
 
 
 def _grid(p, m, n) -> int:
@@ -262,8 +279,7 @@ SPEC = registry.register(OpSpec(
     reference=reference,
     configs=configs,
     doc=__doc__,
-    extra={"tunables": TUNABLES, "buckets": BUCKETS, "tune_args": lambda dtype, m, n, k, b_trans, device:
-           tune_args(dtype, m, n, k, b_trans, device), "bucket": lambda m: bucket(m)},
+    extra={"tunables": TUNABLES, "buckets": BUCKETS, "tune_args": tune_args, "bucket": bucket},
     outputs=("out",),
     alloc=alloc,
 ))
