@@ -158,6 +158,8 @@ def describe_ops() -> list[dict]:
                 for k, v in c.params:
                     vp.setdefault(k, set()).add(v)
         doc = (spec.doc or "").strip().splitlines()
+        if doc and doc[0].startswith(f"{name}:"):
+            doc[0] = doc[0][len(name) + 1:].strip()
         out.append({
             "op": name,
             "summary": doc[0] if doc else "",

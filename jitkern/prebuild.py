@@ -19,9 +19,12 @@ How it runs:
    published by an atomic rename, so an interrupted build leaves no partial entry: the key is
    simply absent and the next run builds it.
 
-Statuses in the report: ``built``, ``cached``, ``failed`` (a build error, or a recorded failure
-entry), ``rejected_over_budget`` (the artifact needs more shared memory / LDS than the arch gives a
-block; recorded so it is not rebuilt).
+Statuses in the report: ``built``, ``cached``, ``rejected_over_budget`` (the artifact needs more
+shared memory / LDS or registers than the arch gives a block: compiled once, recorded, never
+launched; see ``jitkern.budget``), ``unavailable`` (the variant's toolchain is missing on this
+machine, e.g. no hipcc/CK on a CPU build box: the runtime falls back to the next variant; reported
+loudly, but not an error), ``failed`` (a build error; recorded in the cache like a lazy build's, see
+``jitkern.fallback``). Only ``failed`` makes the exit status non-zero (unless ``--keep-going``).
 """
 from __future__ import annotations
 
@@ -37,10 +40,11 @@ from typing import Any, Iterable
 from . import arch as _arch
 from . import registry
 from .cache import Store, configured_layers
-from .errors import BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, UnknownOpError
+from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
+                     UnavailableError, UnknownOpError)
 from .logs import log
 
-STATUSES = ("built", "cached", "rejected_over_budget", "failed")
+STATUSES = ("built", "cached", "rejected_over_budget", "unavailable", "failed")
 #: Entry-meta statuses that record a negative result instead of an artifact (written by the build path).
 _META_STATUS = {"failed": "failed", "rejected_over_budget": "rejected_over_budget"}
 
@@ -108,12 +112,17 @@ def _record(task: Task, status: str, **extra) -> dict[str, Any]:
 def _from_entry(task: Task, entry, status: str, seconds: float | None = None) -> dict[str, Any]:
     meta = entry.meta or {}
     recorded = _META_STATUS.get(str(meta.get("status", "")))
-    error = meta.get("error")
-    if recorded == "failed" and status == "cached":
-        error = error or "a failed build is recorded for this key (clear it with 'jitkern cache clear --failures')"
-    return _record(task, recorded or status, shared_bytes=meta.get("shared_bytes"),
+    if recorded == "failed" and meta.get("unavailable"):
+        recorded = "unavailable"
+    error = meta.get("reason") or meta.get("error")
+    if recorded in ("failed", "unavailable"):
+        error = f"{error or 'build failed'} (recorded; 'jitkern cache clear --failures' retries it)"
+    res = meta.get("resources") or {}
+    log_path = str(entry.file(meta["log"])) if meta.get("log") else None
+    return _record(task, recorded or status, shared_bytes=res.get("shared_bytes", meta.get("shared_bytes")),
+                   regs=res.get("regs"), spills=res.get("spills"),
                    seconds=meta.get("build_seconds", seconds) if status == "built" else None,
-                   error=error if recorded else None, log_path=meta.get("log_path"))
+                   error=error if recorded else None, log_path=log_path)
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -152,8 +161,16 @@ def build_task(task: Task) -> dict[str, Any]:
         if job.key != task.key:
             raise BuildError(f"{task.describe()} plans to key {job.key[:16]} in the worker but {task.key[:16]} in "
                              "the parent: something outside the key (environment, installed packages) differs")
-        entry, status = get_entry(job, default_store())
+        entry, status = get_entry(job, default_store(), record_failures=True)
         return _from_entry(task, entry, status, time.perf_counter() - t0)
+    except OverBudgetError as e:  # compiled, over the arch's budget: recorded, never launched
+        f = e.figures
+        return _record(task, "rejected_over_budget", shared_bytes=f.get("shared_bytes"), regs=f.get("regs"),
+                       spills=f.get("spills"), error=str(e), seconds=round(time.perf_counter() - t0, 3))
+    except BuildError as e:
+        unavailable = isinstance(e, UnavailableError) or getattr(e, "unavailable", False)
+        return _record(task, "unavailable" if unavailable else "failed", error=str(e),
+                       seconds=round(time.perf_counter() - t0, 3), log_path=getattr(e, "log_path", None))
     except JitkernError as e:
         return _record(task, "failed", error=str(e), seconds=round(time.perf_counter() - t0, 3),
                        log_path=getattr(e, "log_path", None))
@@ -221,10 +238,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def print_summary(summary: dict[str, dict[str, Any]], file=None) -> None:
     from .cli import print_table
 
-    rows = [[a, s["built"], s["cached"], s["rejected_over_budget"], s["failed"], s["total"],
+    rows = [[a, s["built"], s["cached"], s["rejected_over_budget"], s["unavailable"], s["failed"], s["total"],
              f"{s['seconds_per_built']:.2f}" if s["seconds_per_built"] is not None else "-"]
             for a, s in summary.items()]
-    print_table(rows, ["arch", "built", "cached", "rejected", "failed", "total", "s/built"], file=file)
+    print_table(rows, ["arch", "built", "cached", "rejected", "unavailable", "failed", "total", "s/built"],
+                file=file)
 
 
 def _sweep_tmp(store: Store, pids: set[int]) -> int:
@@ -331,6 +349,15 @@ def main(args) -> int:
     else:
         print(f"jitkern prebuild: {built} built, {len(records) - built - failed} already cached or recorded, "
               f"{failed} failed in {seconds:.1f} s")
+    unavailable: dict[tuple, int] = {}
+    for r in records:
+        if r["status"] == "unavailable":
+            why = (r["error"] or "").splitlines()[0] if r["error"] else ""
+            k = (r["op"], r["variant"], r["arch"], why)
+            unavailable[k] = unavailable.get(k, 0) + 1
+    for (op, variant, a, why), n in sorted(unavailable.items()):
+        print(f"jitkern prebuild: {n} {op}/{variant} artifacts for {a} are unavailable on this machine (the runtime "
+              f"falls back to the next variant): {why}", file=sys.stderr)
     if failed:
         first = next(r for r in records if r["status"] == "failed")
         print(f"jitkern prebuild: {failed} artifacts failed; first: {first['op']}/{first['variant']} for "
