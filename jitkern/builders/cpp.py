@@ -98,7 +98,8 @@ def find_nvcc() -> str | None:
             p = v if env == "JITKERN_NVCC" else os.path.join(v, "bin", "nvcc")
             if os.access(p, os.X_OK):
                 return p
-    return shutil.which("nvcc")
+    p = shutil.which("nvcc")
+    return p or ("/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None)
 
 
 def find_hipcc() -> str | None:

@@ -1,0 +1,137 @@
+"""GPU check of qk_norm_rope: every variant that builds on this machine against the PyTorch reference
+and against each other, with timings.
+
+Run on a GPU machine from the repo root::
+
+    PYTHONPATH=$PWD python tools/check_qk_norm_rope_gpu.py --out qk_norm_rope_gpu.json
+
+Size (issue 2): 4096 tokens, 32 q heads, 8 kv heads, head dim 128, bf16, fp32 cos/sin table, both rope
+styles. For each variant: cold build (or cache load) time, max abs error against the reference and
+against the Triton variant, kernel time (``triton.testing.do_bench``: median over repeats, L2 flushed
+between runs) and the effective bandwidth (bytes of q and k read and written once). The anchor is the
+eager PyTorch reference, timed the same way in the same run; ratios are reference time / variant time.
+The op itself (``jitkern.ops.qk_norm_rope``, routing included) is timed as launched back to back.
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--out", default="qk_norm_rope_gpu.json")
+    ap.add_argument("--cache-dir", default=None, help="JITKERN_CACHE_DIR (default: a fresh temporary dir)")
+    args = ap.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["JITKERN_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="jitkern-qnr-")
+
+    import torch
+    import triton
+    from triton.testing import do_bench
+
+    import jitkern
+    from jitkern import arch, counters, fallback
+    from jitkern.errors import BuildError
+    from jitkern.library import qk_norm_rope as qnr
+
+    if not torch.cuda.is_available():
+        print("no GPU", file=sys.stderr)
+        return 2
+    a = arch.current()
+    t, hq, hkv, d = args.tokens, args.hq, args.hkv, args.head_dim
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    qkv0 = torch.randn(t, (hq + 2 * hkv) * d, device=dev, generator=g).to(torch.bfloat16)
+    qw = (1 + 0.5 * torch.randn(d, device=dev, generator=g)).to(torch.bfloat16)
+    kw = (1 + 0.5 * torch.randn(d, device=dev, generator=g)).to(torch.bfloat16)
+    cs = qnr.cos_sin_table(8192, d, device=dev)
+    pos = torch.randint(0, 8192, (t,), device=dev, generator=g)
+    moved = 2 * t * (hq + hkv) * d * qkv0.element_size()  # q and k heads read and written once
+
+    report = {"device": torch.cuda.get_device_name(), "arch": a.name, "torch": torch.__version__,
+              "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "shape": {"tokens": t, "hq": hq, "hkv": hkv, "head_dim": d, "dtype": "bf16", "cache": "fp32"},
+              "results": []}
+    ok = True
+    for is_neox in (True, False):
+        style = "neox" if is_neox else "gptj"
+        want = qnr.reference(qkv0.clone(), qw, kw, cs, pos, hq, hkv, d, 1e-6, is_neox)
+        ref_ms = do_bench(lambda: qnr.reference(qkv0.clone(), qw, kw, cs, pos, hq, hkv, d, 1e-6, is_neox))
+        clone_ms = do_bench(lambda: qkv0.clone())
+        anchor_ms = ref_ms - clone_ms  # the reference works out of place on a copy; don't charge the copy
+        report["results"].append({"style": style, "variant": "torch reference (anchor)", "ms": round(anchor_ms, 5),
+                                  "gbps": round(moved / anchor_ms / 1e6, 1)})
+        outs = {}
+        for cand in qnr.candidates(a, "bf16", "fp32", "i64", d, is_neox):
+            row = {"style": style, "variant": cand.variant}
+            t0 = time.perf_counter()
+            try:
+                k = fallback.obtain(qnr.SPEC, cand.config, qkv0.device)
+            except BuildError as e:
+                row.update(status="unavailable", reason=str(e))
+                report["results"].append(row)
+                continue
+            row["build_or_load_s"] = round(time.perf_counter() - t0, 3)
+            x = qkv0.clone()
+            cand.launch(k, x, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6)
+            torch.cuda.synchronize()
+            outs[cand.variant] = x
+            err = (x.float() - want.float()).abs().max().item()
+            row["max_abs_err_vs_reference"] = err
+            row["matches_reference"] = bool(torch.allclose(x.float(), want.float(), atol=2e-2, rtol=2e-2))
+            ok &= row["matches_reference"]
+            y = qkv0.clone()
+            ms = do_bench(lambda: cand.launch(k, y, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6))
+            row.update(ms=round(ms, 5), gbps=round(moved / ms / 1e6, 1), speedup_vs_anchor=round(anchor_ms / ms, 2))
+            report["results"].append(row)
+        if "triton" in outs:
+            for name, x in outs.items():
+                if name != "triton":
+                    diff = (x.float() - outs["triton"].float()).abs().max().item()
+                    report["results"].append({"style": style, "variant": f"{name} vs triton", "max_abs_diff": diff})
+        # the op as users call it: route (first working variant), back to back launches
+        y = qkv0.clone()
+        op = jitkern.ops.qk_norm_rope
+        for _ in range(10):
+            op(y, qw, kw, cs, pos, hq, hkv, d, 1e-6, is_neox)
+        torch.cuda.synchronize()
+        n = 200
+        t0 = time.perf_counter()
+        for _ in range(n):
+            op(y, qw, kw, cs, pos, hq, hkv, d, 1e-6, is_neox)
+        torch.cuda.synchronize()
+        per = (time.perf_counter() - t0) / n * 1e3
+        report["results"].append({"style": style, "variant": "jitkern.ops.qk_norm_rope (routed)",
+                                  "ms_back_to_back": round(per, 5),
+                                  "routed_to": qnr._routes[(torch.bfloat16, torch.float32, torch.int64, d, is_neox,
+                                                             y.device)].active})
+    report["counters"] = counters.snapshot()
+    report["all_match"] = ok
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"{report['device']} ({a.name}), torch {report['torch']}, triton {report['triton']}, {report['date']}")
+    print(f"{'style':6} {'variant':38} {'ms':>9} {'GB/s':>7} {'x anchor':>8} {'max err':>9}  note")
+    for r in report["results"]:
+        ms = r.get("ms", r.get("ms_back_to_back", ""))
+        err = r.get("max_abs_err_vs_reference", r.get("max_abs_diff", ""))
+        note = r.get("status", "") or (f"routed to {r['routed_to']}" if "routed_to" in r else "")
+        if "build_or_load_s" in r:
+            note = f"build/load {r['build_or_load_s']} s"
+        print(f"{r['style']:6} {r['variant']:38} {ms!s:>9} {r.get('gbps', '')!s:>7} "
+              f"{r.get('speedup_vs_anchor', '')!s:>8} {err!s:>9}  {note} {r.get('reason', '')}")
+    print("all variants match the reference:", ok)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
