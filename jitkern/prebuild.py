@@ -13,7 +13,9 @@ How it runs:
    plain data (op name, the module that declares it, variant, parameters, arch name, cache layers),
    plans the job again, checks that it arrives at the same key, and builds it through
    ``jitkern.build.get_entry``: the same per-key lock, atomic publish and budget checks as a lazy
-   compile. Workers run without ``TRITON_INTERPRET`` (Triton cannot generate GPU code with it on).
+   compile. Workers run without ``TRITON_INTERPRET`` (Triton cannot generate GPU code with it on),
+   and, unless ``TRITON_CACHE_DIR`` is set, with a private Triton cache removed at the end: the
+   jitkern entry is the artifact, a second copy in ``~/.triton`` would only bloat an image.
 3. Ctrl-C (SIGINT) reaches only this process's handler (workers ignore SIGINT): the pool is
    terminated, and any temporary directory a killed worker was writing is removed. Entries are
    published by an atomic rename, so an interrupted build leaves no partial entry: the key is
@@ -126,11 +128,13 @@ def _from_entry(task: Task, entry, status: str, seconds: float | None = None) ->
 
 
 # ---- worker side -------------------------------------------------------------------------------
-def _worker_init(layers: str, level: int) -> None:
+def _worker_init(layers: str, level: int, triton_cache: str | None = None) -> None:
     # Ctrl-C goes to the whole foreground process group; only the parent decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported in this process
     os.environ["JITKERN_CACHE_DIR"] = layers
+    if triton_cache:  # jitkern's entry is the artifact: don't leave a second copy in Triton's own cache
+        os.environ["TRITON_CACHE_DIR"] = triton_cache
     import logging
 
     logging.getLogger("jitkern").setLevel(level)
@@ -280,11 +284,18 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     import logging
     import multiprocessing
 
+    import shutil
+    import tempfile
+
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending)))
     layers_env = layers_env or os.pathsep.join(str(layer.base) for layer in store.layers)
+    triton_cache = None
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        triton_cache = tempfile.mkdtemp(prefix="triton-cache-", dir=store.write_layer.root / "tmp")
     bar = _Progress(len(pending), progress)
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(jobs, initializer=_worker_init, initargs=(layers_env, logging.getLogger("jitkern").level))
+    pool = ctx.Pool(jobs, initializer=_worker_init,
+                    initargs=(layers_env, logging.getLogger("jitkern").level, triton_cache))
     interrupted = False
     try:
         for rec in pool.imap_unordered(build_task, pending, chunksize=1):
@@ -301,6 +312,8 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     finally:
         bar.close()
         pool.join()
+        if triton_cache:
+            shutil.rmtree(triton_cache, ignore_errors=True)
     return records, interrupted
 
 
