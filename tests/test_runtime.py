@@ -1,0 +1,161 @@
+"""The runtime fast path on the CPU: import cost, lazy lookup, per-signature plans that keep validation
+on, empty grids, and the plan index that lets a warm process skip Jinja (real subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import jitkern
+from jitkern import plan_index, runtime
+from jitkern.arch import ARCHES
+from jitkern.errors import DTypeError, LayoutError, ShapeError
+from jitkern.library import rms_norm as rn
+from jitkern.spec import OpSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_py(code: str, env_extra: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JITKERN_", "TRITON_INTERPRET"))}
+    env.update(env_extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+# ---- import and lookup cost ------------------------------------------------------------------------
+def test_import_jitkern_is_cheap_and_imports_no_torch(tmp_path):
+    code = ("import sys, time, json\nt = time.perf_counter()\nimport jitkern\ndt = time.perf_counter() - t\n"
+            "print(json.dumps({'s': dt, 'mods': sorted(m for m in ('torch', 'triton', 'jinja2', 'filelock') "
+            "if m in sys.modules)}))")
+    runs = []
+    for _ in range(3):
+        r = run_py(code, {"JITKERN_CACHE_DIR": str(tmp_path / "never")})
+        assert r.returncode == 0, r.stderr
+        runs.append(json.loads(r.stdout))
+    assert all(x["mods"] == [] for x in runs), runs
+    assert min(x["s"] for x in runs) < 0.050, runs
+    assert not (tmp_path / "never").exists()
+
+
+def test_op_lookup_compiles_nothing_and_touches_no_disk(tmp_path):
+    cache = tmp_path / "cache"
+    code = ("import jitkern, jitkern.ops, json\nf = jitkern.ops.rms_norm\nimport torch\n"
+            "print(json.dumps({'stats': jitkern.stats(), 'name': f.__name__, "
+            "'registered': hasattr(torch.ops.jitkern, 'rms_norm')}))")
+    r = run_py(code, {"JITKERN_CACHE_DIR": str(cache), "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["stats"]["compiles"] == 0 and out["stats"]["disk_hits"] == 0
+    assert out["name"] == "rms_norm" and out["registered"]
+    assert not cache.exists()
+
+
+# ---- per-signature plans ---------------------------------------------------------------------------
+def test_plan_is_made_once_per_signature_and_results_match_reference():
+    norm = jitkern.ops.rms_norm
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 96, generator=g)
+    w = torch.randn(96, generator=g)
+    plans = rn._plans
+    plans.clear()
+    for _ in range(3):
+        torch.testing.assert_close(norm(x, w), rn.reference(x, w), atol=1e-5, rtol=1e-5)
+    assert len(plans) == 1
+    # a new signature (row stride 128, 3-D, residual): a new plan each, and still right
+    wide = torch.randn(5, 128, generator=g)[:, :96]
+    torch.testing.assert_close(norm(wide, w), rn.reference(wide, w), atol=1e-5, rtol=1e-5)
+    x3 = torch.randn(2, 3, 96, generator=g)
+    r3 = torch.randn(2, 3, 96, generator=g)
+    r3_ref = r3.clone()
+    torch.testing.assert_close(norm(x3, w, residual=r3), rn.reference(x3, w, residual=r3_ref), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r3, r3_ref)
+    assert len(plans) == 3
+
+
+def test_validation_stays_on_for_a_planned_signature():
+    norm = jitkern.ops.rms_norm
+    base = torch.randn(4 * 64 + 4)
+    w = torch.randn(64)
+    norm(base[:256].view(4, 64), w)
+    with pytest.raises(LayoutError, match="aligned"):  # same shape, strides and dtype; 4 bytes off
+        norm(base[1:257].view(4, 64), w)
+    with pytest.raises(DTypeError):
+        norm(base[:256].view(4, 64).double(), w)
+    with pytest.raises(ShapeError):
+        norm(base[:256].view(4, 64), torch.randn(32))
+    with pytest.raises(DTypeError, match="torch.Tensor"):
+        norm([1.0, 2.0], w)
+
+
+def test_empty_input_and_zero_grid_launch_nothing(cache_dir):
+    norm = jitkern.ops.rms_norm
+    x = torch.empty(0, 64)
+    out = norm(x, torch.randn(64))
+    assert out.shape == (0, 64)
+    assert jitkern.stats()["compiles"] == 0 and not any(cache_dir.rglob("entry.json"))
+    k = runtime.kernel(rn.SPEC, rn.config("fp32", False, True, 256, True), torch.device("cpu"))
+    k.run(0, 1, 1, "not", "even", "arguments")  # a zero grid is a no-op, never a launch
+    assert k[(0,)]("anything") is None
+
+
+# ---- plan index: warm processes skip Jinja -------------------------------------------------------------
+WARM = ("import sys, json, torch, jitkern, jitkern.ops\n"
+        "x = torch.arange(192, dtype=torch.float32).view(3, 64) / 100; w = torch.ones(64)\n"
+        "y = jitkern.ops.rms_norm(x, w)\n"
+        "torch.testing.assert_close(y, jitkern.get_op('rms_norm').reference(x, w))\n"
+        "print(json.dumps({'stats': jitkern.stats(), 'jinja2': 'jinja2' in sys.modules}))")
+
+
+def test_warm_process_loads_from_cache_without_rendering(cache_dir):
+    env = {"JITKERN_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1"}
+    cold = run_py(WARM, env)
+    assert cold.returncode == 0, cold.stderr
+    cold = json.loads(cold.stdout)
+    assert cold["stats"]["compiles"] == 1 and cold["jinja2"]
+    assert len(list(cache_dir.rglob("index/*/*.json"))) == 1
+    warm = run_py(WARM, env)
+    assert warm.returncode == 0, warm.stderr
+    warm = json.loads(warm.stdout)
+    assert warm["stats"]["compiles"] == 0 and warm["stats"]["disk_hits"] == 1
+    assert not warm["jinja2"]
+
+
+def _copied_spec(tmp_path) -> OpSpec:
+    tdir = tmp_path / "templates"
+    shutil.copytree(rn.SPEC.template_dir, tdir)
+    return OpSpec(**{**{f: getattr(rn.SPEC, f) for f in rn.SPEC.__dataclass_fields__}, "template_dir": tdir})
+
+
+def test_index_follows_template_changes_and_ignores_bad_records(tmp_path, monkeypatch):
+    spec = _copied_spec(tmp_path)
+    cfg = rn.config("fp32", False, True, 256, True)
+    cpu = ARCHES["cpu"]
+    first = plan_index.planned(spec, cfg, cpu)
+    assert plan_index.lookup(spec, cfg, cpu).key == first.key
+    # a record whose source does not give its key is ignored
+    rec = next(Path(os.environ["JITKERN_CACHE_DIR"]).rglob("index/*/*.json"))
+    data = json.loads(rec.read_text())
+    rec.write_text(json.dumps({"key": data["key"], "source": data["source"] + "\n# tampered\n"}))
+    assert plan_index.lookup(spec, cfg, cpu) is None
+    rec.write_text("{not json")
+    assert plan_index.lookup(spec, cfg, cpu) is None
+    assert plan_index.planned(spec, cfg, cpu).key == first.key  # re-rendered, re-recorded
+    assert plan_index.lookup(spec, cfg, cpu).key == first.key
+    # editing the template changes what rendering gives: the old record no longer applies
+    t = spec.template_dir / "triton.py.j2"
+    t.write_text(t.read_text() + "\n# edited\n")
+    assert plan_index.lookup(spec, cfg, cpu) is None
+    changed = plan_index.planned(spec, cfg, cpu)
+    assert changed.key != first.key and changed.source.endswith("# edited\n")
+    # and a hit never renders
+    import jitkern.build as build
+
+    monkeypatch.setattr(build, "render", lambda *a, **k: pytest.fail("rendered despite an index hit"))
+    assert plan_index.planned(spec, cfg, cpu).key == changed.key
