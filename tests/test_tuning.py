@@ -1,0 +1,151 @@
+"""Persisted tuning records (jitkern.tuning): written once, used by a later process, keyed by the
+compiler fingerprint; shipped tables valid for their arch (real cross-compiles, budget-checked)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import jitkern
+from jitkern import arch, budget, constraints, tuning
+from jitkern.build import plan
+from jitkern.errors import ConfigError
+from jitkern.library import gemm
+
+from conftest import requires_gpu
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (40, 96, 64)  # bucket m64
+
+
+def _tune_on_cpu(winner_index):
+    """Tune the m64 bucket on CPU tensors (interpreter) with a stand-in timer that makes candidate
+    ``winner_index`` the fastest; everything else (candidates, launches, persistence) is real."""
+    cfgs, run, info = gemm.tune_args("bf16", [SHAPE], False, torch.device("cpu"))
+    target = cfgs[winner_index]
+    timed = []
+
+    def run_marked(cfg):
+        fn = run(cfg)
+        fn.cfg = cfg
+        return fn
+
+    def bench(fn):
+        fn()
+        timed.append(fn.cfg)
+        return 1.0 if fn.cfg == target else 2.0 + len(timed)
+
+    rec = tuning.tune(gemm.SPEC, arch.get("cpu"), "bf16", "m64", cfgs, run_marked, info, bench=bench)
+    return rec, target, cfgs, timed
+
+
+def test_record_written_and_used_by_a_second_process(cache_dir):
+    untuned = gemm.candidates("cpu", "bf16", "m64")
+    rec, target, cfgs, timed = _tune_on_cpu(winner_index=len(untuned) - 1)
+    assert timed == cfgs  # every candidate was launched and timed
+    tile = {p: target.p[p] for p in gemm.TILE_PARAMS}
+    assert rec["params"] == tile and rec["ms"] == 1.0 and rec["shapes"] == [list(SHAPE)]
+    path = tuning.record_path("cpu", "gemm", "bf16", "m64")
+    assert path.is_file() and str(path).startswith(str(cache_dir))
+    assert json.loads(path.read_text())["fingerprint_hash"] == tuning.fingerprint_hash("cpu", "gemm")
+    assert untuned[0] != tile  # the winner was not already first
+
+    script = textwrap.dedent(f"""
+        import json, torch, jitkern
+        from jitkern.library import gemm
+        a, b = torch.randn({SHAPE[0]}, {SHAPE[2]}, dtype=torch.bfloat16), torch.randn({SHAPE[2]}, {SHAPE[1]}, dtype=torch.bfloat16)
+        c = jitkern.ops.gemm(a, b)
+        err = (c.float() - a.float() @ b.float()).abs().max().item()
+        (cfg, _), = gemm._plans.values()
+        print(json.dumps({{"tile": {{p: cfg.p[p] for p in gemm.TILE_PARAMS}}, "err": err,
+                          "first": gemm.candidates("cpu", "bf16", "m64")[0]}}))
+    """)
+    env = {**os.environ, "JITKERN_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    env.pop("JITKERN_AUTOTUNE", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tile"] == tile and got["first"] == tile
+    assert got["err"] < 0.5
+
+
+def test_record_of_another_toolchain_is_not_used(monkeypatch):
+    rec, target, _, _ = _tune_on_cpu(winner_index=1)
+    assert tuning.lookup("cpu", "gemm", "bf16", "m64") == rec["params"]
+    monkeypatch.setenv("TRITON_JITKERN_TEST_CODEGEN_FLAG", "1")  # part of the compiler fingerprint
+    assert tuning.load_record("cpu", "gemm", "bf16", "m64") is None
+    assert tuning.lookup("cpu", "gemm", "bf16", "m64") is None
+    assert gemm.candidates("cpu", "bf16", "m64")[0] != rec["params"]
+
+
+def test_ensure_tuned_does_not_retune():
+    rec, _, _, _ = _tune_on_cpu(winner_index=1)
+
+    def must_not_run():
+        raise AssertionError("retuned although a record exists")
+
+    assert tuning.ensure_tuned(gemm.SPEC, arch.get("cpu"), "bf16", "m64", must_not_run)["params"] == rec["params"]
+
+
+def test_autotune_flag_and_shapes_parsing(monkeypatch):
+    monkeypatch.setenv("JITKERN_AUTOTUNE", "1")
+    assert tuning.autotune_enabled()
+    monkeypatch.setenv("JITKERN_AUTOTUNE", "sometimes")
+    with pytest.raises(ConfigError, match="JITKERN_AUTOTUNE='sometimes' is not allowed"):
+        tuning.autotune_enabled()
+    assert tuning.parse_shapes("4096x4096x4096, 16x4096x4096") == [(4096, 4096, 4096), (16, 4096, 4096)]
+    for bad in ("", "4096x", "0x4x4", "axb"):
+        with pytest.raises(ConfigError):
+            tuning.parse_shapes(bad)
+
+
+def test_cli_tune_without_gpu_is_a_clear_error(tmp_path):
+    env = {**os.environ, "JITKERN_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-m", "jitkern", "tune", "--op", "gemm", "--shapes", "64x64x64"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert out.returncode == 1 and "none was found" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "jitkern", "tune", "--op", "gemm", "--shapes", "64xx"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "cannot read shape" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["sm_90", "gfx942", "gfx950"])
+def test_shipped_table_fits_its_arch(name, monkeypatch):
+    """Every shipped winner passes the arch rules and, compiled for real, its budget."""
+    monkeypatch.delenv("JITKERN_ARCH", raising=False)
+    table = tuning.shipped_table(name)
+    assert table.get("arch") == name
+    entries = table["ops"]["gemm"]["bf16"]
+    assert set(entries) == {b for b, _ in gemm.BUCKETS}
+    a = arch.get(name)
+    for b, entry in entries.items():
+        tile = entry["params"]
+        assert set(tile) == set(gemm.TILE_PARAMS) and all(v in gemm.TUNABLES[k] for k, v in tile.items())
+        assert constraints.violations(name, "gemm", dict(tile, dtype="bf16")) == []
+        assert gemm.candidates(name, "bf16", b)[0] == tile  # shipped winners come first
+        if b in ("large", "m16"):  # two real compiles per arch keep this test short
+            st = budget.status(plan(gemm.SPEC, gemm.config("bf16", False, True, tile), a))
+            assert st["status"] in ("built", "cached"), st
+            assert st["shared_bytes"] <= a.shared_mem_per_block
+
+
+@requires_gpu
+def test_gpu_autotune_end_to_end(monkeypatch, cache_dir):
+    monkeypatch.setenv("JITKERN_AUTOTUNE", "1")
+    a = torch.randn(48, 1024, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    c = jitkern.ops.gemm(a, b)
+    torch.testing.assert_close(c.float(), a.float() @ b.float(), rtol=2e-2, atol=2e-1)
+    a_ = arch.current()
+    rec = tuning.load_record(a_.name, "gemm", "bf16", "m64")
+    assert rec is not None and any("ms" in r for r in rec["results"])
+    assert min(r["ms"] for r in rec["results"] if "ms" in r) == rec["ms"]
+    (cfg, _), = gemm._plans.values()
+    assert {p: cfg.p[p] for p in gemm.TILE_PARAMS} == rec["params"]
