@@ -251,9 +251,9 @@ class Route:
 
     @property
     def active(self) -> str | None:
-        """The variant an unguarded call would run now (None before the first call)."""
+        """The first variant that has run for this route and not failed (None before the first call)."""
         for s in self._slots:
-            if s.error is None and s.proven and s.cand.guard is None:
+            if s.error is None and s.proven:
                 return s.cand.variant
         return None
 
