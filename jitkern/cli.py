@@ -240,9 +240,15 @@ def _doctor_cache() -> tuple[str, list[tuple[str, str]]]:
     return "Cache layers (JITKERN_CACHE_DIR, first writable one receives new entries)", rows
 
 
+def _doctor_ops() -> tuple[str, list[tuple[str, str]]]:
+    from . import doctor
+
+    return doctor.section()
+
+
 #: ``jitkern doctor`` prints each of these sections; append yours.
 DOCTOR_SECTIONS: list[Callable[[], tuple[str, list[tuple[str, str]]]]] = [
-    _doctor_arch, _doctor_toolchains, _doctor_cache,
+    _doctor_arch, _doctor_toolchains, _doctor_cache, _doctor_ops,
 ]
 
 
