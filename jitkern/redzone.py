@@ -9,7 +9,10 @@ every band with the sentinel; a changed byte raises ``RedzoneError`` naming the 
 the buffer and the offset of the first damaged byte (past the end of the buffer, before its start,
 or past the end of a row).
 
-A store that writes exactly the sentinel byte pattern is not seen; any other value is.
+A store that writes exactly the sentinel byte pattern is not seen; any other value is. An overflow
+longer than the band runs past it into memory nobody owns (the band still reports it, if the process
+survives): ``JITKERN_REDZONE_BYTES`` widens the bands to hunt a large overflow (seed 004 wrote 16x
+its buffer).
 Off (the default) none of this runs: ``enabled()`` is one environment lookup per op call.
 JITKERN_DEBUG is a comma-separated list of debug switches; ``redzone`` is the one read here.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 
-from .errors import RedzoneError
+from .errors import ConfigError, RedzoneError
 from .logs import log
 
 #: Guard before and after every buffer (>= the 512 B overshoot of seed 001; keeps 256 B alignment).
@@ -31,6 +34,20 @@ SENTINEL = 0xA5
 def enabled() -> bool:
     v = os.environ.get("JITKERN_DEBUG")
     return bool(v) and "redzone" in (s.strip().lower() for s in v.split(","))
+
+
+def guard_bytes() -> int:
+    """Band size: ``JITKERN_REDZONE_BYTES`` (rounded up to 256) or ``GUARD_BYTES``."""
+    raw = os.environ.get("JITKERN_REDZONE_BYTES", "").strip()
+    if not raw:
+        return GUARD_BYTES
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError(f"JITKERN_REDZONE_BYTES={raw!r} is not a whole number of bytes") from None
+    if n <= 0:
+        raise ConfigError(f"JITKERN_REDZONE_BYTES={raw!r} must be positive")
+    return -(-n // 256) * 256
 
 
 def session(op: str) -> "Session":
@@ -50,6 +67,7 @@ class Session:
 
     def __init__(self, op: str):
         self.op = op
+        self.band = guard_bytes()
         self.guarded: list[_Guarded] = []
         self.shadows: list[tuple[str, object, object]] = []  # (name, caller's tensor, guarded copy)
 
@@ -65,8 +83,8 @@ class Session:
                 pad += 1
             pitch = (cols + pad) * el
             nbytes = rows * pitch
-            base = torch.full((GUARD_BYTES * 2 + nbytes,), SENTINEL, dtype=torch.uint8, device=device)
-            grid = base[GUARD_BYTES:GUARD_BYTES + nbytes].view(dtype).view(rows, cols + pad)
+            base = torch.full((self.band * 2 + nbytes,), SENTINEL, dtype=torch.uint8, device=device)
+            grid = base[self.band:self.band + nbytes].view(dtype).view(rows, cols + pad)
             body = grid[:, :cols]
             if b.init == "zero":
                 body.zero_()
@@ -74,8 +92,8 @@ class Session:
             g = _Guarded(b.name, base, body, nbytes, rows, cols * el, pitch)
         else:
             nbytes = math.prod(shape) * el
-            base = torch.full((GUARD_BYTES * 2 + nbytes,), SENTINEL, dtype=torch.uint8, device=device)
-            body = base[GUARD_BYTES:GUARD_BYTES + nbytes].view(dtype).view(shape)
+            base = torch.full((self.band * 2 + nbytes,), SENTINEL, dtype=torch.uint8, device=device)
+            body = base[self.band:self.band + nbytes].view(dtype).view(shape)
             if b.init == "zero":
                 body.zero_()
             g = _Guarded(b.name, base, body, nbytes)
@@ -91,16 +109,16 @@ class Session:
     def _hits(self, g: _Guarded):
         """(offset, row) of the first damaged byte of ``g``, or None."""
         u8 = g.base
-        head = (u8[:GUARD_BYTES] != SENTINEL).nonzero()
-        tail = (u8[GUARD_BYTES + g.nbytes:] != SENTINEL).nonzero()
+        head = (u8[:self.band] != SENTINEL).nonzero()
+        tail = (u8[self.band + g.nbytes:] != SENTINEL).nonzero()
         if g.rows:
-            pads = u8[GUARD_BYTES:GUARD_BYTES + g.nbytes].view(g.rows, g.pitch)[:, g.row_bytes:]
+            pads = u8[self.band:self.band + g.nbytes].view(g.rows, g.pitch)[:, g.row_bytes:]
             bad = (pads != SENTINEL).nonzero()
             if bad.numel():
                 r, c = (int(x) for x in bad[0])
                 return c, r
         if head.numel():
-            return int(head[0]) - GUARD_BYTES, None
+            return int(head[0]) - self.band, None
         if tail.numel():
             return int(tail[0]), None
         return None

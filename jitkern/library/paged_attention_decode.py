@@ -57,10 +57,11 @@ def capacity(max_context_len: int | None, kv_cache_tokens: int, table_tokens: in
 
 
 def workspace_nbytes(batch: int, num_heads: int, head_dim: int, max_context_len: int | None,
-                     kv_cache_tokens: int, arch: str = "sm_90") -> int:
-    """Bytes of the ``workspace`` the op needs (for engines that pre-allocate, e.g. for CUDA graphs)."""
+                     kv_cache_tokens: int, table_tokens: int | None = None, arch: str = "sm_90") -> int:
+    """Bytes of the ``workspace`` the op needs (for engines that pre-allocate, e.g. for CUDA graphs).
+    ``table_tokens``: ``block_tables.shape[1] * page_size`` if it bounds the context further."""
     part, _ = tiles(arch)
-    parts = -(-capacity(max_context_len, kv_cache_tokens) // part)
+    parts = -(-capacity(max_context_len, kv_cache_tokens, table_tokens) // part)
     return CONTRACT.nbytes(batch=batch, heads=num_heads, head_dim=head_dim, parts=parts,
                            dtype=torch.bfloat16)["workspace"]
 

@@ -1,0 +1,246 @@
+"""The seeds' kernels as ops: each against its PyTorch reference at the edge that broke it, empty
+work without a launch, and (on the H100) at decode shapes. CPU runs use Triton's interpreter with
+tiny shapes; one cross-compile per op checks the real compilers accept the templates."""
+import pytest
+import torch
+
+from conftest import requires_gpu
+from jitkern import arch, constraints, counters, launcher, runtime
+from jitkern.build import get_entry, plan
+from jitkern.errors import ConfigError
+from jitkern.library import gather_kv_cache as gkv
+from jitkern.library import moe_gemm_stage1 as moe
+from jitkern.library import paged_attention_decode as pa
+from jitkern.library import paged_mqa_logits as mqa
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches (interpreted and GPU)."""
+    n = []
+    for cls in (launcher.InterpretedKernel, launcher.GPUKernel):
+        orig = cls.launch
+
+        def counting(self, *a, _orig=orig):
+            n.append(self.name)
+            return _orig(self, *a)
+
+        monkeypatch.setattr(cls, "launch", counting)
+    return n
+
+
+def _paged(n_blocks, page, *tail, dtype=torch.bfloat16, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n_blocks, page, *tail, generator=g).to(dtype).to(device)
+
+
+# ---- gather_kv_cache -----------------------------------------------------------------------------
+def test_gather_kv_cache_matches_reference_with_empty_sequence():
+    cache = _paged(12, 16, 2, 8)
+    bt = torch.randperm(12, generator=torch.Generator().manual_seed(1)).int().view(3, 4)
+    cu = torch.tensor([0, 20, 20, 53], dtype=torch.int32)  # middle sequence has no tokens
+    y = gkv.gather_kv_cache(cache, bt, cu)
+    assert y.shape == (53, 2, 8)
+    assert torch.equal(y, gkv.reference(cache, bt, cu))
+
+
+def test_gather_kv_cache_zero_tokens_is_valid_and_launches_nothing(launches):
+    cache = _paged(4, 16, 8)
+    bt = torch.zeros(2, 2, dtype=torch.int32)
+    before = counters.snapshot()["compiles"]
+    y = gkv.gather_kv_cache(cache, bt, torch.zeros(3, dtype=torch.int32))
+    assert y.shape == (0, 8) and y.dtype == cache.dtype
+    out = torch.empty(0, 8, dtype=cache.dtype)
+    assert gkv.gather_kv_cache(cache, bt, torch.zeros(3, dtype=torch.int32), out=out) is out
+    assert launches == [] and counters.snapshot()["compiles"] == before
+
+
+# ---- paged_attention_decode -----------------------------------------------------------------------
+def _pa_inputs(lens, hq=4, hkv=2, d=64, page=16, n_blocks=12, max_blocks=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = len(lens)
+    q = torch.randn(b, hq, d, generator=g).bfloat16()
+    k = _paged(n_blocks, page, hkv, d, seed=seed + 1)
+    v = _paged(n_blocks, page, hkv, d, seed=seed + 2)
+    bt = torch.randint(0, n_blocks, (b, max_blocks), generator=g, dtype=torch.int32)
+    return q, k, v, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+def test_paged_attention_decode_partitions_and_edges():
+    # interpreter partitions are 32 tokens: 64 = exactly two, 33 = one token into the second,
+    # 0 = empty sequence (zeros), 1 = a single token
+    q, k, v, bt, lens = _pa_inputs([64, 0, 33, 1])
+    y = pa.paged_attention_decode(q, k, v, bt, lens)
+    ref = pa.reference(q.float(), k.float(), v.float(), bt, lens)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+
+
+def test_paged_attention_decode_workspace_from_capacity(monkeypatch):
+    # the model's max context (131072) is far beyond what the KV cache holds (12 blocks x 16):
+    # the workspace and the grid follow the cache, and a caller's workspace of exactly that size works
+    q, k, v, bt, lens = _pa_inputs([50, 64], hq=8, hkv=2)  # GQA group of 4
+    need = pa.workspace_nbytes(2, 8, 64, max_context_len=131072, kv_cache_tokens=12 * 16,
+                               table_tokens=4 * 16, arch="cpu")
+    assert need == 2 * 8 * 2 * (64 + 2) * 4  # 2 partitions: capacity min(131072, 192, 4 blocks * 16 = 64)
+    ws = torch.empty(need // 4, dtype=torch.float32)
+    out = torch.empty(2, 8, 64, dtype=torch.bfloat16)
+    y = pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=131072, out=out, workspace=ws)
+    assert y is out
+    ref = pa.reference(q.float(), k.float(), v.float(), bt, lens)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    from jitkern.errors import BufferError
+
+    with pytest.raises(BufferError, match="'workspace' is too small"):
+        pa.paged_attention_decode(q, k, v, bt, lens, workspace=ws[:-1])
+
+
+def test_paged_attention_decode_empty_batch_launches_nothing(launches):
+    q, k, v, bt, lens = _pa_inputs([])
+    y = pa.paged_attention_decode(q, k, v, bt, lens)
+    assert y.shape == (0, 4, 64) and launches == []
+
+
+# ---- moe_gemm_stage1 ------------------------------------------------------------------------------
+def _moe_inputs(tokens=5, k=64, n=24, experts=6, topk=2, align_m=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g).bfloat16()
+    w = (torch.randn(experts, 2 * n, k, generator=g) / 8).bfloat16()
+    tid = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]).int()
+    return x, w, *moe.moe_align(tid, experts, align_m), topk
+
+
+@pytest.mark.parametrize("split_k, activation", [(1, "silu"), (3, "silu"), (2, "gelu")])
+def test_moe_gemm_stage1_matches_reference(split_k, activation):
+    x, w, ids, eids, npad, topk = _moe_inputs()
+    assert (ids[: int(npad)] == x.shape[0] * topk).any()  # sentinel padding is present
+    y = moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, activation=activation, split_k=split_k)
+    ref = moe.reference(x.float(), w.float(), ids, eids, npad, topk, activation=activation)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=3e-2)
+
+
+def test_moe_splitk_scratch_is_exactly_what_the_kernel_writes(monkeypatch):
+    # redzone mode around the contract's scratch (split, sorted_size, 2N): the split-K kernel writes
+    # padding positions too; a contract sized from tokens * topk (seed 004) would be hit
+    monkeypatch.setenv("JITKERN_DEBUG", "redzone")
+    x, w, ids, eids, npad, topk = _moe_inputs(tokens=3, k=64, n=16)
+    y = moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=2)
+    torch.testing.assert_close(y.float(), moe.reference(x.float(), w.float(), ids, eids, npad, topk),
+                               rtol=2e-2, atol=3e-2)
+    from jitkern.errors import RedzoneError
+
+    from jitkern.contracts import Buffer, Contract
+
+    seed_contract = Contract(moe.OP, (moe.CONTRACT.buffers[0],
+                                      Buffer("scratch", lambda d: (d.split_k * d.num_pairs * d.n,), torch.float32,
+                                             role="scratch")))
+    monkeypatch.setattr(moe, "CONTRACT", seed_contract)
+    # the kernel writes ~30x what that contract holds; widen the bands so every stray store lands in one
+    monkeypatch.setenv("JITKERN_REDZONE_BYTES", str(64 * 1024))
+    with pytest.raises(RedzoneError) as e:
+        moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=2)
+    assert e.value.buffer == "scratch" and e.value.offset == 0
+
+
+def test_moe_empty_prefill_launches_nothing(launches):
+    # seed 003: an empty batch launched a grid of 0 blocks ("invalid configuration argument")
+    x, w, ids, eids, npad, topk = _moe_inputs()
+    y = moe.moe_gemm_stage1(x[:0], w, ids[:0], eids[:0], torch.zeros(1, dtype=torch.int32), topk)
+    assert y.shape == (0, 24) and launches == []
+
+
+def test_moe_cdna4_tile_caps():
+    for cfg in moe.configs(arch.get("gfx950")):
+        p = cfg.p
+        assert p["block_m"] <= 64 and p["block_n"] <= 256
+    assert moe.tiles("gfx950", 128)["block_m"] == 64  # a 128-aligned sort runs as 64-row blocks
+    assert moe.tiles("sm_90", 128)["block_m"] == 64
+    with pytest.raises(ConfigError, match="JITKERN_MOE_GEMM_STAGE1_BLOCK_M='128'.*gfx950"):
+        constraints.apply("gfx950", moe.OP, [moe.tiles("sm_90", 128)], moe.TUNABLES,
+                          environ={"JITKERN_MOE_GEMM_STAGE1_BLOCK_M": "128"})
+
+
+# ---- paged_mqa_logits -----------------------------------------------------------------------------
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_paged_mqa_logits_at_full_context(next_n):
+    # seed 001: context_len == max_model_len, with max_model_len not a multiple of the tile (16 here)
+    g = torch.Generator().manual_seed(next_n)
+    b, h, d, page, max_len = 2, 16, 64, 16, 40
+    q = torch.randn(b, next_n, h, d, generator=g).bfloat16()
+    kv = _paged(6, page, d, seed=next_n)
+    w = torch.rand(b * next_n, h, generator=g)
+    bt = torch.tensor([[5, 1, 3], [0, 2, 4]], dtype=torch.int32)
+    lens = torch.tensor([max_len, 17], dtype=torch.int32)
+    y = mqa.paged_mqa_logits(q, kv, w, lens, bt, max_len)
+    ref = mqa.reference(q.float(), kv.float(), w, lens, bt, max_len)
+    assert y.shape == (b * next_n, max_len)
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+    assert torch.isfinite(y[next_n - 1]).all()  # the last query of a full context sees every position
+
+
+def test_paged_mqa_logits_empty(launches):
+    q = torch.zeros(0, 1, 16, 64, dtype=torch.bfloat16)
+    y = mqa.paged_mqa_logits(q, _paged(2, 16, 64), torch.zeros(0, 16), torch.zeros(0, dtype=torch.int32),
+                             torch.zeros(0, 2, dtype=torch.int32), 32)
+    assert y.shape == (0, 32) and launches == []
+
+
+# ---- cross-compile: the real compilers accept every template ----------------------------------------
+def test_cross_compile_one_config_per_op_for_gpus():
+    jobs = [
+        (gkv.SPEC, gkv.config("bf16", 16, True), "sm_90"),
+        (pa.SPEC, pa.partition_config("bf16", 16, 128, 8, "gfx950"), "gfx950"),
+        (pa.SPEC, pa.combine_config("bf16", 128, "gfx950"), "gfx950"),
+        (moe.SPEC, moe.gemm_config("bf16", "silu", False, moe.tiles("gfx950", 64)), "gfx950"),
+        (mqa.SPEC, mqa.config("bf16", 64, 64, 128, 2, "sm_90"), "sm_90"),
+    ]
+    for spec, cfg, a in jobs:
+        entry, status = get_entry(plan(spec, cfg, arch.get(a)))
+        assert status == "built"
+        assert 0 <= entry.meta["shared_bytes"] <= arch.get(a).shared_mem_per_block, (cfg, entry.meta["shared_bytes"])
+
+
+# ---- H100 -------------------------------------------------------------------------------------------
+@requires_gpu
+def test_seed_ops_on_gpu_at_decode_shapes(launches):
+    dev = "cuda"
+    torch.manual_seed(0)
+    # paged attention: batch 32, Llama-3-8B heads (32 q / 8 kv, d 128), contexts up to 4K
+    b, hq, hkv, d, page = 32, 32, 8, 128, 16
+    lens = torch.randint(1, 4096, (b,), dtype=torch.int32, device=dev)
+    lens[0] = 4096
+    nblk = 4096 // page
+    k = torch.randn(b * nblk, page, hkv, d, dtype=torch.bfloat16, device=dev)
+    v = torch.randn_like(k)
+    bt = torch.randperm(b * nblk, device=dev).int().view(b, nblk)
+    q = torch.randn(b, hq, d, dtype=torch.bfloat16, device=dev)
+    torch.testing.assert_close(pa.paged_attention_decode(q, k, v, bt, lens),
+                               pa.reference(q, k, v, bt, lens), rtol=2e-2, atol=2e-2)
+    # gather
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=dev)
+    cu[1:] = torch.cumsum(lens, 0)
+    kc = k.view(b * nblk, page, hkv * d)
+    assert torch.equal(gkv.gather_kv_cache(kc, bt, cu), gkv.reference(kc, bt, cu))
+    assert gkv.gather_kv_cache(kc, bt, torch.zeros_like(cu)).shape == (0, hkv * d)
+    # moe: 64 tokens, 256 experts, top 8, K 7168 -> N 256 (DeepSeek-V3 TP8)
+    t, e, topk, kk, n = 64, 256, 8, 7168, 256
+    x = torch.randn(t, kk, dtype=torch.bfloat16, device=dev)
+    w = torch.randn(e, 2 * n, kk, dtype=torch.bfloat16, device=dev) / 64
+    tid = torch.stack([torch.randperm(e, device=dev)[:topk] for _ in range(t)]).int()
+    ids, eids, npad = moe.moe_align(tid, e, 16)
+    ref = moe.reference(x, w, ids, eids, npad, topk)
+    for split in (None, 1, 4):
+        torch.testing.assert_close(moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=split), ref,
+                                   rtol=3e-2, atol=3e-2)
+    # logits at context_len == max_model_len (not a multiple of the 64-token tile)
+    max_len = 4000
+    q2 = torch.randn(8, 2, 64, 128, dtype=torch.bfloat16, device=dev)
+    kv = torch.randn(8 * 63, 64, 128, dtype=torch.bfloat16, device=dev)
+    bt2 = torch.arange(8 * 63, dtype=torch.int32, device=dev).view(8, 63)
+    l2 = torch.full((8,), max_len, dtype=torch.int32, device=dev)
+    w2 = torch.rand(16, 64, device=dev)
+    y = mqa.paged_mqa_logits(q2, kv, w2, l2, bt2, max_len)
+    r = mqa.reference(q2, kv, w2, l2, bt2, max_len)
+    assert torch.equal(torch.isinf(y), torch.isinf(r))
+    torch.testing.assert_close(y, r, rtol=3e-2, atol=5e-1)
