@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Tune jitkern's gemm on this GPU, or show candidates' compiled resource figures offline.
+
+On a GPU (how jitkern/tuned/sm_90.json was made, on an H100)::
+
+    python tools/tune_gemm.py --out tune.json --write-table jitkern/tuned/sm_90.json
+
+times every candidate that passes the arch rules and budget for each M bucket (shapes of one
+bucket are timed together), persists the winners as tuning records in the cache (later processes
+use them), prints a table and JSON, and with ``--write-table`` merges the winners into a shipped
+table. Offline (no GPU)::
+
+    python tools/tune_gemm.py --offline gfx942,gfx950,sm_90
+
+cross-compiles each bucket's candidates for the named arches and prints shared bytes, registers
+and budget status: the figures behind the candidate order in ``jitkern/library/gemm.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_SHAPES = "4096x4096x4096,1x4096x4096,16x4096x4096,64x4096x4096,128x4096x4096"
+
+
+def table(rows, header):
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def tile_text(p):
+    return f"{p['block_m']}x{p['block_n']}x{p['block_k']} g{p['group_m']} w{p['num_warps']} s{p['num_stages']}"
+
+
+def offline(arches, dtype):
+    os.environ.pop("TRITON_INTERPRET", None)
+    from jitkern import arch as _arch, budget
+    from jitkern.build import plan
+    from jitkern.library import gemm
+
+    out, rows = [], []
+    for a in _arch.parse_list(arches):
+        for b, _ in gemm.BUCKETS:
+            for tile in gemm.candidates(a.name, dtype, b, tuned=False):
+                st = budget.status(plan(gemm.SPEC, gemm.config(dtype, False, True, tile), a))
+                out.append({"arch": a.name, "bucket": b, "params": tile, **st})
+                rows.append([a.name, b, tile_text(tile), st["shared_bytes"], st["budget_bytes"], st["regs"],
+                             st["spills"], st["status"]])
+    table(rows, ["arch", "bucket", "tile", "shared B", "budget B", "regs", "spills", "status"])
+    return out
+
+
+def tune(shapes_text, dtype, b_trans, write_table):
+    import torch
+
+    from jitkern import tuning
+
+    shapes = tuning.parse_shapes(shapes_text)
+    t0 = time.time()
+    records = tuning.tune_op("gemm", shapes, dtype, b_trans=b_trans, force=True)
+    rows = []
+    for rec in records:
+        flops = sum(2 * m * n * k for m, n, k in rec["shapes"])
+        for r in rec["results"]:
+            ms = r.get("ms")
+            rows.append([rec["bucket"], tile_text(r["params"]), f"{ms:.4f}" if ms else "-",
+                         f"{flops / ms / 1e9:.1f}" if ms else "-",
+                         "WINNER" if r["params"] == rec["params"] and ms else
+                         ("over budget" if "rejected" in r else ("failed" if "failed" in r else ""))])
+    table(rows, ["bucket", "tile", "ms (all shapes)", "TFLOP/s", ""])
+    print(f"tuned {len(records)} buckets in {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}")
+    if write_table:
+        path = Path(write_table)
+        arch_name = records[0]["arch"]
+        doc = json.loads(path.read_text()) if path.is_file() else {}
+        doc["arch"] = arch_name
+        doc["source"] = (f"tuned on {records[0]['device']} with tools/tune_gemm.py --shapes {shapes_text}, "
+                         f"triton {records[0]['fingerprint']['compiler']['triton']}, {records[0]['created']}; "
+                         f"{'fp16 uses the bf16 winners (same 16-bit tile economics)' if dtype == 'bf16' else ''}")
+        ops = doc.setdefault("ops", {}).setdefault("gemm", {})
+        for rec in records:
+            ops.setdefault(dtype, {})[rec["bucket"]] = tuning.table_entry(rec)
+            if dtype == "bf16":
+                ops.setdefault("fp16", {})[rec["bucket"]] = {**tuning.table_entry(rec), "from": "bf16"}
+        path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {path}")
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"MxNxK,... (default {DEFAULT_SHAPES})")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--b-trans", action="store_true", help="B is the transpose of a row-major [N, K] weight")
+    p.add_argument("--write-table", metavar="PATH", help="merge the winners into this shipped table JSON")
+    p.add_argument("--offline", metavar="ARCHES", help="no GPU: compiled figures of every candidate for these arches")
+    p.add_argument("--out", metavar="FILE", help="write the records / figures as JSON")
+    args = p.parse_args(argv)
+    result = offline(args.offline, args.dtype) if args.offline else tune(args.shapes, args.dtype, args.b_trans,
+                                                                        args.write_table)
+    text = json.dumps(result, indent=1, sort_keys=True, default=str)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
