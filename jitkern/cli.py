@@ -247,8 +247,14 @@ def _doctor_ops() -> tuple[str, list[tuple[str, str]]]:
 
 
 #: ``jitkern doctor`` prints each of these sections; append yours.
+def _doctor_remote() -> tuple[str, list[tuple[str, str]]]:
+    from . import remote
+
+    return remote.doctor()
+
+
 DOCTOR_SECTIONS: list[Callable[[], tuple[str, list[tuple[str, str]]]]] = [
-    _doctor_arch, _doctor_toolchains, _doctor_cache, _doctor_ops,
+    _doctor_arch, _doctor_toolchains, _doctor_cache, _doctor_ops, _doctor_remote,
 ]
 
 

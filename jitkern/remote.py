@@ -495,6 +495,26 @@ def reset() -> None:
         _active, _active_env = None, None
 
 
+def doctor() -> tuple[str, list[tuple[str, str]]]:
+    """``jitkern doctor`` section: the configured remote, whether it answers, how many entries it holds."""
+    url = os.environ.get(ENV_URL, "").strip()
+    if not url:
+        return "Remote cache", [(ENV_URL, "(not set: no remote cache)")]
+    rows = [(ENV_URL, redact(url)),
+            (ENV_SECRET, "set (entries signed and checked)" if os.environ.get(ENV_SECRET) else
+             "(not set: checksums only; anyone who can write to the server can run code on its readers)")]
+    try:
+        r = from_env(url)
+        t0 = time.perf_counter()
+        r.client.ping()
+        ms = 1000 * (time.perf_counter() - t0)
+        n = sum(1 for _ in r.client.scan_iter(match=f"{PREFIX}entry:*", count=1000))
+        rows.append(("server", f"answers in {ms:.1f} ms; {n} jitkern entries (format v{FORMAT_VERSION})"))
+    except Exception as e:
+        rows.append(("server", f"not usable: {type(e).__name__}: {e} (builds go on without it)"))
+    return "Remote cache", rows
+
+
 # ---- push / pull (``jitkern cache push|pull``) ---------------------------------------------------
 def _local_keys(store: Store) -> Iterator[tuple[object, str]]:
     for layer in store.layers:
@@ -590,5 +610,5 @@ def main(args) -> int:
     return 1 if counts.get("damaged") or counts.get("rejected") else 0
 
 
-__all__ = ["RedisRemote", "FleetBuild", "active", "push", "pull", "encode", "decode", "reset",
+__all__ = ["RedisRemote", "FleetBuild", "active", "doctor", "push", "pull", "encode", "decode", "reset",
            "from_env"]

@@ -413,6 +413,11 @@ def test_cli_push_then_pull_mirrors_a_local_cache(redis_server, monkeypatch, tmp
         entry, how = get_entry(job)
         assert how == "cached" and entry.path.is_relative_to(dst)
 
+    monkeypatch.setenv(remote.ENV_URL, redis_server)
+    title, rows = remote.doctor()  # the `jitkern doctor` section
+    assert "answers in" in dict(rows)["server"] and "2 jitkern entries" in dict(rows)["server"]
+    monkeypatch.delenv(remote.ENV_URL)
+
     assert cli.main(["cache", "pull", "--remote", f"redis://127.0.0.1:{_free_port()}/0", "--cache-dir",
                      str(dst)]) == 1  # an unreachable remote is an error for the CLI
     assert "SCAN failed" in capsys.readouterr().err
