@@ -26,9 +26,11 @@ def reference(x):
     return x.mul_(2).add_(1)
 
 
-def make_spec(name: str, order) -> OpSpec:
+def make_spec(name: str, order, tag: str = "a") -> OpSpec:
     return OpSpec(name=name, variants=tuple(VARIANTS[v] for v in order), template_dir=TEMPLATES,
-                  fn=reference, reference=reference, configs=lambda arch: [])
+                  fn=reference, reference=reference,
+                  configs=lambda arch: [Config.make(v, block=BLOCK, tag=tag) for v in order],
+                  extra={"fallback": True, "guards": {"good": "plain tensors"}})
 
 
 def _launch(k, x):

@@ -162,6 +162,25 @@ def test_no_variant_left_is_a_specific_error(cache_dir):
     assert torch.equal(x, before)
 
 
+def test_doctor_names_active_variant_and_why_earlier_ones_are_not(cache_dir):
+    from jitkern import arch, doctor
+
+    spec = fallback_op.make_spec("fb_doctor", ("broken", "good", "triton"))
+    cpu = arch.ARCHES["cpu"]
+    before = {r["variant"]: r for r in doctor.variant_report(spec, cpu)}
+    assert before["broken"]["status"] == "buildable" and before["broken"].get("active")
+    route = fallback_op.make_route(spec)
+    assert route(torch.ones(10)) == "good"
+    recs = {r["variant"]: r for r in doctor.variant_report(spec, cpu)}
+    assert recs["broken"]["status"] == "failed" and "jitkern_test_missing_header_a.h" in recs["broken"]["why"]
+    assert Path(recs["broken"]["log"]).is_file()
+    assert recs["good"]["status"] == "ready" and recs["good"].get("active") and recs["good"]["guard"]
+    assert not recs["triton"].get("active")
+    gpu = {r["variant"]: r for r in doctor.variant_report(spec, arch.get("sm_90"))}
+    assert gpu["good"]["status"] == "unavailable" and "CPU tensors" in gpu["good"]["why"]
+    assert gpu["triton"].get("active")
+
+
 def test_first_error_line():
     log = "In file included from a.cu:1:\nb.h:3:10: fatal error: nope.h: No such file or directory\nx\n"
     assert cpp.first_error_line(log) == "b.h:3:10: fatal error: nope.h: No such file or directory"

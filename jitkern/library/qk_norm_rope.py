@@ -200,7 +200,7 @@ SPEC = registry.register(OpSpec(
     doc=__doc__,
     extra={"guards": {"hip": "plain torch.Tensor arguments only (no subclasses)",
                       "cuda": "plain torch.Tensor arguments only (no subclasses)"},
-           "inplace": ("qkv",)},
+           "inplace": ("qkv",), "fallback": True},
     mutates=("qkv",),
     outputs=("qkv",),
 ))
