@@ -356,9 +356,10 @@ def main(args) -> int:
               f"{len(tasks) - len(records)} not built (no partial entries were left; run again to finish)",
               file=sys.stderr)
         return 130
-    if built == 0 and failed == 0:
-        print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache "
-              f"({seconds:.1f} s)")
+    if built == 0:
+        recorded = f" ({failed} of them recorded failures)" if failed else ""
+        print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache"
+              f"{recorded} ({seconds:.1f} s)")
     else:
         print(f"jitkern prebuild: {built} built, {len(records) - built - failed} already cached or recorded, "
               f"{failed} failed in {seconds:.1f} s")
