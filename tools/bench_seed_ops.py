@@ -1,0 +1,162 @@
+"""Benchmark the seeds' ops (issue 7) against their eager PyTorch references at decode shapes.
+
+Run on a GPU machine from the repo root::
+
+    PYTHONPATH=$PWD python tools/bench_seed_ops.py --out seed_ops_bench.json
+
+Shapes (realistic decode):
+  paged_attention_decode  Llama-3-8B attention (32 q heads, 8 kv heads, head dim 128, page 16), bf16,
+                          batch 32-256, every sequence at context 2K-32K
+  gather_kv_cache         DeepSeek MLA latent cache (entry 576 bf16, page 64) and an 8x128 KV cache,
+                          batch 32-128, context 2K-8K
+  moe_gemm_stage1         DeepSeek-V3 at TP8: 256 experts, top 8, hidden 7168 -> 2x256, 32-256 tokens
+  paged_mqa_logits        DeepSeek-V3.2 indexer: 64 heads, head dim 128, page 64, next_n 1-2,
+                          batch 32-128, context == max_model_len 8K-32K
+
+Times are ``triton.testing.do_bench`` medians (L2 flushed between runs) of the op as users call it
+(validation, contract allocation and launches included) and of the eager PyTorch reference in the
+same run (the anchor). ratio = reference time / jitkern time (>= 1.0 means jitkern is faster).
+Bandwidth counts the bytes each op must move at least once (inputs read, outputs written), divided
+by the jitkern time, as a fraction of the H100 SXM's 3.35 TB/s HBM3 peak. A device-to-device copy
+of 1 GiB in the same run is reported as the achievable-bandwidth anchor.
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+PEAK = 3.35e12
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="seed_ops_bench.json")
+    ap.add_argument("--quick", action="store_true", help="one shape per op")
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.pop("JITKERN_DEBUG", None)
+    os.environ["JITKERN_CACHE_DIR"] = args.cache_dir or os.environ.get("JITKERN_CACHE_DIR") or tempfile.mkdtemp(
+        prefix="jitkern-seed-bench-")
+
+    import torch
+    from triton.testing import do_bench
+
+    from jitkern.library import gather_kv_cache as gkv
+    from jitkern.library import moe_gemm_stage1 as moe
+    from jitkern.library import paged_attention_decode as pa
+    from jitkern.library import paged_mqa_logits as mqa
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    rows = []
+
+    def bench(op, shape, nbytes, fn, ref, check):
+        t0 = time.perf_counter()
+        y = fn()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        err = check(y, ref())
+        t_jk = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        t_ref = do_bench(ref, warmup=5, rep=100, return_mode="median")
+        rows.append({"op": op, "shape": shape, "jitkern_ms": t_jk, "reference_ms": t_ref, "ratio": t_ref / t_jk,
+                     "bytes": nbytes, "bandwidth_TBps": nbytes / t_jk / 1e9, "frac_peak": nbytes / t_jk / 1e9 / PEAK * 1e12,
+                     "max_abs_err": err, "first_call_s": first})
+        r = rows[-1]
+        print(f"{op:24s} {shape:44s} jk {t_jk:8.3f} ms  ref {t_ref:9.3f} ms  x{r['ratio']:7.2f}  "
+              f"{r['bandwidth_TBps']:5.2f} TB/s ({r['frac_peak'] * 100:4.1f}% peak)  err {err:.2e}", flush=True)
+
+    def close(y, r):
+        return float((y.float() - r.float()).abs().nan_to_num(posinf=0, neginf=0).max())
+
+    # anchor: device copy bandwidth
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    t_copy = do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
+    copy_bw = 2 * a.numel() / t_copy / 1e9
+    print(f"anchor: 1 GiB device copy {t_copy:.3f} ms = {copy_bw:.2f} TB/s ({copy_bw / PEAK * 1e12 * 100:.1f}% of peak)")
+    del a, b
+
+    # ---- paged_attention_decode --------------------------------------------------------------------
+    hq, hkv, d, page = 32, 8, 128, 16
+    pa_shapes = [(32, 2048), (64, 8192), (256, 2048), (32, 32768), (128, 4096)]
+    for bsz, ctx in (pa_shapes[:1] if args.quick else pa_shapes):
+        nblk = ctx // page
+        k = torch.randn(bsz * nblk, page, hkv, d, dtype=torch.bfloat16, device=dev)
+        v = torch.randn_like(k)
+        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+        lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(bsz, hq, d, dtype=torch.bfloat16, device=dev)
+        nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2 + bt.numel() * 4
+        bench("paged_attention_decode", f"b={bsz} ctx={ctx} h={hq}/{hkv} d={d}", nbytes,
+              lambda: pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=131072),
+              lambda: pa.reference(q, k, v, bt, lens), close)
+        del k, v
+        torch.cuda.empty_cache()
+
+    # ---- gather_kv_cache ---------------------------------------------------------------------------
+    g_shapes = [(32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)]
+    for bsz, ctx, pg, e in (g_shapes[:1] if args.quick else g_shapes):
+        nblk = ctx // pg
+        cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
+        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+        lens = torch.randint(ctx // 2, ctx + 1, (bsz,), device=dev)
+        cu = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
+        cu[1:] = torch.cumsum(lens, 0)
+        total = int(cu[-1])
+        nbytes = 2 * total * e * 2
+        bench("gather_kv_cache", f"b={bsz} ctx<={ctx} page={pg} entry={e}", nbytes,
+              lambda: gkv.gather_kv_cache(cache, bt, cu, num_tokens=total),
+              lambda: gkv.reference(cache, bt, cu, num_tokens=total), lambda y, r: close(y, r))
+        del cache
+        torch.cuda.empty_cache()
+
+    # ---- moe_gemm_stage1 ---------------------------------------------------------------------------
+    experts, topk, hidden, n = 256, 8, 7168, 256
+    w = torch.randn(experts, 2 * n, hidden, dtype=torch.bfloat16, device=dev) / 64
+    for t in ((64,) if args.quick else (32, 64, 128, 256)):
+        x = torch.randn(t, hidden, dtype=torch.bfloat16, device=dev)
+        tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(t)]).int()
+        ids, eids, npad = moe.moe_align(tid, experts, 16)
+        used = int(torch.unique(tid).numel())
+        nbytes = used * 2 * n * hidden * 2 + x.numel() * 2 + t * topk * n * 2
+        bench("moe_gemm_stage1", f"tokens={t} E={experts} top{topk} {hidden}->2x{n} ({used} hit)", nbytes,
+              lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk),
+              lambda: moe.reference(x, w, ids, eids, npad, topk), close)
+    del w
+    torch.cuda.empty_cache()
+
+    # ---- paged_mqa_logits --------------------------------------------------------------------------
+    h, d, pg = 64, 128, 64
+    m_shapes = [(32, 1, 8192), (64, 2, 8192), (128, 1, 16384), (32, 2, 32768)]
+    for bsz, nn, ctx in (m_shapes[:1] if args.quick else m_shapes):
+        nblk = ctx // pg
+        kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
+        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+        lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(bsz, nn, h, d, dtype=torch.bfloat16, device=dev)
+        wt = torch.rand(bsz * nn, h, device=dev)
+        nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
+        bench("paged_mqa_logits", f"b={bsz} next_n={nn} ctx=max_len={ctx} h={h} d={d}", nbytes,
+              lambda: mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx),
+              lambda: mqa.reference(q, kv, wt, lens, bt, ctx), close)
+        del kv
+        torch.cuda.empty_cache()
+
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+              "peak_TBps": PEAK / 1e12, "anchor_copy_TBps": copy_bw, "rows": rows,
+              "min_ratio": min(r["ratio"] for r in rows)}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps({"min_ratio": report["min_ratio"], "out": args.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
