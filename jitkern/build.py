@@ -1,14 +1,28 @@
-"""Plan a job (render + key) and get its cache entry, building it under a per-key lock on a miss."""
+"""Plan a job (render + key) and get its cache entry, building it under a per-key lock on a miss.
+
+What a process does when things go wrong (each case has a test in tests/test_reliability.py):
+
+- an entry that fails verification, or whose ``entry.json``/binary is for another op or arch than
+  the job (``check_entry``), is discarded with one warning and rebuilt; it is never loaded;
+- another process holds the key's build lock: wait, logging who holds it every so often; past
+  ``JITKERN_LOCK_TIMEOUT`` build privately (``jitkern.locks``). A dead holder's lock is released
+  by the kernel at once;
+- the cache cannot be written (read-only, full disk, no writable layer): build into a private
+  temporary directory for this process, with one warning; nothing half-written stays in the cache;
+- Triton's own cache dir cannot be written: redirect it for this process (``jitkern.triton_cache``).
+"""
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import budget, builders, counters, remote
+from . import binaries, budget, builders, counters, remote, triton_cache
 from .arch import Arch
 from .cache import Entry, Store, default_store
-from .errors import BuildError, CacheError
+from .errors import BuildError, CacheError, CorruptEntryError
 from .key import FORMAT_VERSION, make_key
 from .logs import log, warn_once
 from .render import render
@@ -118,34 +132,53 @@ def _lookup_or_build(job: Job, store: Store | None = None, *, record_failures: b
     lock before it propagates, so no process retries it (see ``jitkern.fallback``).
     """
     store = store or default_store()
-    entry = store.lookup(job.key)
+    if job.arch.backend is not None and job.variant.kind == "triton":
+        triton_cache.ensure_writable()  # Triton writes its cache while compiling and loading
+    check = _checker(job)
+    entry = store.lookup(job.key, check)
     if entry is not None:
         return _cached(entry)
     try:
-        lock = store.lock(job.key)
+        lock = store.build_lock(job.key, job.describe())
     except CacheError:
         return _build_in_memory(job), "built"
-    with lock, remote.FleetBuild(job.key, store) as fleet:
-        entry = store.lookup(job.key)
-        if entry is not None:
-            return _cached(entry)
-        entry = fleet.fetch_or_lease()  # JITKERN_REMOTE_CACHE: fetched, or None holding the fleet's build lease
-        if entry is not None:
-            return entry, "fetched"
-        try:
-            files, meta = _build_files(job)
-        except BuildError as e:
-            if not record_failures:
-                raise
-            from .fallback import record_failure
+    with lock as held:
+        if not held:  # JITKERN_LOCK_TIMEOUT passed, or the filesystem has no locks
+            entry = store.lookup(job.key, check)
+            if entry is not None:
+                return _cached(entry)
+            return _build_in_memory(job), "built"
+        with remote.FleetBuild(job.key, store) as fleet:
+            return _locked_lookup_or_build(job, store, fleet, check, record_failures)
 
-            raise record_failure(store, job, e) from e
+
+def _locked_lookup_or_build(job: Job, store: Store, fleet, check, record_failures: bool) -> tuple[Entry, str]:
+    """The part of ``_lookup_or_build`` that runs holding the key's build lock."""
+    entry = store.lookup(job.key, check)
+    if entry is not None:
+        return _cached(entry)
+    entry = fleet.fetch_or_lease()  # JITKERN_REMOTE_CACHE: fetched, or None holding the fleet's build lease
+    if entry is not None:
         try:
-            return fleet.publish(store.publish(job.key, files, meta)), "built"
-        except OSError as e:
-            warn_once(("publish-failed", str(store)), "jitkern: could not write cache entry (%s); "
-                      "keeping kernels in memory for this process", e)
-            return _memory_entry(job, files, meta), "built"
+            check(entry)
+        except CorruptEntryError as e:
+            store._damaged(store.write_layer, job.key, e)
+        else:
+            return entry, "fetched"
+    try:
+        files, meta = _build_files(job)
+    except BuildError as e:
+        if not record_failures:
+            raise
+        from .fallback import record_failure
+
+        raise record_failure(store, job, e) from e
+    try:
+        return fleet.publish(store.publish(job.key, files, meta)), "built"
+    except OSError as e:
+        warn_once(("publish-failed", str(store)), "jitkern: could not write cache entry (%s); "
+                  "keeping kernels in memory for this process", e)
+        return _memory_entry(job, files, meta), "built"
 
 
 def _build_in_memory(job: Job) -> Entry:
@@ -154,17 +187,60 @@ def _build_in_memory(job: Job) -> Entry:
 
 
 def _memory_entry(job: Job, files, meta) -> Entry:
-    """An entry in a private temporary directory, for when no cache layer can be written."""
+    """An entry in a private temporary directory, for when the cache cannot be written (no writable
+    layer, full disk, a wedged lock holder). Removed when the process exits."""
     import atexit
     import shutil
     import tempfile
     from pathlib import Path
 
-    d = Path(tempfile.mkdtemp(prefix=f"jitkern-{job.key[:12]}-"))
+    d = None
+    try:
+        d = Path(tempfile.mkdtemp(prefix=f"jitkern-{job.key[:12]}-"))
+        for name, data in files.items():
+            fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as f:
+                f.write(data)
+    except OSError as e:
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+        raise CacheError(f"built {job.describe()} but could not write it anywhere: the cache and the temporary "
+                         f"directory ({tempfile.gettempdir()}) both failed ({e}). Free some disk space, or set "
+                         f"TMPDIR / JITKERN_CACHE_DIR to a filesystem with room") from e
     atexit.register(shutil.rmtree, d, True)
-    for name, data in files.items():
-        (d / name).write_bytes(data)
     return Entry(job.key, d, {**meta, "key": job.key})
+
+
+def _checker(job: Job):
+    return lambda entry: check_entry(job, entry)
+
+
+def check_entry(job: Job, entry: Entry) -> None:
+    """Raise ``CorruptEntryError`` if a verified entry is not what ``job`` planned: its ``entry.json``
+    names another op, variant or arch, or its binary's ELF header or Triton metadata names another
+    target. Checksums cannot catch these (a copied entry carries a consistent manifest), and loading
+    another arch's binary faults at launch."""
+    meta = entry.meta
+    for field_name, want in (("op", job.spec.name), ("variant", job.variant.name), ("arch", job.arch.name)):
+        if meta.get(field_name) != want:
+            raise CorruptEntryError(f"entry {entry.path} records {field_name}={meta.get(field_name)!r} but was "
+                                    f"looked up for {field_name}={want!r}")
+    if meta.get("status") == "failed" or job.variant.kind != "triton" or job.arch.backend is None:
+        return
+    from .builders.triton import METADATA_FILE, binary_name
+
+    name = binary_name(job.arch)
+    try:
+        data = entry.file(name).read_bytes()
+        md = json.loads(entry.file(METADATA_FILE).read_bytes())
+    except (OSError, ValueError) as e:
+        raise CorruptEntryError(f"entry {entry.path} lacks a readable {name} or {METADATA_FILE}: {e}") from None
+    if not binaries.matches(job.arch, data):
+        raise CorruptEntryError(f"{entry.file(name)} is {binaries.describe(data)}, not a binary for {job.arch.name}")
+    target = md.get("target") if isinstance(md, dict) else None
+    if not isinstance(target, dict) or str(target.get("arch")) != str(job.arch.triton_arch) \
+            or target.get("backend") != job.arch.backend:
+        raise CorruptEntryError(f"{entry.file(METADATA_FILE)} names target {target!r}, not {job.arch.name}")
 
 
 __all__ = ["Job", "plan", "get_entry", "BuildError"]

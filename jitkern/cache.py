@@ -17,6 +17,18 @@ platform's user cache dir (``platformdirs``). Lookups read every layer in order;
 first writable layer. An entry is published by renaming a complete temporary directory, so a reader
 sees all of it or nothing, and is verified against its manifest before every load: a damaged entry
 is discarded (writable layers) or skipped (read-only layers) with one warning, and rebuilt.
+
+Safety (a loaded binary runs with the user's rights):
+
+- directories jitkern creates are private (0700) and its files 0600, whatever the umask;
+- a layer whose directories someone else can write (world-writable, writable by a group other than
+  the user's own, or owned by another user than the user or root) is refused with
+  ``InsecureCacheError``, which says how to fix it;
+- nothing is followed out of a layer: ``v<N>/``, ``entries/`` and ``entries/<xx>/`` must be real
+  directories (a symlink there is refused), and an entry that is a symlink, or holds one, or whose
+  manifest names a path, is treated as damaged;
+- temporary directories left by processes that died while publishing are removed by the next
+  process that writes to the layer (``clean_stale``).
 """
 from __future__ import annotations
 
@@ -25,14 +37,18 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import stat
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import counters
-from .errors import CacheError, CorruptEntryError
+from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
 from .key import FORMAT_VERSION
 from .logs import log, warn_once
 
@@ -50,8 +66,59 @@ def default_root() -> Path:
 def configured_layers(cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Layers from the argument, else ``JITKERN_CACHE_DIR``, else the platform default."""
     raw = os.fspath(cache_dir) if cache_dir is not None else os.environ.get("JITKERN_CACHE_DIR", "")
-    layers = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+    if "\0" in raw:
+        raise ConfigError(f"JITKERN_CACHE_DIR={raw!r} contains a NUL character; set it to one or more directories "
+                          f"separated by {os.pathsep!r}")
+    layers = [Path(p.strip()).expanduser().absolute() for p in raw.split(os.pathsep) if p.strip()]
     return layers or [default_root()]
+
+
+def make_private_dirs(path: Path) -> None:
+    """``mkdir -p`` with mode 0700 for every directory created (``Path.mkdir(parents=True)`` would
+    give the parents it creates the umask's mode, which may be group- or world-writable)."""
+    path = Path(path)
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode is masked by the umask; 0700 is what we want regardless
+
+
+def others_can_write(st: os.stat_result) -> str | None:
+    """Why a file or directory with this ``stat`` could be changed by another user (None if not)."""
+    mode = st.st_mode
+    if stat.S_ISDIR(mode) and mode & stat.S_ISVTX and mode & stat.S_IWOTH and st.st_uid in (os.getuid(), 0):
+        mode &= ~stat.S_IWOTH  # sticky: others may add names but not replace ours (checked one level down)
+    if mode & stat.S_IWOTH:
+        return f"it is world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+    if mode & stat.S_IWGRP and st.st_gid != os.getgid():
+        return f"it is writable by group {st.st_gid} (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_uid not in (os.getuid(), 0):
+        return f"it is owned by user {st.st_uid}"
+    return None
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def _check_key(key: str) -> str:
@@ -98,12 +165,23 @@ class Entry:
         return self.path / name
 
 
+#: Temporary directories of ``publish``: ``<key>.<pid>.<host>.<random>``.
+_PUBLISH_TMP = re.compile(r"^[0-9a-f]{64}\.(\d+)\.([A-Za-z0-9-]+)\.[0-9a-f]+$")
+#: Directories being deleted (entries renamed out of ``entries/``): removable at any time.
+_GRAVE_PREFIXES = ("discard-", "prune-")
+#: Other temporary names with a pid: removed once the pid is dead and the directory is this old.
+_OTHER_TMP = re.compile(r"^import-(\d+)-[0-9a-f]+$")
+STALE_SECONDS = 3600.0
+_cleaned: set = set()
+
+
 class Layer:
     """One cache directory."""
 
     def __init__(self, root: Path):
         self.base = Path(root)
         self.root = self.base / f"v{FORMAT_VERSION}"
+        self._secure = False
 
     def __repr__(self):
         return f"Layer({str(self.base)!r})"
@@ -112,41 +190,136 @@ class Layer:
         return self.root / "entries" / key[:2] / _check_key(key)
 
     def writable(self) -> bool:
-        """True if entries can be created here (creates the layer if it is missing)."""
+        """True if entries can be created here (creates the layer, private to the user, if it is missing)."""
         try:
             for sub in ("entries", "locks", "tmp"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_private_dirs(self.root / sub)
         except OSError:
             return False
-        return os.access(self.root / "tmp", os.W_OK | os.X_OK) and os.access(self.root / "entries", os.W_OK | os.X_OK)
+        ok = os.access(self.root / "tmp", os.W_OK | os.X_OK) and os.access(self.root / "entries", os.W_OK | os.X_OK)
+        if ok:
+            self.clean_stale()
+        return ok
+
+    # ---- safety ----------------------------------------------------------------------------------
+    def check_secure(self) -> None:
+        """Raise ``InsecureCacheError`` if another user could change what this layer loads.
+
+        Checks the layer directory, ``v<N>/`` and ``entries/`` (those that exist); the result is kept
+        for the life of the ``Layer`` once it passes."""
+        if self._secure:
+            return
+        for d in (self.base, self.root, self.root / "entries"):
+            try:
+                st = os.lstat(d) if d is not self.base else os.stat(d)
+            except FileNotFoundError:
+                return  # nothing below a missing directory can be loaded
+            except OSError as e:
+                raise InsecureCacheError(f"cannot inspect jitkern cache directory {d}: {e}") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise InsecureCacheError(
+                    f"jitkern cache directory {d} is a symbolic link; jitkern does not follow links inside a cache "
+                    f"layer. Replace it with a real directory, or point JITKERN_CACHE_DIR at the link's target")
+            why = others_can_write(st)
+            if why:
+                raise InsecureCacheError(
+                    f"refusing to load kernels from the jitkern cache at {self.base}: {d} could be changed by another "
+                    f"user ({why}), and a loaded kernel runs with your rights. Fix: 'chmod -R go-w {self.base}' "
+                    f"(and chown it to yourself), or set JITKERN_CACHE_DIR to a directory only you can write")
+        self._secure = True
+
+    def _check_parents(self, key: str) -> None:
+        """``entries/<xx>/`` must be a real, private directory (``check_secure`` covers those above)."""
+        d = self.root / "entries" / key[:2]
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise InsecureCacheError(f"jitkern cache directory {d} is not a real directory (a link or a file); "
+                                     f"remove it (rm {d}) and jitkern will rebuild what it held")
+        why = others_can_write(st)
+        if why:
+            raise InsecureCacheError(f"refusing to load from {d}: another user could change it ({why}). "
+                                     f"Fix: chmod go-w {d}")
+
+    def clean_stale(self, force: bool = False) -> list[str]:
+        """Remove temporary directories of dead processes from ``tmp/`` (once per process and layer
+        unless ``force``); return the names removed. Only this host's dead pids are trusted, since a
+        layer on a shared filesystem is written by other hosts too."""
+        if not force and self.root in _cleaned:
+            return []
+        _cleaned.add(self.root)
+        removed = []
+        here = _host_tag()
+        try:
+            names = os.listdir(self.root / "tmp")
+        except OSError:
+            return removed
+        now = time.time()
+        for name in names:
+            path = self.root / "tmp" / name
+            stale = name.startswith(_GRAVE_PREFIXES)
+            m = _PUBLISH_TMP.match(name)
+            if m:
+                stale = m.group(2) == here and not _pid_alive(int(m.group(1)))
+            m = _OTHER_TMP.match(name)
+            if m and not _pid_alive(int(m.group(1))):
+                try:
+                    stale = now - os.lstat(path).st_mtime > STALE_SECONDS
+                except OSError:
+                    stale = False
+            if stale:
+                _remove(path)
+                removed.append(name)
+        if removed:
+            log.info("jitkern: removed %d temporary director%s left in %s by processes that died",
+                     len(removed), "y" if len(removed) == 1 else "ies", self.root / "tmp")
+        return removed
 
     # ---- read ----------------------------------------------------------------------------------
     def verify(self, key: str) -> Entry:
         """Check an entry against its manifest; raise ``CorruptEntryError`` (or FileNotFoundError)."""
         path = self.entry_dir(key)
-        if not path.is_dir():
-            raise FileNotFoundError(path)
+        self.check_secure()
+        self._check_parents(key)
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise
+        except NotADirectoryError:
+            raise CorruptEntryError(f"entry {path} sits under a file, not a directory") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise CorruptEntryError(f"entry {path} is a symbolic link; entries are never followed out of the cache")
+        if not stat.S_ISDIR(st.st_mode):
+            raise CorruptEntryError(f"entry {path} is not a directory")
+        why = others_can_write(st)
+        if why:
+            raise CorruptEntryError(f"entry {path} could be changed by another user ({why})")
+        try:
+            manifest = json.loads(_read(path / MANIFEST))
             files = manifest["files"]
             if manifest.get("key") != key:
                 raise CorruptEntryError(f"manifest of {path} names key {manifest.get('key')!r}")
             for name, want in files.items():
-                if "/" in name or name.startswith("."):
+                if not _safe_name(name):
                     raise CorruptEntryError(f"manifest of {path} names an unsafe file {name!r}")
-                f = path / name
-                if f.is_symlink():
-                    raise CorruptEntryError(f"{f} is a symbolic link")
-                data = f.read_bytes()
+                data = _read(path / name)
                 if len(data) != want["size"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
-                    raise CorruptEntryError(f"{f} does not match its checksum")
-            meta = json.loads((path / ENTRY_META).read_text()) if ENTRY_META in files else {}
+                    raise CorruptEntryError(f"{path / name} does not match its checksum")
+            meta = json.loads(_read(path / ENTRY_META)) if ENTRY_META in files else {}
+            if not isinstance(meta, dict):
+                raise TypeError(f"{ENTRY_META} holds a {type(meta).__name__}, not an object")
         except FileNotFoundError as e:
-            if not (path / MANIFEST).exists() and not path.exists():
+            if not os.path.lexists(path):
                 raise
-            raise CorruptEntryError(f"entry {path} is missing {Path(e.filename).name}") from None
-        except (ValueError, KeyError, TypeError) as e:  # JSON damage, missing fields
+            raise CorruptEntryError(f"entry {path} is missing {Path(e.filename or '?').name}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON damage, missing fields
             raise CorruptEntryError(f"entry {path} has an unreadable manifest or metadata: {e}") from None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENXIO):
+                raise CorruptEntryError(f"entry {path} holds a link or a non-file where a file belongs ({e})") from None
+            raise
         if meta.get("key", key) != key:
             raise CorruptEntryError(f"entry {path} holds metadata for key {meta.get('key')!r}")
         return Entry(key, path, meta)
@@ -159,14 +332,20 @@ class Layer:
             os.rename(path, grave)
         except FileNotFoundError:
             return
-        shutil.rmtree(grave, ignore_errors=True)
+        _remove(grave)
 
     # ---- write ---------------------------------------------------------------------------------
     def publish(self, key: str, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Entry:
         """Write an entry atomically. If another process published the key first, keep theirs."""
         final = self.entry_dir(key)
-        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True, mode=0o700)
+        self.check_secure()
+        for name in files:
+            if not _safe_name(name) or name in (MANIFEST, ENTRY_META):
+                raise CacheError(f"cannot publish a file named {name!r}: entry files are plain names, not paths, "
+                                 f"and {MANIFEST}/{ENTRY_META} are jitkern's own")
+        make_private_dirs(self.root / "tmp")
+        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{_host_tag()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(mode=0o700)
         try:
             all_files = dict(files)
             all_files[ENTRY_META] = json.dumps({**meta, "key": key}, indent=1, sort_keys=True, default=str).encode()
@@ -175,7 +354,8 @@ class Layer:
                 _write(tmp / name, data)
                 manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(final.parent)
+            self._check_parents(key)
             try:
                 os.rename(tmp, final)
             except OSError as e:
@@ -183,8 +363,8 @@ class Layer:
                     raise
                 log.debug("entry %s was published by another process; keeping theirs", key[:16])
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.lexists(tmp):
+                _remove(tmp)
         return self.verify(key)
 
     def lock(self, key: str, timeout: float = -1):
@@ -192,12 +372,49 @@ class Layer:
 
         return filelock.FileLock(str(self.root / "locks" / f"{_check_key(key)}.lock"), timeout=timeout)
 
+    def build_lock(self, key: str, what: str = "", timeout: float | None = None):
+        """The key's build lock with an owner file and a bounded, reported wait (``jitkern.locks``)."""
+        from .locks import BuildLock
+
+        return BuildLock(self.root / "locks" / f"{_check_key(key)}.lock", what, timeout)
+
 
 def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    """Write a new private file (never through an existing name or link) and sync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _read(path: Path) -> bytes:
+    """Read a regular file without following a symbolic link (ELOOP if ``path`` is one)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ENXIO, "not a regular file", str(path))
+        why = others_can_write(st)
+        if why:
+            raise CorruptEntryError(f"{path} could be changed by another user ({why})")
+        return f.read()
+
+
+def _safe_name(name) -> bool:
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and not name.startswith(".")
+            and "/" not in name and "\\" not in name and "\0" not in name)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or directory tree (a link is removed, never followed)."""
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
 
 
 class Store:
@@ -225,29 +442,48 @@ class Store:
                           [str(layer.base) for layer in self.layers])
         return self._writable
 
-    def lookup(self, key: str) -> Entry | None:
-        """A verified entry for ``key`` from the first layer that has a sound one, else None."""
+    def lookup(self, key: str, check=None) -> Entry | None:
+        """A verified entry for ``key`` from the first layer that has a sound one, else None.
+
+        ``check(entry)``, if given, may raise ``CorruptEntryError`` for an entry whose files are intact
+        but are not what the caller planned (another arch's binary, another op's metadata): it is
+        then treated like a damaged one. A layer another user could write raises
+        ``InsecureCacheError`` (see ``Layer.check_secure``)."""
         for layer in self.layers:
             try:
                 if layer is not self._find_write_layer():  # read-only layers: read as they are
-                    return layer.verify(key)
-                # Write layer: a shared lock while verifying and a last-use stamp (the entry's mtime),
-                # so that ``jitkern cache prune`` (LRU) never removes an entry being loaded.
-                path = layer.entry_dir(key)
-                with entry_lock(path):
-                    with contextlib.suppress(OSError):
-                        os.utime(path)
-                    return layer.verify(key)
+                    entry = layer.verify(key)
+                else:
+                    # Write layer: a shared lock while verifying and a last-use stamp (the entry's mtime),
+                    # so that ``jitkern cache prune`` (LRU) never removes an entry being loaded.
+                    path = layer.entry_dir(key)
+                    layer.check_secure()
+                    layer._check_parents(key)
+                    if os.path.islink(path):
+                        raise CorruptEntryError(f"entry {path} is a symbolic link")
+                    with entry_lock(path):
+                        with contextlib.suppress(OSError):
+                            os.utime(path, follow_symlinks=False)
+                        entry = layer.verify(key)
+                if check is not None:
+                    check(entry)
+                return entry
             except FileNotFoundError:
                 continue
+            except NotADirectoryError:
+                e = CorruptEntryError(f"entry {layer.entry_dir(key)} is not a directory")
+                self._damaged(layer, key, e)
             except CorruptEntryError as e:
-                counters.bump("corrupt_discarded")
-                writable = layer is self.write_layer
-                warn_once(("corrupt", key), "jitkern cache entry %s is damaged (%s); %s", key[:16], e,
-                          "discarding it and rebuilding" if writable else "skipping it (read-only layer)")
-                if writable:
-                    layer.discard(key)
+                self._damaged(layer, key, e)
         return None
+
+    def _damaged(self, layer: Layer, key: str, e: CorruptEntryError) -> None:
+        counters.bump("corrupt_discarded")
+        writable = layer is self.write_layer
+        warn_once(("corrupt", key), "jitkern cache entry %s is damaged (%s); %s", key[:16], e,
+                  "discarding it and rebuilding" if writable else "skipping it (read-only layer)")
+        if writable:
+            layer.discard(key)
 
     def publish(self, key: str, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Entry:
         layer = self.write_layer
@@ -260,6 +496,12 @@ class Store:
         if layer is None:
             raise CacheError(f"no writable cache layer in {self}")
         return layer.lock(key, timeout)
+
+    def build_lock(self, key: str, what: str = "", timeout: float | None = None):
+        layer = self.write_layer
+        if layer is None:
+            raise CacheError(f"no writable cache layer in {self}")
+        return layer.build_lock(key, what, timeout)
 
 
 _default: Store | None = None

@@ -85,6 +85,11 @@ class CorruptEntryError(CacheError):
     """A cache entry failed verification. It is discarded and rebuilt, never loaded."""
 
 
+class InsecureCacheError(CacheError):
+    """A cache directory could be changed by another user, or links out of the cache: jitkern refuses
+    to load from it, since a loaded kernel runs with the user's rights. The message says how to fix it."""
+
+
 class RemoteCacheError(CacheError):
     """The remote cache (``JITKERN_REMOTE_CACHE``) cannot be used: misconfigured, unreachable, full.
     Builds never raise it (they go on without the remote, with one warning); ``jitkern cache push/pull`` do."""

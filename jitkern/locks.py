@@ -1,0 +1,152 @@
+"""Per-key build locks that never wedge and never wait silently.
+
+A build lock is a ``filelock.FileLock`` (``flock`` on Unix): the kernel releases it the moment its
+holder dies, however it dies, so a killed build never blocks the next process. Next to each lock,
+its holder writes an owner file (``<key>.owner``: pid, host, since when, what it builds), so a
+process that waits longer than ``WAIT_REPORT_SECONDS`` logs who it is waiting for, and again every
+``WAIT_REPEAT_SECONDS``. ``JITKERN_LOCK_TIMEOUT`` caps the wait; past it, ``acquire`` returns
+``None`` and the caller builds on its own rather than hang.
+
+Filesystems without ``flock`` (some network mounts) are not given a lock-file-exists fallback, since
+such a lock outlives a dead holder: there the lock is skipped with one warning and builds rely on
+the atomic publish (two processes may build the same key; neither can see a half-written entry).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from .errors import ConfigError
+from .logs import log, warn_once
+
+#: Default for ``JITKERN_LOCK_TIMEOUT``: longer than any sane build (C++ modules take minutes).
+DEFAULT_TIMEOUT = 1800.0
+WAIT_REPORT_SECONDS = 5.0
+WAIT_REPEAT_SECONDS = 60.0
+POLL_SECONDS = 0.05
+
+
+def lock_timeout() -> float:
+    """``JITKERN_LOCK_TIMEOUT`` in seconds (``inf`` = wait for ever; ``0`` = never wait)."""
+    raw = os.environ.get("JITKERN_LOCK_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value < 0:
+        raise ConfigError(f"JITKERN_LOCK_TIMEOUT={raw!r} is not a number of seconds >= 0; set it to e.g. 600, "
+                          f"to 0 (never wait for another process's build) or to inf (wait for ever), or unset it "
+                          f"(default {DEFAULT_TIMEOUT:g} s)")
+    return value
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def read_owner(path: Path) -> dict | None:
+    """The owner record of a lock (None if absent or unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def describe_owner(owner: dict | None) -> str:
+    if not owner:
+        return "an unknown process (no owner file)"
+    since = owner.get("since")
+    try:
+        age = f", for {time.time() - float(since):.0f} s (since {time.strftime('%H:%M:%S', time.localtime(since))})"
+    except (TypeError, ValueError):
+        age = ""
+    what = f", building {owner['what']}" if owner.get("what") else ""
+    return f"pid {owner.get('pid')} on host {owner.get('host')}{age}{what}"
+
+
+class BuildLock:
+    """``with BuildLock(path) as held:`` ``held`` is True once the lock is ours, False if the wait
+    timed out or the filesystem cannot lock (the caller then builds privately)."""
+
+    def __init__(self, path: Path, what: str = "", timeout: float | None = None):
+        self.path = Path(path)
+        self.owner_path = self.path.with_suffix(".owner")
+        self.what = what
+        self.timeout = lock_timeout() if timeout is None else timeout
+        self._lock = None
+        self.waited = 0.0
+
+    def acquire(self) -> bool:
+        import filelock
+
+        lock = filelock.FileLock(str(self.path), fallback_to_soft=False, thread_local=False)
+        t0 = time.monotonic()
+        report_at = WAIT_REPORT_SECONDS
+        while True:
+            waited = time.monotonic() - t0
+            remaining = self.timeout - waited
+            step = max(0.0, min(remaining, report_at - waited))
+            try:
+                lock.acquire(timeout=step, poll_interval=POLL_SECONDS)
+                break
+            except filelock.Timeout:
+                pass
+            except OSError as e:  # no flock on this filesystem, or the lock file cannot be opened
+                warn_once(("lock-unusable", str(self.path.parent)),
+                          "jitkern: cannot take build locks in %s (%s); building without a lock (entries "
+                          "are still published atomically, but two processes may build the same kernel)",
+                          self.path.parent, e)
+                self.waited = time.monotonic() - t0
+                return False
+            waited = time.monotonic() - t0
+            if waited >= self.timeout:
+                self.waited = waited
+                log.warning("jitkern: gave up waiting after %.0f s (JITKERN_LOCK_TIMEOUT) for the build lock of %s, "
+                            "held by %s; building it in a private directory instead",
+                            waited, self.what or self.path.stem, describe_owner(read_owner(self.owner_path)))
+                return False
+            if waited >= report_at - POLL_SECONDS:
+                log.warning("jitkern: waiting %.0f s so far for %s to finish building %s (lock %s); "
+                            "JITKERN_LOCK_TIMEOUT=%g s", waited, describe_owner(read_owner(self.owner_path)),
+                            self.what or self.path.stem, self.path, self.timeout)
+                report_at = waited + WAIT_REPEAT_SECONDS
+        self._lock = lock
+        self.waited = time.monotonic() - t0
+        self._write_owner()
+        return True
+
+    def _write_owner(self) -> None:
+        record = {"pid": os.getpid(), "host": host(), "since": time.time(), "what": self.what}
+        tmp = self.owner_path.with_name(f"{self.owner_path.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.owner_path)
+        except OSError:  # the owner file is for people reading logs; never fail a build over it
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        try:
+            os.unlink(self.owner_path)
+        except OSError:
+            pass
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
