@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--out", default="seed_ops_bench.json")
     ap.add_argument("--quick", action="store_true", help="one shape per op")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: time tile settings of paged_attention_decode and moe_gemm_stage1 "
+                         "(through their JITKERN_<OP>_<PARAM> overrides) and write them as JSON")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("JITKERN_DEBUG", None)
@@ -55,6 +58,8 @@ def main() -> int:
     dev = "cuda"
     torch.manual_seed(0)
     rows = []
+    if args.sweep:
+        return sweep(args, torch, do_bench, pa, moe)
 
     def bench(op, shape, nbytes, fn, ref, check):
         t0 = time.perf_counter()
@@ -155,6 +160,74 @@ def main() -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({"min_ratio": report["min_ratio"], "out": args.out}))
+    return 0
+
+
+def sweep(args, torch, do_bench, pa, moe) -> int:
+    import itertools
+
+    from jitkern import runtime
+
+    dev = "cuda"
+    out = {"paged_attention_decode": [], "moe_gemm_stage1": []}
+
+    def timed(fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            return do_bench(fn, warmup=10, rep=40, return_mode="median")
+        except Exception as e:  # a tile that does not fit: record and go on
+            return f"{type(e).__name__}: {str(e)[:120]}"
+
+    def with_env(prefix, params):
+        for k in [k for k in os.environ if k.startswith(prefix)]:
+            del os.environ[k]
+        for k, v in params.items():
+            os.environ[f"{prefix}{k.upper()}"] = str(v)
+        runtime.clear_memory()
+
+    hq, hkv, d, page = 32, 8, 128, 16
+    cases = []
+    for bsz, ctx in ((32, 2048), (64, 8192)):
+        nblk = ctx // page
+        k = torch.randn(bsz * nblk, page, hkv, d, dtype=torch.bfloat16, device=dev)
+        v = torch.randn_like(k)
+        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+        lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(bsz, hq, d, dtype=torch.bfloat16, device=dev)
+        cases.append((f"b={bsz} ctx={ctx}", q, k, v, bt, lens, 2 * k.numel() * 2))
+    for part, bn, nw, ns in itertools.product((256, 512, 1024), (32, 64, 128), (4, 8), (2, 3, 4)):
+        params = dict(partition=part, block_n=bn, num_warps=nw, num_stages=ns)
+        with_env("JITKERN_PAGED_ATTENTION_DECODE_", params)
+        rec = dict(params)
+        for name, q, k, v, bt, lens, nbytes in cases:
+            t = timed(lambda: pa.paged_attention_decode(q, k, v, bt, lens))
+            rec[name] = t
+            rec[name + " TB/s"] = nbytes / t / 1e9 if isinstance(t, float) else None
+        out["paged_attention_decode"].append(rec)
+        print("pa", json.dumps(rec), flush=True)
+    with_env("JITKERN_PAGED_ATTENTION_DECODE_", {})
+    del cases
+
+    experts, topk, hidden, n = 256, 8, 7168, 256
+    w = torch.randn(experts, 2 * n, hidden, dtype=torch.bfloat16, device=dev) / 64
+    x = torch.randn(64, hidden, dtype=torch.bfloat16, device=dev)
+    tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(64)]).int()
+    ids, eids, npad = moe.moe_align(tid, experts, 16)
+    nbytes = int(torch.unique(tid).numel()) * 2 * n * hidden * 2
+    grid = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=ns) for bn, bk, ns in
+            itertools.product((32, 64, 128), (128, 256), (3, 4))]
+    grid += [dict(block_n=128, block_k=bk, num_warps=8, num_stages=ns) for bk, ns in itertools.product((128, 256), (3, 4))]
+    for params in grid:
+        with_env("JITKERN_MOE_GEMM_STAGE1_", params)
+        for split in (1, 2, 4):
+            t = timed(lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=split))
+            rec = {**params, "split_k": split, "ms": t, "TB/s": nbytes / t / 1e9 if isinstance(t, float) else None}
+            out["moe_gemm_stage1"].append(rec)
+            print("moe", json.dumps(rec), flush=True)
+    with_env("JITKERN_MOE_GEMM_STAGE1_", {})
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
     return 0
 
 

@@ -121,7 +121,9 @@ def main() -> int:
                     redzone(rz)
                     y = moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, activation=act, split_k=split)
                     e = err(y, ref)
-                    record(f"moe_gemm_stage1 tokens={t} {act} split_k={split} redzone={rz}", e < 5e-2, max_abs_err=e)
+                    scale = float(ref.float().abs().max())  # the reference rounds x @ w to bf16 first
+                    record(f"moe_gemm_stage1 tokens={t} {act} split_k={split} redzone={rz}", e <= 2e-2 * max(1.0, scale),
+                           max_abs_err=e, max_abs=scale)
             redzone(False)
     n0 = len(launches)
     y = moe.moe_gemm_stage1(x[:0], w, ids[:0], eids[:0], torch.zeros(1, dtype=torch.int32, device=dev), topk)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .. import checks, registry, runtime
+from .. import checks, constraints, registry, runtime
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..spec import Arg, Config, OpSpec, Variant
@@ -32,10 +32,17 @@ DTYPES = (torch.bfloat16, torch.float16)
 PAGE_SIZES = (16, 32, 64)
 HEAD_DIMS = (64, 128, 256)
 GROUPS = (1, 2, 4, 8, 16)
+#: tile parameters and the values ``JITKERN_PAGED_ATTENTION_DECODE_<PARAM>`` may set
+TUNABLES = {
+    "partition": (32, 64, 256, 512, 1024),
+    "block_n": (16, 32, 64, 128),
+    "num_warps": (2, 4, 8),
+    "num_stages": (1, 2, 3, 4),
+}
 #: tokens per partition and per inner step, by arch (the interpreter uses small ones so CPU tests
 #: cover several partitions with a few dozen tokens)
-TILES = {"cpu": (32, 16)}
-DEFAULT_TILES = (512, 64)
+TILES = {"cpu": {"partition": 32, "block_n": 16, "num_warps": 4, "num_stages": 1}}
+DEFAULT_TILES = {"partition": 512, "block_n": 64, "num_warps": 4, "num_stages": 2}
 BLOCK_P = 16
 
 #: Written once beside the template. ``parts`` = cdiv(capacity, partition).
@@ -46,8 +53,9 @@ CONTRACT = Contract(OP, (
 ))
 
 
-def tiles(arch_name: str) -> tuple[int, int]:
-    return TILES.get(arch_name, DEFAULT_TILES)
+def tiles(arch_name: str) -> dict:
+    """partition, block_n, num_warps, num_stages for an arch, after rules and env overrides."""
+    return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
 
 
 def capacity(max_context_len: int | None, kv_cache_tokens: int, table_tokens: int | None = None) -> int:
@@ -60,7 +68,7 @@ def workspace_nbytes(batch: int, num_heads: int, head_dim: int, max_context_len:
                      kv_cache_tokens: int, table_tokens: int | None = None, arch: str = "sm_90") -> int:
     """Bytes of the ``workspace`` the op needs (for engines that pre-allocate, e.g. for CUDA graphs).
     ``table_tokens``: ``block_tables.shape[1] * page_size`` if it bounds the context further."""
-    part, _ = tiles(arch)
+    part = tiles(arch)["partition"]
     parts = -(-capacity(max_context_len, kv_cache_tokens, table_tokens) // part)
     return CONTRACT.nbytes(batch=batch, heads=num_heads, head_dim=head_dim, parts=parts,
                            dtype=torch.bfloat16)["workspace"]
@@ -87,14 +95,13 @@ def reference(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_conte
 
 
 def partition_config(dtype, page_size, head_dim, group, arch_name) -> Config:
-    part, block_n = tiles(arch_name)
+    t = tiles(arch_name)
     return Config.make("partition", dtype=dtype, page_size=page_size, head_dim=head_dim, group=group,
-                       group_pad=max(16, 1 << (group - 1).bit_length()), partition=part, block_n=block_n,
-                       num_warps=4, num_stages=2)
+                       group_pad=max(16, 1 << (group - 1).bit_length()), **t)
 
 
 def combine_config(dtype, head_dim, arch_name) -> Config:
-    part, _ = tiles(arch_name)
+    part = tiles(arch_name)["partition"]
     return Config.make("combine", dtype=dtype, head_dim=head_dim, partition=part, block_p=BLOCK_P, num_warps=4)
 
 
@@ -108,6 +115,25 @@ def configs(arch):
 
 
 _plans = runtime.plan_cache()
+
+
+class _Plan:
+    """Per-signature decisions: the tiles (read once, env overrides included) and, on first launch,
+    the two kernels."""
+
+    __slots__ = ("configs", "device", "partition", "_kernels")
+
+    def __init__(self, arch_name, dtype, page, head_dim, group, device):
+        self.configs = (partition_config(dtype, page, head_dim, group, arch_name),
+                        combine_config(dtype, head_dim, arch_name))
+        self.partition = self.configs[0].p["partition"]
+        self.device = device
+        self._kernels = None
+
+    def kernels(self):
+        if self._kernels is None:
+            self._kernels = tuple(runtime.kernel(SPEC, c, self.device) for c in self.configs)
+        return self._kernels
 
 
 def paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: float | None = None,
@@ -136,8 +162,12 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         raise checks.ShapeError(f"{OP}: block_tables has {block_tables.shape[0]} rows for a batch of {b}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
         checks.unit_last_stride(OP, name, t)
-    select_arch, _ = runtime.arches_for(q.device)
-    part, _ = tiles(select_arch.name)
+    sig = (q.dtype, q.device, page, d, h // hkv)
+    plan = _plans.get(sig)
+    if plan is None:
+        select_arch, _ = runtime.arches_for(q.device)
+        plan = _plans[sig] = _Plan(select_arch.name, checks.TRITON_TYPE[q.dtype], page, d, h // hkv, q.device)
+    part = plan.partition
     cap = capacity(max_context_len, nb * page, block_tables.shape[1] * page)
     parts = -(-cap // part)
     bufs = CONTRACT.prepare(q.device, dict(batch=b, heads=h, head_dim=d, parts=parts, dtype=q.dtype),
@@ -155,14 +185,7 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
                     ("seq_lens", seq_lens), ("out", o), ("workspace", ws_o), ("workspace", ws_ml)):
         checks.aligned(OP, name, t)
-    sig = (q.dtype, q.device, page, d, h // hkv)
-    ks = _plans.get(sig)
-    if ks is None:
-        dt = checks.TRITON_TYPE[q.dtype]
-        ks = _plans[sig] = (
-            runtime.kernel(SPEC, partition_config(dt, page, d, h // hkv, select_arch.name), q.device),
-            runtime.kernel(SPEC, combine_config(dt, d, select_arch.name), q.device))
-    k1, k2 = ks
+    k1, k2 = plan.kernels()
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     k1[(b, hkv, parts)](q, k_cache, v_cache, block_tables, seq_lens, ws_o, ws_ml,
                         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -196,5 +219,5 @@ SPEC = registry.register(OpSpec(
     reference=reference,
     configs=configs,
     doc=__doc__,
-    extra={"contract": CONTRACT, "stages": ("partition", "combine")},
+    extra={"contract": CONTRACT, "stages": ("partition", "combine"), "tunables": TUNABLES},
 ))
