@@ -47,6 +47,51 @@ def _no_launch(*args):
     return None
 
 
+#: Triton launcher objects by what their generated C stub and Python wrapper depend on. Triton makes
+#: one per CompiledKernel (generating the stub's source, hashing it, finding the built stub in its
+#: cache and importing it); kernels with the same signature share one here.
+_launchers: dict = {}
+_LAUNCHER_FIELDS = ("num_ctas", "warp_size", "global_scratch_size", "global_scratch_align", "profile_scratch_size",
+                    "profile_scratch_align", "launch_cooperative_grid", "launch_pdl", "tensordesc_meta")
+
+
+def _load_handles(ck, src) -> None:
+    """What ``CompiledKernel._init_handles`` does, with the launcher shared between kernels of one
+    signature: load the binary with Triton's driver and check the same resource limits. Where Triton
+    has load hooks set (profilers), or its internals are not what this expects, Triton's own
+    ``_init_handles`` runs instead."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    rt = knobs.runtime
+    if rt.kernel_load_start_hook is not None or rt.kernel_load_end_hook is not None:
+        ck._init_handles()
+        return
+    try:
+        from triton.compiler.compiler import max_shared_mem
+        from triton.runtime.errors import OutOfResources
+
+        md = ck.metadata
+        lkey = repr((md.target, sorted(src.signature.items()), [getattr(md, f, None) for f in _LAUNCHER_FIELDS]))
+    except (ImportError, AttributeError):
+        ck._init_handles()
+        return
+    active = driver.active
+    device = active.get_current_device()
+    run = _launchers.get(lkey)
+    if run is None:
+        run = _launchers[lkey] = active.launcher_cls(src, md)
+    if md.shared > max_shared_mem(device):
+        raise OutOfResources(md.shared, max_shared_mem(device), "shared memory")
+    if getattr(md, "tmem_size", None) is not None and md.tmem_size > 512:
+        raise OutOfResources(md.tmem_size, 512, "tensor memory")
+    ck.module, ck.function, ck.n_regs, ck.n_spills, ck.n_max_threads = active.utils.load_binary(
+        ck.name, ck.kernel, md.shared, device)
+    if md.num_warps * active.get_current_target().warp_size > ck.n_max_threads:
+        raise OutOfResources(md.num_warps * active.get_current_target().warp_size, ck.n_max_threads, "threads")
+    ck._run = run
+
+
 class GPUKernel(Kernel):
     def __init__(self, entry, job):
         super().__init__(entry, job)
@@ -59,7 +104,7 @@ class GPUKernel(Kernel):
                  binary_name(job.arch): str(entry.file(binary_name(job.arch)))}
         try:
             ck = CompiledKernel(src, group, entry.key)
-            ck._init_handles()  # load the module now: resource errors surface here, not mid-model
+            _load_handles(ck, src)  # load the module now: resource errors surface here, not mid-model
         except Exception as e:
             raise LaunchError(f"could not load {self.name} from {entry.path}: {type(e).__name__}: {e}") from e
         self._ck = ck
