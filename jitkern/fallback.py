@@ -208,17 +208,27 @@ class Candidate:
 
     ``launch(kernel, *args)`` runs the kernel on the op's arguments. ``guard(*args) -> bool`` (cheap,
     no exceptions) says whether this candidate accepts them; ``guard_doc`` says what it checks
-    (``jitkern doctor`` prints it).
+    (``jitkern doctor`` prints it). A candidate with ``config=None`` is a plain PyTorch
+    implementation (e.g. ``torch.matmul`` for inputs no kernel supports): nothing is built, and
+    ``launch`` receives ``None`` as the kernel; ``name`` names it.
     """
 
-    config: Config
+    config: Config | None
     launch: Callable[..., Any]
     guard: Callable[..., bool] | None = None
     guard_doc: str = ""
+    name: str = "torch"
 
     @property
     def variant(self) -> str:
-        return self.config.variant
+        return self.config.variant if self.config is not None else self.name
+
+
+class _Native:
+    """Stands in for a kernel of a PyTorch candidate."""
+
+    def __init__(self, key: str):
+        self.key = key
 
 
 @dataclass
@@ -277,6 +287,9 @@ class Route:
                 log.debug("jitkern: %s: guard of variant %r refused the arguments (%s)", self.spec.name,
                           c.variant, c.guard_doc)
                 continue
+            if s.kernel is None and c.config is None:
+                s.kernel = _Native(f"native:{self.spec.name}:{c.name}")
+                s.proven = s.kernel.key in _proven_keys
             if s.kernel is None:
                 try:
                     s.kernel = obtain(self.spec, c.config, self.device)
@@ -288,7 +301,7 @@ class Route:
                 backups = [(args[i], args[i].clone()) for i in self.inplace if args[i] is not None]
                 counters.bump("inplace_backups", len(backups))
                 try:
-                    c.launch(s.kernel, *args)
+                    c.launch(None if isinstance(s.kernel, _Native) else s.kernel, *args)
                 except Exception as e:  # any failure of an unproven variant: restore, fall through
                     for t, b in backups:
                         t.copy_(b)
@@ -303,7 +316,7 @@ class Route:
                 s.proven = True
                 _proven_keys.add(s.kernel.key)
             else:
-                c.launch(s.kernel, *args)
+                c.launch(None if isinstance(s.kernel, _Native) else s.kernel, *args)
             self._settled(c.variant)
             return c.variant
         self._settled(None)
@@ -334,7 +347,8 @@ class Route:
             if not s.proven:
                 self._fast = tuple(fast) or None
                 return
-            fast.append((s.cand.guard, s.cand.launch, s.kernel, s.cand.variant))
+            fast.append((s.cand.guard, s.cand.launch, None if isinstance(s.kernel, _Native) else s.kernel,
+                         s.cand.variant))
             if s.cand.guard is None:
                 break
         self._fast = tuple(fast) or None

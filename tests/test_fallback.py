@@ -153,6 +153,28 @@ def test_guard_routes_tensor_subclass_to_next_variant(cache_dir):
     assert counters.snapshot()["fallbacks"] == 0  # a guard refusal is routing, not a failure
 
 
+def test_guard_routes_to_a_pytorch_candidate_for_inputs_no_kernel_supports(cache_dir):
+    spec = fallback_op.make_spec("fb_native", ("good",))
+    calls = []
+
+    def torch_impl(k, x):
+        assert k is None
+        calls.append(1)
+        fallback_op.reference(x)
+
+    route = fallback.route(spec, [
+        fallback.Candidate(fallback_op.Config.make("good", block=fallback_op.BLOCK, tag="a"), fallback_op._launch,
+                           guard=lambda x: x.dtype == torch.float32, guard_doc="fp32 only"),
+        fallback.Candidate(None, torch_impl, name="torch"),
+    ], torch.device("cpu"), inplace=(0,))
+    x64 = torch.linspace(-3, 3, 100, dtype=torch.float64)
+    want = fallback_op.reference(x64.clone())
+    assert route(x64) == "torch" and torch.equal(x64, want) and calls == [1]
+    x32 = torch.linspace(-3, 3, 100)
+    assert route(x32) == "good" and calls == [1]
+    assert route(x64.clone()) == "torch" and calls == [1, 1]
+
+
 def test_no_variant_left_is_a_specific_error(cache_dir):
     route = fallback_op.make_route(fallback_op.make_spec("fb_none", ("broken", "raises")))
     x = torch.linspace(-3, 3, 100)

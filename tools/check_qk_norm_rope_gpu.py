@@ -115,6 +115,27 @@ def main() -> int:
                                   "ms_back_to_back": round(per, 5),
                                   "routed_to": qnr._routes[(torch.bfloat16, torch.float32, torch.int64, d, is_neox,
                                                              y.device)].active})
+    # host-side cost per call: one token (the GPU work is negligible), back to back; the anchor is
+    # torch.add(out=) on the same small tensors, timed the same way in the same run
+    one = qkv0[:1].clone()
+    pos1 = pos[:1].clone()
+    op = jitkern.ops.qk_norm_rope
+
+    def per_call_us(fn, n=3000):
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    add_us = per_call_us(lambda: torch.add(qw, kw, out=qw))
+    op_us = per_call_us(lambda: op(one, qw, kw, cs, pos1, hq, hkv, d, 1e-6, True))
+    report["host_overhead_us"] = {"torch.add(out=) anchor": round(add_us, 2),
+                                  "jitkern.ops.qk_norm_rope, 1 token": round(op_us, 2),
+                                  "ratio_to_anchor": round(op_us / add_us, 2)}
     report["counters"] = counters.snapshot()
     report["all_match"] = ok
     with open(args.out, "w") as f:
@@ -129,6 +150,7 @@ def main() -> int:
             note = f"build/load {r['build_or_load_s']} s"
         print(f"{r['style']:6} {r['variant']:38} {ms!s:>9} {r.get('gbps', '')!s:>7} "
               f"{r.get('speedup_vs_anchor', '')!s:>8} {err!s:>9}  {note} {r.get('reason', '')}")
+    print("host overhead per call (1 token, back to back):", report["host_overhead_us"])
     print("all variants match the reference:", ok)
     return 0 if ok else 1
 

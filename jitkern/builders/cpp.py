@@ -268,12 +268,26 @@ def _address(a) -> int:
     return a if isinstance(a, int) else a.data_ptr()
 
 
+#: struct codes of kernel parameters; every parameter gets an 8-byte slot of the launch buffer
+_PACK = {"i1": "b7x", "i8": "b7x", "i16": "h6x", "i32": "i4x", "i64": "q", "u8": "B7x", "u16": "H6x",
+         "u32": "I4x", "u64": "Q", "fp32": "f4x", "fp64": "d"}
+
+
 class DeviceKernel(Kernel):
     """A cubin/hsaco function launched through the driver API; block size from the config's
-    ``block_x``/``block_y``/``block_z`` parameters."""
+    ``block_x``/``block_y``/``block_z`` parameters.
+
+    The parameters are packed with one ``struct.pack_into`` into a buffer of 8-byte slots that the
+    driver's parameter array points at (the driver copies them at launch, so the buffer is reused,
+    under a lock). Pointer arguments may be tensors or integer device addresses."""
+
+    takes_addresses = True
 
     def __init__(self, entry, job, toolchain: Toolchain):
         super().__init__(entry, job)
+        import struct
+        import threading
+
         from triton.runtime.driver import driver
 
         dev = driver.active
@@ -287,18 +301,35 @@ class DeviceKernel(Kernel):
             raise LaunchError(f"could not load {self.name} from {entry.path}: {type(e).__name__}: {e}") from e
         p = job.config.p
         self._block = (int(p.get("block_x", 1)), int(p.get("block_y", 1)), int(p.get("block_z", 1)))
-        self._types = [_ctype(job.signature[a.name]) for a in job.variant.args]
-        self._pointer = [t is ctypes.c_void_p for t in self._types]
+        sigs = [job.signature[a.name] for a in job.variant.args]
+        for sig in sigs:
+            _ctype(sig)  # rejects what C++ variants cannot take
+        self._ptr_idx = tuple(i for i, sig in enumerate(sigs) if sig.startswith("*"))
+        self._struct = struct.Struct("<" + "".join("Q" if sig.startswith("*") else _PACK[sig] for sig in sigs))
+        self._buf = ctypes.create_string_buffer(max(8, 8 * len(sigs)))
+        base = ctypes.addressof(self._buf)
+        self._params = (ctypes.c_void_p * max(1, len(sigs)))(*[base + 8 * i for i in range(len(sigs))])
+        self._lock = threading.Lock()
         self._api = _driver_launch(toolchain.kind)
 
-    def launch(self, grid3, *args):
-        vals = [t(_address(a)) if ptr else t(a) for t, ptr, a in zip(self._types, self._pointer, args)]
-        params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    def run(self, gx, gy, gz, *args):
+        if gx <= 0 or gy <= 0 or gz <= 0:
+            return
+        a = list(args)
+        for i in self._ptr_idx:
+            v = a[i]
+            if type(v) is not int:
+                a[i] = v.data_ptr()
         bx, by, bz = self._block
-        rc = self._api(self._function, grid3[0], grid3[1], grid3[2], bx, by, bz, 0,
-                       self._stream(self._device), params, None)
+        stream = self._stream(self._device)
+        with self._lock:
+            self._struct.pack_into(self._buf, 0, *a)
+            rc = self._api(self._function, gx, gy, gz, bx, by, bz, 0, stream, self._params, None)
         if rc != 0:
             raise LaunchError(f"launching {self.name} failed with driver error {rc}")
+
+    def launch(self, grid3, *args):
+        self.run(grid3[0], grid3[1], grid3[2], *args)
 
 
 @functools.lru_cache(maxsize=None)

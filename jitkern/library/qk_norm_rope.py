@@ -113,8 +113,8 @@ def _plain(qkv, qw, kw, cs, pos, *rest) -> bool:
 
 def _launcher(heads_per_program: int):
     def launch(k, qkv, qw, kw, cs, pos, n_q, n_heads, max_pos, eps):
-        k[(qkv.shape[0], -(-n_heads // heads_per_program))](
-            qkv, qw, kw, cs, pos, qkv.stride(0), cs.stride(0), n_q, n_heads, max_pos, eps)
+        k.run(qkv.shape[0], -(-n_heads // heads_per_program), 1,
+              qkv, qw, kw, cs, pos, qkv.stride(0), cs.stride(0), n_q, n_heads, max_pos, eps)
     return launch
 
 
@@ -130,7 +130,8 @@ def candidates(arch, dtype, cache_dtype, pos_dtype, head_dim, is_neox) -> list[f
     return out
 
 
-_routes = runtime.plan_cache()
+_routes = runtime.plan_cache()  # (dtypes, head_dim, style, device) -> fallback.Route
+_plans = runtime.plan_cache()  # full call signature -> (route, n_q, n_heads, max_pos) | None (empty)
 
 
 def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -141,7 +142,42 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     qkv: [tokens, (Hq + 2*Hkv) * head_dim], bf16/fp16/fp32, rows contiguous.
     q_weight, k_weight: [head_dim], qkv's dtype. cos_sin_cache: [max_pos, head_dim], qkv's dtype or
     fp32 (see the module doc). positions: [tokens], int64 or int32. Returns ``qkv``.
+
+    Validation runs in full once per signature (shapes, strides, dtypes, devices); later calls with
+    the same signature check only the addresses' alignment.
     """
+    try:
+        sig = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, q_weight.shape, q_weight.stride(), q_weight.dtype,
+               q_weight.device, k_weight.shape, k_weight.stride(), k_weight.dtype, k_weight.device,
+               cos_sin_cache.shape, cos_sin_cache.stride(), cos_sin_cache.dtype, cos_sin_cache.device,
+               positions.shape, positions.stride(), positions.dtype, positions.device,
+               num_q_heads, num_kv_heads, head_dim, bool(is_neox))
+        plan = _plans.get(sig, False)
+    except (AttributeError, TypeError):  # not tensors: the full checks say what is wrong
+        sig, plan = None, False
+    if plan is False:
+        plan = _plan(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
+                     is_neox)
+        if sig is not None:
+            _plans[sig] = plan
+    if plan is None:
+        return qkv
+    if (qkv.data_ptr() | q_weight.data_ptr() | k_weight.data_ptr() | cos_sin_cache.data_ptr()
+            | positions.data_ptr()) & 15:
+        _check_aligned(qkv, q_weight, k_weight, cos_sin_cache, positions)
+    route, n_q, n_heads, max_pos = plan
+    route(qkv, q_weight, k_weight, cos_sin_cache, positions, n_q, n_heads, max_pos, float(eps))
+    return qkv
+
+
+def _check_aligned(qkv, q_weight, k_weight, cos_sin_cache, positions):
+    for name, x in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight),
+                    ("cos_sin_cache", cos_sin_cache), ("positions", positions)):
+        checks.aligned(OP, name, x)
+
+
+def _plan(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, is_neox):
+    """Validate a call signature in full; return (route, n_q, n_heads, max_pos), or None for no tokens."""
     checks.tensor(OP, "qkv", qkv, dtypes=DTYPES, ndim=2)
     n_q, n_kv, d = int(num_q_heads), int(num_kv_heads), int(head_dim)
     if n_q < 1 or n_kv < 1 or d < 2 or d % 2:
@@ -162,21 +198,20 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     checks.unit_last_stride(OP, "cos_sin_cache", cos_sin_cache)
     checks.tensor(OP, "positions", positions, dtypes=POS_DTYPES, ndim=1, like=qkv)
     checks.shape(OP, "positions", positions, (t,))
+    if positions.shape[0] > 1 and positions.stride(0) != 1:
+        raise checks.LayoutError(f"{OP}: positions must be contiguous; pass positions.contiguous()")
     if t == 0:
-        return qkv
-    for name, x in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight),
-                    ("cos_sin_cache", cos_sin_cache), ("positions", positions)):
-        checks.aligned(OP, name, x)
+        return None
+    _check_aligned(qkv, q_weight, k_weight, cos_sin_cache, positions)
     tt = checks.TRITON_TYPE
-    sig = (qkv.dtype, cos_sin_cache.dtype, positions.dtype, d, bool(is_neox), qkv.device)
-    r = _routes.get(sig)
+    key = (qkv.dtype, cos_sin_cache.dtype, positions.dtype, d, bool(is_neox), qkv.device)
+    r = _routes.get(key)
     if r is None:
         select_arch, _ = runtime.arches_for(qkv.device)
         cands = candidates(select_arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], d,
                            bool(is_neox))
-        r = _routes[sig] = fallback.route(SPEC, cands, qkv.device, inplace=(0,))
-    r(qkv, q_weight, k_weight, cos_sin_cache, positions, n_q, n_q + n_kv, cos_sin_cache.shape[0], float(eps))
-    return qkv
+        r = _routes[key] = fallback.route(SPEC, cands, qkv.device, inplace=(0,))
+    return r, n_q, n_q + n_kv, cos_sin_cache.shape[0]
 
 
 _ARGS = (
