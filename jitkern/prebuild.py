@@ -79,8 +79,13 @@ def resolve_arches(arches: Iterable[_arch.Arch] | None) -> list[_arch.Arch]:
         ) from None
 
 
-def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], limit: int | None = None) -> list[Task]:
-    """Every (op, config, arch) the runtime can select, planned and keyed, without duplicates."""
+def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], limit: int | None = None,
+                    errors: list | None = None) -> list[Task]:
+    """Every (op, config, arch) the runtime can select, planned and keyed, without duplicates.
+
+    A configuration that cannot even be planned (its template does not render) is not a task: its
+    ``failed`` record is appended to ``errors`` (if given), and the rest goes on.
+    """
     from .build import plan
 
     specs = registry.specs(list(ops) if ops else None)
@@ -88,15 +93,26 @@ def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], lim
     seen: set[str] = set()
     for a in arches:
         for spec in specs:
-            for i, cfg in enumerate(spec.configs(a)):
+            module = getattr(spec.fn, "__module__", "") or ""
+            try:
+                cfgs = list(spec.configs(a))
+            except JitkernError as e:
+                log.warning("jitkern prebuild: %s lists no configurations for %s: %s", spec.name, a.name, e)
+                continue
+            for i, cfg in enumerate(cfgs):
                 if limit is not None and i >= limit:
                     break
-                job = plan(spec, cfg, a)
+                try:
+                    job = plan(spec, cfg, a)
+                except JitkernError as e:
+                    if errors is not None:
+                        errors.append(_record(Task(spec.name, module, cfg.variant, cfg.params, a.name, ""),
+                                              "failed", error=f"cannot plan: {e}"))
+                    continue
                 if job.key in seen:
                     continue
                 seen.add(job.key)
-                tasks.append(Task(spec.name, getattr(spec.fn, "__module__", "") or "", cfg.variant, cfg.params,
-                                  a.name, job.key))
+                tasks.append(Task(spec.name, module, cfg.variant, cfg.params, a.name, job.key))
     return tasks
 
 
@@ -104,7 +120,8 @@ def _record(task: Task, status: str, **extra) -> dict[str, Any]:
     a = _arch.get(task.arch)
     rec = {
         "op": task.op, "variant": task.variant, "arch": task.arch, "params": dict(task.params), "key": task.key,
-        "status": status, "shared_bytes": None, "budget_bytes": a.shared_mem_per_block, "seconds": None,
+        "status": status, "shared_bytes": None, "budget_bytes": a.shared_mem_per_block if a.backend else None,
+        "seconds": None,
         "error": None,
     }
     rec.update(extra)
@@ -325,13 +342,15 @@ def main(args) -> int:
     arches = resolve_arches(args.arch)
     layers = configured_layers(args.cache_dir)
     store = Store(layers)
-    tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None))
+    plan_errors: list[dict[str, Any]] = []
+    tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None), plan_errors)
     write = store.write_layer
     where = str(write.base) if write is not None else "(no writable layer)"
     print(f"jitkern prebuild: {len(tasks)} artifacts for {', '.join(a.name for a in arches)} "
           f"({', '.join(args.op) if args.op else 'all ops'}) into {where}", flush=True)
     records, interrupted = run(tasks, store, args.jobs, args.progress,
                                os.pathsep.join(str(p) for p in layers))
+    records += plan_errors
     seconds = time.perf_counter() - t0
     summary = summarize(records)
     built = sum(s["built"] for s in summary.values())
@@ -353,7 +372,7 @@ def main(args) -> int:
     print_summary(summary)
     if interrupted:
         print(f"jitkern prebuild: interrupted after {seconds:.1f} s; {built} built, "
-              f"{len(tasks) - len(records)} not built (no partial entries were left; run again to finish)",
+              f"{len(tasks) + len(plan_errors) - len(records)} not built (no partial entries were left; run again to finish)",
               file=sys.stderr)
         return 130
     if built == 0:

@@ -127,6 +127,7 @@ BAD_OP = textwrap.dedent('''
     def configs(arch):
         yield Config.make("triton", ok=True)
         yield Config.make("triton", ok=False)    # renders a module with a syntax error
+        yield Config.make("triton", other=1)     # does not render: the template needs `ok`
 
     def fn(*a):
         raise NotImplementedError
@@ -151,13 +152,14 @@ def test_failed_build_exit_status_keep_going_and_report(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "--keep-going" in r.stderr and "Traceback" not in r.stderr
     rep = json.loads((tmp_path / "r.json").read_text())
-    by_ok = {x["params"]["ok"]: x for x in rep["artifacts"]}
+    by_ok = {x["params"].get("ok"): x for x in rep["artifacts"]}
     assert by_ok[True]["status"] == "built"
     assert by_ok[False]["status"] == "failed" and "SyntaxError" in by_ok[False]["error"]
+    assert by_ok[None]["status"] == "failed" and "cannot plan" in by_ok[None]["error"] and "'ok'" in by_ok[None]["error"]
     r = subprocess.run([sys.executable, "-c", driver, "prebuild", *args, "--keep-going"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["summary"]["cpu"]["failed"] == 1
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["cpu"]["failed"] == 2
 
 
 def _processes_with(marker: str) -> list[int]:
