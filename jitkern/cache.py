@@ -480,7 +480,7 @@ class Store:
     def _damaged(self, layer: Layer, key: str, e: CorruptEntryError) -> None:
         counters.bump("corrupt_discarded")
         writable = layer is self.write_layer
-        warn_once(("corrupt", key), "jitkern cache entry %s is damaged (%s); %s", key[:16], e,
+        warn_once(("corrupt", key, str(layer.base), str(e)), "jitkern cache entry %s is damaged (%s); %s", key[:16], e,
                   "discarding it and rebuilding" if writable else "skipping it (read-only layer)")
         if writable:
             layer.discard(key)
