@@ -42,7 +42,9 @@ TUNABLES = {
 #: tokens per partition and per inner step, by arch (the interpreter uses small ones so CPU tests
 #: cover several partitions with a few dozen tokens)
 TILES = {"cpu": {"partition": 32, "block_n": 16, "num_warps": 4, "num_stages": 1}}
-DEFAULT_TILES = {"partition": 512, "block_n": 64, "num_warps": 4, "num_stages": 2}
+#: H100 sweep (tools/bench_seed_ops.py --sweep, 2026-11-23): block_n 32 is ~10x faster than 64
+#: (whose K and V tiles spill), partition 256/512/1024 and num_stages 2-4 within 1% of each other.
+DEFAULT_TILES = {"partition": 512, "block_n": 32, "num_warps": 4, "num_stages": 2}
 BLOCK_P = 16
 
 #: Written once beside the template. ``parts`` = cdiv(capacity, partition).
