@@ -181,7 +181,8 @@ def build_task(task: Task) -> dict[str, Any]:
         job = plan(spec, Config(task.variant, task.params), _arch.get(task.arch))
         if job.key != task.key:
             raise BuildError(f"{task.describe()} plans to key {job.key[:16]} in the worker but {task.key[:16]} in "
-                             "the parent: something outside the key (environment, installed packages) differs")
+                             "the parent: the op's template or code changed while prebuild ran, or the worker "
+                             "imports a different version of it; run prebuild again")
         entry, status = get_entry(job, default_store(), record_failures=True)
         return _from_entry(task, entry, status, time.perf_counter() - t0)
     except OverBudgetError as e:  # compiled, over the arch's budget: recorded, never launched
