@@ -69,6 +69,7 @@ _UNSIGNED, _SIGNED = b"\x00", b"\x01"
 _SIG_BYTES = 32
 _HEADER_LEN = struct.Struct(">I")
 _POLL_MIN, _POLL_MAX = 0.05, 0.5
+_SAY_WAITING = 10.0  # seconds of waiting on another node's build before saying so at WARNING
 
 
 # ---- the wire format -----------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class RedisRemote:
         if entry is not None or not (self.enabled and self.can_put):
             return entry, None
         token = f"{socket.gethostname()} pid {os.getpid()}:{uuid.uuid4().hex}"
-        deadline = time.monotonic() + self.lease_wait
+        began = time.monotonic()
         poll, waited = _POLL_MIN, False
         while True:
             try:
@@ -354,7 +355,11 @@ class RedisRemote:
                 waited = True
                 counters.bump("remote_waits")
                 log.info("jitkern: %s is being built by %s; waiting for the remote entry", key[:16], self._holder(key))
-            if time.monotonic() > deadline:
+            if time.monotonic() - began > _SAY_WAITING:  # silence looks like a hang
+                warn_once(("remote-waiting", self.url, key),
+                          "jitkern: still waiting for %s to build %s (%.0f s so far; up to %s=%.0f s)", self._holder(key),
+                          key[:16], _SAY_WAITING, ENV_LEASE_WAIT, self.lease_wait)
+            if time.monotonic() - began > self.lease_wait:
                 warn_once(("remote-wait", self.url, key),
                           "jitkern: waited %.0f s for another node to build %s; building it here (raise %s)",
                           self.lease_wait, key[:16], ENV_LEASE_WAIT)

@@ -301,6 +301,18 @@ def test_dead_holders_lease_expires_and_another_node_takes_over(rds, redis_serve
     assert rds.exists(remote.PREFIX + "entry:" + job.key) and not rds.exists(lease)
 
 
+def test_a_live_holder_is_waited_for_at_most_lease_wait(rds, monkeypatch, caplog):
+    job = _job()
+    rds.set(remote.PREFIX + "lease:" + job.key, "otherhost pid 1:abc", px=60_000)  # a live, slow builder
+    monkeypatch.setenv(remote.ENV_LEASE_WAIT, "0.6")
+    remote.reset()
+    t0 = time.monotonic()
+    assert get_entry(job)[1] == "built"
+    assert 0.6 <= time.monotonic() - t0 < 5
+    assert len(_warnings(caplog, "waited 1 s for another node")) == 1
+    assert rds.get(remote.PREFIX + "lease:" + job.key) == b"otherhost pid 1:abc"  # not ours to release
+
+
 # ---- the remote failing never breaks an op -----------------------------------------------------
 class _Server:
     """A loopback TCP server that accepts and then either never answers or answers garbage."""

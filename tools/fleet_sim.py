@@ -140,6 +140,7 @@ def run_phase(name: str, nodes: int, artifacts: int, url: str | None, workdir: P
             statuses[k] = statuses.get(k, 0) + v
     return {
         "phase": name, "nodes": nodes, "artifacts": artifacts, "remote": bool(url),
+        "loadavg_1min_after": round(os.getloadavg()[0], 2),  # this machine is shared: say how busy it was
         "wall_s": round(max(r["end"] for r in results) - start_at, 3),
         "node_s": sorted(round(r["end"] - r["start"], 3) for r in results),
         "compiles": total("compiles"), "remote_hits": total("remote_hits"), "remote_puts": total("remote_puts"),
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
     if args.nodes < 1 or args.artifacts < 1:
         ap.error("--nodes and --artifacts must be positive")
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     workdir = Path(tempfile.mkdtemp(prefix="jitkern-fleet-"))
     proc, url, client = start_redis(workdir)
     phases = []
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
     }
     report = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_before": load_before},
         "arches": ARCHES, "op": "rms_norm", "phases": phases, "checks": checks,
         "command": " ".join([os.path.basename(sys.executable), "tools/fleet_sim.py", *(argv or sys.argv[1:])]),
     }
