@@ -27,7 +27,8 @@ from jitkern.errors import UntrustedEntryError
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (apt-get install redis-server)")
-redis = pytest.importorskip("redis") if REDIS else None
+if REDIS:
+    import redis  # the client comes with jitkern[test] (and jitkern[redis])
 ROOT = Path(__file__).resolve().parents[1]
 
 
