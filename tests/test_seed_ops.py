@@ -244,3 +244,14 @@ def test_seed_ops_on_gpu_at_decode_shapes(launches):
     r = mqa.reference(q2, kv, w2, l2, bt2, max_len)
     assert torch.equal(torch.isinf(y), torch.isinf(r))
     torch.testing.assert_close(y, r, rtol=3e-2, atol=5e-1)
+
+
+def test_seed_ops_trace_under_torch_compile_without_graph_break():
+    import jitkern.ops as ops
+
+    cache = _paged(10, 16, 2, 8)
+    bt = torch.randperm(10, generator=torch.Generator().manual_seed(3)).int().view(2, 5)
+    cu = torch.tensor([0, 20, 53], dtype=torch.int32)
+    f = torch.compile(lambda c, b, u: ops.gather_kv_cache(c, b, u, num_tokens=53) * 2, fullgraph=True,
+                      backend="aot_eager")
+    assert torch.equal(f(cache, bt, cu), gkv.reference(cache, bt, cu) * 2)

@@ -9,6 +9,7 @@ and returns an empty tensor without a launch.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -59,8 +60,10 @@ def configs(arch):
 _plans = runtime.plan_cache()
 
 
-def gather_kv_cache(kv_cache, block_table, cu_seq_lens, num_tokens: int | None = None, out=None):
-    """Gather committed tokens; ``num_tokens`` (= ``cu_seq_lens[-1]``) avoids a device sync when given."""
+def gather_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
+                    num_tokens: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gather committed tokens; ``num_tokens`` (= ``cu_seq_lens[-1]``) avoids a device sync when given
+    (and is needed under torch.compile unless ``out`` is passed)."""
     checks.tensor(OP, "kv_cache", kv_cache, dtypes=DTYPES)
     if kv_cache.dim() < 3:
         raise checks.ShapeError(f"{OP}: kv_cache must be [num_blocks, page_size, *entry], got {tuple(kv_cache.shape)}")
@@ -100,6 +103,12 @@ def gather_kv_cache(kv_cache, block_table, cu_seq_lens, num_tokens: int | None =
     return bufs.result("out")
 
 
+def alloc(kv_cache, block_table, cu_seq_lens, num_tokens=None, out=None):
+    """The ``out`` gather_kv_cache allocates (torch.compile path; traced, so plain torch calls)."""
+    n = int(cu_seq_lens[-1]) if num_tokens is None else num_tokens
+    return {"out": torch.empty((n, *kv_cache.shape[2:]), dtype=kv_cache.dtype, device=kv_cache.device)}
+
+
 SPEC = registry.register(OpSpec(
     name=OP,
     variants=(Variant(
@@ -119,4 +128,6 @@ SPEC = registry.register(OpSpec(
     configs=configs,
     doc=__doc__,
     extra={"contract": CONTRACT},
+    outputs=("out",),
+    alloc=alloc,
 ))

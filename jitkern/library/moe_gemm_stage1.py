@@ -20,6 +20,8 @@ seed 003) and ``JITKERN_MOE_GEMM_STAGE1_BLOCK_N=...``-style overrides.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import checks, constraints, registry, runtime
@@ -148,8 +150,10 @@ def configs(arch):
 _plans = runtime.plan_cache()
 
 
-def moe_gemm_stage1(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk: int,
-                    activation: str = "silu", split_k: int | None = None, out=None, scratch=None):
+def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
+                    num_tokens_post_padded: torch.Tensor, topk: int, activation: str = "silu",
+                    split_k: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                    scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gate-up GEMM + activation for every (token, slot) pair. ``split_k``: None = automatic."""
     checks.tensor(OP, "x", x, dtypes=DTYPES, ndim=2)
     checks.tensor(OP, "w1", w1, ndim=3, like=x)
@@ -220,6 +224,12 @@ def moe_gemm_stage1(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded,
     return bufs.result("out")
 
 
+def alloc(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation="silu", split_k=None,
+          out=None, scratch=None):
+    """The ``out`` moe_gemm_stage1 allocates (torch.compile path)."""
+    return {"out": torch.empty(x.shape[0] * topk, w1.shape[1] // 2, dtype=x.dtype, device=x.device)}
+
+
 _GEMM_ARGS = (
     Arg("x_ptr", "*{dtype}"), Arg("w_ptr", "*{dtype}"), Arg("ids_ptr", "*i32"), Arg("eid_ptr", "*i32"),
     Arg("npad_ptr", "*i32"), Arg("out_ptr", "*{dtype}"), Arg("scratch_ptr", "*fp32"),
@@ -246,4 +256,7 @@ SPEC = registry.register(OpSpec(
     configs=configs,
     doc=__doc__,
     extra={"contract": CONTRACT, "stages": ("gemm", "splitk_reduce"), "tunables": TUNABLES},
+    mutates=("scratch",),
+    outputs=("out",),
+    alloc=alloc,
 ))

@@ -19,6 +19,7 @@ past it are not read (the grid ends there), so the kernel never reads past ``blo
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -138,8 +139,9 @@ class _Plan:
         return self._kernels
 
 
-def paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: float | None = None,
-                           max_context_len: int | None = None, out=None, workspace=None):
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: Optional[float] = None, max_context_len: Optional[int] = None,
+                           out: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention over a paged KV cache. ``workspace``: fp32, at least ``workspace_nbytes`` bytes."""
     checks.tensor(OP, "q", q, dtypes=DTYPES, ndim=3)
     checks.tensor(OP, "k_cache", k_cache, ndim=4, like=q)
@@ -198,6 +200,11 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     return bufs.result("out")
 
 
+def alloc(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context_len=None, out=None, workspace=None):
+    """The ``out`` paged_attention_decode allocates (torch.compile path)."""
+    return {"out": torch.empty_like(q)}
+
+
 _PARTITION_ARGS = (
     Arg("q_ptr", "*{dtype}"), Arg("k_ptr", "*{dtype}"), Arg("v_ptr", "*{dtype}"), Arg("bt_ptr", "*i32"),
     Arg("lens_ptr", "*i32"), Arg("ws_o_ptr", "*fp32"), Arg("ws_ml_ptr", "*fp32"),
@@ -222,4 +229,7 @@ SPEC = registry.register(OpSpec(
     configs=configs,
     doc=__doc__,
     extra={"contract": CONTRACT, "stages": ("partition", "combine"), "tunables": TUNABLES},
+    mutates=("workspace",),
+    outputs=("out",),
+    alloc=alloc,
 ))

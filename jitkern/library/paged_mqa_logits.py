@@ -11,6 +11,8 @@ the last tile of a row runs past the row end and its stores are masked (seed 001
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import checks, registry, runtime
@@ -72,7 +74,8 @@ def configs(arch):
 _plans = runtime.plan_cache()
 
 
-def paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, max_model_len: int, out=None):
+def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                     block_tables: torch.Tensor, max_model_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indexer logits into ``out`` [batch * next_n, max_model_len] fp32 (allocated if not given)."""
     checks.tensor(OP, "q", q, dtypes=DTYPES, ndim=4)
     checks.tensor(OP, "kv_cache", kv_cache, ndim=3, like=q)
@@ -119,6 +122,11 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, max_model
     return bufs.result("out")
 
 
+def alloc(q, kv_cache, weights, context_lens, block_tables, max_model_len, out=None):
+    """The ``out`` paged_mqa_logits allocates (torch.compile path)."""
+    return {"out": torch.empty(q.shape[0] * q.shape[1], max_model_len, dtype=torch.float32, device=q.device)}
+
+
 SPEC = registry.register(OpSpec(
     name=OP,
     variants=(Variant(
@@ -138,4 +146,6 @@ SPEC = registry.register(OpSpec(
     configs=configs,
     doc=__doc__,
     extra={"contract": CONTRACT},
+    outputs=("out",),
+    alloc=alloc,
 ))
