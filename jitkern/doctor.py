@@ -23,7 +23,7 @@ from typing import Any
 from . import arch as _arch
 from . import registry
 from .cache import Store, default_store
-from .errors import ArchError, JitkernError
+from .errors import ArchError, CorruptEntryError, JitkernError
 
 
 def doctor_arch():
@@ -32,6 +32,16 @@ def doctor_arch():
         return _arch.current(), ""
     except ArchError as e:
         return _arch.ARCHES["cpu"], f"no GPU ({e}); showing the CPU interpreter route"
+
+
+def _peek(store: Store, key: str):
+    """The first sound entry for ``key`` in any layer, read only: nothing is created, discarded or stamped."""
+    for layer in store.layers:
+        try:
+            return layer.verify(key)
+        except (FileNotFoundError, CorruptEntryError):
+            continue
+    return None
 
 
 def _first_configs(spec, a) -> dict[str, Any]:
@@ -63,7 +73,7 @@ def variant_report(spec, a, store: Store | None = None) -> list[dict[str, Any]]:
             continue
         try:
             job = plan(spec, cfg, a)
-            entry = store.lookup(job.key)
+            entry = _peek(store, job.key)
         except JitkernError as e:
             rec.update(status="failed", why=f"cannot be planned: {e}")
             out.append(rec)
