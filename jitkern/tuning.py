@@ -249,9 +249,10 @@ def tune_op(op: str, shapes, dtype: str = "bf16", *, b_trans: bool = False, forc
     from .errors import NoDeviceError
 
     spec = registry.get(op)
-    bucket_of, make = spec.extra.get("bucket"), spec.extra.get("tune_args")
+    bucket_of, make = spec.extra.get("tuning_bucket"), spec.extra.get("tune_args")
     if bucket_of is None or make is None:
-        raise ConfigError(f"op {op!r} cannot be tuned: its spec declares no 'bucket' and 'tune_args' in extra")
+        raise ConfigError(f"op {op!r} cannot be tuned: its spec declares no 'tuning_bucket' and 'tune_args' in "
+                          f"extra")
     if device is None:
         if not torch.cuda.is_available():
             raise NoDeviceError("tuning measures kernels on a GPU and none was found; run `jitkern tune` on the "
@@ -260,7 +261,7 @@ def tune_op(op: str, shapes, dtype: str = "bf16", *, b_trans: bool = False, forc
     _, arch = runtime.arches_for(device)
     groups: dict[str, list] = {}
     for shape in shapes:
-        groups.setdefault(bucket_of(shape[0]), []).append(tuple(shape))
+        groups.setdefault(bucket_of(shape, b_trans), []).append(tuple(shape))
     records = []
     for b, group in groups.items():
         if force:

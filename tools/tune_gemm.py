@@ -84,9 +84,9 @@ def tune(shapes_text, dtype, b_trans, write_table):
         arch_name = records[0]["arch"]
         doc = json.loads(path.read_text()) if path.is_file() else {}
         doc["arch"] = arch_name
-        doc["source"] = (f"tuned on {records[0]['device']} with tools/tune_gemm.py --shapes {shapes_text}, "
-                         f"triton {records[0]['fingerprint']['compiler']['triton']}, {records[0]['created']}; "
-                         f"{'fp16 uses the bf16 winners (same 16-bit tile economics)' if dtype == 'bf16' else ''}")
+        doc["source"] = ("tuned with tools/tune_gemm.py (device, shapes, triton version and date per entry; "
+                         "<bucket>_nk: B = w.t() of a row-major [N, K] weight; fp16 entries marked from=bf16 reuse "
+                         "the bf16 winners: same 16-bit tile economics)")
         ops = doc.setdefault("ops", {}).setdefault("gemm", {})
         for rec in records:
             ops.setdefault(dtype, {})[rec["bucket"]] = tuning.table_entry(rec)

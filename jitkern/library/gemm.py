@@ -57,7 +57,8 @@ CANDIDATES = {
     "m128": (_t(64, 64, 128, 1, 4, 7), _t(64, 64, 128, 1, 4, 4), _t(64, 64, 128, 1, 4, 3), _t(128, 64, 64, 1, 4, 3),
              _t(64, 32, 128, 1, 4, 3), _t(32, 64, 64, 1, 4, 2)),
     "large": (_t(128, 256, 64, 8, 8, 4), _t(128, 256, 64, 8, 8, 3), _t(256, 128, 64, 8, 8, 3), _t(128, 128, 64, 8, 8, 4),
-              _t(128, 128, 64, 8, 4, 3), _t(256, 256, 64, 8, 8, 2), _t(128, 128, 64, 8, 4, 2), _t(64, 64, 64, 8, 4, 2)),
+              _t(128, 128, 64, 8, 4, 3), _t(256, 128, 64, 8, 8, 4), _t(128, 128, 128, 8, 8, 3), _t(256, 256, 64, 8, 8, 2),
+              _t(128, 128, 64, 8, 4, 2), _t(64, 64, 64, 8, 4, 2)),
 }
 
 
@@ -81,12 +82,21 @@ def config(dtype: str, b_trans: bool, aligned: bool, tile: dict) -> Config:
                        **{k: tile[k] for k in TILE_PARAMS})
 
 
-def candidates(arch, dtype: str, bucket_name: str, tuned: bool = True) -> list[dict]:
+def tuning_bucket(bucket_name: str, b_trans: bool) -> str:
+    """The bucket name tuning records use: B's layout changes which tile wins, so ``w.t()``
+    operands (unit stride along K) are tuned apart, as ``<bucket>_nk``."""
+    return f"{bucket_name}_nk" if b_trans else bucket_name
+
+
+def candidates(arch, dtype: str, bucket_name: str, tuned: bool = True, b_trans: bool = False) -> list[dict]:
     """Tile candidates for ``arch`` (name or Arch) in order: tuned winner first (unless ``tuned`` is
-    False), then the bucket's list; pins and ``JITKERN_GEMM_*`` overrides applied, rule breakers
-    dropped."""
+    False; for ``b_trans`` the ``_nk`` winner, else the row-major one), then the bucket's list; pins
+    and ``JITKERN_GEMM_*`` overrides applied, rule breakers dropped."""
     name = getattr(arch, "name", arch)
-    tuned = tuning.lookup(name, OP, dtype, bucket_name) if tuned else None
+    if tuned:
+        tuned = tuning.lookup(name, OP, dtype, tuning_bucket(bucket_name, b_trans))
+        if tuned is None and b_trans:
+            tuned = tuning.lookup(name, OP, dtype, bucket_name)
     listed = ([tuned] if tuned else []) + [dict(t, dtype=dtype) for t in CANDIDATES[bucket_name]]
     found = constraints.apply(name, OP, [dict(t, dtype=dtype) for t in listed], TUNABLES)
     return [{k: t[k] for k in TILE_PARAMS} for t in found]
@@ -105,7 +115,7 @@ def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, s
 
     strides = (k, n if not b_trans else k, n) if strides is None else strides
     rejected = []
-    for tile in candidates(arch, dtype, bucket(m), tuned):
+    for tile in candidates(arch, dtype, bucket(m), tuned, b_trans):
         cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
         if arch.backend is None:
             return cfg, rejected
@@ -125,12 +135,12 @@ def configs(arch):
     seen = set()
     for dtype in ("bf16", "fp16"):
         for b_name, _ in BUCKETS:
-            try:
-                tiles = candidates(arch, dtype, b_name)
-            except Exception:  # a bad override is reported by the op at call time; prebuild skips it
-                continue
-            for tile in tiles:
-                for b_trans in (False, True):
+            for b_trans in (False, True):
+                try:
+                    tiles = candidates(arch, dtype, b_name, b_trans=b_trans)
+                except Exception:  # a bad override is reported by the op at call time; prebuild skips it
+                    continue
+                for tile in tiles:
                     for aligned in (True, False):
                         cfg = config(dtype, b_trans, aligned, tile)
                         if cfg not in seen:
@@ -153,12 +163,13 @@ def _select(dtype: str, device, m: int, n: int, k: int, b_trans: bool, strides):
     select_arch, build_arch = runtime.arches_for(device)
     b_name = bucket(m)
     if tuning.autotune_enabled() and build_arch.backend is not None:
-        tuning.ensure_tuned(SPEC, build_arch, dtype, b_name, lambda: tune_args(dtype, [(m, n, k)], b_trans, device))
+        tuning.ensure_tuned(SPEC, build_arch, dtype, tuning_bucket(b_name, b_trans),
+                            lambda: tune_args(dtype, [(m, n, k)], b_trans, device))
     if select_arch is not build_arch and select_arch.backend is not None:
         cfg, _ = choose(select_arch, dtype, m, n, k, b_trans, strides=strides)  # as it would run there
         tile = {p: cfg.p[p] for p in TILE_PARAMS}
         return cfg, runtime.kernel(SPEC, config(dtype, b_trans, cfg.p["aligned"], tile), device)
-    for tile in candidates(select_arch, dtype, b_name):
+    for tile in candidates(select_arch, dtype, b_name, b_trans=b_trans):
         cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
         k_ = _launchable(cfg, device)
         if k_ is not None:
@@ -185,7 +196,7 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
     _, build_arch = runtime.arches_for(device)
     m0, n0, k0 = shapes[0]
     cfgs = []
-    for t in candidates(build_arch, dtype, bucket(m0)):
+    for t in candidates(build_arch, dtype, bucket(m0), b_trans=b_trans):
         cfg = config(dtype, b_trans, tile_aligned(t, n0, k0, tensors[0][3]), t)
         if cfg not in cfgs:
             cfgs.append(cfg)
@@ -279,7 +290,8 @@ SPEC = registry.register(OpSpec(
     reference=reference,
     configs=configs,
     doc=__doc__,
-    extra={"tunables": TUNABLES, "buckets": BUCKETS, "tune_args": tune_args, "bucket": bucket},
+    extra={"tunables": TUNABLES, "buckets": BUCKETS, "tune_args": tune_args,
+           "tuning_bucket": lambda shape, b_trans=False: tuning_bucket(bucket(shape[0]), b_trans)},
     outputs=("out",),
     alloc=alloc,
 ))
