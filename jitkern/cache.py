@@ -181,7 +181,6 @@ class Layer:
     def __init__(self, root: Path):
         self.base = Path(root)
         self.root = self.base / f"v{FORMAT_VERSION}"
-        self._secure = False
 
     def __repr__(self):
         return f"Layer({str(self.base)!r})"
@@ -205,10 +204,8 @@ class Layer:
     def check_secure(self) -> None:
         """Raise ``InsecureCacheError`` if another user could change what this layer loads.
 
-        Checks the layer directory, ``v<N>/`` and ``entries/`` (those that exist); the result is kept
-        for the life of the ``Layer`` once it passes."""
-        if self._secure:
-            return
+        Checks the layer directory, ``v<N>/`` and ``entries/`` (those that exist): three ``stat`` calls,
+        made on every lookup (lookups happen once per kernel and process), so a change is seen."""
         for d in (self.base, self.root, self.root / "entries"):
             try:
                 st = os.lstat(d) if d is not self.base else os.stat(d)
@@ -226,7 +223,6 @@ class Layer:
                     f"refusing to load kernels from the jitkern cache at {self.base}: {d} could be changed by another "
                     f"user ({why}), and a loaded kernel runs with your rights. Fix: 'chmod -R go-w {self.base}' "
                     f"(and chown it to yourself), or set JITKERN_CACHE_DIR to a directory only you can write")
-        self._secure = True
 
     def _check_parents(self, key: str) -> None:
         """``entries/<xx>/`` must be a real, private directory (``check_secure`` covers those above)."""
