@@ -79,7 +79,7 @@ class Session:
             cols = shape[-1]
             rows = math.prod(shape[:-1])
             pad = -(-ROW_GUARD_BYTES // el)
-            while ((cols + pad) * el) % 16:
+            while (cols + pad) % 16:  # row stride a multiple of 16 elements: kernels stay specialised
                 pad += 1
             pitch = (cols + pad) * el
             nbytes = rows * pitch

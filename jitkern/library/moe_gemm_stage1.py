@@ -103,13 +103,14 @@ def reference(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk:
     return y
 
 
-def gemm_config(dtype, activation, split, params) -> Config:
-    return Config.make("gemm", dtype=dtype, activation=activation, split_k=split, **params)
+def gemm_config(dtype, activation, split, params, aligned=True) -> Config:
+    """``aligned``: strides, N and K are multiples of 16 elements (16-byte vector loads of weights)."""
+    return Config.make("gemm", dtype=dtype, activation=activation, split_k=split, aligned=aligned, **params)
 
 
-def reduce_config(dtype, activation, params) -> Config:
+def reduce_config(dtype, activation, params, aligned=True) -> Config:
     return Config.make("splitk_reduce", dtype=dtype, activation=activation, block_m=params["block_m"],
-                       block_n=params["block_n"], num_warps=4)
+                       block_n=params["block_n"], num_warps=4, aligned=aligned)
 
 
 def _candidates(arch_name: str, block_m: int) -> list[dict]:
@@ -142,9 +143,10 @@ def configs(arch):
     for params in constraints.apply(arch.name, OP, cands, TUNABLES):
         for dtype in ("bf16", "fp16"):
             for act in ACTIVATIONS:
-                yield gemm_config(dtype, act, False, params)
-                yield gemm_config(dtype, act, True, params)
-                yield reduce_config(dtype, act, params)
+                for aligned in (True, False):
+                    yield gemm_config(dtype, act, False, params, aligned)
+                    yield gemm_config(dtype, act, True, params, aligned)
+                    yield reduce_config(dtype, act, params, aligned)
 
 
 _plans = runtime.plan_cache()
@@ -180,13 +182,15 @@ def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.T
     pairs = tokens * int(topk)
     select_arch, _ = runtime.arches_for(x.device)
     empty = pairs == 0 or n == 0 or size == 0
-    sig = (x.dtype, x.device, align_m, activation)
+    aligned = all(v % 16 == 0 for v in (x.stride(0), w1.stride(0), w1.stride(1), n, k))
+    sig = (x.dtype, x.device, align_m, activation, aligned)
     plan = _plans.get(sig)
     if plan is None and not empty:
         params = tiles(select_arch.name, align_m)
         dt = checks.TRITON_TYPE[x.dtype]
-        plan = _plans[sig] = (params, gemm_config(dt, activation, False, params),
-                              gemm_config(dt, activation, True, params), reduce_config(dt, activation, params))
+        plan = _plans[sig] = (params, gemm_config(dt, activation, False, params, aligned),
+                              gemm_config(dt, activation, True, params, aligned),
+                              reduce_config(dt, activation, params, aligned))
     if split_k is None:
         split_k = 1
         if not empty and select_arch.backend is not None:
@@ -233,14 +237,14 @@ def alloc(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, act
 _GEMM_ARGS = (
     Arg("x_ptr", "*{dtype}"), Arg("w_ptr", "*{dtype}"), Arg("ids_ptr", "*i32"), Arg("eid_ptr", "*i32"),
     Arg("npad_ptr", "*i32"), Arg("out_ptr", "*{dtype}"), Arg("scratch_ptr", "*fp32"),
-    Arg("stride_x", "i64"), Arg("stride_we", "i64"), Arg("stride_wn", "i64"), Arg("stride_out", "i64"),
-    Arg("num_pairs", "i32"), Arg("topk", "i32"), Arg("sorted_size", "i32"), Arg("N", "i32"), Arg("K", "i32"),
-    Arg("k_per_split", "i32"), Arg("align_m", "i32"),
+    *(Arg(n, "i64", divisible_if="aligned") for n in ("stride_x", "stride_we", "stride_wn", "stride_out")),
+    Arg("num_pairs", "i32"), Arg("topk", "i32"), Arg("sorted_size", "i32"), Arg("N", "i32", divisible_if="aligned"),
+    Arg("K", "i32", divisible_if="aligned"), Arg("k_per_split", "i32", divisible_if="aligned"), Arg("align_m", "i32"),
 )
 _REDUCE_ARGS = (
     Arg("ids_ptr", "*i32"), Arg("npad_ptr", "*i32"), Arg("scratch_ptr", "*fp32"), Arg("out_ptr", "*{dtype}"),
-    Arg("stride_out", "i64"), Arg("num_pairs", "i32"), Arg("sorted_size", "i32"), Arg("N", "i32"),
-    Arg("n_split", "i32"),
+    Arg("stride_out", "i64", divisible_if="aligned"), Arg("num_pairs", "i32"), Arg("sorted_size", "i32"),
+    Arg("N", "i32", divisible_if="aligned"), Arg("n_split", "i32"),
 )
 
 SPEC = registry.register(OpSpec(

@@ -56,10 +56,11 @@ def reference(q, kv_cache, weights, context_lens, block_tables, max_model_len: i
     return y
 
 
-def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=True) -> Config:
+def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=True, aligned=True) -> Config:
+    """``aligned``: every stride is a multiple of 16 elements (16-byte vector loads and stores)."""
     return Config.make("triton", dtype=dtype, page_size=page_size, heads=heads, head_dim=head_dim, next_n=next_n,
                        block_t=BLOCK_T.get(arch_name, DEFAULT_BLOCK_T), mask_stores=mask_stores, num_warps=4,
-                       num_stages=2)
+                       num_stages=2, aligned=aligned)
 
 
 def configs(arch):
@@ -68,7 +69,8 @@ def configs(arch):
             for heads in HEADS:
                 for d in HEAD_DIMS:
                     for nn in NEXT_N:
-                        yield config(dtype, page, heads, d, nn, arch.name)
+                        for aligned in (True, False):
+                            yield config(dtype, page, heads, d, nn, arch.name, aligned=aligned)
 
 
 _plans = runtime.plan_cache()
@@ -107,17 +109,17 @@ def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Ten
     o = bufs["out"]
     for name, t in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("out", o)):
         checks.aligned(OP, name, t)
-    select_arch, _ = runtime.arches_for(q.device)
-    sig = (q.dtype, q.device, page, h, d, nn, MASK_STORES)
+    strides = (q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), weights.stride(0),
+               o.stride(0), block_tables.stride(0))
+    aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
+    sig = (q.dtype, q.device, page, h, d, nn, MASK_STORES, aligned)
     k = _plans.get(sig)
     if k is None:
-        cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, select_arch.name, MASK_STORES)
+        select_arch, _ = runtime.arches_for(q.device)
+        cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, select_arch.name, MASK_STORES, aligned)
         k = _plans[sig] = runtime.kernel(SPEC, cfg, q.device)
     block_t = k.job.config.p["block_t"]
-    k[(b, -(-max_model_len // block_t))](q, kv_cache, weights, context_lens, block_tables, o,
-                                         q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0),
-                                         kv_cache.stride(1), weights.stride(0), block_tables.stride(0),
-                                         o.stride(0), max_model_len)
+    k[(b, -(-max_model_len // block_t))](q, kv_cache, weights, context_lens, block_tables, o, *strides, max_model_len)
     bufs.finish(k)
     return bufs.result("out")
 
@@ -135,9 +137,10 @@ SPEC = registry.register(OpSpec(
         kernel="paged_mqa_logits_kernel",
         args=(
             Arg("q_ptr", "*{dtype}"), Arg("k_ptr", "*{dtype}"), Arg("w_ptr", "*fp32"), Arg("lens_ptr", "*i32"),
-            Arg("bt_ptr", "*i32"), Arg("out_ptr", "*fp32"), Arg("stride_qb", "i64"), Arg("stride_qn", "i64"),
-            Arg("stride_qh", "i64"), Arg("stride_kb", "i64"), Arg("stride_kt", "i64"), Arg("stride_w", "i64"),
-            Arg("stride_bt", "i64"), Arg("stride_out", "i64"), Arg("max_model_len", "i32"),
+            Arg("bt_ptr", "*i32"), Arg("out_ptr", "*fp32"),
+            *(Arg(n, "i64", divisible_if="aligned") for n in ("stride_qb", "stride_qn", "stride_qh", "stride_kb",
+                                                               "stride_kt", "stride_w", "stride_out")),
+            Arg("stride_bt", "i64"), Arg("max_model_len", "i32"),
         ),
     ),),
     template_dir=builtin_template_dir() / OP,
