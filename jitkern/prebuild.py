@@ -284,8 +284,10 @@ def _sweep_tmp(store: Store, pids: set[int]) -> int:
 
 
 def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str = "auto",
-        layers_env: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-    """Build ``tasks`` (cached ones are only looked up). Returns (records, interrupted)."""
+        layers_env: str | None = None) -> tuple[list[dict[str, Any]], bool, float]:
+    """Build ``tasks`` (cached ones are only looked up).
+
+    Returns (records, interrupted, build seconds: from starting the workers to the last result)."""
     records: list[dict[str, Any]] = []
     pending: list[Task] = []
     for t in tasks:
@@ -295,7 +297,7 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
         else:
             pending.append(t)
     if not pending:
-        return records, False
+        return records, False, 0.0
     if store.write_layer is None:
         raise CacheError(f"no writable layer in {[str(layer.base) for layer in store.layers]}; "
                          "prebuild needs one (--cache-dir DIR or JITKERN_CACHE_DIR)")
@@ -312,6 +314,7 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
         triton_cache = tempfile.mkdtemp(prefix="triton-cache-", dir=store.write_layer.root / "tmp")
     bar = _Progress(len(pending), progress)
     ctx = multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()
     pool = ctx.Pool(jobs, initializer=_worker_init,
                     initargs=(layers_env, logging.getLogger("jitkern").level, triton_cache))
     interrupted = False
@@ -332,7 +335,7 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
         pool.join()
         if triton_cache:
             shutil.rmtree(triton_cache, ignore_errors=True)
-    return records, interrupted
+    return records, interrupted, time.perf_counter() - t0
 
 
 def main(args) -> int:
@@ -349,8 +352,8 @@ def main(args) -> int:
     where = str(write.base) if write is not None else "(no writable layer)"
     print(f"jitkern prebuild: {len(tasks)} artifacts for {', '.join(a.name for a in arches)} "
           f"({', '.join(args.op) if args.op else 'all ops'}) into {where}", flush=True)
-    records, interrupted = run(tasks, store, args.jobs, args.progress,
-                               os.pathsep.join(str(p) for p in layers))
+    records, interrupted, build_seconds = run(tasks, store, args.jobs, args.progress,
+                                              os.pathsep.join(str(p) for p in layers))
     records += plan_errors
     seconds = time.perf_counter() - t0
     summary = summarize(records)
@@ -362,7 +365,8 @@ def main(args) -> int:
         report = {
             "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in arches],
             "ops": list(args.op or registry.names()), "cache_layers": [str(p) for p in layers],
-            "jobs": args.jobs or os.cpu_count(), "seconds": round(seconds, 3), "interrupted": interrupted,
+            "jobs": args.jobs or os.cpu_count(), "seconds": round(seconds, 3),
+            "build_seconds": round(build_seconds, 3), "interrupted": interrupted,
             "summary": summary, "artifacts": sorted(records, key=lambda r: (r["arch"], r["op"], r["key"])),
         }
         path = Path(args.report)
