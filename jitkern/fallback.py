@@ -68,7 +68,12 @@ def failure_record(job: Job, err: BuildError) -> tuple[dict[str, bytes], dict[st
 
 
 def record_failure(store: Store, job: Job, err: BuildError) -> RecordedBuildFailure:
-    """Publish the failure record for ``job`` (the caller holds the key's lock); return the error to raise."""
+    """Publish the failure record for ``job`` (the caller holds the key's lock); return the error to raise.
+
+    Transient failures (``err.transient``: a build that ran past its time limit) are not recorded:
+    this process skips the variant, the next one tries again."""
+    if getattr(err, "transient", False):
+        return err
     counters.bump("failures_recorded")
     files, meta = failure_record(job, err)
     try:

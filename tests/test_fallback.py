@@ -203,6 +203,26 @@ def test_doctor_names_active_variant_and_why_earlier_ones_are_not(cache_dir):
     assert gpu["triton"].get("active")
 
 
+def test_build_time_limit_kills_the_compiler_and_is_not_recorded(cache_dir, tmp_path, monkeypatch, caplog):
+    import time
+
+    caplog.set_level(logging.WARNING, logger="jitkern")
+    slow = tmp_path / "slow-c++"
+    real = cpp.find_cxx()
+    # answers --version at once (the key asks it); a compile sleeps first, in a child process of sh
+    slow.write_text(f'#!/bin/sh\ncase "$1" in --version) exec {real} "$@";; esac\nsleep 60\nexec {real} "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setenv("CXX", str(slow))
+    monkeypatch.setenv("JITKERN_BUILD_TIMEOUT", "1")
+    route = fallback_op.make_route(fallback_op.make_spec("fb_timeout", ("good", "triton")))
+    t0 = time.monotonic()
+    assert route(torch.ones(10)) == "triton"
+    assert time.monotonic() - t0 < 30  # the whole process group was killed, not waited for
+    msg = fallback_warnings(caplog, "fb_timeout")[0].getMessage()
+    assert "timed out after 1 s" in msg
+    assert fallback.failures(default_store()) == []  # a slow machine is not a broken variant
+
+
 def test_first_error_line():
     log = "In file included from a.cu:1:\nb.h:3:10: fatal error: nope.h: No such file or directory\nx\n"
     assert cpp.first_error_line(log) == "b.h:3:10: fatal error: nope.h: No such file or directory"

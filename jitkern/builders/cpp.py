@@ -86,6 +86,39 @@ def tool_version(path: str | None) -> str | None:
     return _version(os.path.realpath(path), st.st_mtime_ns)
 
 
+_TIMED_OUT = -9999
+
+
+def _run_compiler(cmd: list[str], cwd: str, limit: float) -> tuple[str, int]:
+    """Run a compiler in its own process group; past ``limit`` seconds the whole group is killed
+    (nvcc and hipcc start further processes, which would otherwise keep running and hold the pipe)."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                start_new_session=True)
+    except OSError as e:
+        return f"error: could not run {cmd[0]}: {e}\n", -1
+    try:
+        text, _ = proc.communicate(timeout=limit)
+        return text, proc.returncode
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        text, _ = proc.communicate()
+        return (text or "") + f"\nerror: build timed out after {limit:g} s (JITKERN_BUILD_TIMEOUT)\n", _TIMED_OUT
+    except BaseException:  # KeyboardInterrupt: leave no compiler behind
+        _kill_group(proc)
+        proc.communicate()
+        raise
+
+
+def _kill_group(proc) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
 def _env_flags(name: str) -> list[str]:
     return shlex.split(os.environ.get(name, ""))
 
@@ -222,22 +255,15 @@ class Toolchain:
             counters.bump("compiler_runs")
             t0 = time.perf_counter()
             limit = build_timeout()
-            try:
-                r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   timeout=limit, cwd=d)
-                text, rc = r.stdout, r.returncode
-            except subprocess.TimeoutExpired as e:
-                out_text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-                text = out_text + f"\nerror: build timed out after {limit:.0f} s (JITKERN_BUILD_TIMEOUT)\n"
-                rc = -1
-            except OSError as e:
-                text, rc = f"error: could not run {comp}: {e}\n", -1
+            text, rc = _run_compiler(cmd, d, limit)
             dt = time.perf_counter() - t0
             log_text = f"{header}{text}\n[exit status {rc}, {dt:.2f} s]\n"
             if rc != 0 or not out.is_file():
                 line = first_error_line(text)
-                raise BuildError(f"{self.kind} build of {job.describe()} failed: {line}", reason=line,
+                err = BuildError(f"{self.kind} build of {job.describe()} failed: {line}", reason=line,
                                  log_text=log_text)
+                err.transient = rc == _TIMED_OUT  # a slow machine, not a broken variant: not recorded
+                raise err
             binary = out.read_bytes()
         files = {self.source_name: job.source.encode(), self.binary_name: binary, LOG_FILE: log_text.encode()}
         return files, {"compiler": comp, "compile_seconds": round(dt, 3), "binary": self.binary_name}
