@@ -209,8 +209,8 @@ class Layer:
         for d in (self.base, self.root, self.root / "entries"):
             try:
                 st = os.lstat(d) if d is not self.base else os.stat(d)
-            except FileNotFoundError:
-                return  # nothing below a missing directory can be loaded
+            except (FileNotFoundError, NotADirectoryError):
+                return  # nothing below a missing directory (or a file) can be loaded
             except OSError as e:
                 raise InsecureCacheError(f"cannot inspect jitkern cache directory {d}: {e}") from None
             if stat.S_ISLNK(st.st_mode):
@@ -229,7 +229,7 @@ class Layer:
         d = self.root / "entries" / key[:2]
         try:
             st = os.lstat(d)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise InsecureCacheError(f"jitkern cache directory {d} is not a real directory (a link or a file); "

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DeviceError, DTypeError, LayoutError, ShapeError
+import math
+
+from .errors import ArgumentError, DeviceError, DTypeError, LayoutError, ShapeError
+
+#: Kernel size and index arguments are 32-bit (``i32``) and grids are bounded by it.
+MAX_I32 = 2**31 - 1
 
 #: torch dtype -> Triton type name
 TRITON_TYPE = {
@@ -24,6 +29,9 @@ def tensor(op: str, name: str, t, *, dtypes=None, ndim=None, like=None):
     """Check that ``t`` is a tensor with an allowed dtype/ndim, on the same device as ``like``."""
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise LayoutError(f"{op}: {name} is a {str(t.layout).replace('torch.', '')} tensor; kernels take dense "
+                          f"(strided) tensors: pass {name}.to_dense()")
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise DTypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of: {allowed}")
@@ -34,6 +42,27 @@ def tensor(op: str, name: str, t, *, dtypes=None, ndim=None, like=None):
     if like is not None and t.device != like.device:
         raise DeviceError(f"{op}: {name} is on {t.device} but the other inputs are on {like.device}")
     return t
+
+
+def scalar(op: str, name: str, value, *, minimum: float | None = None) -> float:
+    """``value`` as a finite float (at least ``minimum``), else ArgumentError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r:.60}") from None
+    if not math.isfinite(v) or (minimum is not None and v < minimum):
+        bound = f" and at least {minimum:g}" if minimum is not None else ""
+        raise ArgumentError(f"{op}: {name} must be finite{bound}, got {v!r}")
+    return v
+
+
+def fits_i32(op: str, what: str, value: int):
+    """Sizes passed to kernels as 32-bit integers (row lengths, grid sizes) must fit."""
+    if value > MAX_I32:
+        raise ShapeError(f"{op}: {what} is {value}, more than the kernel's 32-bit limit of {MAX_I32}; "
+                         f"split the input into smaller pieces")
 
 
 def same_dtype(op: str, name: str, t, ref, ref_name: str):

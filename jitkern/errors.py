@@ -124,6 +124,10 @@ class LayoutError(InputError, ValueError):
     """A tensor's strides or alignment are not what the kernel requires."""
 
 
+class ArgumentError(InputError, ValueError):
+    """A non-tensor argument (``eps``, a size, a flag) has a type or value the op does not accept."""
+
+
 # --- buffer contracts and redzone debug mode (jitkern/contracts.py, jitkern/redzone.py) -----------
 class BufferError(InputError, ValueError):
     """A caller-provided output/workspace tensor breaks the kernel's buffer contract (too small,

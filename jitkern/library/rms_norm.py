@@ -67,6 +67,7 @@ def _plan(x, weight, eps, residual, out):
     checks.tensor(OP, "x", x, dtypes=DTYPES)
     if x.dim() == 0:
         raise checks.ShapeError(f"{OP}: x must have at least 1 dimension, got a scalar")
+    checks.scalar(OP, "eps", eps, minimum=0.0)
     n = x.shape[-1]
     checks.tensor(OP, "weight", weight, ndim=1, like=x)
     checks.same_dtype(OP, "weight", weight, x, "x")
@@ -86,6 +87,8 @@ def _plan(x, weight, eps, residual, out):
     m = x2.shape[0]
     if m == 0 or n == 0:
         return None
+    checks.fits_i32(OP, "the row length (x.shape[-1])", n)
+    checks.fits_i32(OP, "the number of rows (x.numel() // x.shape[-1])", m)
     rs = r2.stride(0) if r2 is not None else 0
     strides = (x2.stride(0), rs, o2.stride(0))
     aligned = n % 16 == 0 and all(s % 16 == 0 for s in strides)
@@ -127,17 +130,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     if plan is None:
         return out
     run, m, n, strides, addresses = plan
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):  # the plan was made with a good eps; this call's is not
+        checks.scalar(OP, "eps", eps, minimum=0.0)
     if addresses:
         xp, wp, op = x.data_ptr(), weight.data_ptr(), out.data_ptr()
         rp = xp if residual is None else residual.data_ptr()
         if (xp | wp | rp | op) & 15:
             _check_aligned(x, weight, residual, out)
-        run(m, 1, 1, xp, wp, rp, op, n, *strides, float(eps))
+        run(m, 1, 1, xp, wp, rp, op, n, *strides, eps)
     else:
         _check_aligned(x, weight, residual, out)
         x2 = x.view(m, n)
         run(m, 1, 1, x2, weight, x2 if residual is None else residual.view(m, n), out.view(m, n), n, *strides,
-            float(eps))
+            eps)
     return out
 
 
