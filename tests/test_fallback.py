@@ -223,6 +223,17 @@ def test_build_time_limit_kills_the_compiler_and_is_not_recorded(cache_dir, tmp_
     assert fallback.failures(default_store()) == []  # a slow machine is not a broken variant
 
 
+def test_cli_cache_clear_failures_removes_only_the_records(cache_dir, capsys):
+    from jitkern.cli import main
+
+    route = fallback_op.make_route(fallback_op.make_spec("fb_cli_clear", ("broken", "triton")))
+    assert route(torch.ones(10)) == "triton"
+    assert len(fallback.failures(default_store())) == 1
+    assert main(["cache", "clear", "--failures"]) == 0
+    assert fallback.failures(default_store()) == []
+    assert list((cache_dir / "v1" / "entries").glob("*/*/kernel.py"))  # the Triton entry stays
+
+
 def test_first_error_line():
     log = "In file included from a.cu:1:\nb.h:3:10: fatal error: nope.h: No such file or directory\nx\n"
     assert cpp.first_error_line(log) == "b.h:3:10: fatal error: nope.h: No such file or directory"
