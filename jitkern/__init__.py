@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402  (errors has no dependencies)
     ArchError, BuildError, CacheError, ConfigError, CorruptEntryError, DeviceError, DTypeError, InputError,
-    InsecureCacheError,
+    InsecureCacheError, ArgumentError,
     JitkernError, LaunchError, LayoutError, NoDeviceError, ShapeError, SpecError, TemplateError,
     UnknownArchError, UnknownOpError,
 )
