@@ -29,6 +29,8 @@ DEFAULT_TIMEOUT = 1800.0
 WAIT_REPORT_SECONDS = 5.0
 WAIT_REPEAT_SECONDS = 60.0
 POLL_SECONDS = 0.05
+#: How soon a waiter first checks whether the holder is its own parent (see ``BuildLock.acquire``).
+PARENT_CHECK_SECONDS = 0.5
 
 
 def lock_timeout() -> float:
@@ -93,7 +95,7 @@ class BuildLock:
         while True:
             waited = time.monotonic() - t0
             remaining = self.timeout - waited
-            step = max(0.0, min(remaining, report_at - waited))
+            step = max(0.0, min(remaining, report_at - waited, PARENT_CHECK_SECONDS if waited < 1 else remaining))
             try:
                 lock.acquire(timeout=step, poll_interval=POLL_SECONDS)
                 break
@@ -107,6 +109,17 @@ class BuildLock:
                 self.waited = time.monotonic() - t0
                 return False
             waited = time.monotonic() - t0
+            owner = read_owner(self.owner_path)
+            if owner and owner.get("pid") == os.getppid() and owner.get("host") == host():
+                # Our parent holds it and is most likely waiting for us (e.g. a script without an
+                # ``if __name__ == "__main__":`` guard, re-run by a multiprocessing "spawn" child): waiting
+                # would deadlock both.
+                warn_once(("lock-held-by-parent", str(self.path)),
+                          "jitkern: the build lock of %s is held by this process's parent (pid %d); building "
+                          "privately instead of waiting for it (is a script missing an "
+                          "'if __name__ == \"__main__\":' guard?)", self.what or self.path.stem, os.getppid())
+                self.waited = waited
+                return False
             if waited >= self.timeout:
                 self.waited = waited
                 log.warning("jitkern: gave up waiting after %.0f s (JITKERN_LOCK_TIMEOUT) for the build lock of %s, "

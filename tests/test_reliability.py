@@ -130,6 +130,21 @@ def test_waiting_is_logged_with_the_holder_and_bounded(cache_dir, monkeypatch, c
     assert entries(cache_dir) == []  # the private build is not published under the holder's lock
 
 
+def test_a_child_never_waits_for_a_lock_its_parent_holds(cache_dir):
+    """A multiprocessing "spawn" child re-running an unguarded script would wait for its parent,
+    which waits for it: the child sees that the holder is its parent and builds privately."""
+    key = cpu_job().key
+    code = ("import time, json; from jitkern.cache import Store; t0 = time.monotonic(); "
+            f"held = Store([{str(cache_dir)!r}]).build_lock({key!r}).acquire(); "
+            "print(json.dumps([held, time.monotonic() - t0]))")
+    with Store([cache_dir]).build_lock(key) as held:
+        assert held
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    held, waited = json.loads(out.stdout)
+    assert held is False and waited < 5
+    assert "held by this process's parent" in out.stderr
+
+
 @pytest.mark.parametrize("raw", ["abc", "-1", "nan", "1e", " "])
 def test_lock_timeout_env_is_validated(raw, monkeypatch):
     monkeypatch.setenv("JITKERN_LOCK_TIMEOUT", raw)

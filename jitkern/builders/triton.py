@@ -106,9 +106,17 @@ def compile_in_clean_process(*args):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures.process import BrokenProcessPool
+
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_clean_worker_init) as pool:
-        return pool.submit(compile_source, *args).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_clean_worker_init) as pool:
+            return pool.submit(compile_source, *args).result()
+    except BrokenProcessPool:
+        raise BuildError(
+            f"the clean worker process compiling {args[-1]} died before returning. A 'spawn' worker re-imports "
+            f"the main script: if the script calls jitkern at module level, put that code under "
+            f"'if __name__ == \"__main__\":' (the worker's own error is printed above)") from None
 
 
 def build(job) -> tuple[dict[str, bytes], dict[str, Any]]:
