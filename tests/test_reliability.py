@@ -374,18 +374,29 @@ def test_cache_writable_by_others_is_refused_with_a_fix(cache_dir, where):
     torch.testing.assert_close(jitkern.ops.rms_norm(x, w), rn.reference(x, w))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="changing a directory's owner or group needs root")
 def test_cache_owned_or_group_writable_by_someone_else_is_refused(cache_dir):
+    from jitkern.cache import others_can_write
+
     layer = Layer(cache_dir)
     layer.writable()
-    os.chown(layer.root, 0, 12345)
-    layer.root.chmod(0o770)
-    with pytest.raises(InsecureCacheError, match="writable by group 12345"):
-        Store([cache_dir]).lookup("ab" * 32)
-    layer.root.chmod(0o700)
-    os.chown(layer.root, 4242, 0)
-    with pytest.raises(InsecureCacheError, match="owned by user 4242"):
-        Store([cache_dir]).lookup("ab" * 32)
+    st = os.stat(layer.root)
+    fake = lambda **kw: os.stat_result(tuple(kw.get(f, getattr(st, f)) for f in (  # noqa: E731
+        "st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", "st_mtime",
+        "st_ctime")))
+    assert others_can_write(st) is None
+    assert "owned by user 4242" in others_can_write(fake(st_uid=4242))
+    assert "writable by group 12345" in others_can_write(fake(st_gid=12345, st_mode=st.st_mode | 0o020))
+    assert others_can_write(fake(st_gid=os.getgid(), st_mode=st.st_mode | 0o020)) is None  # the user's own group
+    assert "world-writable" in others_can_write(fake(st_mode=st.st_mode | 0o002))
+    if os.geteuid() == 0:  # the real thing, where the test may change owners
+        os.chown(layer.root, 0, 12345)
+        layer.root.chmod(0o770)
+        with pytest.raises(InsecureCacheError, match="writable by group 12345"):
+            Store([cache_dir]).lookup("ab" * 32)
+        layer.root.chmod(0o700)
+        os.chown(layer.root, 4242, 0)
+        with pytest.raises(InsecureCacheError, match="owned by user 4242"):
+            Store([cache_dir]).lookup("ab" * 32)
 
 
 def test_symlinks_are_never_followed_out_of_the_cache(cache_dir, tmp_path):
