@@ -27,6 +27,8 @@ def cache_dir(tmp_path, monkeypatch):
     """A fresh, private JITKERN_CACHE_DIR, empty in-process kernel memo and zeroed counters."""
     d = tmp_path / "jitkern-cache"
     monkeypatch.setenv("JITKERN_CACHE_DIR", str(d))
+    for name in ("JITKERN_REMOTE_CACHE", "JITKERN_REMOTE_CACHE_KEY"):  # no developer's remote cache in tests
+        monkeypatch.delenv(name, raising=False)
     jitkern.runtime.clear_memory()
     jitkern.counters.reset()
     yield d
