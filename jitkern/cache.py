@@ -137,7 +137,13 @@ def entry_lock(path: Path, exclusive: bool = False, blocking: bool = True):
     the entry, exclusive while ``jitkern cache prune`` removes it. Yields True if the lock is held,
     False if ``blocking=False`` and another process holds it, and True without locking where the
     platform or filesystem has no ``flock``. Raises FileNotFoundError if the entry is absent."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError:  # directories cannot be opened here (e.g. Windows): last-use stamps still apply
+        yield True
+        return
     try:
         try:
             import fcntl

@@ -311,7 +311,7 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     layers_env = layers_env or os.pathsep.join(str(layer.base) for layer in store.layers)
     triton_cache = None
     if not os.environ.get("TRITON_CACHE_DIR"):
-        triton_cache = tempfile.mkdtemp(prefix="triton-cache-", dir=store.write_layer.root / "tmp")
+        triton_cache = tempfile.mkdtemp(prefix="jitkern-prebuild-triton-")
     bar = _Progress(len(pending), progress)
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
