@@ -90,6 +90,11 @@ class Contract:
         names = [b.name for b in self.buffers]
         if len(set(names)) != len(names):
             raise SpecError(f"contract of {self.op!r} has duplicate buffer names: {names}")
+        object.__setattr__(self, "_names", frozenset(names))
+        # the launch path, precomputed: (name, shape fn, fixed dtype or None, dtype fn, allocator)
+        object.__setattr__(self, "_fast", tuple(
+            (b, b.shape, b.dtype if isinstance(b.dtype, torch.dtype) else None, b.dtype,
+             torch.zeros if b.init == "zero" else torch.empty) for b in self.buffers))
 
     def layout(self, **dims) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """``{buffer: (shape, dtype)}`` for these dims."""
@@ -101,27 +106,30 @@ class Contract:
         return {n: math.prod(s) * torch.empty((), dtype=t).element_size() for n, (s, t) in self.layout(**dims).items()}
 
     def prepare(self, device, dims: Mapping[str, Any], **given) -> "Buffers":
-        """Allocate every buffer, or check the caller's (``given[name]``, ``None`` = allocate)."""
-        for k in given:
-            if not any(b.name == k for b in self.buffers):
-                raise SpecError(f"{self.op}: contract has no buffer {k!r}; buffers: "
-                                f"{', '.join(b.name for b in self.buffers)}")
+        """Allocate every buffer, or check the caller's (``given[name]``, ``None`` = allocate).
+
+        This is on every launch: off redzone mode it is a loop of ``torch.empty`` calls."""
+        if given and not self._names.issuperset(given):
+            unknown = sorted(set(given) - self._names)
+            raise SpecError(f"{self.op}: contract has no buffer {unknown[0]!r}; buffers: "
+                            f"{', '.join(b.name for b in self.buffers)}")
         d = SimpleNamespace(**dims)
         zone = redzone.session(self.op) if redzone.enabled() else None
         tensors: dict[str, torch.Tensor] = {}
         user: dict[str, torch.Tensor] = {}
-        for b in self.buffers:
-            shape, dtype = b.resolve(d)
+        for b, shape_fn, fixed, dtype_fn, alloc in self._fast:
             t = given.get(b.name)
+            if t is None and zone is None:
+                tensors[b.name] = alloc(shape_fn(d), dtype=fixed or dtype_fn(d), device=device)
+                continue
+            shape, dtype = b.resolve(d)
             if t is not None:
                 t = check(self.op, b, t, shape, dtype, device)
                 user[b.name] = t
                 if zone is not None:
                     t = zone.shadow(b, t)
-            elif zone is not None:
-                t = zone.allocate(b, shape, dtype, device)
             else:
-                t = (torch.zeros if b.init == "zero" else torch.empty)(shape, dtype=dtype, device=device)
+                t = zone.allocate(b, shape, dtype, device)
             tensors[b.name] = t
         return Buffers(tensors, user, zone)
 
