@@ -12,9 +12,10 @@ miss, ``build.get_entry`` asks the remote before compiling, and publishes what i
 ``JITKERN_REMOTE_LEASE_WAIT``   longest wait, in seconds, for another node's build (default 900)
 ==============================  ==========================================================================
 
-**Integrity.** An entry travels as one Redis string: a header naming every file with its size and
-SHA-256, then the files. Everything fetched is checked against that header before it is stored in
-the local cache (which checks it again before each load); a failing entry is rejected, never stored.
+**Integrity.** An entry travels as one Redis string: a SHA-256 of the whole (and of the cache key),
+an HMAC when signing, a header naming every file with its size and SHA-256, then the files.
+Everything fetched is checked against these before it is stored in the local cache (which checks it
+again before each load); a failing entry is rejected, never stored.
 Checksums catch damage, not malice: anyone who can write to the Redis server can run code on its
 readers, so fleets that share a server they do not fully control should set
 ``JITKERN_REMOTE_CACHE_KEY``. The signature covers the cache key too, so an entry cannot be replayed
@@ -73,35 +74,49 @@ _SAY_WAITING = 10.0  # seconds of waiting on another node's build before saying 
 
 
 # ---- the wire format -----------------------------------------------------------------------------
+def _digest(key: str, payload: bytes) -> bytes:
+    return hashlib.sha256(MAGIC + key.encode() + b"\0" + payload).digest()
+
+
 def _signature(secret: bytes, key: str, payload: bytes) -> bytes:
     return hmac.new(secret, MAGIC + key.encode() + b"\0" + payload, hashlib.sha256).digest()
 
 
+def seal(key: str, payload: bytes, secret: bytes | None = None) -> bytes:
+    """Frame a payload: magic, signed flag, SHA-256 of key + payload, HMAC-SHA256 (if ``secret``), payload."""
+    if secret:
+        return MAGIC + _SIGNED + _digest(key, payload) + _signature(secret, key, payload) + payload
+    return MAGIC + _UNSIGNED + _digest(key, payload) + payload
+
+
 def encode(key: str, files: Mapping[str, bytes], secret: bytes | None = None) -> bytes:
-    """One entry's files as a single blob: magic, optional HMAC, header (names, sizes, SHA-256), data."""
+    """One entry's files as a single blob: a frame (``seal``) around a header naming every file with its
+    size and SHA-256, then the files."""
     names = sorted(files)
     header = {"key": key, "format": FORMAT_VERSION,
               "files": [[n, len(files[n]), hashlib.sha256(files[n]).hexdigest()] for n in names]}
     head = json.dumps(header, separators=(",", ":")).encode()
-    payload = _HEADER_LEN.pack(len(head)) + head + b"".join(files[n] for n in names)
-    if secret:
-        return MAGIC + _SIGNED + _signature(secret, key, payload) + payload
-    return MAGIC + _UNSIGNED + payload
+    return seal(key, _HEADER_LEN.pack(len(head)) + head + b"".join(files[n] for n in names), secret)
 
 
 def decode(key: str, blob: bytes, secret: bytes | None = None) -> dict[str, bytes]:
-    """The files of a blob made by ``encode``, after checking signature (if ``secret``) and checksums.
-
-    Raises ``UntrustedEntryError`` saying what failed."""
-    if not isinstance(blob, (bytes, bytearray)) or blob[:4] != MAGIC or len(blob) < 5:
+    """The files of a blob made by ``encode``, after checking the signature (if ``secret``), the whole
+    blob's checksum and each file's. Raises ``UntrustedEntryError`` saying what failed."""
+    if not isinstance(blob, (bytes, bytearray)) or blob[:4] != MAGIC or len(blob) < 5 + _SIG_BYTES:
         raise UntrustedEntryError(f"remote entry {key[:16]} is not a jitkern entry (bad magic)")
-    signed = blob[4:5] == _SIGNED
-    payload = blob[5 + _SIG_BYTES:] if signed else blob[5:]
+    flag = blob[4:5]
+    if flag not in (_UNSIGNED, _SIGNED):
+        raise UntrustedEntryError(f"remote entry {key[:16]} is not a jitkern entry (unknown flag {flag!r})")
+    start = 5 + _SIG_BYTES * (2 if flag == _SIGNED else 1)
+    payload = bytes(blob[start:])
     if secret:
-        if not signed:
+        if flag != _SIGNED:
             raise UntrustedEntryError(f"remote entry {key[:16]} carries no signature but {ENV_SECRET} is set")
-        if not hmac.compare_digest(blob[5:5 + _SIG_BYTES], _signature(secret, key, bytes(payload))):
+        if not hmac.compare_digest(blob[5 + _SIG_BYTES:start], _signature(secret, key, payload)):
             raise UntrustedEntryError(f"remote entry {key[:16]} has a wrong signature (another secret, or tampered)")
+    if not hmac.compare_digest(blob[5:5 + _SIG_BYTES], _digest(key, payload)):
+        raise UntrustedEntryError(f"remote entry {key[:16]} does not match its checksum (damaged, or stored "
+                                  "under another key)")
     try:
         (n,) = _HEADER_LEN.unpack_from(payload)
         header = json.loads(bytes(payload[4:4 + n]))
@@ -615,5 +630,5 @@ def main(args) -> int:
     return 1 if counts.get("damaged") or counts.get("rejected") else 0
 
 
-__all__ = ["RedisRemote", "FleetBuild", "active", "doctor", "push", "pull", "encode", "decode", "reset",
+__all__ = ["RedisRemote", "FleetBuild", "active", "doctor", "push", "pull", "encode", "decode", "seal", "reset",
            "from_env"]

@@ -102,24 +102,27 @@ def test_encode_decode_roundtrip_and_every_tampering_is_caught():
     assert remote.decode(key, remote.encode(key, files)) == files
     signed = remote.encode(key, files, secret=b"s3cret")
     assert remote.decode(key, signed, secret=b"s3cret") == files
-    blob = remote.encode(key, files)
-    for bad, why in [
-        (blob[:-1], "beyond|checksum"),                                 # truncated
-        (blob[:-1] + bytes([blob[-1] ^ 1]), "checksum"),                # one flipped bit in the data
-        (blob + b"x", "beyond"),                                        # trailing bytes
-        (b"JKR0" + blob[4:], "bad magic"),
-        (b"", "bad magic"),
-    ]:
-        with pytest.raises(UntrustedEntryError, match=why):
-            remote.decode(key, bad)
-    with pytest.raises(UntrustedEntryError, match="key"):
-        remote.decode("cd" * 32, blob)                                  # replayed under another key
+    assert remote.decode(key, signed) == files  # without a secret: checksums only
+    for blob, secret in ((remote.encode(key, files), None), (signed, b"s3cret")):
+        for bad in (blob[:-1], blob + b"x", blob[:3]):  # truncated, trailing bytes, no frame
+            with pytest.raises(UntrustedEntryError):
+                remote.decode(key, bad, secret)
+        for i in range(len(blob)):  # every single-bit change anywhere (frame, header, names, data)
+            with pytest.raises(UntrustedEntryError):
+                remote.decode(key, blob[:i] + bytes([blob[i] ^ 0x04]) + blob[i + 1:], secret)
+    with pytest.raises(UntrustedEntryError, match="checksum"):
+        remote.decode("cd" * 32, remote.encode(key, files))             # replayed under another key
     with pytest.raises(UntrustedEntryError, match="no signature"):
-        remote.decode(key, blob, secret=b"s3cret")
+        remote.decode(key, remote.encode(key, files), secret=b"s3cret")
     with pytest.raises(UntrustedEntryError, match="wrong signature"):
         remote.decode(key, signed, secret=b"other")
-    with pytest.raises(UntrustedEntryError, match="wrong signature"):  # signature of another key
-        remote.decode("cd" * 32, remote.encode("cd" * 32, files, b"s3cret")[:5] + signed[5:], secret=b"s3cret")
+    # a frame that is sound around an inconsistent header is still caught by the per-file checks
+    blob = remote.encode(key, files)
+    payload = blob[5 + 32:]
+    with pytest.raises(UntrustedEntryError, match="kernel.py does not match its checksum"):
+        remote.decode(key, remote.seal(key, payload.replace(b"print(1)", b"print(2)")))
+    with pytest.raises(UntrustedEntryError, match="beyond its files"):
+        remote.decode(key, remote.seal(key, payload + b"x"))
     with pytest.raises(UntrustedEntryError, match="unsafe"):
         remote.decode(key, remote.encode(key, {**files, "../x": b""}))
 
