@@ -255,3 +255,42 @@ def test_seed_ops_trace_under_torch_compile_without_graph_break():
     f = torch.compile(lambda c, b, u: ops.gather_kv_cache(c, b, u, num_tokens=53) * 2, fullgraph=True,
                       backend="aot_eager")
     assert torch.equal(f(cache, bt, cu), gkv.reference(cache, bt, cu) * 2)
+
+
+def test_every_op_passes_redzone_mode_with_buffers_from_its_contract(monkeypatch):
+    """The contracts are at least what the kernels write: each op under JITKERN_DEBUG=redzone at its
+    edge inputs raises nothing and gives the same result as with the mode off."""
+    q, k, v, bt, lens = _pa_inputs([64, 0, 33])
+    x, w, ids, eids, npad, topk = _moe_inputs(tokens=3)
+    cache = _paged(12, 16, 2, 8)
+    cu = torch.tensor([0, 20, 20, 53], dtype=torch.int32)
+    bt3 = torch.randperm(12, generator=torch.Generator().manual_seed(1)).int().view(3, 4)
+    mq = torch.randn(2, 2, 16, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    mkv = _paged(6, 16, 64, seed=5)
+    mw = torch.rand(4, 16, generator=torch.Generator().manual_seed(3))
+    mlens = torch.tensor([40, 40], dtype=torch.int32)
+    mbt = torch.tensor([[5, 1, 3], [0, 2, 4]], dtype=torch.int32)
+    calls = [
+        lambda: pa.paged_attention_decode(q, k, v, bt, lens),
+        lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=1),
+        lambda: gkv.gather_kv_cache(cache, bt3, cu),
+        lambda: mqa.paged_mqa_logits(mq, mkv, mw, mlens, mbt, 40),
+    ]
+    off = [c() for c in calls]
+    monkeypatch.setenv("JITKERN_DEBUG", "redzone")
+    for c, y in zip(calls, off):
+        assert torch.equal(c(), y)
+
+
+@pytest.mark.parametrize("a", sorted(arch.ARCHES))
+def test_configs_enumerate_and_render_on_every_arch(a):
+    """What prebuild builds: every op yields configs on every arch, and one of each variant renders."""
+    for mod in (gkv, pa, moe, mqa):
+        cfgs = list(mod.SPEC.configs(arch.get(a)))
+        assert cfgs
+        seen = {}
+        for c in cfgs:
+            seen.setdefault(c.variant, c)
+        assert set(seen) == {v.name for v in mod.SPEC.variants}
+        for c in seen.values():
+            assert plan(mod.SPEC, c, arch.get(a)).source
