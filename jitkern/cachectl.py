@@ -271,9 +271,9 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
     installed, present, refused = 0, 0, []
     try:
         with tar:
-            files: dict[str, dict[str, bytes]] = {}
+            staged: set[str] = set()
             fmt = None
-            for m in tar:
+            for m in tar:  # stream each file to the staging area: no archive held in memory
                 if m.name == EXPORT_META:
                     fmt = json.loads(tar.extractfile(m).read()).get("format")
                     continue
@@ -282,13 +282,23 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
                         or parts[2].startswith(".") or not parts[2]):
                     refused.append({"member": m.name, "error": "not an entry file of a jitkern export"})
                     continue
-                files.setdefault(parts[1], {})[parts[2]] = tar.extractfile(m).read()
+                d = stage.entry_dir(parts[1])
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
+                try:
+                    fd = os.open(d / parts[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    refused.append({"member": m.name, "error": "appears twice in the archive"})
+                    continue
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(tar.extractfile(m), out)
+                staged.add(parts[1])
             if fmt is None:
                 raise ConfigError(f"{file!r} is not a jitkern cache export (no {EXPORT_META})")
             if fmt != FORMAT_VERSION:
                 raise ConfigError(f"{file!r} holds cache format v{fmt}; this jitkern reads v{FORMAT_VERSION}: "
                                   "export it again with this version, or rebuild with 'jitkern prebuild'")
-        for key, entry_files in sorted(files.items()):
+        for key in sorted(staged):
+            d = stage.entry_dir(key)
             try:
                 layer.verify(key)
                 present += 1
@@ -297,15 +307,10 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
                 pass
             except CorruptEntryError:
                 layer.discard(key)  # ours is damaged: replace it with the sound one from the archive
-            d = stage.entry_dir(key)
-            d.mkdir(parents=True, mode=0o700)
-            for name, data in entry_files.items():
-                (d / name).write_bytes(data)
             try:
                 stage.verify(key)
             except (CorruptEntryError, FileNotFoundError) as e:
                 refused.append({"key": key, "error": str(e)})
-                shutil.rmtree(d, ignore_errors=True)
                 continue
             final = layer.entry_dir(key)
             final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -313,7 +318,6 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
                 os.rename(d, final)
                 installed += 1
             except OSError:  # another process installed or built the same key meanwhile
-                shutil.rmtree(d, ignore_errors=True)
                 present += 1
     finally:
         shutil.rmtree(stage.base, ignore_errors=True)
