@@ -66,6 +66,14 @@ class Task:
         return f"{self.op}/{self.variant}(" + ", ".join(f"{k}={v}" for k, v in self.params) + f") for {self.arch}"
 
 
+def default_jobs() -> int:
+    """One worker per core this process may run on (respects taskset/cpusets, unlike ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 # ---- enumeration -------------------------------------------------------------------------------
 def resolve_arches(arches: Iterable[_arch.Arch] | None) -> list[_arch.Arch]:
     if arches:
@@ -307,7 +315,7 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     import shutil
     import tempfile
 
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending)))
+    jobs = max(1, min(jobs or default_jobs(), len(pending)))
     layers_env = layers_env or os.pathsep.join(str(layer.base) for layer in store.layers)
     triton_cache = None
     if not os.environ.get("TRITON_CACHE_DIR"):
@@ -365,7 +373,7 @@ def main(args) -> int:
         report = {
             "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in arches],
             "ops": list(args.op or registry.names()), "cache_layers": [str(p) for p in layers],
-            "jobs": args.jobs or os.cpu_count(), "seconds": round(seconds, 3),
+            "jobs": args.jobs or default_jobs(), "seconds": round(seconds, 3),
             "build_seconds": round(build_seconds, 3), "interrupted": interrupted,
             "summary": summary, "artifacts": sorted(records, key=lambda r: (r["arch"], r["op"], r["key"])),
         }
