@@ -100,6 +100,10 @@ def test_choice_differs_across_arches_by_budget(caplog, monkeypatch):
         order = gemm.candidates(name, "bf16", "m128", tuned=False)
         assert len(rejected) == order.index({p: cfg.p[p] for p in gemm.TILE_PARAMS})
     assert len({c for c in chosen.values()}) == 3, chosen
+    # prebuild's list for each arch holds what the runtime picks there (tuned order included)
+    for name in ("sm_90", "gfx950", "gfx942"):
+        picked, _ = gemm.choose(arch.get(name), "bf16", m, n, k)
+        assert picked in set(gemm.configs(arch.get(name)))
     assert [len(gemm.choose(arch.get(n_), "bf16", m, n, k, tuned=False)[1]) for n_ in ("sm_90", "gfx950", "gfx942")] \
         == [0, 1, 2]
     # one warning line per (op, arch) naming config, bytes and budget

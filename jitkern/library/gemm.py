@@ -129,9 +129,22 @@ def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, s
                           f"rejected: {[r.get('config') for r in rejected]}", {"rejected": rejected})
 
 
+def estimated_shared_bytes(arch, tile: dict) -> int:
+    """Shared memory a tile is expected to need: the A and B tiles once per pipeline buffer (Triton
+    keeps num_stages buffers on NVIDIA, num_stages - 1 on AMD). An upper bound for the measured
+    figures (``tools/tune_gemm.py --offline``); only used to bound what prebuild compiles: the
+    budget check always uses the compiled artifact's real figure."""
+    per_stage = (tile["block_m"] + tile["block_n"]) * tile["block_k"] * 2
+    buffers = tile["num_stages"] if arch.vendor == "nvidia" else max(1, tile["num_stages"] - 1)
+    return per_stage * buffers
+
+
 def configs(arch):
-    """Everything the runtime may select on ``arch`` (prebuild compiles this list; candidates over the
-    budget are recorded as rejected)."""
+    """What the runtime may select on ``arch`` (prebuild compiles this list): per dtype, bucket and
+    B layout, the candidates in order up to the first one expected to fit the budget, and one more
+    in case it does not. Candidates before it are compiled too, so their rejection is recorded and
+    no process compiles them again. (``JITKERN_AUTOTUNE=1`` times every candidate: tuning is its own
+    step, not covered by prebuild.)"""
     seen = set()
     for dtype in ("bf16", "fp16"):
         for b_name, _ in BUCKETS:
@@ -140,7 +153,10 @@ def configs(arch):
                     tiles = candidates(arch, dtype, b_name, b_trans=b_trans)
                 except Exception:  # a bad override is reported by the op at call time; prebuild skips it
                     continue
-                for tile in tiles:
+                fits = [arch.backend is None or estimated_shared_bytes(arch, t) <= arch.shared_mem_per_block
+                        for t in tiles]
+                first = fits.index(True) if True in fits else len(tiles) - 1
+                for tile in tiles[:first + 2]:
                     for aligned in (True, False):
                         cfg = config(dtype, b_trans, aligned, tile)
                         if cfg not in seen:
