@@ -294,3 +294,21 @@ def test_configs_enumerate_and_render_on_every_arch(a):
         assert set(seen) == {v.name for v in mod.SPEC.variants}
         for c in seen.values():
             assert plan(mod.SPEC, c, arch.get(a)).source
+
+
+def test_moe_tensor_subclass_weight_runs_the_pytorch_path(caplog, launches):
+    """Seed 000: a fast path called on a tensor subclass (torchao quantized weight) it cannot read.
+    The guard sends such calls to the PyTorch path, once with a warning, and launches nothing."""
+
+    class QuantizedLike(torch.Tensor):
+        pass
+
+    x, w, ids, eids, npad, topk = _moe_inputs(tokens=2)
+    before = counters.snapshot()["guard_refusals"]
+    with caplog.at_level("WARNING", logger="jitkern"):
+        y = moe.moe_gemm_stage1(x, w.as_subclass(QuantizedLike), ids, eids, npad, topk)
+    torch.testing.assert_close(y.float(), moe.reference(x, w, ids, eids, npad, topk).float())
+    assert launches == [] and counters.snapshot()["guard_refusals"] == before + 1
+    assert "QuantizedLike" in caplog.text
+    moe.moe_gemm_stage1(x, torch.nn.Parameter(w, requires_grad=False), ids, eids, npad, topk, split_k=1)
+    assert len(launches) == 1  # a plain Parameter still takes the kernel

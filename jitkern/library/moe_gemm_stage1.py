@@ -24,9 +24,10 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, registry, runtime
+from .. import checks, constraints, counters, registry, runtime
 from ..contracts import Buffer, Contract
 from ..errors import ConfigError
+from ..logs import warn_once
 from ..render import builtin_template_dir
 from ..spec import Arg, Config, OpSpec, Variant
 
@@ -150,13 +151,24 @@ def configs(arch):
 
 
 _plans = runtime.plan_cache()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                     num_tokens_post_padded: torch.Tensor, topk: int, activation: str = "silu",
                     split_k: Optional[int] = None, out: Optional[torch.Tensor] = None,
                     scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gate-up GEMM + activation for every (token, slot) pair. ``split_k``: None = automatic."""
+    """Gate-up GEMM + activation for every (token, slot) pair. ``split_k``: None = automatic.
+
+    Guard (seed 000): a weight or input that is a tensor subclass (e.g. a torchao quantized weight)
+    cannot be read by the kernel through its data pointer; such calls run the PyTorch path instead,
+    with one warning."""
+    if type(w1) not in _PLAIN or type(x) not in _PLAIN:
+        counters.bump("guard_refusals")
+        warn_once((OP, "subclass", type(w1), type(x)), "jitkern: %s: x is %s and w1 is %s, tensor subclasses "
+                  "the Triton kernel cannot read; running the PyTorch path for them", OP, type(x).__name__,
+                  type(w1).__name__)
+        return reference(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, out=out)
     checks.tensor(OP, "x", x, dtypes=DTYPES, ndim=2)
     checks.tensor(OP, "w1", w1, ndim=3, like=x)
     checks.same_dtype(OP, "w1", w1, x, "x")
