@@ -14,6 +14,7 @@ longer than the band runs past it into memory nobody owns (the band still report
 survives): ``JITKERN_REDZONE_BYTES`` widens the bands to hunt a large overflow (seed 004 wrote 16x
 its buffer).
 Off (the default) none of this runs: ``enabled()`` is one environment lookup per op call.
+The mode synchronizes after every launch, so it is for debugging runs, not for CUDA-graph capture.
 JITKERN_DEBUG is a comma-separated list of debug switches; ``redzone`` is the one read here.
 """
 from __future__ import annotations
