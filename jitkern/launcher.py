@@ -55,6 +55,12 @@ _LAUNCHER_FIELDS = ("num_ctas", "warp_size", "global_scratch_size", "global_scra
                     "profile_scratch_align", "launch_cooperative_grid", "launch_pdl", "tensordesc_meta")
 
 
+def _hooked(hook) -> bool:
+    """Whether a Triton hook is set: Triton 3.6 keeps an always-present ``HookChain`` (set when it has
+    calls); older versions use None for unset."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _load_handles(ck, src) -> None:
     """What ``CompiledKernel._init_handles`` does, with the launcher shared between kernels of one
     signature: load the binary with Triton's driver and check the same resource limits. Where Triton
@@ -64,7 +70,7 @@ def _load_handles(ck, src) -> None:
     from triton.runtime.driver import driver
 
     rt = knobs.runtime
-    if rt.kernel_load_start_hook is not None or rt.kernel_load_end_hook is not None:
+    if _hooked(rt.kernel_load_start_hook) or _hooked(rt.kernel_load_end_hook):
         ck._init_handles()
         return
     try:
@@ -131,8 +137,8 @@ class GPUKernel(Kernel):
 
         run, md = self._run, self._ck.metadata
         if (self.job.arch.backend != "cuda" or getattr(md, "global_scratch_size", 0)
-                or getattr(md, "profile_scratch_size", 0) or knobs.runtime.launch_enter_hook is not None
-                or knobs.runtime.launch_exit_hook is not None or not hasattr(run, "launch")):
+                or getattr(md, "profile_scratch_size", 0) or _hooked(knobs.runtime.launch_enter_hook)
+                or _hooked(knobs.runtime.launch_exit_hook) or not hasattr(run, "launch")):
             return None
         c_launch, stream, device, function = run.launch, self._stream, self._device, self._function
         # launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch,
