@@ -316,7 +316,6 @@ def run_all(runs: int) -> dict:
         out["jitkern_warm"] = [_child("warm-jitkern", env) for _ in range(runs)]
         out["jitkern_warm_empty_triton_cache"] = [
             _child("warm-jitkern", {**env, "TRITON_CACHE_DIR": str(tc_empty).format(i)}) for i in range(runs)]
-        out["jitkern_warm_profile"] = _child("warm-jitkern-profile", env)
         out["dispatch"] = _child("dispatch", {**env})
     out["import"] = [_child("import", {}) for _ in range(5)]
     return out
