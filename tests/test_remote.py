@@ -232,7 +232,7 @@ CHILD = textwrap.dedent("""
     import jitkern.build as b
     from jitkern import arch, counters, registry
     from jitkern.library import rms_norm
-    arch_name, slow, start_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    arch_name, slow = sys.argv[1], float(sys.argv[2])
     real = b._build_files
     def slow_build(job):
         print("building", flush=True)
@@ -240,7 +240,8 @@ CHILD = textwrap.dedent("""
         return real(job)
     b._build_files = slow_build
     job = b.plan(registry.get("rms_norm"), rms_norm.config("fp32", False, True, 256, True), arch.get(arch_name))
-    time.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()  # the test's "go": every node starts at once
     t0 = time.time()
     entry, how = b.get_entry(job)
     binary = [f for f in os.listdir(entry.path) if f.startswith("kernel.") and f != "kernel.py"]
@@ -260,10 +261,14 @@ def _child_env(tmp_path, name, url, **extra):
 def test_lease_three_nodes_one_compile_real_sm90(rds, redis_server, tmp_path):
     """Three processes with their own empty caches start the same sm_90 build at once: one compiles
     (slowly, so the others must wait on its lease), the others fetch the identical binary."""
-    start_at = time.time() + 4.0  # after every child has imported jitkern
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, "sm_90", "1.5", str(start_at)],
-                              env=_child_env(tmp_path, f"node{i}", redis_server), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, "sm_90", "1.5"],
+                              env=_child_env(tmp_path, f"node{i}", redis_server), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:  # all imported and planned
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -281,10 +286,13 @@ def test_dead_holders_lease_expires_and_another_node_takes_over(rds, redis_serve
     job = _job()
     lease = remote.PREFIX + "lease:" + job.key
     ttl = 1.0
-    holder = subprocess.Popen([sys.executable, "-c", CHILD, "cpu", "3600", "0"],
+    holder = subprocess.Popen([sys.executable, "-c", CHILD, "cpu", "3600"],
                               env=_child_env(tmp_path, "holder", redis_server, JITKERN_REMOTE_LEASE_TTL=str(ttl)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
         assert holder.stdout.readline().strip() == "building", holder.stderr.read()
         time.sleep(2.5 * ttl)  # well past the TTL: the holder's thread keeps renewing its lease
         assert rds.pttl(lease) > 0
@@ -293,8 +301,8 @@ def test_dead_holders_lease_expires_and_another_node_takes_over(rds, redis_serve
         killed = time.monotonic()
     finally:
         holder.kill()
-        holder.stdout.close()
-        holder.stderr.close()
+        for f in (holder.stdin, holder.stdout, holder.stderr):
+            f.close()
     assert rds.pttl(lease) > 0  # the dead holder's lease is still there...
     before = counters.snapshot()
     entry, how = get_entry(job)  # ...until it expires; this node waits for that, then builds
