@@ -189,8 +189,8 @@ class RedisRemote:
     """A Redis server holding jitkern entries and build leases.
 
     The fail-open methods (``fetch_into``, ``publish``, ``acquire``) never raise: on a failure they
-    warn once, count ``remote_errors`` and switch the remote off for the process. ``client`` and the
-    ``*_strict`` helpers raise ``RemoteCacheError`` (for ``jitkern cache push/pull``).
+    warn once, count ``remote_errors`` and switch the remote off for the process. ``client``,
+    ``get_blob`` and ``put_strict`` raise ``RemoteCacheError`` (for ``jitkern cache push/pull``).
     """
 
     def __init__(self, url: str, secret: str | None = None, timeout: float = 2.0, lease_ttl: float = 30.0,

@@ -357,7 +357,7 @@ class _Server:
         self.sock.close()
 
 
-@pytest.mark.parametrize("kind", ["down", "slow", "garbage"])
+@pytest.mark.parametrize("kind", ["down", "slow", "garbage", "bad-url"])
 def test_unreachable_slow_or_garbage_remote_one_warning_op_works(kind, monkeypatch, caplog):
     import torch
 
@@ -366,6 +366,8 @@ def test_unreachable_slow_or_garbage_remote_one_warning_op_works(kind, monkeypat
     server = None
     if kind == "down":
         url = f"redis://127.0.0.1:{_free_port()}/0"
+    elif kind == "bad-url":
+        url = "http://cache-host:6379/0"
     else:
         server = _Server(None if kind == "slow" else b"HTTP/1.1 400 Bad Request\r\n\r\n<html>")
         url = server.url
@@ -382,6 +384,8 @@ def test_unreachable_slow_or_garbage_remote_one_warning_op_works(kind, monkeypat
         d = _delta(before)
         assert d.get("remote_errors") == 1 and d.get("compiles") == 2, d
         assert len(_warnings(caplog, "switching it off")) == 1
+        if kind == "bad-url":
+            assert len(_warnings(caplog, "is not a Redis URL")) == 1
         assert remote.active() is None
         assert elapsed < 10, elapsed  # bounded by the socket timeout, not hanging
     finally:
