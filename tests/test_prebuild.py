@@ -202,3 +202,61 @@ def test_sigint_stops_workers_and_leaves_no_partial_entries(tmp_path):
     assert list((Layer(a).root / "tmp").iterdir()) == []  # no half-written temporary entries either
     v = jitkern_cli("cache", "verify", cache=a)
     assert v.returncode == 0 and f"{len(found)} entries checked, 0 damaged" in v.stdout
+
+
+BIG_TILE_OP = textwrap.dedent('''
+    from pathlib import Path
+    import jitkern
+    from jitkern.spec import Arg, Config, OpSpec, Variant
+
+    def configs(arch):
+        yield Config.make("triton", bm=32, bn=32, bk=32, num_stages=1, num_warps=4)      # a few KiB
+        yield Config.make("triton", bm=128, bn=256, bk=128, num_stages=3, num_warps=8)  # far over 64 KiB
+
+    def fn(*a):
+        raise NotImplementedError
+
+    SPEC = jitkern.register(OpSpec(
+        name="bigtile", variants=(Variant("triton", "k.py.j2", "k",
+                                          (Arg("a", "*fp16"), Arg("b", "*fp16"), Arg("c", "*fp32"))),),
+        template_dir=Path(__file__).parent / "bigtile_templates", fn=fn, reference=fn, configs=configs))
+''')
+
+BIG_TILE_TEMPLATE = """import triton
+import triton.language as tl
+
+
+@triton.jit
+def k(a, b, c):
+    m = tl.arange(0, {{ bm }})
+    n = tl.arange(0, {{ bn }})
+    kk = tl.arange(0, {{ bk }})
+    acc = tl.zeros(({{ bm }}, {{ bn }}), dtype=tl.float32)
+    for i in range(0, 8):
+        x = tl.load(a + i * {{ bm * bk }} + m[:, None] * {{ bk }} + kk[None, :])
+        y = tl.load(b + i * {{ bk * bn }} + kk[:, None] * {{ bn }} + n[None, :])
+        acc += tl.dot(x, y)
+    tl.store(c + m[:, None] * {{ bn }} + n[None, :], acc)
+"""
+
+
+def test_over_budget_artifacts_are_reported_rejected_not_failed(tmp_path):
+    """A real gfx942 cross-compile whose LDS use exceeds 64 KiB is `rejected_over_budget`, with figures."""
+    (tmp_path / "bigtile_templates").mkdir()
+    (tmp_path / "bigtile_templates" / "k.py.j2").write_text(BIG_TILE_TEMPLATE)
+    (tmp_path / "bigtile.py").write_text(BIG_TILE_OP)
+    driver = "import sys, bigtile; from jitkern.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = _env(tmp_path / "A")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    args = ["prebuild", "--arch", "gfx942", "--op", "bigtile", "--report", str(tmp_path / "r.json"), "--jobs", "2"]
+    r = subprocess.run([sys.executable, "-c", driver, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr  # a rejection is the budget check working, not a failure
+    by_bm = {x["params"]["bm"]: x for x in json.loads((tmp_path / "r.json").read_text())["artifacts"]}
+    small, big = by_bm[32], by_bm[128]
+    assert small["status"] == "built" and 0 < small["shared_bytes"] <= 64 * 1024
+    assert big["status"] == "rejected_over_budget", big
+    assert big["shared_bytes"] > big["budget_bytes"] == 64 * 1024
+    r = subprocess.run([sys.executable, "-c", driver, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "nothing to build" in r.stdout, r.stdout + r.stderr
+    again = {x["params"]["bm"]: x["status"] for x in json.loads((tmp_path / "r.json").read_text())["artifacts"]}
+    assert again == {32: "cached", 128: "rejected_over_budget"}  # remembered, not recompiled
