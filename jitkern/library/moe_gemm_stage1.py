@@ -140,8 +140,13 @@ def tiles(arch_name: str, align_m: int) -> dict:
 
 
 def configs(arch):
-    cands = [c for bm in TUNABLES["block_m"] for c in _candidates(arch.name, bm)]
-    for params in constraints.apply(arch.name, OP, cands, TUNABLES):
+    """What the runtime can pick: the tile ``tiles()`` gives for each sorting block size."""
+    picked = []
+    for align_m in TUNABLES["block_m"]:
+        params = tiles(arch.name, align_m)
+        if params not in picked:
+            picked.append(params)
+    for params in picked:
         for dtype in ("bf16", "fp16"):
             for act in ACTIVATIONS:
                 for aligned in (True, False):
