@@ -233,10 +233,12 @@ def _doctor_toolchains() -> tuple[str, list[tuple[str, str]]]:
 def _doctor_cache() -> tuple[str, list[tuple[str, str]]]:
     from . import cachectl
 
-    rows = []
+    rows, first = [], True
     for info in cachectl.layer_info():
-        rows.append((info["path"], f"{'writable' if info['writable'] else 'read-only'}, {info['entries']} entries, "
-                                   f"{human_size(info['bytes'])}"))
+        role = "read-only"
+        if info["writable"]:
+            role, first = ("writable (new entries go here)" if first else "writable, but only read (new entries go to an earlier layer)"), False
+        rows.append((info["path"], f"{role}, {info['entries']} entries, {human_size(info['bytes'])}"))
     return "Cache layers (JITKERN_CACHE_DIR, first writable one receives new entries)", rows
 
 
