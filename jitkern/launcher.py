@@ -6,6 +6,7 @@ import the rendered module from the entry and call the kernel through the interp
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 from .builders.triton import METADATA_FILE, SOURCE_FILE, binary_name, import_source, kernel_function
@@ -70,7 +71,7 @@ def _load_handles(ck, src) -> None:
     from triton.runtime.driver import driver
 
     rt = knobs.runtime
-    if _hooked(rt.kernel_load_start_hook) or _hooked(rt.kernel_load_end_hook):
+    if not direct_enabled() or _hooked(rt.kernel_load_start_hook) or _hooked(rt.kernel_load_end_hook):
         ck._init_handles()
         return
     try:
@@ -96,6 +97,29 @@ def _load_handles(ck, src) -> None:
     if md.num_warps * active.get_current_target().warp_size > ck.n_max_threads:
         raise OutOfResources(md.num_warps * active.get_current_target().warp_size, ck.n_max_threads, "threads")
     ck._run = run
+
+
+def direct_enabled() -> bool:
+    """``JITKERN_DIRECT_LAUNCH=0`` makes every kernel load and launch through Triton's own
+    ``CompiledKernel`` path (for diagnosis); read when a kernel is loaded, never per launch."""
+    return os.environ.get("JITKERN_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def direct_launch(run, function, packed, stream, device):
+    """``run_direct(gx, gy, gz, *kernel_args)``: what Triton's ``CudaLauncher.__call__`` does for a
+    kernel that needs no scratch memory, without its Python layer: call the generated C ``launch``
+    with the constant arguments bound once. A grid with a zero dimension launches nothing.
+    ``tests/test_runtime.py`` checks the arguments against Triton's own ``CudaLauncher.__call__``."""
+    c_launch = run.launch
+    # launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch,
+    #        packed_metadata, launch_metadata, enter_hook, exit_hook, *kernel_args)
+    fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, packed, None, None, None)
+
+    def run_direct(gx, gy, gz, *args):
+        if gx > 0 and gy > 0 and gz > 0:
+            c_launch(gx, gy, gz, stream(device), function, *fixed, *args)
+
+    return run_direct
 
 
 class GPUKernel(Kernel):
@@ -126,30 +150,17 @@ class GPUKernel(Kernel):
             self.takes_addresses = True
 
     def _direct_launch(self):
-        """The launch without Triton's Python layer: its C ``launch`` with the constant arguments bound.
-
-        ``CudaLauncher.__call__`` only allocates scratch buffers (none for kernels that need none)
-        and forwards to the C function, after ``CompiledKernel.run`` looked up hooks; both are
-        decided once here. Kernels needing scratch memory, launch hooks set (profilers), and HIP
-        (whose stub takes another argument order; not verified on hardware here) keep the general path.
-        """
+        """Triton's C ``launch`` with the constant arguments bound (see :func:`direct_launch`), where it
+        applies: CUDA kernels needing no scratch memory, no launch hooks set (profilers) at load time.
+        HIP keeps the general path (its stub takes another argument order; not verified on hardware)."""
         from triton import knobs
 
         run, md = self._run, self._ck.metadata
-        if (self.job.arch.backend != "cuda" or getattr(md, "global_scratch_size", 0)
+        if (not direct_enabled() or self.job.arch.backend != "cuda" or getattr(md, "global_scratch_size", 0)
                 or getattr(md, "profile_scratch_size", 0) or _hooked(knobs.runtime.launch_enter_hook)
                 or _hooked(knobs.runtime.launch_exit_hook) or not hasattr(run, "launch")):
             return None
-        c_launch, stream, device, function = run.launch, self._stream, self._device, self._function
-        # launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch,
-        #        packed_metadata, launch_metadata, enter_hook, exit_hook, *kernel_args)
-        fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, self._packed, None, None, None)
-
-        def run_direct(gx, gy, gz, *args):
-            if gx > 0 and gy > 0 and gz > 0:
-                c_launch(gx, gy, gz, stream(device), function, *fixed, *args)
-
-        return run_direct
+        return direct_launch(run, self._function, self._packed, self._stream, self._device)
 
     def launch(self, grid3, *args):
         self._run(grid3[0], grid3[1], grid3[2], self._stream(self._device), self._function, self._packed,

@@ -159,3 +159,47 @@ def test_index_follows_template_changes_and_ignores_bad_records(tmp_path, monkey
 
     monkeypatch.setattr(build, "render", lambda *a, **k: pytest.fail("rendered despite an index hit"))
     assert plan_index.planned(spec, cfg, cpu).key == changed.key
+
+
+# ---- the direct launch matches Triton's own launcher call ---------------------------------------------
+def _recording_cuda_launcher(calls):
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    launcher = CudaLauncher.__new__(CudaLauncher)  # no C stub: its `launch` records its arguments
+    launcher.num_ctas = 1
+    launcher.global_scratch_size = launcher.profile_scratch_size = 0
+    launcher.global_scratch_align = launcher.profile_scratch_align = 1
+    launcher.launch_cooperative_grid, launcher.launch_pdl = False, True
+    launcher.launch = lambda *a: calls.append(a)
+    return launcher
+
+
+def test_direct_launch_passes_what_triton_launcher_passes():
+    from jitkern.launcher import direct_launch
+
+    calls = []
+    launcher = _recording_cuda_launcher(calls)
+    packed, function, stream_handle = (4, 1, 0), 0xF00, 0x5EA
+    args = (0x7000, 0x7100, 4096, 12, 2.5)
+    # Triton's path: CompiledKernel.run(gx, gy, gz, stream, function, packed, launch_md, enter, exit, *args)
+    launcher(8, 2, 1, stream_handle, function, packed, None, None, None, *args)
+    run = direct_launch(launcher, function, packed, lambda device: stream_handle if device == 3 else None, 3)
+    run(8, 2, 1, *args)
+    assert len(calls) == 2 and calls[0] == calls[1]
+    run(0, 2, 1, *args)  # empty grid: no launch
+    run(8, 0, 1, *args)
+    assert len(calls) == 2
+
+
+def test_triton_hooks_are_seen_as_set_only_with_calls(monkeypatch):
+    from triton import knobs
+
+    from jitkern import launcher
+
+    assert not launcher._hooked(knobs.runtime.launch_enter_hook)  # an empty HookChain
+    assert not launcher._hooked(None)
+    monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", [print])
+    assert launcher._hooked(knobs.runtime.launch_enter_hook)
+    assert launcher.direct_enabled()
+    monkeypatch.setenv("JITKERN_DIRECT_LAUNCH", "0")
+    assert not launcher.direct_enabled()
