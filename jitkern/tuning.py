@@ -163,12 +163,14 @@ def _bench(fn: Callable[[], Any]) -> float:
 
 
 def tune(spec, arch, dtype: str, bucket: str, cfgs, run: Callable, info: Mapping[str, Any] | None = None,
-         bench: Callable[[Callable], float] = _bench) -> dict:
+         bench: Callable[[Callable], float] | None = None) -> dict:
     """Benchmark ``cfgs`` (Configs) with ``run(cfg) -> launch function`` and persist the winner.
 
     Candidates over the budget or failing to build/load are recorded with the reason and skipped.
-    Returns the record.
+    ``bench(fn) -> ms`` times one candidate (default: Triton's ``do_bench`` on the GPU). Returns the
+    record.
     """
+    bench = bench or _bench
     results = []
     for cfg in cfgs:
         tile = {k: v for k, v in cfg.p.items() if k in spec.extra.get("tunables", {})}

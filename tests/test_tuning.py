@@ -151,3 +151,30 @@ def test_gpu_autotune_end_to_end(monkeypatch, cache_dir):
     assert min(r["ms"] for r in rec["results"] if "ms" in r) == rec["ms"]
     (cfg, _), = gemm._plans.values()
     assert {p: cfg.p[p] for p in gemm.TILE_PARAMS} == rec["params"]
+
+
+def test_tune_op_on_cpu_times_for_real_and_cli_prints_the_winner(monkeypatch, capsys):
+    """tune_op end to end on CPU tensors (interpreter), timed with a wall clock instead of CUDA events."""
+    import argparse
+    import time
+
+    def wall_clock(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    monkeypatch.setattr(tuning, "_bench", wall_clock)
+    recs = tuning.tune_op("gemm", [SHAPE, (20, 96, 64)], "fp16", device=torch.device("cpu"))
+    (rec,) = recs  # both shapes are in bucket m64: one record
+    assert rec["bucket"] == "m64" and rec["shapes"] == [list(SHAPE), [20, 96, 64]]
+    assert rec["ms"] == min(r["ms"] for r in rec["results"] if "ms" in r) > 0
+    assert tuning.lookup("cpu", "gemm", "fp16", "m64") == rec["params"]
+    # a second call reuses the record instead of retuning
+    monkeypatch.setattr(tuning, "tune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retuned")))
+    assert tuning.tune_op("gemm", [SHAPE], "fp16", device=torch.device("cpu"))[0]["params"] == rec["params"]
+    monkeypatch.setattr(tuning, "tune_op", lambda *a, **k: recs)
+    args = argparse.Namespace(op="gemm", shapes="40x96x64", dtype="fp16", b_trans=False, force=False, cache_dir=None,
+                              json=False)
+    assert tuning.main(args) == 0
+    out = capsys.readouterr().out
+    assert "m64" in out and f"block_m={rec['params']['block_m']}" in out
