@@ -178,3 +178,32 @@ def test_tune_op_on_cpu_times_for_real_and_cli_prints_the_winner(monkeypatch, ca
     assert tuning.main(args) == 0
     out = capsys.readouterr().out
     assert "m64" in out and f"block_m={rec['params']['block_m']}" in out
+
+
+def test_two_processes_tune_a_bucket_once(cache_dir):
+    """Two processes asking for the same untuned bucket at once: one tunes (under the record's file
+    lock), the other waits and reads its record."""
+    script = textwrap.dedent(f"""
+        import json, sys, time, torch
+        from jitkern import tuning
+        def wall_clock(fn):
+            t0 = time.perf_counter(); fn(); return (time.perf_counter() - t0) * 1e3
+        tuning._bench = wall_clock
+        real_tune = tuning.tune
+        ran = []
+        def counting_tune(*a, **k):
+            ran.append(1)
+            time.sleep(1.0)  # widen the race window
+            return real_tune(*a, **k)
+        tuning.tune = counting_tune
+        rec, = tuning.tune_op("gemm", [{SHAPE!r}], "bf16", device=torch.device("cpu"))
+        print(json.dumps({{"tuned": len(ran), "params": rec["params"], "created": rec["created"]}}))
+    """)
+    env = {**os.environ, "JITKERN_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    got = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sorted(g["tuned"] for g in got) == [0, 1]
+    assert got[0]["params"] == got[1]["params"] and got[0]["created"] == got[1]["created"]
