@@ -255,8 +255,14 @@ def _doctor_remote() -> tuple[str, list[tuple[str, str]]]:
     return remote.doctor()
 
 
+def _doctor_tuning() -> tuple[str, list[tuple[str, str]]]:
+    from . import tuning
+
+    return tuning.doctor()
+
+
 DOCTOR_SECTIONS: list[Callable[[], tuple[str, list[tuple[str, str]]]]] = [
-    _doctor_arch, _doctor_toolchains, _doctor_cache, _doctor_ops, _doctor_remote,
+    _doctor_arch, _doctor_toolchains, _doctor_cache, _doctor_ops, _doctor_remote, _doctor_tuning,
 ]
 
 

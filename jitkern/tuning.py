@@ -297,6 +297,32 @@ def main(args) -> int:
     return 0
 
 
+def doctor() -> tuple[str, list[tuple[str, str]]]:
+    """The ``jitkern doctor`` section: autotune switch, tile overrides in the environment, tuning
+    records in the cache layers, shipped tables."""
+    rows = [("JITKERN_AUTOTUNE", os.environ.get("JITKERN_AUTOTUNE", "") or "(not set: recorded and shipped winners only)")]
+    overrides = sorted(k for k in os.environ if k.startswith("JITKERN_") and k.count("_") >= 2
+                       and k.split("_", 2)[1].lower() in _op_names())
+    rows.append(("tile overrides", ", ".join(f"{k}={os.environ[k]}" for k in overrides) or "(none)"))
+    for d in _tuning_dirs():
+        files = sorted(d.glob("*/*/*.json")) if d.is_dir() else []
+        per = {}
+        for f in files:
+            per[f"{f.parent.parent.name}/{f.parent.name}"] = per.get(f"{f.parent.parent.name}/{f.parent.name}", 0) + 1
+        rows.append((f"records in {d}", ", ".join(f"{k}: {v}" for k, v in sorted(per.items())) or "(none)"))
+    for path in sorted(TUNED_DIR.glob("*.json")):
+        table = shipped_table(path.stem)
+        n = sum(len(b) for dt in table.get("ops", {}).values() for b in dt.values())
+        rows.append((f"shipped {path.stem}", f"{n} entries; {table.get('source', '')[:90]}"))
+    return "Tuning (tile winners: records in the cache, then shipped tables)", rows
+
+
+def _op_names() -> set[str]:
+    from . import registry
+
+    return set(registry.names())
+
+
 def _device_name() -> str:
     try:
         import torch
