@@ -96,7 +96,20 @@ def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], lim
     """
     from .build import plan
 
-    specs = registry.specs(list(ops) if ops else None)
+    arches = list(arches)
+    if ops:
+        specs = registry.specs(list(ops))  # named: an unknown op is the user's error (exit 2)
+    else:
+        specs = []
+        for name in registry.names():  # all: one broken third-party op must not stop the others
+            try:
+                specs.append(registry.get(name))
+            except JitkernError as e:
+                log.warning("jitkern prebuild: skipping op %s: %s", name, e)
+                if errors is not None:
+                    for a in arches:
+                        errors.append(_record(Task(name, "", "", (), a.name, ""), "failed",
+                                              error=f"cannot load op: {e}"))
     tasks: list[Task] = []
     seen: set[str] = set()
     for a in arches:
