@@ -122,7 +122,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _check_key(key: str) -> str:
-    if len(key) != 64 or not set(key) <= _KEY_CHARS:
+    if not isinstance(key, str) or len(key) != 64 or not set(key) <= _KEY_CHARS:
         raise CacheError(f"malformed cache key {key!r}: expected 64 lowercase hex digits")
     return key
 
@@ -192,7 +192,8 @@ class Layer:
         return f"Layer({str(self.base)!r})"
 
     def entry_dir(self, key: str) -> Path:
-        return self.root / "entries" / key[:2] / _check_key(key)
+        key = _check_key(key)
+        return self.root / "entries" / key[:2] / key
 
     def writable(self) -> bool:
         """True if entries can be created here (creates the layer, private to the user, if it is missing)."""

@@ -23,7 +23,7 @@ import torch
 
 import jitkern
 from jitkern import arch, build, counters, locks
-from jitkern.cache import MANIFEST, Layer, Store, configured_layers
+from jitkern.cache import MANIFEST, Layer, Store, _host_tag, configured_layers
 from jitkern.errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
 from jitkern.library import rms_norm as rn
 
@@ -163,7 +163,7 @@ def test_stale_tmp_dirs_of_dead_local_processes_are_removed(cache_dir):
     assert layer.writable()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = socket.gethostname().replace(".", "-").replace("_", "-")
+    host = _host_tag()
     key = "ab" * 32
     tmp = layer.root / "tmp"
     names = {
