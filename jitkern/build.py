@@ -231,7 +231,8 @@ def check_entry(job: Job, entry: Entry) -> None:
 
     name = binary_name(job.arch)
     try:
-        data = entry.file(name).read_bytes()
+        with open(entry.file(name), "rb") as f:
+            data = f.read(64)  # the ELF header is all that is compared
         md = json.loads(entry.file(METADATA_FILE).read_bytes())
     except (OSError, ValueError) as e:
         raise CorruptEntryError(f"entry {entry.path} lacks a readable {name} or {METADATA_FILE}: {e}") from None
