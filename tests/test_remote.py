@@ -277,7 +277,10 @@ def test_lease_three_nodes_one_compile_real_sm90(rds, redis_server, tmp_path):
     assert sorted(r["how"] for r in results) == ["built", "fetched", "fetched"]
     assert sum(r["stats"]["compiles"] for r in results) == 1
     waiters = [r for r in results if r["how"] == "fetched"]
-    assert all(r["stats"]["remote_waits"] == 1 and r["stats"]["remote_hits"] == 1 for r in waiters), results
+    assert all(r["stats"]["remote_hits"] == 1 for r in waiters), results
+    # they started together while the build took > 1.5 s: they found the lease taken and waited
+    # (>= 1 rather than == 2 so that a node descheduled for seconds on a loaded box cannot fail this)
+    assert sum(r["stats"]["remote_waits"] for r in waiters) >= 1, results
     assert len({r["binary"] for r in results}) == 1 and results[0]["binary"]
     assert not rds.keys(remote.PREFIX + "lease:*")  # released after publishing
 
