@@ -61,8 +61,7 @@ def test_sigkill_while_building_and_publishing_leaves_nothing_loadable(cache_dir
     process builds or loads everything correctly without waiting on the dead process."""
     rng = random.Random(8)
     env = worker_env(cache_dir)
-    killed_with_tmp = 0
-    for trial in range(3):
+    for trial in range(4):
         p = start(["run-slow-publish"], env)
         assert p.stdout.readline().strip() == '"ready"'
         time.sleep(rng.uniform(0.0, 0.25))
@@ -70,7 +69,6 @@ def test_sigkill_while_building_and_publishing_leaves_nothing_loadable(cache_dir
         p.communicate()
         assert p.returncode == -signal.SIGKILL
         assert_every_entry_sound(cache_dir)
-        killed_with_tmp += bool(list((Path(cache_dir) / "v1" / "tmp").glob("*")))
     t0 = time.monotonic()
     after, _ = run_worker(["run"], env)
     assert after["ok"], after["errors"]
