@@ -143,11 +143,12 @@ def _lookup_or_build(job: Job, store: Store | None = None, *, record_failures: b
     except CacheError:
         return _build_in_memory(job), "built"
     with lock as held:
-        if not held:  # JITKERN_LOCK_TIMEOUT passed, or the filesystem has no locks
+        if not held and not lock.unlockable:  # JITKERN_LOCK_TIMEOUT passed, or our parent holds it
             entry = store.lookup(job.key, check)
             if entry is not None:
                 return _cached(entry)
             return _build_in_memory(job), "built"
+        # held, or no locks on this filesystem: build and publish (atomic; a concurrent twin's entry wins)
         with remote.FleetBuild(job.key, store) as fleet:
             return _locked_lookup_or_build(job, store, fleet, check, record_failures)
 

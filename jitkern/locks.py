@@ -75,8 +75,9 @@ def describe_owner(owner: dict | None) -> str:
 
 
 class BuildLock:
-    """``with BuildLock(path) as held:`` ``held`` is True once the lock is ours, False if the wait
-    timed out or the filesystem cannot lock (the caller then builds privately)."""
+    """``with BuildLock(path) as held:`` ``held`` is True once the lock is ours; False if the wait
+    timed out or the holder is this process's parent (the caller then builds privately), or if the
+    filesystem cannot lock (``unlockable``: the caller builds and publishes without a lock)."""
 
     def __init__(self, path: Path, what: str = "", timeout: float | None = None):
         self.path = Path(path)
@@ -85,6 +86,8 @@ class BuildLock:
         self.timeout = lock_timeout() if timeout is None else timeout
         self._lock = None
         self.waited = 0.0
+        #: True when the filesystem cannot lock at all (as opposed to a holder that did not finish in time)
+        self.unlockable = False
 
     def acquire(self) -> bool:
         import filelock
@@ -107,6 +110,7 @@ class BuildLock:
                           "are still published atomically, but two processes may build the same kernel)",
                           self.path.parent, e)
                 self.waited = time.monotonic() - t0
+                self.unlockable = True
                 return False
             waited = time.monotonic() - t0
             owner = read_owner(self.owner_path)

@@ -157,6 +157,21 @@ def test_a_child_never_waits_for_a_lock_its_parent_holds(cache_dir):
     assert "held by this process's parent" in out.stderr
 
 
+def test_a_lock_that_cannot_be_taken_still_builds_and_publishes(cache_dir, caplog):
+    """Where locks are unusable (here the lock path is a directory; on some network filesystems
+    flock is missing), jitkern neither hangs nor falls back to a lock file that would outlive a dead
+    holder: it builds, publishes atomically, and says so once."""
+    job = cpu_job()
+    Layer(cache_dir).writable()
+    (Layer(cache_dir).root / "locks" / f"{job.key}.lock").mkdir()
+    x, w = torch.randn(2, 64), torch.randn(64)
+    with caplog.at_level(logging.WARNING, logger="jitkern"):
+        y = jitkern.ops.rms_norm(x, w)
+    torch.testing.assert_close(y, rn.reference(x, w))
+    assert sum("cannot take build locks" in r.getMessage() for r in caplog.records) == 1
+    assert [e.name for e in entries(cache_dir)] == [job.key]
+
+
 @pytest.mark.parametrize("raw", ["abc", "-1", "nan", "1e", " "])
 def test_lock_timeout_env_is_validated(raw, monkeypatch):
     monkeypatch.setenv("JITKERN_LOCK_TIMEOUT", raw)
