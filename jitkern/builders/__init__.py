@@ -9,16 +9,20 @@ import importlib
 
 from ..errors import SpecError
 
+#: kind -> (module, attribute): the Triton builder is a module; the C++ kinds are ``Toolchain``
+#: objects of jitkern.builders.cpp (nvcc, hipcc, the host C++ compiler), which also load what they build.
 KINDS = {
-    "triton": "jitkern.builders.triton",
-    "cuda": "jitkern.builders.cuda",  # C++ kinds: see jitkern.builders.cpp
-    "hip": "jitkern.builders.hip",
-    "cpp": "jitkern.builders.host",
+    "triton": ("jitkern.builders.triton", None),
+    "cuda": ("jitkern.builders.cpp", "CUDA"),
+    "hip": ("jitkern.builders.cpp", "HIP"),
+    "cpp": ("jitkern.builders.cpp", "HOST"),
 }
 
 
 def get(kind: str):
     try:
-        return importlib.import_module(KINDS[kind])
+        module, attr = KINDS[kind]
     except KeyError:
         raise SpecError(f"unknown variant kind {kind!r}; known kinds: {', '.join(KINDS)}") from None
+    mod = importlib.import_module(module)
+    return mod if attr is None else getattr(mod, attr)

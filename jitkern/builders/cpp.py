@@ -182,7 +182,7 @@ def needs_ck(source: str) -> bool:
 
 @dataclass(frozen=True)
 class Toolchain:
-    """One C++ variant kind: how to find its compiler, probe it, and compile a rendered source."""
+    """One C++ variant kind: how to find its compiler, probe it, compile a rendered source and load the result."""
 
     kind: str
     source_name: str
@@ -268,11 +268,13 @@ class Toolchain:
         files = {self.source_name: job.source.encode(), self.binary_name: binary, LOG_FILE: log_text.encode()}
         return files, {"compiler": comp, "compile_seconds": round(dt, 3), "binary": self.binary_name}
 
+    def load(self, entry, job) -> "Kernel":
+        return HostKernel(entry, job) if self.kind == "cpp" else DeviceKernel(entry, job, self)
+
 
 CUDA = Toolchain("cuda", "kernel.cu", "kernel.cubin", find_nvcc, "nvidia", "JITKERN_NVCC_FLAGS")
 HIP = Toolchain("hip", "kernel.hip.cpp", "kernel.hsaco", find_hipcc, "amd", "JITKERN_HIPCC_FLAGS")
 HOST = Toolchain("cpp", "kernel.cpp", "kernel.so", find_cxx, "cpu", "JITKERN_CXXFLAGS")
-TOOLCHAINS = {t.kind: t for t in (CUDA, HIP, HOST)}
 
 
 # ---- loading and launching ---------------------------------------------------------------------
@@ -396,8 +398,3 @@ class HostKernel(Kernel):
         rc = self._fn(*[_address(a) if ptr else a for ptr, a in zip(self._pointer, args)])
         if rc != 0:
             raise LaunchError(f"{self.name} returned error code {rc}")
-
-
-def load(entry, job) -> Kernel:
-    tc = TOOLCHAINS[job.variant.kind]
-    return HostKernel(entry, job) if tc.kind == "cpp" else DeviceKernel(entry, job, tc)
