@@ -76,6 +76,20 @@ def plan(spec: OpSpec, config: Config, arch: Arch, source: str | None = None) ->
     return Job(spec, variant, config, arch, source, signature, parts, make_key(parts))
 
 
+def job_meta(job: Job) -> dict[str, Any]:
+    """What every entry records about the job that made it (built artifacts and failure records)."""
+    return {
+        "op": job.spec.name,
+        "variant": job.variant.name,
+        "kind": job.variant.kind,
+        "kernel": job.variant.kernel,
+        "arch": job.arch.name,
+        "params": job.config.p,
+        "key_parts": {name: value for name, value in job.parts if name != "source"},
+        "created": time.time(),
+    }
+
+
 def _build_files(job: Job):
     builder = builders.get(job.variant.kind)
     log.info("jitkern: building %s", job.describe())
@@ -85,19 +99,7 @@ def _build_files(job: Job):
     dt = time.perf_counter() - t0
     counters.bump("compiles")
     log.info("jitkern: built %s in %.2f s (key %s)", job.describe(), dt, job.key[:16])
-    meta = {
-        "op": job.spec.name,
-        "variant": job.variant.name,
-        "kind": job.variant.kind,
-        "kernel": job.variant.kernel,
-        "arch": job.arch.name,
-        "params": job.config.p,
-        "signature": job.signature,
-        "key_parts": {name: value for name, value in job.parts if name != "source"},
-        "build_seconds": round(dt, 3),
-        "created": time.time(),
-        **meta,
-    }
+    meta = {**job_meta(job), "signature": job.signature, "build_seconds": round(dt, 3), **meta}
     return files, meta
 
 

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import counters, runtime
-from .build import Job, get_entry, plan
+from .build import Job, get_entry, job_meta, plan
 from .cache import ENTRY_META, Entry, Store, default_store
 from .errors import BuildError, LaunchError, NoVariantError, RecordedBuildFailure, UnavailableError
 from .logs import log, warn_once
@@ -49,20 +47,13 @@ def failure_record(job: Job, err: BuildError) -> tuple[dict[str, bytes], dict[st
     reason = getattr(err, "reason", None) or str(err)
     files = {LOG_FILE: log_text.encode(), "source.txt": job.source.encode()}
     meta = {
+        **job_meta(job),
         "status": FAILED,
-        "op": job.spec.name,
-        "variant": job.variant.name,
-        "kind": job.variant.kind,
-        "kernel": job.variant.kernel,
-        "arch": job.arch.name,
-        "params": job.config.p,
-        "key_parts": {name: value for name, value in job.parts if name != "source"},
         "unavailable": isinstance(err, UnavailableError),
         "error_type": type(err).__name__,
         "reason": reason,
         "error": str(err),
         "log": LOG_FILE,
-        "created": time.time(),
     }
     return files, meta
 

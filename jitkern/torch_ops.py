@@ -28,7 +28,7 @@ import typing
 import torch
 
 from .errors import SpecError
-from .logs import log, warn_once
+from .logs import warn_once
 from .spec import OpSpec
 
 NAMESPACE = "jitkern"

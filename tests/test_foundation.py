@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import jitkern
-from jitkern import arch, checks, registry
+from jitkern import arch, registry
 from jitkern.build import get_entry, plan
-from jitkern.errors import (DeviceError, DTypeError, LayoutError, NoDeviceError, ShapeError, TemplateError,
+from jitkern.errors import (DTypeError, LayoutError, NoDeviceError, ShapeError, TemplateError,
                             UnknownArchError, UnknownOpError)
 from jitkern.spec import Arg, Config, OpSpec, Variant
 
