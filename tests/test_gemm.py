@@ -60,8 +60,8 @@ def test_empty_and_zero_k():
 
 def test_input_errors():
     a, b = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, 5, dtype=torch.bfloat16)
-    with pytest.raises(DTypeError, match="a has dtype float32; expected one of: bfloat16, float16"):
-        jitkern.ops.gemm(a.float(), b)
+    with pytest.raises(DTypeError, match="a has dtype int32; expected one of: bfloat16, float16"):
+        jitkern.ops.gemm(a.int(), b)
     with pytest.raises(DTypeError, match="b has dtype float16 but a has bfloat16"):
         jitkern.ops.gemm(a, b.half())
     with pytest.raises(ShapeError, match=r"b must have 8 rows"):
@@ -148,3 +148,26 @@ def test_gpu_numerics_large():
         b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
         _check(jitkern.ops.gemm(a, b), a, b)
         _check(jitkern.ops.gemm(a, b.t()), a, b.t())
+
+
+# ---- guard-based fallback to torch.matmul (issue 4, seed 000) ------------------------------------------
+class QuantizedWeight(torch.Tensor):
+    """Stands in for a torchao-style weight subclass: a tensor whose storage a kernel must not read raw."""
+
+
+def test_inputs_no_kernel_takes_go_to_torch_matmul_with_one_warning(caplog):
+    a, b = torch.randn(5, 8), torch.randn(8, 3)
+    with caplog.at_level("WARNING", logger="jitkern"):
+        for _ in range(3):
+            torch.testing.assert_close(jitkern.ops.gemm(a, b), a @ b)  # fp32: no kernel takes it
+        w = torch.randn(8, 3, dtype=torch.bfloat16).as_subclass(QuantizedWeight)
+        x = torch.randn(5, 8, dtype=torch.bfloat16)
+        out = torch.empty(5, 3, dtype=torch.bfloat16)
+        for _ in range(2):
+            got = jitkern.ops.gemm(x, w, out=out)
+            assert got is out
+            torch.testing.assert_close(out.float(), (x.float() @ w.as_subclass(torch.Tensor).float()),
+                                       atol=0.1, rtol=0.02)
+    warnings = [r.getMessage() for r in caplog.records if "torch.matmul" in r.getMessage()]
+    assert len(warnings) == 2 and "float32" in warnings[0] and "subclass" in warnings[1]
+    assert counters.snapshot()["compiles"] == 0 and counters.snapshot()["guard_refusals"] == 5

@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, registry, runtime, tuning
+from .. import checks, constraints, counters, registry, runtime, tuning
 from ..errors import ConfigError, OverBudgetError, ShapeError
+from ..logs import warn_once
 from ..render import builtin_template_dir
 from ..spec import Arg, Config, OpSpec, Variant
 
@@ -236,13 +237,43 @@ def _grid(p, m, n) -> int:
     return -(-m // p["block_m"]) * -(-n // p["block_n"])
 
 
+#: Float dtypes no gemm kernel takes but torch.matmul does: such calls are routed, not refused.
+TORCH_ONLY_DTYPES = (torch.float32, torch.float64)
+
+
+def torch_route(a, b, out) -> Optional[str]:
+    """Why a call goes to ``torch.matmul`` instead of a kernel, or None (the guard of the kernel path:
+    a few type and dtype comparisons, no exception). Tensor subclasses (a torchao quantized weight,
+    seed 000) hold data the kernel cannot read; fp32/fp64 have no kernel."""
+    tensors = (a, b) if out is None else (a, b, out)
+    if any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor for t in tensors):
+        return "a tensor subclass (e.g. a quantized weight), which gemm kernels cannot read"
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype in TORCH_ONLY_DTYPES \
+            and b.dtype == a.dtype:
+        return f"dtype {str(a.dtype).replace('torch.', '')}, which no gemm kernel takes"
+    return None
+
+
+def _torch_gemm(a, b, out, why: str):
+    counters.bump("guard_refusals")
+    warn_once((OP, "torch", why), "jitkern: %s: routing calls with %s to torch.matmul", OP, why)
+    if out is None:
+        return torch.matmul(a, b)
+    torch.matmul(a, b, out=out)
+    return out
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a @ b`` for 2-D bf16/fp16 ``a`` [M, K] and ``b`` [K, N] (fp32 accumulation).
 
     ``a`` needs unit stride along K; ``b`` unit stride along N or along K (e.g. ``w.t()`` for a
     row-major weight ``w`` [N, K]). ``out``: [M, N], same dtype, unit stride along N; allocated if
-    not given. Returns ``out``.
+    not given. Returns ``out``. Tensor subclasses and fp32/fp64 inputs go to ``torch.matmul``
+    (``torch_route``), with one warning per reason.
     """
+    why = torch_route(a, b, out)
+    if why is not None:
+        return _torch_gemm(a, b, out, why)
     checks.tensor(OP, "a", a, dtypes=DTYPES, ndim=2)
     checks.tensor(OP, "b", b, dtypes=DTYPES, ndim=2, like=a)
     checks.same_dtype(OP, "b", b, a, "a")
