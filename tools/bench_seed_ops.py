@@ -33,6 +33,17 @@ import time
 PEAK = 3.35e12
 
 
+def paged_decode_inputs(torch, dev, bsz: int, ctx: int, hq: int, hkv: int, d: int, page: int):
+    """Random bf16 decode inputs over a paged KV cache: q, k_cache, v_cache, block table, lengths."""
+    nblk = ctx // page
+    k = torch.randn(bsz * nblk, page, hkv, d, dtype=torch.bfloat16, device=dev)
+    v = torch.randn_like(k)
+    bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+    lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(bsz, hq, d, dtype=torch.bfloat16, device=dev)
+    return q, k, v, bt, lens
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="seed_ops_bench.json")
@@ -91,12 +102,7 @@ def main() -> int:
     hq, hkv, d, page = 32, 8, 128, 16
     pa_shapes = [(32, 2048), (64, 8192), (256, 2048), (32, 32768), (128, 4096)]
     for bsz, ctx in (pa_shapes[:1] if args.quick else pa_shapes):
-        nblk = ctx // page
-        k = torch.randn(bsz * nblk, page, hkv, d, dtype=torch.bfloat16, device=dev)
-        v = torch.randn_like(k)
-        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-        lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(bsz, hq, d, dtype=torch.bfloat16, device=dev)
+        q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, hq, hkv, d, page)
         nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2 + bt.numel() * 4
         bench("paged_attention_decode", f"b={bsz} ctx={ctx} h={hq}/{hkv} d={d}", nbytes,
               lambda: pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=131072),
@@ -189,12 +195,7 @@ def sweep(args, torch, do_bench, pa, moe) -> int:
     hq, hkv, d, page = 32, 8, 128, 16
     cases = []
     for bsz, ctx in ((32, 2048), (64, 8192)):
-        nblk = ctx // page
-        k = torch.randn(bsz * nblk, page, hkv, d, dtype=torch.bfloat16, device=dev)
-        v = torch.randn_like(k)
-        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-        lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(bsz, hq, d, dtype=torch.bfloat16, device=dev)
+        q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, hq, hkv, d, page)
         cases.append((f"b={bsz} ctx={ctx}", q, k, v, bt, lens, 2 * k.numel() * 2))
     for part, bn, nw, ns in itertools.product((256, 512, 1024), (32, 64, 128), (4, 8), (2, 3, 4)):
         params = dict(partition=part, block_n=bn, num_warps=nw, num_stages=ns)
