@@ -223,6 +223,7 @@ def test_third_party_op_via_entry_point(example_site, cache_dir):
         "out = jitkern.ops.scale_add(x, y, alpha=0.5)\n"
         "ref = jitkern.get_op('scale_add').reference(x, y, alpha=0.5)\n"
         "torch.testing.assert_close(out, ref)\n"
+        "assert hasattr(torch.ops.jitkern, 'scale_add')  # registered with torch.library from its spec\n"
         "print(jitkern.stats()['compiles'])\n"
     )
     env = {"PYTHONPATH": os.pathsep.join([str(example_site), str(REPO)]), "JITKERN_CACHE_DIR": str(cache_dir),
@@ -230,6 +231,7 @@ def test_third_party_op_via_entry_point(example_site, cache_dir):
     r = run_py("import jitkern.registry\n" + code, env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"
+    assert "scale_add" not in r.stderr, r.stderr  # declared completely: no warning about the op
     r2 = run_py("import jitkern.registry\n" + code, env)  # second process: from the cache
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout.strip() == "0"

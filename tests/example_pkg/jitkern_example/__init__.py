@@ -18,7 +18,7 @@ def configs(arch):
         yield jitkern.Config.make("triton", dtype=dtype, block=BLOCK, num_warps=4)
 
 
-def scale_add(x, y, alpha=1.0):
+def scale_add(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     checks.tensor("scale_add", "x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     checks.tensor("scale_add", "y", y, like=x)
     checks.same_dtype("scale_add", "y", y, x, "x")
@@ -49,4 +49,5 @@ SPEC = jitkern.OpSpec(
     fn=scale_add,
     reference=reference,
     configs=configs,
+    fake=lambda x, y, alpha=1.0: torch.empty_like(x),  # shapes for torch.compile (torch.library)
 )
