@@ -131,8 +131,6 @@ def child_warmstart(which: str) -> dict:
 def _finish(t, t1, t2, a, b, c, extra) -> dict:
     """``seconds``: the 16 variants' first results (load + launch + synchronize); ``baseline_style_s``:
     with triton_baseline.py's boundaries (input allocation and the reference matmul included)."""
-    import torch
-
     t3 = time.perf_counter()
     ref = a.float() @ b.float()
     err = (c.float() - ref).abs().max().item()
@@ -224,10 +222,6 @@ def child_dispatch() -> dict:
 
 def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
     """Where a call's time goes: the parts of the op's hot path, each timed alone."""
-    import cProfile
-    import io
-    import pstats
-
     import torch
 
     xp, wp, op = x.data_ptr(), w.data_ptr(), o.data_ptr()
@@ -246,30 +240,33 @@ def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
     out = {name + "_us": round(_best_per_call(fn, iters=10000, reps=3), 3) for name, fn in parts.items()}
     out["takes_addresses"] = k.takes_addresses
     out["plans"] = len(rn._plans)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(5000):
-        f(x, w, out=o)
-    prof.disable()
+    def calls():
+        for _ in range(5000):
+            f(x, w, out=o)
+
+    _, out["profile"] = _profiled(calls, sort="tottime", top=12, keep=22)
     torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
-    out["profile"] = buf.getvalue().splitlines()[-22:]
     return out
 
 
-def child_warm_profile() -> dict:
+def _profiled(fn, sort: str, top: int, keep: int):
+    """``(fn(), the last `keep` lines of cProfile's table of the `top` entries by `sort`)``."""
     import cProfile
     import io
     import pstats
 
     prof = cProfile.Profile()
     prof.enable()
-    r = child_warmstart("jitkern")
+    result = fn()
     prof.disable()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(35)
-    r["profile"] = buf.getvalue().splitlines()[-45:]
+    pstats.Stats(prof, stream=buf).sort_stats(sort).print_stats(top)
+    return result, buf.getvalue().splitlines()[-keep:]
+
+
+def child_warm_profile() -> dict:
+    r, lines = _profiled(lambda: child_warmstart("jitkern"), sort="cumulative", top=35, keep=45)
+    r["profile"] = lines
     return r
 
 
