@@ -46,9 +46,10 @@ class Job:
         return f"{self.spec.name}/{self.config.describe()} for {self.arch.name}"
 
 
-def plan(spec: OpSpec, config: Config, arch: Arch, source: str | None = None) -> Job:
+def plan(spec: OpSpec, config: Config, arch: Arch, source: str | None = None, compiler: dict | None = None) -> Job:
     """Render and key ``config`` for ``arch``. ``source``: the rendered source, already known (from
-    ``jitkern.plan_index``), so the template is not rendered; the key is computed from it as usual."""
+    ``jitkern.plan_index``), so the template is not rendered; the key is computed from it as usual.
+    ``compiler``: the builder's fingerprint for ``arch``, where the caller has just computed it."""
     variant = spec.variant(config.variant)
     params = config.p
     context = {
@@ -71,7 +72,7 @@ def plan(spec: OpSpec, config: Config, arch: Arch, source: str | None = None) ->
         ("specialization", sorted(a.name for a in variant.args if a.is_pointer or params.get(a.divisible_if or ""))),
         ("arch", [arch.name, arch.backend, arch.triton_arch, arch.warp_size]),
         ("compile_options", config.compile_options()),
-        ("compiler", builder.fingerprint(arch)),
+        ("compiler", builder.fingerprint(arch) if compiler is None else compiler),
     )
     return Job(spec, variant, config, arch, source, signature, parts, make_key(parts))
 

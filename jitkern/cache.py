@@ -304,13 +304,16 @@ class Layer:
             files = manifest["files"]
             if manifest.get("key") != key:
                 raise CorruptEntryError(f"manifest of {path} names key {manifest.get('key')!r}")
+            meta_bytes = b"{}"
             for name, want in files.items():
                 if not _safe_name(name):
                     raise CorruptEntryError(f"manifest of {path} names an unsafe file {name!r}")
                 data = _read(path / name)
                 if len(data) != want["size"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
                     raise CorruptEntryError(f"{path / name} does not match its checksum")
-            meta = json.loads(_read(path / ENTRY_META)) if ENTRY_META in files else {}
+                if name == ENTRY_META:
+                    meta_bytes = data
+            meta = json.loads(meta_bytes)
             if not isinstance(meta, dict):
                 raise TypeError(f"{ENTRY_META} holds a {type(meta).__name__}, not an object")
         except FileNotFoundError as e:

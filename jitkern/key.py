@@ -31,8 +31,8 @@ NON_CODEGEN_ENV = frozenset({
 
 
 def codegen_env() -> dict[str, str]:
-    return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith(CODEGEN_ENV_PREFIXES) and k not in NON_CODEGEN_ENV}
+    env = os.environ  # keys first: only the few that match have their values read
+    return {k: env[k] for k in sorted(k for k in env if k.startswith(CODEGEN_ENV_PREFIXES) and k not in NON_CODEGEN_ENV)}
 
 
 def _canonical(value: Any) -> str:

@@ -100,11 +100,11 @@ def _load_handles(ck, src) -> None:
 
 
 def direct_enabled() -> bool:
-    """``JITKERN_DIRECT_LAUNCH=1`` opts in to the direct C launch and shared launchers below; read when
-    a kernel is loaded, never per launch. Off by default until it has been verified on a GPU: its
-    arguments are checked against Triton's ``CudaLauncher`` on the CPU only, and a wrong launch
-    would fault every op, so the default is Triton's own ``CompiledKernel`` path."""
-    return os.environ.get("JITKERN_DIRECT_LAUNCH", "0").strip().lower() in ("1", "true", "on", "yes")
+    """Whether CUDA kernels launch through Triton's C ``launch`` directly, with launchers shared by
+    kernels of one signature (the default). ``JITKERN_DIRECT_LAUNCH=0`` switches back to Triton's
+    own ``CompiledKernel`` path (for comparison, or if a Triton release changes its launcher). Read
+    when a kernel is loaded, never per launch."""
+    return os.environ.get("JITKERN_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def direct_launch(run, function, packed, stream, device):

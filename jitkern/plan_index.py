@@ -68,7 +68,7 @@ def _digest(template_dir: Path) -> str:
     return d
 
 
-def index_key(spec: OpSpec, config: Config, arch) -> str:
+def index_key(spec: OpSpec, config: Config, arch, compiler: dict | None = None) -> str:
     variant = spec.variant(config.variant)
     parts = {
         "format": FORMAT_VERSION,
@@ -78,7 +78,7 @@ def index_key(spec: OpSpec, config: Config, arch) -> str:
         "params": [[k, repr(v)] for k, v in config.params],
         "arch": [arch.name, arch.vendor, arch.backend, arch.triton_arch, arch.warp_size],
         "templates": _digest(spec.template_dir),
-        "compiler": builders.get(variant.kind).fingerprint(arch),
+        "compiler": builders.get(variant.kind).fingerprint(arch) if compiler is None else compiler,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -90,14 +90,15 @@ def _path(layer, ih: str) -> Path:
 def lookup(spec: OpSpec, config: Config, arch, store=None) -> Job | None:
     """The planned job from the index, or None (no record, or a record that does not check out)."""
     store = store or default_store()
-    ih = index_key(spec, config, arch)
+    compiler = builders.get(spec.variant(config.variant).kind).fingerprint(arch)
+    ih = index_key(spec, config, arch, compiler)
     for layer in store.layers:
         try:
             rec = json.loads(_path(layer, ih).read_text())
             key, source = rec["key"], rec["source"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        job = plan(spec, config, arch, source=source)
+        job = plan(spec, config, arch, source=source, compiler=compiler)
         if job.key == key:
             return job
         log.debug("jitkern: plan index record %s in %s does not match its key; rendering", ih[:16], layer)

@@ -11,13 +11,20 @@ from the annotations of ``spec.fn``, in-place arguments are annotated as mutated
 * ops returning new tensors register ``spec.fake``;
 * ops annotated ``-> None`` return nothing.
 
-``jitkern.ops.<name>`` is :func:`dispatcher`'s result: in eager mode it calls ``spec.fn``
-directly, with no trip through torch's dispatcher (on the H100 that trip, ``torch.ops.jitkern.rms_norm``,
-measured about 10 us a call: more than a whole small-kernel launch); while ``torch.compile`` traces
-(``torch.compiler.is_compiling()``, about 1 us), it calls the custom op, which Dynamo puts in the
-graph as one node. Both paths run the same code: the custom op's implementation calls ``spec.fn``.
-(``torch.compiler.substitute_in_graph`` would save that microsecond, but Dynamo did not apply it to
-functions reaching a compiled region as arguments, so the check stays.)
+``jitkern.ops.<name>`` is :func:`dispatcher`'s result: in eager mode the op's own function, called
+with no trip through torch's dispatcher (on the H200 that trip, ``torch.ops.jitkern.rms_norm``,
+costs about 14 us a call more: more than a whole small-kernel launch); under ``torch.compile``,
+Dynamo traces the custom-op call instead, which it puts in the graph as one node. Both run the same
+code: the custom op's implementation calls ``spec.fn``.
+
+How Dynamo is pointed at the custom op without a wrapper in the eager path: a function with a
+``_torchdynamo_inline`` attribute is traced as that attribute's function (the hook
+``torch.compile`` itself uses when one compiled function calls another), and setting it needs no
+import of ``torch._dynamo`` (seconds). It is torch-internal, so it is used only on torch versions it
+has been checked on (``INLINE_HOOK_SINCE`` and later: the tests trace both ways of calling an op);
+elsewhere, and for callables that are not plain functions, ``jitkern.ops.<name>`` is a wrapper
+that asks ``torch.compiler.is_compiling()`` (about 0.4 us more a call). One difference: with the
+hook, compile the function that calls the op, not the op function by itself.
 """
 from __future__ import annotations
 
@@ -130,6 +137,43 @@ def dispatcher(spec: OpSpec):
         known = _dispatchers.get(spec.name)
         if known is not None and known[0] is spec:
             return known[1]
+    traced = _traced(spec, op)
+    if _inline_hook_works() and inspect.isfunction(fn) and not hasattr(fn, _INLINE_HOOK):
+        setattr(fn, _INLINE_HOOK, traced)
+        call = fn
+    else:
+        is_compiling = torch.compiler.is_compiling
+
+        def call(*args, **kwargs):
+            if is_compiling():
+                return traced(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = spec.name
+        call.__doc__ = fn.__doc__
+        call.__wrapped__ = fn
+        call.__signature__ = _signature(spec)
+    with _lock:
+        _dispatchers[spec.name] = (spec, call)
+    return call
+
+
+#: The attribute Dynamo follows from a function to the function it traces in its place.
+_INLINE_HOOK = "_torchdynamo_inline"
+#: The first torch release on which jitkern has checked that hook (tests/test_torch_integration.py).
+INLINE_HOOK_SINCE = (2, 11)
+
+
+def _inline_hook_works() -> bool:
+    try:
+        major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= INLINE_HOOK_SINCE
+
+
+def _traced(spec: OpSpec, op):
+    """What Dynamo traces in place of ``spec.fn``: plain dict/tuple work and one custom-op call."""
     sig = _signature(spec)
     names = tuple(sig.parameters)
     defaults = tuple((n, p.default) for n, p in sig.parameters.items() if p.default is not p.empty)
@@ -137,7 +181,6 @@ def dispatcher(spec: OpSpec):
     alloc = spec.alloc
 
     def traced(*args, **kwargs):
-        # What Dynamo traces in place of ``fn``: plain dict/tuple work and one custom-op call.
         bound = dict(defaults)
         bound.update(zip(names, args))
         bound.update(kwargs)
@@ -153,20 +196,8 @@ def dispatcher(spec: OpSpec):
             return bound[outputs[0]]
         return tuple(bound[n] for n in outputs)
 
-    is_compiling = torch.compiler.is_compiling
-
-    def call(*args, **kwargs):
-        if is_compiling():
-            return traced(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = spec.name
-    call.__doc__ = fn.__doc__
-    call.__wrapped__ = fn
-    call.__signature__ = sig
-    with _lock:
-        _dispatchers[spec.name] = (spec, call)
-    return call
+    traced.__name__ = traced.__qualname__ = f"{spec.name}_traced"
+    return traced
 
 
 def register_all(names: typing.Iterable[str] | None = None) -> dict[str, object]:

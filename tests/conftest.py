@@ -19,7 +19,12 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-requires_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a GPU (runs on the H100 through the device tool)")
+_skip_without_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a GPU (run: TRITON_INTERPRET=0 pytest -m gpu)")
+
+
+def requires_gpu(test):
+    """Mark a test GPU-only: skipped without a GPU, selected by ``-m gpu`` (with TRITON_INTERPRET=0)."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
 
 
 @pytest.fixture(autouse=True)

@@ -201,6 +201,6 @@ def test_triton_hooks_are_seen_as_set_only_with_calls(monkeypatch):
     monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", [print])
     assert launcher._hooked(knobs.runtime.launch_enter_hook)
     monkeypatch.delenv("JITKERN_DIRECT_LAUNCH", raising=False)
-    assert not launcher.direct_enabled()  # opt-in until verified on a GPU
-    monkeypatch.setenv("JITKERN_DIRECT_LAUNCH", "1")
-    assert launcher.direct_enabled()
+    assert launcher.direct_enabled()  # the default
+    monkeypatch.setenv("JITKERN_DIRECT_LAUNCH", "0")
+    assert not launcher.direct_enabled()

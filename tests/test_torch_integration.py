@@ -2,7 +2,8 @@
 implementations, torch.compile(fullgraph=True) without graph breaks, CUDA-graph capture and replay.
 
 CPU tests run the kernels through Triton's interpreter (conftest sets TRITON_INTERPRET=1); the
-GPU tests (torch.compile with Inductor, CUDA graphs, the direct-launch fast path) run on the H100.
+GPU tests (torch.compile with Inductor, CUDA graphs, the direct-launch fast path) run with
+``TRITON_INTERPRET=0 pytest -m gpu`` on a GPU machine.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def test_every_builtin_op_registers(name):
     mutable = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutable == set(spec.mutates)
     assert torch_ops.registered(name) is not None
-    assert torch_ops.dispatcher(spec).__wrapped__ is spec.fn
+    eager = torch_ops.dispatcher(spec)
+    assert eager is spec.fn and eager._torchdynamo_inline.__name__ == f"{name}_traced"  # no wrapper in eager
 
 
 def test_opcheck_rms_norm_cpu():
@@ -101,7 +103,16 @@ def test_unregistrable_op_stays_callable_with_one_warning(caplog):
     assert sum("not registered with torch.library" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_three_kinds_of_op_compile_without_graph_breaks():
+@pytest.fixture(params=["inline-hook", "wrapper"])
+def eager_path(request, monkeypatch):
+    """Both ways ``jitkern.ops.<name>`` can be made: the op function itself with Dynamo's inline hook
+    set (torch versions it has been checked on), or a wrapper asking ``is_compiling()`` (others)."""
+    if request.param == "wrapper":
+        monkeypatch.setattr(torch_ops, "INLINE_HOOK_SINCE", (99, 0))
+    return request.param
+
+
+def test_three_kinds_of_op_compile_without_graph_breaks(eager_path):
     """outputs (out= buffer), an in-place input it returns, new tensors (fake), and -> None."""
     def scale_out(x: torch.Tensor, s: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty_like(x) if out is None else out
@@ -118,10 +129,12 @@ def test_three_kinds_of_op_compile_without_graph_breaks():
     def zero_(x: torch.Tensor) -> None:
         x.zero_()
 
-    a = torch_ops.dispatcher(_toy(scale_out, outputs=("out",), alloc=lambda x, s, out=None: {"out": torch.empty_like(x)}))
-    b = torch_ops.dispatcher(_toy(bump_, outputs=("x",)))
-    c = torch_ops.dispatcher(_toy(pair, fake=lambda x: (torch.empty_like(x), torch.empty_like(x))))
-    d = torch_ops.dispatcher(_toy(zero_, mutates=("x",)))
+    specs = (_toy(scale_out, outputs=("out",), alloc=lambda x, s, out=None: {"out": torch.empty_like(x)}),
+             _toy(bump_, outputs=("x",)), _toy(pair, fake=lambda x: (torch.empty_like(x), torch.empty_like(x))),
+             _toy(zero_, mutates=("x",)))
+    a, b, c, d = (torch_ops.dispatcher(spec) for spec in specs)
+    for spec, eager in zip(specs, (a, b, c, d)):
+        assert (eager is spec.fn) == (eager_path == "inline-hook")
 
     def model(x):
         y = a(x, 3.0)
@@ -134,6 +147,8 @@ def test_three_kinds_of_op_compile_without_graph_breaks():
     x = torch.randn(5)
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0
+    called = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {f"jitkern.{spec.name}.default" for spec in specs} <= called, called  # the ops, not their bodies
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))
     torch.testing.assert_close(model(x), (x * 3 + 1 + 1) + (x * 3 + 1) * 2)
 
@@ -158,6 +173,23 @@ def test_rms_norm_compiles_fullgraph_cpu():
     ref_r = r.clone()
     torch.testing.assert_close(want, _block(rn.reference, x, w, ref_r), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(r_eager, ref_r)
+
+
+def _block_by_name(x, w, r):
+    h = torch.nn.functional.silu(x)
+    y = jitkern.ops.rms_norm(h, w, residual=r)
+    return jitkern.ops.rms_norm(y * 2, w) + 1
+
+
+def test_rms_norm_called_by_name_compiles_fullgraph_cpu():
+    """The usual way a model calls an op: looked up by name inside the compiled function."""
+    x, w, r = _rms_inputs("cpu")
+    explained = torch._dynamo.explain(_block_by_name)(x, w, r.clone())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    r_eager, r_compiled = r.clone(), r.clone()
+    got = torch.compile(_block_by_name, fullgraph=True, backend="aot_eager")(x, w, r_compiled)
+    torch.testing.assert_close(got, _block_by_name(x, w, r_eager))
+    torch.testing.assert_close(r_compiled, r_eager)
 
 
 def test_fake_tensor_trace_needs_no_kernel(cache_dir):

@@ -12,11 +12,12 @@ Prints one JSON object (also written to --json-out) and a table of the floors:
    the same work in both). ``baseline_style_s`` also counts what triton_baseline.py's clock counts
    (allocating the inputs and the reference matmul, i.e. CUDA context and cuBLAS start-up). Triton's cache is warmed first (one cold process), then jitkern's (one cold process,
    sharing TRITON_CACHE_DIR, where Triton keeps the gcc-built C launcher stub and its cuda_utils module).
-   Also reported: jitkern warm with an EMPTY Triton cache dir, which pays gcc for those two stubs.
+   Also reported: jitkern warm with an EMPTY Triton cache dir, which pays gcc for those two stubs, and
+   with JITKERN_DIRECT_LAUNCH=0 (Triton's own CompiledKernel launch path, one launcher per kernel).
 2. dispatch: steady-state CPU time per call (wall clock of 20000 asynchronous calls, best of 5, as
    triton_baseline.py) of ``jitkern.ops.rms_norm`` on a tiny bf16 input with ``out=``, against the Triton
    JIT launch of the very same kernel (imported from jitkern's cache entry), Triton's CompiledKernel called
-   directly, and ``torch.add(out=)``.
+   directly, and ``torch.add(out=)``; the jitkern figures again with JITKERN_DIRECT_LAUNCH=0.
 3. import: ``import jitkern`` in a fresh interpreter (best of 5), and whether it imported torch.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TILES = [(bm, bn, bk) for bm in (32, 64, 128) for bn in (32, 64, 128) for bk in (32, 64)][:16]
 MNK = 512
+#: jitkern with its direct C launch and shared launchers switched off: Triton's CompiledKernel path.
+TRITON_LAUNCHER = {"JITKERN_DIRECT_LAUNCH": "0"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,7 +240,25 @@ def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
         "op_function_without_dispatcher": lambda: rn.rms_norm(x, w, out=o),
         "jitkern_ops_rms_norm": lambda: f(x, w, out=o),
     }
+    # Triton's generated C launch with every argument given (no Python wrapper), and with an empty grid
+    # (argument parsing only: its C code skips cuLaunchKernelEx when the grid is empty)
+    c_launch, function = k._run.launch, k._function
+    fixed = (k._run.launch_cooperative_grid, k._run.launch_pdl, None, None, k._packed, None, None, None)
+    dev = k._device
+    parts["c_launch_all_args_given"] = lambda: c_launch(rows, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n,
+                                                        n, 0, n, 1e-6)
+    parts["c_launch_empty_grid"] = lambda: c_launch(0, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n, n, 0, n, 1e-6)
     out = {name + "_us": round(_best_per_call(fn, iters=10000, reps=3), 3) for name, fn in parts.items()}
+    # the op's Python alone: its plan's launch swapped for a no-op builtin that takes any arguments
+    sig = (x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device, o.shape, o.stride(),
+           o.dtype, o.device, None)
+    plan = rn._plans[sig]
+    rn._plans[sig] = ("".format, *plan[1:])
+    try:
+        out["op_function_python_only_us"] = round(_best_per_call(lambda: rn.rms_norm(x, w, out=o), 10000, 3), 3)
+        out["jitkern_ops_python_only_us"] = round(_best_per_call(lambda: f(x, w, out=o), 10000, 3), 3)
+    finally:
+        rn._plans[sig] = plan
     out["takes_addresses"] = k.takes_addresses
     out["plans"] = len(rn._plans)
     def calls():
@@ -264,10 +285,54 @@ def _profiled(fn, sort: str, top: int, keep: int):
     return result, buf.getvalue().splitlines()[-keep:]
 
 
-def child_warm_profile() -> dict:
-    r, lines = _profiled(lambda: child_warmstart("jitkern"), sort="cumulative", top=35, keep=45)
-    r["profile"] = lines
-    return r
+def child_warm_phases() -> dict:
+    """Where a warm jitkern start's time goes: the steps ``runtime.kernel`` takes for each of the 16
+    variants, each summed over them (plan from the index, cache lookup + verify, load into the driver,
+    first launch), then the synchronize; plus a cProfile of the same window (one more fresh process)."""
+    import torch
+    import triton
+
+    from jitkern.build import get_entry
+    from jitkern.launcher import load
+    from jitkern.plan_index import planned
+    from jitkern.runtime import arches_for
+    from jitkern.spec import Config
+
+    torch.cuda.init()
+    spec = _matmul_spec()
+    M = N = K = MNK
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    phases = dict.fromkeys(("arch", "plan", "lookup", "load", "launch", "sync"), 0.0)
+    firsts = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        r = fn()
+        dt = time.perf_counter() - t
+        phases[name] += dt
+        firsts.setdefault(name, dt)
+        return r
+
+    def run():
+        arch = timed("arch", lambda: arches_for(a.device)[1])
+        for bm, bn, bk in TILES:
+            job = timed("plan", lambda: planned(spec, Config.make("triton", bm=bm, bn=bn, bk=bk, num_warps=4), arch))
+            entry = timed("lookup", lambda: get_entry(job)[0])
+            k = timed("load", lambda: load(entry, job))
+            timed("launch", lambda: k.run(triton.cdiv(M, bm) * triton.cdiv(N, bn), 1, 1, a, b, c, M, N, K,
+                                          a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)))
+        timed("sync", torch.cuda.synchronize)
+
+    t = time.perf_counter()
+    if os.environ.get("BENCH_PROFILE"):
+        _, lines = _profiled(run, sort="cumulative", top=40, keep=50)
+        return {"profile": lines}
+    run()
+    return {"seconds": time.perf_counter() - t, "phases_ms": {k: round(v * 1e3, 2) for k, v in phases.items()},
+            "first_of_each_ms": {k: round(v * 1e3, 2) for k, v in firsts.items()}}
 
 
 def child_import() -> dict:
@@ -279,7 +344,7 @@ def child_import() -> dict:
 
 
 CHILDREN = {"warm-triton": lambda: child_warmstart("triton"), "warm-jitkern": lambda: child_warmstart("jitkern"),
-            "dispatch": child_dispatch, "import": child_import, "warm-jitkern-profile": child_warm_profile}
+            "dispatch": child_dispatch, "import": child_import, "warm-jitkern-phases": child_warm_phases}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,7 +378,11 @@ def run_all(runs: int) -> dict:
         out["jitkern_warm"] = [_child("warm-jitkern", env) for _ in range(runs)]
         out["jitkern_warm_empty_triton_cache"] = [
             _child("warm-jitkern", {**env, "TRITON_CACHE_DIR": str(tc_empty).format(i)}) for i in range(runs)]
-        out["dispatch"] = _child("dispatch", {**env})
+        out["jitkern_warm_triton_launcher"] = [_child("warm-jitkern", {**env, **TRITON_LAUNCHER}) for _ in range(runs)]
+        out["jitkern_warm_phases"] = [_child("warm-jitkern-phases", env) for _ in range(runs)]
+        out["jitkern_warm_profile"] = _child("warm-jitkern-phases", {**env, "BENCH_PROFILE": "1"})["profile"]
+        out["dispatch"] = _child("dispatch", env)
+        out["dispatch_triton_launcher"] = _child("dispatch", {**env, **TRITON_LAUNCHER})
     out["import"] = [_child("import", {}) for _ in range(5)]
     return out
 
@@ -332,6 +401,11 @@ def summarize(res: dict) -> dict:
         "warm_ratio_jitkern_over_triton": statistics.median(jw) / statistics.median(tw),
         "warm_jitkern_empty_triton_cache_s_median": statistics.median(je),
         "warm_jitkern_compiles": [r["stats"]["compiles"] for r in res["jitkern_warm"]],
+        "warm_jitkern_triton_launcher_s_median": statistics.median(
+            r["seconds"] for r in res["jitkern_warm_triton_launcher"]),
+        "warm_phases_ms": {k: statistics.median(r["phases_ms"][k] for r in res["jitkern_warm_phases"])
+                           for k in res["jitkern_warm_phases"][0]["phases_ms"]},
+        "dispatch_triton_launcher_us": res["dispatch_triton_launcher"]["jitkern_rms_norm_out_us"],
         "dispatch_ratio_vs_triton_jit": d["jitkern_rms_norm_out_us"] / d["triton_jit_rms_norm_us"],
         "dispatch_ratio_vs_torch_add_out": d["jitkern_rms_norm_out_us"] / d["torch_add_out_us"],
         "import_jitkern_ms_best": min(imp) * 1e3,
@@ -354,14 +428,21 @@ def table(res: dict, s: dict) -> str:
         ("  Triton JIT, Triton cache warm", f"{s['warm_triton_s_median'] * 1e3:9.1f} ms", "anchor"),
         ("  jitkern, jitkern cache warm", f"{s['warm_jitkern_s_median'] * 1e3:9.1f} ms",
          f"{s['warm_ratio_jitkern_over_triton']:.3f}x  (floor <= 0.1)"),
+        ("  jitkern, JITKERN_DIRECT_LAUNCH=0 (Triton's launcher)",
+         f"{s['warm_jitkern_triton_launcher_s_median'] * 1e3:9.1f} ms",
+         f"{s['warm_jitkern_triton_launcher_s_median'] / s['warm_triton_s_median']:.3f}x"),
         ("  jitkern, empty Triton cache (gcc builds 2 stubs)", f"{s['warm_jitkern_empty_triton_cache_s_median'] * 1e3:9.1f} ms",
          f"{s['warm_jitkern_empty_triton_cache_s_median'] / s['warm_triton_s_median']:.3f}x"),
         ("  with triton_baseline.py's clock: Triton / jitkern",
          f"{s['warm_triton_baseline_style_s_median'] * 1e3:.0f} / {s['warm_jitkern_baseline_style_s_median'] * 1e3:.0f} ms",
          f"{s['warm_jitkern_baseline_style_s_median'] / s['warm_triton_baseline_style_s_median']:.3f}x"),
+        ("  jitkern warm, by step (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in s["warm_phases_ms"].items()),
+         "", ""),
         ("  Triton cold / jitkern cold", f"{res['triton_cold']['seconds']:.2f} s / {res['jitkern_cold']['seconds']:.2f} s", ""),
         ("dispatch, CPU us per call, " + d["input"], "", ""),
         *[(f"  {k[:-3]}", f"{v:9.2f} us", "") for k, v in d.items() if k.endswith("_us")],
+        ("  jitkern_rms_norm_out, JITKERN_DIRECT_LAUNCH=0 (Triton's launcher)",
+         f"{s['dispatch_triton_launcher_us']:9.2f} us", ""),
         ("  parts of the jitkern call, each alone:", "", ""),
         *[(f"    {k[:-3]}", f"{v:9.2f} us", "") for k, v in d["diagnostics"].items() if k.endswith("_us")],
         ("  jitkern / Triton JIT (same kernel)", "", f"{s['dispatch_ratio_vs_triton_jit']:.3f}x  (floor <= 0.5)"),
