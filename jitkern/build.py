@@ -212,7 +212,7 @@ def _memory_entry(job: Job, files, meta) -> Entry:
                          f"directory ({tempfile.gettempdir()}) both failed ({e}). Free some disk space, or set "
                          f"TMPDIR / JITKERN_CACHE_DIR to a filesystem with room") from e
     atexit.register(shutil.rmtree, d, True)
-    return Entry(job.key, d, {**meta, "key": job.key})
+    return Entry(job.key, d, {**meta, "key": job.key}, dict(files))
 
 
 def _checker(job: Job):

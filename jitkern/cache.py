@@ -43,7 +43,7 @@ import socket
 import stat
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -166,9 +166,16 @@ class Entry:
     key: str
     path: Path
     meta: Mapping[str, Any]
+    #: The files' contents as checked against the manifest when the entry was looked up, so a loader
+    #: uses exactly the bytes that were verified, without reading them again.
+    verified: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def read_bytes(self, name: str) -> bytes:
+        data = self.verified.get(name)
+        return (self.path / name).read_bytes() if data is None else data
 
 
 #: Temporary directories of ``publish``: ``<key>.<pid>.<host>.<random>``.
@@ -304,16 +311,15 @@ class Layer:
             files = manifest["files"]
             if manifest.get("key") != key:
                 raise CorruptEntryError(f"manifest of {path} names key {manifest.get('key')!r}")
-            meta_bytes = b"{}"
+            verified = {}
             for name, want in files.items():
                 if not _safe_name(name):
                     raise CorruptEntryError(f"manifest of {path} names an unsafe file {name!r}")
                 data = _read(path / name)
                 if len(data) != want["size"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
                     raise CorruptEntryError(f"{path / name} does not match its checksum")
-                if name == ENTRY_META:
-                    meta_bytes = data
-            meta = json.loads(meta_bytes)
+                verified[name] = data
+            meta = json.loads(verified.get(ENTRY_META, b"{}"))
             if not isinstance(meta, dict):
                 raise TypeError(f"{ENTRY_META} holds a {type(meta).__name__}, not an object")
         except FileNotFoundError as e:
@@ -328,7 +334,7 @@ class Layer:
             raise
         if meta.get("key", key) != key:
             raise CorruptEntryError(f"entry {path} holds metadata for key {meta.get('key')!r}")
-        return Entry(key, path, meta)
+        return Entry(key, path, meta, verified)
 
     def discard(self, key: str) -> None:
         """Remove an entry atomically: rename it out of ``entries/`` then delete it."""

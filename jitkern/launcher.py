@@ -1,16 +1,21 @@
 """Load a cache entry into something launchable, and launch it.
 
-GPU entries are loaded with Triton's own ``CompiledKernel`` and driver, straight from the files of
-jitkern's entry: no recompile and no lookup in Triton's JIT cache. CPU entries (Triton interpreter)
+GPU entries are loaded with Triton's own driver, straight from the bytes of jitkern's entry that the
+cache verified: no recompile, no lookup in Triton's JIT cache, and no second read of the files
+(``JITKERN_DIRECT_LAUNCH=0``: through Triton's ``CompiledKernel`` instead). CPU entries (Triton interpreter)
 import the rendered module from the entry and call the kernel through the interpreter.
 """
 from __future__ import annotations
 
+import json
 import os
+from collections import namedtuple
+from dataclasses import replace
 from types import SimpleNamespace
 
 from .builders.triton import METADATA_FILE, SOURCE_FILE, binary_name, import_source, kernel_function
 from .errors import LaunchError
+from .logs import warn_once
 
 
 class Kernel:
@@ -54,6 +59,10 @@ def _no_launch(*args):
 _launchers: dict = {}
 _LAUNCHER_FIELDS = ("num_ctas", "warp_size", "global_scratch_size", "global_scratch_align", "profile_scratch_size",
                     "profile_scratch_align", "launch_cooperative_grid", "launch_pdl", "tensordesc_meta")
+#: Triton's metadata record type by field names, and its compiler backend by target (Triton makes a
+#: new namedtuple class and backend object for every kernel it loads).
+_metadata_types: dict = {}
+_backends: dict = {}
 
 
 def _hooked(hook) -> bool:
@@ -62,29 +71,27 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _load_handles(ck, src) -> None:
-    """What ``CompiledKernel._init_handles`` does, with the launcher shared between kernels of one
-    signature: load the binary with Triton's driver and check the same resource limits. Where Triton
-    has load hooks set (profilers), or its internals are not what this expects, Triton's own
-    ``_init_handles`` runs instead."""
-    from triton import knobs
+def direct_enabled() -> bool:
+    """Whether CUDA kernels load and launch through jitkern's direct path (the default): the binary
+    and metadata jitkern verified go straight to Triton's driver, launchers are shared by kernels of
+    one signature, and launches call Triton's C ``launch`` directly. ``JITKERN_DIRECT_LAUNCH=0``
+    switches back to Triton's own ``CompiledKernel`` (for comparison, or if a Triton release changes
+    its launcher). Read when a kernel is loaded, never per launch."""
+    return os.environ.get("JITKERN_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _load_direct(entry, job, src):
+    """What Triton's ``CompiledKernel(...)`` and its ``_init_handles`` do, from the bytes the cache
+    verified: ``(metadata, packed_metadata, launcher, function)``. The same resource checks as Triton
+    (shared memory, tensor memory, threads per block) raise Triton's ``OutOfResources``."""
+    from triton.compiler.compiler import max_shared_mem
     from triton.runtime.driver import driver
+    from triton.runtime.errors import OutOfResources
 
-    rt = knobs.runtime
-    if not direct_enabled() or _hooked(rt.kernel_load_start_hook) or _hooked(rt.kernel_load_end_hook):
-        ck._init_handles()
-        return
-    try:
-        from triton.compiler.compiler import max_shared_mem
-        from triton.runtime.errors import OutOfResources
-
-        md = ck.metadata
-        lkey = repr((md.target, sorted(src.signature.items()), [getattr(md, f, None) for f in _LAUNCHER_FIELDS]))
-    except (ImportError, AttributeError):
-        ck._init_handles()
-        return
+    md, packed = metadata_of(entry)
     active = driver.active
     device = active.get_current_device()
+    lkey = repr((md.target, sorted(src.signature.items()), [getattr(md, f, None) for f in _LAUNCHER_FIELDS]))
     run = _launchers.get(lkey)
     if run is None:
         run = _launchers[lkey] = active.launcher_cls(src, md)
@@ -92,19 +99,42 @@ def _load_handles(ck, src) -> None:
         raise OutOfResources(md.shared, max_shared_mem(device), "shared memory")
     if getattr(md, "tmem_size", None) is not None and md.tmem_size > 512:
         raise OutOfResources(md.tmem_size, 512, "tensor memory")
-    ck.module, ck.function, ck.n_regs, ck.n_spills, ck.n_max_threads = active.utils.load_binary(
-        ck.name, ck.kernel, md.shared, device)
-    if md.num_warps * active.get_current_target().warp_size > ck.n_max_threads:
-        raise OutOfResources(md.num_warps * active.get_current_target().warp_size, ck.n_max_threads, "threads")
-    ck._run = run
+    _, function, _, _, max_threads = active.utils.load_binary(md.name, entry.read_bytes(binary_name(job.arch)),
+                                                             md.shared, device)
+    if md.num_warps * active.get_current_target().warp_size > max_threads:
+        raise OutOfResources(md.num_warps * active.get_current_target().warp_size, max_threads, "threads")
+    return md, packed, run, function
 
 
-def direct_enabled() -> bool:
-    """Whether CUDA kernels launch through Triton's C ``launch`` directly, with launchers shared by
-    kernels of one signature (the default). ``JITKERN_DIRECT_LAUNCH=0`` switches back to Triton's
-    own ``CompiledKernel`` path (for comparison, or if a Triton release changes its launcher). Read
-    when a kernel is loaded, never per launch."""
-    return os.environ.get("JITKERN_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "off", "no")
+def metadata_of(entry) -> tuple:
+    """``(metadata, packed_metadata)`` of a GPU entry, as Triton's ``CompiledKernel`` makes them from
+    the entry's ``metadata.json`` (no GPU needed; ``tests/test_runtime.py`` compares the two)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    fields = json.loads(entry.read_bytes(METADATA_FILE))
+    t = fields["target"]
+    fields["target"] = GPUTarget(t["backend"], t["arch"], t["warp_size"])
+    names = tuple(sorted(fields))
+    record = _metadata_types.get(names)
+    if record is None:
+        record = _metadata_types[names] = namedtuple("KernelMetadata", names)
+    md = record(**fields)
+    backend = _backends.get(md.target)
+    if backend is None:
+        backend = _backends[md.target] = make_backend(md.target)
+    return md, backend.pack_metadata(md)
+
+
+def _load_with_triton(entry, job, src):
+    """The same four things through Triton's own ``CompiledKernel`` (reads the entry's files itself)."""
+    from triton.compiler.compiler import CompiledKernel
+
+    group = {METADATA_FILE: str(entry.file(METADATA_FILE)),
+             binary_name(job.arch): str(entry.file(binary_name(job.arch)))}
+    ck = CompiledKernel(src, group, entry.key)
+    ck._init_handles()
+    return ck.metadata, ck.packed_metadata, ck.run, ck.function
 
 
 def direct_launch(run, function, packed, stream, device):
@@ -127,28 +157,37 @@ def direct_launch(run, function, packed, stream, device):
 class GPUKernel(Kernel):
     def __init__(self, entry, job):
         super().__init__(entry, job)
-        from triton.compiler.compiler import CompiledKernel
+        from triton import knobs
         from triton.runtime.driver import driver
 
         names = [a.name for a in job.variant.args]
         src = SimpleNamespace(constants={}, signature=dict(job.signature), fn=SimpleNamespace(arg_names=names))
-        group = {METADATA_FILE: str(entry.file(METADATA_FILE)),
-                 binary_name(job.arch): str(entry.file(binary_name(job.arch)))}
-        try:
-            ck = CompiledKernel(src, group, entry.key)
-            _load_handles(ck, src)  # load the module now: resource errors surface here, not mid-model
+        rt = knobs.runtime
+        # Triton's path where load hooks are set (profilers see every load) or direct loading is off
+        direct = direct_enabled() and not (_hooked(rt.kernel_load_start_hook) or _hooked(rt.kernel_load_end_hook))
+        try:  # load the module now: resource errors surface here, not mid-model
+            if direct:
+                try:
+                    md, packed, run, function = _load_direct(entry, job, src)
+                except (ImportError, AttributeError, KeyError) as e:  # a Triton whose internals differ
+                    warn_once(("direct-load", type(e).__name__), "jitkern: loading kernels through Triton's "
+                              "CompiledKernel; the direct path does not fit this Triton (%s: %s)", type(e).__name__, e)
+                    direct = False
+            if not direct:
+                md, packed, run, function = _load_with_triton(entry, job, src)
         except Exception as e:
             raise LaunchError(f"could not load {self.name} from {entry.path}: {type(e).__name__}: {e}") from e
-        self._ck = ck
-        self._run = ck.run  # Triton's launcher object (its C stub is built by gcc once, kept in Triton's cache)
-        self._function = ck.function
-        self._packed = ck.packed_metadata
+        self.entry = replace(entry, verified={})  # the bytes are in the driver now
+        self._metadata = md
+        self._run = run  # Triton's launcher object (its C stub is built by gcc once, kept in Triton's cache)
+        self._function = function
+        self._packed = packed
         dev = driver.active
         self._device = dev.get_current_device()
         self._stream = dev.get_current_stream  # torch._C._cuda_getCurrentRawStream: CUDA-graph capture aware
-        direct = self._direct_launch()
-        if direct is not None:
-            self.run = direct
+        fast = self._direct_launch() if direct else None
+        if fast is not None:
+            self.run = fast
             self.takes_addresses = True
 
     def _direct_launch(self):
@@ -157,8 +196,8 @@ class GPUKernel(Kernel):
         HIP keeps the general path (its stub takes another argument order; not verified on hardware)."""
         from triton import knobs
 
-        run, md = self._run, self._ck.metadata
-        if (not direct_enabled() or self.job.arch.backend != "cuda" or getattr(md, "global_scratch_size", 0)
+        run, md = self._run, self._metadata
+        if (self.job.arch.backend != "cuda" or getattr(md, "global_scratch_size", 0)
                 or getattr(md, "profile_scratch_size", 0) or _hooked(knobs.runtime.launch_enter_hook)
                 or _hooked(knobs.runtime.launch_exit_hook) or not hasattr(run, "launch")):
             return None

@@ -204,3 +204,32 @@ def test_triton_hooks_are_seen_as_set_only_with_calls(monkeypatch):
     assert launcher.direct_enabled()  # the default
     monkeypatch.setenv("JITKERN_DIRECT_LAUNCH", "0")
     assert not launcher.direct_enabled()
+
+
+# ---- the direct load makes what Triton's CompiledKernel makes ------------------------------------------
+@pytest.mark.parametrize("arch_name", ["sm_90", "gfx942"])
+def test_direct_load_metadata_matches_compiled_kernel(arch_name):
+    """For a real cross-compiled entry: the metadata record and packed launch metadata the direct load
+    hands to Triton's launcher equal those of Triton's own CompiledKernel, and the bytes the cache
+    verified are the entry's files."""
+    from triton.compiler.compiler import CompiledKernel
+
+    from jitkern import arch
+    from jitkern.build import get_entry, plan
+    from jitkern.builders.triton import METADATA_FILE, binary_name
+    from jitkern.launcher import metadata_of
+    from jitkern.library import rms_norm as rn
+
+    a = arch.get(arch_name)
+    job = plan(rn.SPEC, rn.config("bf16", True, True, 1024, True), a)
+    get_entry(job)  # build, then look it up again: a verified entry
+    entry, how = get_entry(job)
+    assert how == "cached"
+    for name in (METADATA_FILE, binary_name(a)):
+        assert entry.verified[name] == entry.file(name).read_bytes()
+    md, packed = metadata_of(entry)
+    ck = CompiledKernel(None, {METADATA_FILE: str(entry.file(METADATA_FILE)),
+                               binary_name(a): str(entry.file(binary_name(a)))}, entry.key)
+    assert md._fields == ck.metadata._fields and md == ck.metadata
+    assert packed == ck.packed_metadata
+    assert metadata_of(entry)[0].__class__ is md.__class__  # one record type per field set, not per kernel
