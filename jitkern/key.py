@@ -32,7 +32,8 @@ NON_CODEGEN_ENV = frozenset({
 
 def codegen_env() -> dict[str, str]:
     env = os.environ  # keys first: only the few that match have their values read
-    return {k: env[k] for k in sorted(k for k in env if k.startswith(CODEGEN_ENV_PREFIXES) and k not in NON_CODEGEN_ENV)}
+    names = sorted(k for k in env if k.startswith(CODEGEN_ENV_PREFIXES) and k not in NON_CODEGEN_ENV)
+    return {k: env[k] for k in names}
 
 
 def _canonical(value: Any) -> str:

@@ -13,7 +13,7 @@ from the annotations of ``spec.fn``, in-place arguments are annotated as mutated
 
 ``jitkern.ops.<name>`` is :func:`dispatcher`'s result: in eager mode the op's own function, called
 with no trip through torch's dispatcher (on the H200 that trip, ``torch.ops.jitkern.rms_norm``,
-costs about 14 us a call more: more than a whole small-kernel launch); under ``torch.compile``,
+costs 15-20 us a call more: more than two whole small-kernel launches); under ``torch.compile``,
 Dynamo traces the custom-op call instead, which it puts in the graph as one node. Both run the same
 code: the custom op's implementation calls ``spec.fn``.
 

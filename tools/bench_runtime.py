@@ -10,14 +10,17 @@ Prints one JSON object (also written to --json-out) and a table of the floors:
    with Triton's own warm cache. Both clocks start after ``import torch, triton``, ``torch.cuda.init()`` and
    the inputs' allocation, and stop when the 16 variants' results are done (load, launch, synchronize:
    the same work in both). ``baseline_style_s`` also counts what triton_baseline.py's clock counts
-   (allocating the inputs and the reference matmul, i.e. CUDA context and cuBLAS start-up). Triton's cache is warmed first (one cold process), then jitkern's (one cold process,
-   sharing TRITON_CACHE_DIR, where Triton keeps the gcc-built C launcher stub and its cuda_utils module).
-   Also reported: jitkern warm with an EMPTY Triton cache dir, which pays gcc for those two stubs, and
-   with JITKERN_DIRECT_LAUNCH=0 (Triton's own CompiledKernel launch path, one launcher per kernel).
-2. dispatch: steady-state CPU time per call (wall clock of 20000 asynchronous calls, best of 5, as
-   triton_baseline.py) of ``jitkern.ops.rms_norm`` on a tiny bf16 input with ``out=``, against the Triton
-   JIT launch of the very same kernel (imported from jitkern's cache entry), Triton's CompiledKernel called
-   directly, and ``torch.add(out=)``; the jitkern figures again with JITKERN_DIRECT_LAUNCH=0.
+   (allocating the inputs and the reference matmul, i.e. CUDA context and cuBLAS start-up). Triton's
+   cache is warmed first (one cold process), then jitkern's (one cold process, sharing TRITON_CACHE_DIR,
+   where Triton keeps the gcc-built C launcher stub and its cuda_utils module). Also reported: jitkern
+   warm with an EMPTY Triton cache dir, which pays gcc for those two stubs; with JITKERN_DIRECT_LAUNCH=0
+   (Triton's own CompiledKernel); and the split of jitkern's time into its steps.
+2. dispatch: steady-state CPU time per call of ``jitkern.ops.rms_norm`` on a tiny bf16 input with
+   ``out=``, against the Triton JIT launch of the very same kernel (imported from jitkern's cache entry),
+   Triton's CompiledKernel called directly, and ``torch.add(out=)``. Two clocks, best of 2 passes x 5 x
+   20000 calls: back to back (triton_baseline.py's method) and CPU-only (``*_cpu``: batches of 200, GPU
+   drained between; the floors are judged on these). Also the jitkern figure with
+   JITKERN_DIRECT_LAUNCH=0 and the parts of a call, each timed alone.
 3. import: ``import jitkern`` in a fresh interpreter (best of 5), and whether it imported torch.
 """
 from __future__ import annotations
@@ -268,7 +271,8 @@ def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
     dev = k._device
     parts["c_launch_all_args_given"] = lambda: c_launch(rows, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n,
                                                         n, 0, n, 1e-6)
-    parts["c_launch_empty_grid"] = lambda: c_launch(0, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n, n, 0, n, 1e-6)
+    parts["c_launch_empty_grid"] = lambda: c_launch(0, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n, n,
+                                                    0, n, 1e-6)
     out = {name + "_us": round(_best_per_call(fn, iters=10000, reps=3), 3) for name, fn in parts.items()}
     # the op's Python alone: its plan's launch swapped for a no-op builtin that takes any arguments
     sig = (x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device, o.shape, o.stride(),
