@@ -95,14 +95,16 @@ def _load_direct(entry, job, src):
     run = _launchers.get(lkey)
     if run is None:
         run = _launchers[lkey] = active.launcher_cls(src, md)
-    if md.shared > max_shared_mem(device):
-        raise OutOfResources(md.shared, max_shared_mem(device), "shared memory")
+    max_shared = max_shared_mem(device)
+    if md.shared > max_shared:
+        raise OutOfResources(md.shared, max_shared, "shared memory")
     if getattr(md, "tmem_size", None) is not None and md.tmem_size > 512:
         raise OutOfResources(md.tmem_size, 512, "tensor memory")
     _, function, _, _, max_threads = active.utils.load_binary(md.name, entry.read_bytes(binary_name(job.arch)),
                                                              md.shared, device)
-    if md.num_warps * active.get_current_target().warp_size > max_threads:
-        raise OutOfResources(md.num_warps * active.get_current_target().warp_size, max_threads, "threads")
+    threads = md.num_warps * active.get_current_target().warp_size
+    if threads > max_threads:
+        raise OutOfResources(threads, max_threads, "threads")
     return md, packed, run, function
 
 

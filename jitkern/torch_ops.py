@@ -137,7 +137,8 @@ def dispatcher(spec: OpSpec):
         known = _dispatchers.get(spec.name)
         if known is not None and known[0] is spec:
             return known[1]
-    traced = _traced(spec, op)
+    sig = _signature(spec)
+    traced = _traced(spec, sig, op)
     if _inline_hook_works() and inspect.isfunction(fn) and not hasattr(fn, _INLINE_HOOK):
         setattr(fn, _INLINE_HOOK, traced)
         call = fn
@@ -152,7 +153,7 @@ def dispatcher(spec: OpSpec):
         call.__name__ = call.__qualname__ = spec.name
         call.__doc__ = fn.__doc__
         call.__wrapped__ = fn
-        call.__signature__ = _signature(spec)
+        call.__signature__ = sig
     with _lock:
         _dispatchers[spec.name] = (spec, call)
     return call
@@ -172,9 +173,8 @@ def _inline_hook_works() -> bool:
     return (major, minor) >= INLINE_HOOK_SINCE
 
 
-def _traced(spec: OpSpec, op):
+def _traced(spec: OpSpec, sig: inspect.Signature, op):
     """What Dynamo traces in place of ``spec.fn``: plain dict/tuple work and one custom-op call."""
-    sig = _signature(spec)
     names = tuple(sig.parameters)
     defaults = tuple((n, p.default) for n, p in sig.parameters.items() if p.default is not p.empty)
     outputs = spec.outputs
