@@ -13,7 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402  (errors has no dependencies)
-    ArchError, BuildError, CacheError, ConfigError, CorruptEntryError, DeviceError, DTypeError, InputError,
+    ArchError, BuildError, CacheError, CacheMissError, ConfigError, CorruptEntryError, DeviceError, DTypeError, InputError,
     InsecureCacheError, ArgumentError,
     JitkernError, LaunchError, LayoutError, NoDeviceError, ShapeError, SpecError, TemplateError,
     UnknownArchError, UnknownOpError,
@@ -49,4 +49,4 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["__version__", *_LAZY, "JitkernError"]
+__all__ = ["__version__", *_LAZY, "JitkernError", "CacheMissError"]

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import binaries, budget, builders, counters, remote, triton_cache
+from . import binaries, budget, builders, counters, remote, strict, triton_cache
 from .arch import Arch
 from .cache import Entry, Store, default_store
 from .errors import BuildError, CacheError, CorruptEntryError
-from .key import FORMAT_VERSION, make_key
+from .key import FORMAT_VERSION, make_key, recorded
 from .logs import log, warn_once
 from .render import render
 from .spec import COMPILE_OPTIONS, Config, OpSpec, Variant
@@ -86,12 +86,14 @@ def job_meta(job: Job) -> dict[str, Any]:
         "kernel": job.variant.kernel,
         "arch": job.arch.name,
         "params": job.config.p,
-        "key_parts": {name: value for name, value in job.parts if name != "source"},
+        **recorded(job.parts),  # key_parts and part_hashes: what explains a later miss (jitkern.strict)
         "created": time.time(),
     }
 
 
-def _build_files(job: Job):
+def _build_files(job: Job, store: Store):
+    """The one place a job is compiled (after the cache and the remote were asked)."""
+    strict.check(job, store)  # JITKERN_STRICT: a run-time compile raises or warns, explaining the miss
     builder = builders.get(job.variant.kind)
     log.info("jitkern: building %s", job.describe())
     t0 = time.perf_counter()
@@ -144,13 +146,13 @@ def _lookup_or_build(job: Job, store: Store | None = None, *, record_failures: b
     try:
         lock = store.build_lock(job.key, job.describe())
     except CacheError:
-        return _build_in_memory(job), "built"
+        return _build_in_memory(job, store), "built"
     with lock as held:
         if not held and not lock.unlockable:  # JITKERN_LOCK_TIMEOUT passed, or our parent holds it
             entry = store.lookup(job.key, check)
             if entry is not None:
                 return _cached(entry)
-            return _build_in_memory(job), "built"
+            return _build_in_memory(job, store), "built"
         # held, or no locks on this filesystem: build and publish (atomic; a concurrent twin's entry wins)
         with remote.FleetBuild(job.key, store) as fleet:
             return _locked_lookup_or_build(job, store, fleet, check, record_failures)
@@ -170,7 +172,7 @@ def _locked_lookup_or_build(job: Job, store: Store, fleet, check, record_failure
         else:
             return entry, "fetched"
     try:
-        files, meta = _build_files(job)
+        files, meta = _build_files(job, store)
     except BuildError as e:
         if not record_failures:
             raise
@@ -185,8 +187,8 @@ def _locked_lookup_or_build(job: Job, store: Store, fleet, check, record_failure
         return _memory_entry(job, files, meta), "built"
 
 
-def _build_in_memory(job: Job) -> Entry:
-    files, meta = _build_files(job)
+def _build_in_memory(job: Job, store: Store) -> Entry:
+    files, meta = _build_files(job, store)
     return _memory_entry(job, files, meta)
 
 

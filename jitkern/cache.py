@@ -49,7 +49,7 @@ from typing import Any, Mapping
 
 from . import counters
 from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
-from .key import FORMAT_VERSION
+from .key import FORMAT_VERSION, differing
 from .logs import log, warn_once
 
 MANIFEST = "manifest.json"
@@ -427,6 +427,73 @@ def _remove(path: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
     except OSError:
         pass
+
+
+def is_key(name: str) -> bool:
+    return isinstance(name, str) and len(name) == 64 and set(name) <= _KEY_CHARS
+
+
+def iter_entries(layer: Layer):
+    """(key, entry directory) for every published entry of ``layer`` (unverified), in key order."""
+    root = layer.root / "entries"
+    try:
+        shards = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for shard in shards:
+        if not shard.is_dir(follow_symlinks=False):
+            continue
+        for e in sorted(os.scandir(shard.path), key=lambda e: e.name):
+            if is_key(e.name) and e.is_dir(follow_symlinks=False):
+                yield e.name, Path(e.path)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """An entry's ``entry.json`` as recorded, unverified ({} if unreadable): for reports, never for loading."""
+    try:
+        meta = json.loads((Path(path) / ENTRY_META).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+@dataclass(frozen=True)
+class Nearest:
+    """The recorded entry closest to a job that missed (``nearest``): where it is and what it records."""
+
+    layer: Layer
+    key: str
+    meta: Mapping[str, Any]
+    differing: tuple[str, ...]  # names of the key parts that differ from the job's
+
+    @property
+    def path(self) -> Path:
+        return self.layer.entry_dir(self.key)
+
+
+def catalog(store: "Store") -> list[tuple[Layer, str, dict[str, Any]]]:
+    """(layer, key, recorded ``entry.json``) of every entry in every layer of ``store``: read once by a
+    caller explaining many misses (``jitkern cache explain``)."""
+    return [(layer, key, read_meta(path)) for layer in store.layers for key, path in iter_entries(layer)]
+
+
+def nearest(store: "Store", op: str, variant: str, arch: str, parts, entries=None) -> Nearest | None:
+    """The entry in any layer of ``store`` for the same op, variant and arch whose recorded key parts
+    differ from ``parts`` (a job's ordered ``(name, value)`` key parts) in the fewest parts, preferring
+    one with the same parameters, then built artifacts over recorded failures, then the newest; None if
+    no layer holds an entry for that op, variant and arch. ``entries``: a ``catalog(store)`` to reuse.
+
+    Reads each entry's ``entry.json`` without verifying it: the answer explains a miss, it is never loaded.
+    """
+    best, best_rank = None, None
+    for layer, key, meta in (catalog(store) if entries is None else entries):
+        if meta.get("op") != op or meta.get("variant") != variant or meta.get("arch") != arch:
+            continue
+        diff = tuple(differing(meta, parts))
+        rank = ("params" in diff, len(diff), meta.get("status") == "failed", -float(meta.get("created") or 0))
+        if best_rank is None or rank < best_rank:
+            best, best_rank = Nearest(layer, key, meta, diff), rank
+    return best
 
 
 class Store:

@@ -33,37 +33,17 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .cache import ENTRY_META, MANIFEST, Layer, Store, configured_layers, entry_lock
+from .cache import MANIFEST, Layer, Store, configured_layers, entry_lock, is_key, iter_entries, read_meta
 from .errors import CacheError, ConfigError, CorruptEntryError
 from .key import FORMAT_VERSION
 from .logs import log
 
 EXPORT_META = "jitkern-export.json"
-_HEX = set("0123456789abcdef")
 
 
 # ---- walking a layer ---------------------------------------------------------------------------
-def _is_key(name: str) -> bool:
-    return len(name) == 64 and set(name) <= _HEX
-
-
-def iter_entries(layer: Layer) -> Iterator[tuple[str, Path]]:
-    """(key, entry directory) for every published entry of ``layer`` (unverified)."""
-    root = layer.root / "entries"
-    try:
-        shards = sorted(os.scandir(root), key=lambda e: e.name)
-    except FileNotFoundError:
-        return
-    for shard in shards:
-        if not shard.is_dir(follow_symlinks=False):
-            continue
-        for e in sorted(os.scandir(shard.path), key=lambda e: e.name):
-            if _is_key(e.name) and e.is_dir(follow_symlinks=False):
-                yield e.name, Path(e.path)
-
-
 def dir_size(path: Path) -> int:
     total = 0
     for e in os.scandir(path):
@@ -72,13 +52,6 @@ def dir_size(path: Path) -> int:
         except FileNotFoundError:
             pass
     return total
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / ENTRY_META).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def can_write(path: Path) -> bool:
@@ -278,7 +251,7 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
                     fmt = json.loads(tar.extractfile(m).read()).get("format")
                     continue
                 parts = m.name.split("/")
-                if (not m.isfile() or len(parts) != 3 or parts[0] != "entries" or not _is_key(parts[1])
+                if (not m.isfile() or len(parts) != 3 or parts[0] != "entries" or not is_key(parts[1])
                         or parts[2].startswith(".") or not parts[2]):
                     refused.append({"member": m.name, "error": "not an entry file of a jitkern export"})
                     continue

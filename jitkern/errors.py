@@ -99,6 +99,19 @@ class UntrustedEntryError(RemoteCacheError):
     """An entry from the remote cache failed its checksum or signature check; it is never stored or loaded."""
 
 
+class CacheMissError(JitkernError, RuntimeError):
+    """``JITKERN_STRICT=1``: a kernel the process needs is in no cache layer and would be compiled at run
+    time. The message names the op, config and arch and the key parts in which the nearest cached entry
+    differs. Attributes: ``op``, ``config``, ``arch``, ``key``, ``differences`` (lines, old -> new),
+    ``nearest`` (path of the nearest entry, or None). Deliberately not a ``BuildError``: no fallback
+    variant is tried in its place."""
+
+    def __init__(self, message, *, op=None, config=None, arch=None, key=None, differences=(), nearest=None):
+        super().__init__(message)
+        self.op, self.config, self.arch, self.key = op, config, arch, key
+        self.differences, self.nearest = tuple(differences), nearest
+
+
 class LaunchError(JitkernError, RuntimeError):
     """A compiled kernel could not be loaded or launched on this device."""
 

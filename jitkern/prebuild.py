@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import arch as _arch
-from . import registry
+from . import registry, strict
 from .cache import Store, configured_layers
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
                      UnavailableError, UnknownOpError)
@@ -169,6 +169,7 @@ def _from_entry(task: Task, entry, status: str, seconds: float | None = None) ->
 def _worker_init(layers: str, level: int, triton_cache: str | None = None) -> None:
     # Ctrl-C goes to the whole foreground process group; only the parent decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    strict.suspend()  # prebuild compiles on purpose: JITKERN_STRICT applies to the processes it warms
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported in this process
     os.environ["JITKERN_CACHE_DIR"] = layers
     if triton_cache:  # jitkern's entry is the artifact: don't leave a second copy in Triton's own cache
@@ -364,6 +365,7 @@ def main(args) -> int:
     from . import __version__
 
     t0 = time.perf_counter()
+    strict.suspend()  # building is the point here (selection may compile budget probes in this process)
     arches = resolve_arches(args.arch)
     layers = configured_layers(args.cache_dir)
     store = Store(layers)

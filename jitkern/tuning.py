@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from . import strict
 from .errors import BuildError, ConfigError, LaunchError, OverBudgetError
 from .logs import warn_once
 
@@ -282,6 +283,7 @@ def table_entry(record: Mapping[str, Any]) -> dict:
 
 def main(args) -> int:
     """``jitkern tune`` (see ``jitkern.cli``): tune, then print one line (or JSON record) per bucket."""
+    strict.suspend()  # tuning compiles its candidates on purpose
     if getattr(args, "cache_dir", None):
         os.environ["JITKERN_CACHE_DIR"] = args.cache_dir
     records = tune_op(args.op, parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans, force=args.force)

@@ -234,10 +234,10 @@ CHILD = textwrap.dedent("""
     from jitkern.library import rms_norm
     arch_name, slow = sys.argv[1], float(sys.argv[2])
     real = b._build_files
-    def slow_build(job):
+    def slow_build(job, *rest):
         print("building", flush=True)
         time.sleep(slow)
-        return real(job)
+        return real(job, *rest)
     b._build_files = slow_build
     job = b.plan(registry.get("rms_norm"), rms_norm.config("fp32", False, True, 256, True), arch.get(arch_name))
     print("ready", flush=True)
