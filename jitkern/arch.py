@@ -10,6 +10,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from . import settings
 from .errors import NoDeviceError, UnknownArchError
 
 KiB = 1024
@@ -110,7 +111,7 @@ def detect(device_index: int | None = None) -> Arch:
 
 def current() -> Arch:
     """``JITKERN_ARCH`` if set, else the detected GPU."""
-    name = os.environ.get("JITKERN_ARCH", "").strip()
+    name = settings.get("arch")
     if name:
         return get(name)
     return detect()

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import counters
+from . import counters, settings
 from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
 from .key import FORMAT_VERSION, differing
 from .logs import log, warn_once
@@ -64,12 +64,18 @@ def default_root() -> Path:
 
 
 def configured_layers(cache_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Layers from the argument, else ``JITKERN_CACHE_DIR``, else the platform default."""
-    raw = os.fspath(cache_dir) if cache_dir is not None else os.environ.get("JITKERN_CACHE_DIR", "")
-    if "\0" in raw:
-        raise ConfigError(f"JITKERN_CACHE_DIR={raw!r} contains a NUL character; set it to one or more directories "
-                          f"separated by {os.pathsep!r}")
-    layers = [Path(p.strip()).expanduser().absolute() for p in raw.split(os.pathsep) if p.strip()]
+    """Layers from the argument, else ``JITKERN_CACHE_DIR`` (``jitkern.settings``), else the platform
+    default. An empty argument or variable is a ``ConfigError``, never the default cache (it is most
+    likely an unset shell variable, and acting on the default cache could destroy data)."""
+    if cache_dir is None:
+        parts = settings.get("cache_dir")
+    else:
+        raw = os.fspath(cache_dir)
+        if not raw.strip():
+            raise ConfigError(f"the cache directory given is empty ({raw!r}: an unset shell variable?); "
+                              f"name a directory, or leave the option out to use JITKERN_CACHE_DIR or the default")
+        parts = settings.setting("cache_dir").parse(raw, "cache dir")
+    layers = [Path(p).expanduser().absolute() for p in parts or ()]
     return layers or [default_root()]
 
 
@@ -584,13 +590,13 @@ class Store:
 
 
 _default: Store | None = None
-_default_env: str | None = None
+_default_env: tuple | None = None
 
 
 def default_store() -> Store:
     """The process-wide store for the current ``JITKERN_CACHE_DIR`` (re-read if it changes)."""
     global _default, _default_env
-    env = os.environ.get("JITKERN_CACHE_DIR", "")
+    env = settings.get("cache_dir")
     if _default is None or env != _default_env:
         _default, _default_env = Store(), env
     return _default

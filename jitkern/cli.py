@@ -28,6 +28,7 @@ import re
 import sys
 from typing import Callable
 
+from . import settings
 from .errors import ConfigError, JitkernError, SpecError, UnknownArchError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -194,7 +195,7 @@ def _run_list(args) -> int:
 def _doctor_arch() -> tuple[str, list[tuple[str, str]]]:
     from . import arch
 
-    rows = [("JITKERN_ARCH", os.environ.get("JITKERN_ARCH", "") or "(not set)")]
+    rows = [("JITKERN_ARCH", settings.get("arch") or "(not set)")]
     try:
         a = arch.current()
         rows.append(("arch", f"{a.name} ({a.product}); LDS/shared per block {a.shared_mem_per_block // 1024} KiB"))

@@ -19,10 +19,10 @@ variable, the value and what is allowed.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from . import settings
 from .errors import ConfigError
 
 log = logging.getLogger("jitkern")
@@ -158,9 +158,9 @@ def env_overrides(arch: str, op: str, tunables: Mapping[str, tuple], environ: Ma
                   ) -> dict[str, Any]:
     """``JITKERN_<OP>_<PARAM>`` values for ``op`` on ``arch``, validated against the op's tunables and
     the arch rules. Raises ``ConfigError`` naming the variable, the value and what is allowed."""
-    env = os.environ if environ is None else environ
-    out: dict[str, Any] = {}
     prefix = f"JITKERN_{op.upper()}_"
+    env = settings.tile_overrides(op) if environ is None else environ
+    out: dict[str, Any] = {}
     known = {env_name(op, p): p for p in tunables}
     for var, raw in env.items():
         if not var.startswith(prefix) or raw.strip() == "":

@@ -17,11 +17,10 @@ variant. Ops whose variants are several kernels used together get a status per k
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from . import arch as _arch
-from . import registry
+from . import registry, settings
 from .cache import Store, default_store
 from .errors import ArchError, CorruptEntryError, JitkernError
 
@@ -125,6 +124,6 @@ def section() -> tuple[str, list[tuple[str, str]]]:
                 text += f"; guard: {rec['guard']}, other calls go to the next variant"
             rows.append((f"{op}/{rec['variant']}", text))
     title = f"Ops: active variant for {r['arch']}" + (f" ({r['note']})" if r["note"] else "")
-    if os.environ.get("JITKERN_ARCH"):
+    if settings.get("arch"):
         title += " [JITKERN_ARCH]"
     return title, rows

@@ -8,11 +8,11 @@ import the rendered module from the entry and call the kernel through the interp
 from __future__ import annotations
 
 import json
-import os
 from collections import namedtuple
 from dataclasses import replace
 from types import SimpleNamespace
 
+from . import settings
 from .builders.triton import METADATA_FILE, SOURCE_FILE, binary_name, import_source, kernel_function
 from .errors import LaunchError
 from .logs import warn_once
@@ -77,7 +77,7 @@ def direct_enabled() -> bool:
     one signature, and launches call Triton's C ``launch`` directly. ``JITKERN_DIRECT_LAUNCH=0``
     switches back to Triton's own ``CompiledKernel`` (for comparison, or if a Triton release changes
     its launcher). Read when a kernel is loaded, never per launch."""
-    return os.environ.get("JITKERN_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "off", "no")
+    return settings.get("direct_launch")
 
 
 def _load_direct(entry, job, src):

@@ -14,18 +14,17 @@ the atomic publish (two processes may build the same key; neither can see a half
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import time
 import uuid
 from pathlib import Path
 
-from .errors import ConfigError
+from . import settings
 from .logs import log, warn_once
 
 #: Default for ``JITKERN_LOCK_TIMEOUT``: longer than any sane build (C++ modules take minutes).
-DEFAULT_TIMEOUT = 1800.0
+DEFAULT_TIMEOUT = settings.setting("lock_timeout").default
 WAIT_REPORT_SECONDS = 5.0
 WAIT_REPEAT_SECONDS = 60.0
 POLL_SECONDS = 0.05
@@ -35,18 +34,7 @@ PARENT_CHECK_SECONDS = 0.5
 
 def lock_timeout() -> float:
     """``JITKERN_LOCK_TIMEOUT`` in seconds (``inf`` = wait for ever; ``0`` = never wait)."""
-    raw = os.environ.get("JITKERN_LOCK_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if math.isnan(value) or value < 0:
-        raise ConfigError(f"JITKERN_LOCK_TIMEOUT={raw!r} is not a number of seconds >= 0; set it to e.g. 600, "
-                          f"to 0 (never wait for another process's build) or to inf (wait for ever), or unset it "
-                          f"(default {DEFAULT_TIMEOUT:g} s)")
-    return value
+    return settings.get("lock_timeout")
 
 
 def host() -> str:

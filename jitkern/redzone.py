@@ -20,9 +20,9 @@ JITKERN_DEBUG is a comma-separated list of debug switches; ``redzone`` is the on
 from __future__ import annotations
 
 import math
-import os
 
-from .errors import ConfigError, RedzoneError
+from . import settings
+from .errors import RedzoneError
 from .logs import log
 
 #: Guard before and after every buffer (>= the 512 B overshoot of seed 001; keeps 256 B alignment).
@@ -32,36 +32,15 @@ ROW_GUARD_BYTES = 64
 SENTINEL = 0xA5
 
 
-# enabled() runs on every op call: look the variable up in os.environ's own (encoded) dict, which
-# os.environ keeps in step with every change made through it, instead of a ~1 us os.environ.get.
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey("JITKERN_DEBUG") if hasattr(os.environ, "encodekey") else None
-_parsed: dict = {}
-
-
 def enabled() -> bool:
-    """Whether JITKERN_DEBUG lists ``redzone`` (read on every call, so changes apply at once)."""
-    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get("JITKERN_DEBUG")
-    if not raw:
-        return False
-    on = _parsed.get(raw)
-    if on is None:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        on = _parsed[raw] = "redzone" in (s.strip().lower() for s in text.split(","))
-    return on
+    """Whether JITKERN_DEBUG lists ``redzone`` (read on every call, so changes apply at once; the
+    registry's read is sub-microsecond)."""
+    return "redzone" in settings.get("debug")
 
 
 def guard_bytes() -> int:
     """Band size: ``JITKERN_REDZONE_BYTES`` (rounded up to 256) or ``GUARD_BYTES``."""
-    raw = os.environ.get("JITKERN_REDZONE_BYTES", "").strip()
-    if not raw:
-        return GUARD_BYTES
-    try:
-        n = int(raw)
-    except ValueError:
-        raise ConfigError(f"JITKERN_REDZONE_BYTES={raw!r} is not a whole number of bytes") from None
-    if n <= 0:
-        raise ConfigError(f"JITKERN_REDZONE_BYTES={raw!r} must be positive")
+    n = settings.get("redzone_bytes")
     return -(-n // 256) * 256
 
 

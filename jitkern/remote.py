@@ -50,7 +50,7 @@ import uuid
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from . import counters
+from . import counters, settings
 from .cache import ENTRY_META, MANIFEST, Entry, Store, default_store
 from .errors import ConfigError, CorruptEntryError, RemoteCacheError, UntrustedEntryError
 from .key import FORMAT_VERSION
@@ -61,7 +61,6 @@ ENV_SECRET = "JITKERN_REMOTE_CACHE_KEY"
 ENV_TIMEOUT = "JITKERN_REMOTE_TIMEOUT"
 ENV_LEASE_TTL = "JITKERN_REMOTE_LEASE_TTL"
 ENV_LEASE_WAIT = "JITKERN_REMOTE_LEASE_WAIT"
-DEFAULTS = {ENV_TIMEOUT: 2.0, ENV_LEASE_TTL: 30.0, ENV_LEASE_WAIT: 900.0}
 
 #: Redis key prefix; the format version is part of it, so incompatible layouts never meet.
 PREFIX = f"jitkern:v{FORMAT_VERSION}:"
@@ -169,19 +168,6 @@ def redact(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit(parts._replace(netloc=user + netloc))
-
-
-def _env_seconds(name: str) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return DEFAULTS[name]
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"{name}={raw!r} is not a positive number of seconds")
-    return value
 
 
 # ---- the remote ----------------------------------------------------------------------------------
@@ -440,17 +426,22 @@ _active_lock = threading.Lock()
 
 
 def _settings() -> tuple:
-    return (os.environ.get(ENV_URL, "").strip(), os.environ.get(ENV_SECRET, ""),
-            os.environ.get(ENV_TIMEOUT, ""), os.environ.get(ENV_LEASE_TTL, ""), os.environ.get(ENV_LEASE_WAIT, ""))
+    """The remote's settings (to notice a change); a bad one shows as its error, raised by from_env."""
+    try:
+        rest = tuple(settings.get(n) for n in ("remote_cache_key", "remote_timeout", "remote_lease_ttl",
+                                                "remote_lease_wait"))
+    except ConfigError as e:
+        rest = (str(e),)
+    return (settings.get("remote_cache") or "", *rest)
 
 
 def from_env(url: str | None = None) -> RedisRemote:
     """A new remote for ``url`` (default ``JITKERN_REMOTE_CACHE``) with the environment's settings."""
-    url = url if url is not None else os.environ.get(ENV_URL, "").strip()
+    url = url if url is not None else settings.get("remote_cache")
     if not url:
         raise ConfigError(f"no remote cache configured: set {ENV_URL}=redis://host:port/db or pass --remote")
-    return RedisRemote(url, os.environ.get(ENV_SECRET) or None, _env_seconds(ENV_TIMEOUT),
-                       _env_seconds(ENV_LEASE_TTL), _env_seconds(ENV_LEASE_WAIT))
+    return RedisRemote(url, settings.get("remote_cache_key"), settings.get("remote_timeout"),
+                       settings.get("remote_lease_ttl"), settings.get("remote_lease_wait"))
 
 
 def active() -> RedisRemote | None:
@@ -517,12 +508,15 @@ def reset() -> None:
 
 def doctor() -> tuple[str, list[tuple[str, str]]]:
     """``jitkern doctor`` section: the configured remote, whether it answers, how many entries it holds."""
-    url = os.environ.get(ENV_URL, "").strip()
+    url = settings.get("remote_cache")
     if not url:
         return "Remote cache", [(ENV_URL, "(not set: no remote cache)")]
-    rows = [(ENV_URL, redact(url)),
-            (ENV_SECRET, "set (entries signed and checked)" if os.environ.get(ENV_SECRET) else
-             "(not set: checksums only; anyone who can write to the server can run code on its readers)")]
+    try:
+        secret = ("set (entries signed and checked)" if settings.get("remote_cache_key") else
+                  "(not set: checksums only; anyone who can write to the server can run code on its readers)")
+    except ConfigError as e:
+        secret = f"error: {e}"
+    rows = [(ENV_URL, redact(url)), (ENV_SECRET, secret)]
     try:
         r = from_env(url)
         t0 = time.perf_counter()

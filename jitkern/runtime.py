@@ -9,7 +9,7 @@ import os
 import threading
 
 from . import arch as _arch
-from . import counters
+from . import counters, settings
 from .build import get_entry
 from .errors import DeviceError
 from .launcher import Kernel, load
@@ -45,7 +45,7 @@ def arches_for(device) -> tuple[_arch.Arch, _arch.Arch]:
                 "through Triton's interpreter when TRITON_INTERPRET=1 is set before triton is imported"
             )
         cpu = _arch.ARCHES["cpu"]
-        named = os.environ.get("JITKERN_ARCH", "").strip()
+        named = settings.get("arch")
         return (_arch.get(named) if named else cpu), cpu
     if device.type != "cuda":  # torch reports ROCm devices as "cuda" too
         raise DeviceError(f"tensors are on a {device.type!r} device; jitkern ops need cuda/hip tensors")

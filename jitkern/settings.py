@@ -188,6 +188,22 @@ declare("debug", "switches", frozenset(),
         "Comma-separated debug switches: redzone (guard bands around every buffer, checked after each "
         "launch), checks (host-side checks of table contents before launch).",
         _switches(("redzone", "checks")))
+def _strict(text, what):
+    low = text.strip().lower()
+    if low in _FALSE:
+        return None
+    if low in _TRUE or low == "error":
+        return "error"
+    if low == "warn":
+        return "warn"
+    raise ConfigError(f"{what}={text!r} is not a strict mode; use 1 (a run-time compile raises CacheMissError), "
+                      f"warn (log each miss once and compile) or 0 (off)")
+
+
+declare("strict", "choice", None,
+        "Strict mode: 1 (or error) makes any compile at run time a CacheMissError that names the key parts "
+        "in which the nearest cached entry differs; warn logs each miss once and compiles; 0: off. "
+        "Prebuild and tune are never strict.", _strict)
 declare("redzone_bytes", "size", 1024,
         "Guard band size for JITKERN_DEBUG=redzone (rounded up to 256 bytes).", _positive_size)
 declare("direct_launch", "bool", True,

@@ -12,16 +12,14 @@ asked: an entry fetched from the fleet's cache is not a compile. Tools that comp
 """
 from __future__ import annotations
 
-import os
 
+from . import settings
 from .cache import Store, nearest
-from .errors import CacheMissError, ConfigError
+from .errors import CacheMissError
 from .key import explain
 from .logs import log, warn_once
 
 ENV = "JITKERN_STRICT"
-_OFF = ("", "0", "off", "false", "no")
-_ERROR = ("1", "on", "true", "yes", "error")
 _suspended = False
 
 
@@ -29,15 +27,7 @@ def mode() -> str | None:
     """``"error"``, ``"warn"`` or None (off), from ``JITKERN_STRICT``."""
     if _suspended:
         return None
-    raw = os.environ.get(ENV, "").strip().lower()
-    if raw in _OFF:
-        return None
-    if raw in _ERROR:
-        return "error"
-    if raw == "warn":
-        return "warn"
-    raise ConfigError(f"{ENV}={raw!r} is not a strict mode; use 1 (a run-time compile raises CacheMissError), "
-                      f"warn (log each miss once and compile) or 0 (off)")
+    return settings.get("strict")
 
 
 def suspend() -> None:

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import strict
+from . import settings, strict
 from .errors import BuildError, ConfigError, LaunchError, OverBudgetError
 from .logs import warn_once
 
@@ -40,13 +40,7 @@ _memory_records: dict[tuple, dict] = {}  # when no cache layer is writable
 
 
 def autotune_enabled() -> bool:
-    raw = os.environ.get("JITKERN_AUTOTUNE", "").strip().lower()
-    if raw in ("", "0", "false", "off", "no"):
-        return False
-    if raw in ("1", "true", "on", "yes"):
-        return True
-    raise ConfigError(f"JITKERN_AUTOTUNE={raw!r} is not allowed; use 1 to tune on first use or 0 (default) to "
-                      f"use recorded and shipped winners only")
+    return settings.get("autotune")
 
 
 # ---- fingerprint ---------------------------------------------------------------------------------
@@ -284,9 +278,9 @@ def table_entry(record: Mapping[str, Any]) -> dict:
 def main(args) -> int:
     """``jitkern tune`` (see ``jitkern.cli``): tune, then print one line (or JSON record) per bucket."""
     strict.suspend()  # tuning compiles its candidates on purpose
-    if getattr(args, "cache_dir", None):
-        os.environ["JITKERN_CACHE_DIR"] = args.cache_dir
-    records = tune_op(args.op, parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans, force=args.force)
+    cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) is not None else {}
+    with settings.override(**cache):
+        records = tune_op(args.op, parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans, force=args.force)
     if args.json:
         print(json.dumps(records, indent=1, sort_keys=True))
         return 0
@@ -302,10 +296,11 @@ def main(args) -> int:
 def doctor() -> tuple[str, list[tuple[str, str]]]:
     """The ``jitkern doctor`` section: autotune switch, tile overrides in the environment, tuning
     records in the cache layers, shipped tables."""
-    rows = [("JITKERN_AUTOTUNE", os.environ.get("JITKERN_AUTOTUNE", "") or "(not set: recorded and shipped winners only)")]
-    overrides = sorted(k for k in os.environ if k.startswith("JITKERN_") and k.count("_") >= 2
-                       and k.split("_", 2)[1].lower() in _op_names())
-    rows.append(("tile overrides", ", ".join(f"{k}={os.environ[k]}" for k in overrides) or "(none)"))
+    on = settings.get("autotune")
+    rows = [("JITKERN_AUTOTUNE", ("1 (tune on first use)" if on else "0") if settings.source("autotune") != "default"
+             else "(not set: recorded and shipped winners only)")]
+    overrides = {k: v for op in sorted(_op_names()) for k, v in sorted(settings.tile_overrides(op).items())}
+    rows.append(("tile overrides", ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)"))
     for d in _tuning_dirs():
         files = sorted(d.glob("*/*/*.json")) if d.is_dir() else []
         per = {}

@@ -165,7 +165,7 @@ def test_malformed_keys_never_reach_the_filesystem(key, cache_dir):
     assert not cache_dir.exists() or not any(cache_dir.rglob("*.lock"))
 
 
-@pytest.mark.parametrize("raw", ["ten", "-5", "nan", "5s"])
+@pytest.mark.parametrize("raw", ["ten", "-5", "nan", "5x"])
 def test_malformed_lock_timeout_is_a_config_error_on_first_build(raw, monkeypatch):
     monkeypatch.setenv("JITKERN_LOCK_TIMEOUT", raw)
     with pytest.raises(ConfigError, match=f"JITKERN_LOCK_TIMEOUT={raw!r}"):

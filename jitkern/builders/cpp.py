@@ -37,24 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import counters
+from .. import counters, settings
 from ..errors import BuildError, LaunchError, UnavailableError
 from ..launcher import Kernel
 
 LOG_FILE = "build.log"
-DEFAULT_TIMEOUT = 600.0
+DEFAULT_TIMEOUT = settings.setting("build_timeout").default
 
 
 def build_timeout() -> float:
-    raw = os.environ.get("JITKERN_BUILD_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT
-    try:
-        return max(1.0, float(raw))
-    except ValueError:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"JITKERN_BUILD_TIMEOUT={raw!r} is not a number of seconds") from None
+    return max(1.0, settings.get("build_timeout"))
 
 
 def first_error_line(log_text: str) -> str:
@@ -120,13 +112,14 @@ def _kill_group(proc) -> None:
 
 
 def _env_flags(name: str) -> list[str]:
-    return shlex.split(os.environ.get(name, ""))
+    """Extra flags from the setting behind ``JITKERN_<NAME>`` (``jitkern.settings``)."""
+    return list(settings.get(name[len(settings.PREFIX):].lower()))
 
 
 # ---- toolchains ----------------------------------------------------------------------------------
 def find_nvcc() -> str | None:
     for env in ("JITKERN_NVCC", "CUDA_HOME", "CUDA_PATH"):
-        v = os.environ.get(env, "").strip()
+        v = (settings.get("nvcc") or "") if env == "JITKERN_NVCC" else os.environ.get(env, "").strip()
         if v:
             p = v if env == "JITKERN_NVCC" else os.path.join(v, "bin", "nvcc")
             if os.access(p, os.X_OK):
@@ -136,7 +129,7 @@ def find_nvcc() -> str | None:
 
 
 def find_hipcc() -> str | None:
-    v = os.environ.get("JITKERN_HIPCC", "").strip()
+    v = settings.get("hipcc")
     if v and os.access(v, os.X_OK):
         return v
     rocm = os.environ.get("ROCM_PATH", "").strip() or "/opt/rocm"
@@ -154,7 +147,7 @@ def find_cxx() -> str | None:
 def find_ck() -> str | None:
     """CK's install or source root (has ``include/ck/ck.hpp``), from JITKERN_CK_DIR or CK_DIR."""
     for env in ("JITKERN_CK_DIR", "CK_DIR"):
-        v = os.environ.get(env, "").strip()
+        v = (settings.get("ck_dir") or "") if env == "JITKERN_CK_DIR" else os.environ.get(env, "").strip()
         if v and (Path(v) / "include" / "ck" / "ck.hpp").is_file():
             return v
     return None
@@ -193,7 +186,7 @@ class Toolchain:
 
     # -- key ----------------------------------------------------------------------------------
     def includes(self) -> list[str]:
-        inc = [p for p in os.environ.get("JITKERN_CXX_INCLUDE", "").split(os.pathsep) if p]
+        inc = list(settings.get("cxx_include"))
         if self.kind == "hip":
             ck = find_ck()
             if ck:
