@@ -12,7 +12,6 @@ asked: an entry fetched from the fleet's cache is not a compile. Tools that comp
 """
 from __future__ import annotations
 
-
 from . import settings
 from .cache import Store, nearest
 from .errors import CacheMissError
