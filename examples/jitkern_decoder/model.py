@@ -1,0 +1,177 @@
+"""The decoder on jitkern ops: prefill a batch of prompts, then decode one token per sequence per step.
+
+Per layer (pre-norm, fused residual add):
+
+* ``jitkern.ops.rms_norm(h, w, residual=res)``: ``res += h``, normalise ``res`` (the first layer
+  normalises the embeddings without a residual);
+* QKV projection: ``jitkern.ops.gemm(x, w_qkv.t())``;
+* ``jitkern.ops.qk_norm_rope``: Qwen3's per-head q/k RMSNorm and NeoX rotary embedding, in place;
+* paged KV cache write: **plain torch indexing** (``index_copy_`` at the tokens' slots); the library has
+  no op that writes the cache (``gather_kv_cache`` reads it);
+* attention: decode through ``jitkern.ops.paged_attention_decode`` over the paged cache; prefill
+  through **torch's SDPA** (causal, GQA), since the library has no prefill attention op;
+* output projection: ``jitkern.ops.gemm``;
+* MLP, dense layers: gate/up ``gemm``, SiLU * up in torch (no jitkern op for it), down ``gemm``;
+* MLP, MoE layers: router ``gemm`` + torch softmax/top-k, pairs sorted by expert (``moe_align`` here,
+  made of CUDA-graph-capturable torch ops), ``jitkern.ops.moe_gemm_stage1`` (gate-up GEMM of each
+  pair's expert with SiLU-and-mul fused), then the down projection as ONE ``gemm`` against all
+  experts' stacked ``w2`` (``[pairs, N] @ [N, experts*hidden]``) and a gather of each pair's expert
+  slice: the library has no stage-2 op, and this keeps the step free of host syncs (so CUDA graphs
+  can capture it) at ``experts``x the FLOPs of a grouped stage 2.
+
+Final ``rms_norm`` (fused residual) and the LM head ``gemm``. Every step is tensor ops only (no
+``.item()``, no Python data-dependent branching), so ``decode`` can be captured in a CUDA graph or
+compiled with ``torch.compile``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import jitkern
+from jitkern.library.qk_norm_rope import cos_sin_table
+
+from .config import DecoderConfig
+
+
+def moe_align(topk_ids: torch.Tensor, experts: int, align_m: int):
+    """``(sorted_token_ids, expert_ids, num_tokens_post_padded)`` for ``moe_gemm_stage1``: pair ids
+    ``token * topk + slot`` grouped by expert, each group padded to a multiple of ``align_m`` with
+    the sentinel ``pairs``. Same layout as ``jitkern.library.moe_gemm_stage1.moe_align``, which uses
+    ``torch.bincount`` (a host sync on CUDA, so not capturable); this one counts with ``scatter_add_``."""
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1)
+    pairs = flat.numel()
+    counts = torch.zeros(experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + (align_m - 1)) // align_m * align_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    e_sorted = flat[order]
+    pos = starts[e_sorted] + torch.arange(pairs, device=dev) - first[e_sorted]
+    size = -(-(pairs + experts * (align_m - 1)) // align_m) * align_m
+    ids = torch.full((size,), pairs, dtype=torch.int32, device=dev)
+    ids.index_copy_(0, pos, order.to(torch.int32))
+    used = ends[-1:]
+    blocks = torch.arange(0, size, align_m, device=dev)
+    eids = torch.searchsorted(ends, blocks, right=True).clamp_(max=experts - 1)
+    eids = torch.where(blocks < used, eids, 0).to(torch.int32)
+    return ids, eids, used.to(torch.int32)
+
+
+class JitkernDecoder(torch.nn.Module):
+    """``prefill(tokens [B, T]) -> logits [B, vocab]`` then ``decode(tokens [B], positions [B])``.
+
+    Weights are the dict from ``make_weights`` (held, not copied). The paged KV cache has
+    ``cfg.blocks_per_seq`` pages per sequence, handed out in a shuffled order (block tables are not
+    the identity). ``record_routes``: MoE layers copy their top-k expert ids into ``routes[layer]``
+    (static buffers, so graph replays fill them too) for a reference to route the same way.
+    """
+
+    def __init__(self, cfg: DecoderConfig, weights: dict, batch: int, device=None, record_routes: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        self.cfg, self.batch, self.record_routes = cfg, batch, record_routes
+        device = torch.device(device) if device is not None else weights["embed"].device
+        self.w = weights
+        dtype = weights["embed"].dtype
+        nb = batch * cfg.blocks_per_seq
+        shape = (nb, cfg.page_size, cfg.kv_heads, cfg.head_dim)
+        for i in range(cfg.layers):
+            self.register_buffer(f"k_cache{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v_cache{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        perm = torch.randperm(nb, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("block_tables", perm.view(batch, -1).to(torch.int32).to(device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch, device=device), persistent=False)
+        self.register_buffer("cos_sin", cos_sin_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, device=device),
+                             persistent=False)
+        self.routes = {}
+        if record_routes:
+            for i in range(cfg.layers):
+                if cfg.is_moe(i):
+                    self.routes[i] = torch.zeros(batch * cfg.max_seq_len, cfg.topk, dtype=torch.int64, device=device)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prompts ``tokens`` [B, T] (all of length T) at positions 0..T-1: logits of the last token."""
+        b, t = tokens.shape
+        pos = torch.arange(t, device=tokens.device).repeat(b)
+        seq = self.rows.repeat_interleave(t)
+        out = self._forward(tokens.reshape(-1), pos, seq, prefill=(b, t))
+        return self._logits(out.view(b, t, -1)[:, -1])
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence (``tokens`` [B], at ``positions`` [B] int64): its logits [B, vocab]."""
+        out = self._forward(tokens, positions, self.rows, prefill=None)
+        return self._logits(out)
+
+    # ---- layers --------------------------------------------------------------------------------
+    def _forward(self, tokens, pos, seq, prefill):
+        cfg, w, ops = self.cfg, self.w, jitkern.ops
+        page = cfg.page_size
+        slots = self.block_tables[seq, pos // page].long() * page + pos % page
+        seq_lens = (pos + 1).to(torch.int32) if prefill is None else None
+        res = w["embed"][tokens]  # [T, H]: the residual stream (a new tensor: indexing copies)
+        h = None
+        for i in range(cfg.layers):
+            p = f"layers.{i}."
+            x = ops.rms_norm(res if h is None else h, w[p + "attn_norm"], cfg.eps,
+                             residual=None if h is None else res)
+            h = self._attention(i, x, pos, slots, seq_lens, prefill)
+            x = ops.rms_norm(h, w[p + "mlp_norm"], cfg.eps, residual=res)
+            h = self._moe(i, x) if cfg.is_moe(i) else self._mlp(i, x)
+        return ops.rms_norm(h, w["final_norm"], cfg.eps, residual=res)
+
+    def _logits(self, x):
+        return jitkern.ops.gemm(x.contiguous(), self.w["lm_head"].t())
+
+    def _attention(self, i, x, pos, slots, seq_lens, prefill):
+        cfg, w, ops = self.cfg, self.w, jitkern.ops
+        p = f"layers.{i}."
+        hq, hkv, d = cfg.q_heads, cfg.kv_heads, cfg.head_dim
+        n = x.shape[0]
+        qkv = ops.gemm(x, w[p + "qkv"].t())
+        ops.qk_norm_rope(qkv, w[p + "q_norm"], w[p + "k_norm"], self.cos_sin, pos, hq, hkv, d, cfg.eps, True)
+        q = qkv[:, : hq * d].view(n, hq, d)
+        k = qkv[:, hq * d: (hq + hkv) * d].view(n, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
+        k_cache, v_cache = getattr(self, f"k_cache{i}"), getattr(self, f"v_cache{i}")
+        k_cache.view(-1, hkv, d).index_copy_(0, slots, k)
+        v_cache.view(-1, hkv, d).index_copy_(0, slots, v)
+        if prefill is None:
+            o = ops.paged_attention_decode(q, k_cache, v_cache, self.block_tables, seq_lens, self.scale,
+                                           cfg.max_seq_len)
+            o = o.view(n, hq * d)
+        else:
+            b, t = prefill
+            qh, kh, vh = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
+            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
+                                                                 enable_gqa=hkv != hq)
+            o = o.transpose(1, 2).reshape(n, hq * d)
+        return ops.gemm(o, w[p + "o"].t())
+
+    def _mlp(self, i, x):
+        w, ops, m = self.w, jitkern.ops, self.cfg.intermediate
+        p = f"layers.{i}."
+        gu = ops.gemm(x, w[p + "gate_up"].t())
+        a = torch.nn.functional.silu(gu[:, :m]) * gu[:, m:]
+        return ops.gemm(a, w[p + "down"].t())
+
+    def _moe(self, i, x):
+        cfg, w, ops = self.cfg, self.w, jitkern.ops
+        p = f"layers.{i}."
+        e, k, hsz = cfg.experts, cfg.topk, cfg.hidden
+        n = x.shape[0]
+        probs = torch.softmax(ops.gemm(x, w[p + "router"].t()).float(), dim=-1)
+        top_w, top_i = probs.topk(k, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        if self.record_routes:
+            self.routes[i][:n].copy_(top_i)
+        ids, eids, used = moe_align(top_i, e, cfg.moe_align)
+        hmid = ops.moe_gemm_stage1(x, w[p + "w1"], ids, eids, used, k, "silu")  # [n*k, N]
+        y_all = ops.gemm(hmid, w[p + "w2"].view(e * hsz, -1).t())  # [n*k, e*H]: every expert's down proj
+        y = y_all.view(n * k, e, hsz)[torch.arange(n * k, device=x.device), top_i.reshape(-1)]
+        return (y.float().view(n, k, hsz) * top_w[..., None]).sum(1).to(x.dtype)
