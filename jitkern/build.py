@@ -22,7 +22,7 @@ from typing import Any
 from . import binaries, budget, builders, counters, remote, strict, triton_cache
 from .arch import Arch
 from .cache import Entry, Store, default_store
-from .errors import BuildError, CacheError, CorruptEntryError
+from .errors import BuildError, CacheError, CorruptEntryError, is_transient
 from .key import FORMAT_VERSION, make_key, recorded
 from .logs import log, warn_once
 from .render import render
@@ -97,7 +97,13 @@ def _build_files(job: Job, store: Store):
     builder = builders.get(job.variant.kind)
     log.info("jitkern: building %s", job.describe())
     t0 = time.perf_counter()
-    files, meta = builder.build(job)
+    try:
+        files, meta = builder.build(job)
+    except (OSError, MemoryError, TimeoutError) as e:  # the machine, not the variant (a full temp dir, ...)
+        if not is_transient(e):
+            raise
+        raise BuildError(f"could not build {job.describe()}: {type(e).__name__}: {e} (not recorded: the next "
+                         "attempt builds it again)", transient=True) from e
     meta = {**meta, **budget.assess_build(job, files, meta)}  # status ok|rejected_over_budget + figures
     dt = time.perf_counter() - t0
     counters.bump("compiles")

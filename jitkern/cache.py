@@ -113,6 +113,36 @@ def others_can_write(st: os.stat_result) -> str | None:
     return None
 
 
+PROBE_BYTES = 64 * 1024
+
+
+def write_probe(directory: str | os.PathLike, nbytes: int = PROBE_BYTES) -> str | None:
+    """Why ``directory`` cannot take a file of ``nbytes`` real bytes right now (None: it can).
+
+    Writes, syncs and closes a private temporary file, then removes it: creating an empty file
+    succeeds on a full disk, so only real bytes (and the sync, where the filesystem allocates late)
+    show ENOSPC or a quota."""
+    path = None
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        path = os.path.join(directory, f".jitkern-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            view = memoryview(b"\0" * nbytes)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return None
+    except OSError as e:
+        return f"{e.strerror or e} ({type(e).__name__}, errno {e.errno})"
+    finally:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
 def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 

@@ -3,6 +3,7 @@
 Every error says what was wrong and what to do about it. Input errors also derive from the
 matching built-in (``TypeError``/``ValueError``) so callers that already catch those keep working.
 """
+import errno
 
 
 class JitkernError(Exception):
@@ -44,13 +45,18 @@ class TemplateError(JitkernError):
 
 # --- build, cache, launch -----------------------------------------------------------------------
 class BuildError(JitkernError, RuntimeError):
-    """A variant could not be compiled. ``log_path`` points at the full compiler log if kept."""
+    """A variant could not be compiled. ``log_path`` points at the full compiler log if kept.
 
-    def __init__(self, message, log_path=None, *, reason=None, log_text=None):
+    ``transient``: the failure says nothing about the variant (disk full, permission, timeout,
+    interrupted, worker died; see ``is_transient``), so it is never recorded and the next process
+    tries again."""
+
+    def __init__(self, message, log_path=None, *, reason=None, log_text=None, transient=False):
         super().__init__(message)
         self.log_path = log_path
         self.reason = reason or str(message)  # one line for warnings: e.g. the first compiler error
         self.log_text = log_text  # the full compiler output, kept with the failure record
+        self.transient = bool(transient)
 
 
 class UnavailableError(BuildError):
@@ -155,3 +161,37 @@ class RedzoneError(JitkernError, RuntimeError):
     def __init__(self, message, *, op=None, variant=None, buffer=None, offset=None, row=None):
         super().__init__(message)
         self.op, self.variant, self.buffer, self.offset, self.row = op, variant, buffer, offset, row
+
+
+# --- the one rule: transient or permanent failure -------------------------------------------------
+#: errno values that describe the machine at this moment, not the variant being built.
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EINTR", "ETIMEDOUT", "EAGAIN", "ENOMEM", "EMFILE", "ENFILE",
+    "EBUSY", "ESTALE", "EIO", "EPIPE") if hasattr(errno, name))
+#: Compiler output that means the same when a compiler reports it in text instead of an errno.
+_TRANSIENT_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+                   "Cannot allocate memory", "Too many open files", "Resource temporarily unavailable")
+_TRANSIENT_TYPES = ("TimeoutError", "InterruptedError", "KeyboardInterrupt", "MemoryError", "TimeoutExpired",
+                    "BrokenProcessPool")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if ``exc`` (a build failure) is about the machine, not the variant: a full disk or quota,
+    a permission or read-only filesystem, a timeout, an interrupt, memory, a worker process that died.
+    Such failures are never recorded as failed builds (``jitkern.fallback.record_failure``) and
+    prebuild reports them as transient; everything else (a compiler error, a template that does not
+    import) is permanent for this key. Looks at ``exc`` and the exceptions it was raised from."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 16:
+        seen += 1
+        if getattr(e, "transient", False):
+            return True
+        if any(t.__name__ in _TRANSIENT_TYPES for t in type(e).__mro__):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    text = f"{exc} {getattr(exc, 'log_text', '') or ''}"
+    return isinstance(exc, BuildError) and not isinstance(exc, UnavailableError) and any(
+        t in text for t in _TRANSIENT_TEXT)

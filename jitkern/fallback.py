@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from . import counters, runtime
 from .build import Job, get_entry, job_meta, plan
 from .cache import ENTRY_META, Entry, Store, default_store
-from .errors import BuildError, LaunchError, NoVariantError, RecordedBuildFailure, UnavailableError
+from .errors import BuildError, LaunchError, NoVariantError, RecordedBuildFailure, UnavailableError, is_transient
 from .logs import log, warn_once
 from .spec import Config, OpSpec
 
@@ -61,9 +61,10 @@ def failure_record(job: Job, err: BuildError) -> tuple[dict[str, bytes], dict[st
 def record_failure(store: Store, job: Job, err: BuildError) -> RecordedBuildFailure:
     """Publish the failure record for ``job`` (the caller holds the key's lock); return the error to raise.
 
-    Transient failures (``err.transient``: a build that ran past its time limit) are not recorded:
-    this process skips the variant, the next one tries again."""
-    if getattr(err, "transient", False):
+    Transient failures (``jitkern.errors.is_transient``: disk full, permission, timeout, interrupted,
+    worker died) are not recorded: this process skips the variant, the next one tries again."""
+    if is_transient(err):
+        err.transient = True
         return err
     counters.bump("failures_recorded")
     files, meta = failure_record(job, err)

@@ -9,7 +9,7 @@ How it runs:
 1. This process plans every job (render + key: cheap, no compiler) and looks each key up in the
    store. Hits are reported as ``cached`` and never reach a worker, so a second run builds nothing
    and starts no worker.
-2. Misses go to a pool of worker processes (``spawn``; default one per core). A worker receives
+2. Misses go to a pool of worker processes (``spawn``; default and at most one per core). A worker receives
    plain data (op name, the module that declares it, variant, parameters, arch name, cache layers),
    plans the job again, checks that it arrives at the same key, and builds it through
    ``jitkern.build.get_entry``: the same per-key lock, atomic publish and budget checks as a lazy
@@ -20,13 +20,23 @@ How it runs:
    terminated, and any temporary directory a killed worker was writing is removed. Entries are
    published by an atomic rename, so an interrupted build leaves no partial entry: the key is
    simply absent and the next run builds it.
+4. A worker that dies (SIGKILL, out of memory, a compiler crash) breaks the pool; the artifacts
+   that were in flight are retried one at a time in a fresh worker, so the one that kills its
+   worker again is named and reported ``failed`` (transient: nothing is recorded), and the rest go on.
+5. **An artifact's result is what the cache holds afterwards.** A worker's ``built`` is checked
+   against the store; an artifact that was built but could not be saved (a full disk: the build
+   path then keeps the kernel in memory) is reported ``failed`` (transient), never ``built``.
 
 Statuses in the report: ``built``, ``cached``, ``rejected_over_budget`` (the artifact needs more
 shared memory / LDS or registers than the arch gives a block: compiled once, recorded, never
 launched; see ``jitkern.budget``), ``unavailable`` (the variant's toolchain is missing on this
 machine, e.g. no hipcc/CK on a CPU build box: the runtime falls back to the next variant; reported
 loudly, but not an error), ``failed`` (a build error; recorded in the cache like a lazy build's, see
-``jitkern.fallback``). Only ``failed`` makes the exit status non-zero (unless ``--keep-going``).
+``jitkern.fallback``; transient failures, see ``jitkern.errors.is_transient``, are reported with
+``"transient": true`` and not recorded). Only ``failed`` makes the exit status non-zero (unless
+``--keep-going``). An op whose configuration list cannot be computed (an ImportError, a broken tuned
+table) is a ``failed`` record for that op and arch; a bad setting (``ConfigError``) stops prebuild
+with exit status 2.
 """
 from __future__ import annotations
 
@@ -41,9 +51,9 @@ from typing import Any, Iterable
 
 from . import arch as _arch
 from . import registry, strict
-from .cache import Store, configured_layers
+from .cache import Store, configured_layers, write_probe
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
-                     UnavailableError, UnknownOpError)
+                     UnavailableError, UnknownOpError, is_transient)
 from .logs import log
 
 STATUSES = ("built", "cached", "rejected_over_budget", "unavailable", "failed")
@@ -117,8 +127,14 @@ def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], lim
             module = getattr(spec.fn, "__module__", "") or ""
             try:
                 cfgs = list(spec.configs(a))
-            except JitkernError as e:
-                log.warning("jitkern prebuild: %s lists no configurations for %s: %s", spec.name, a.name, e)
+            except ConfigError:  # a bad setting (JITKERN_<OP>_* override): the user's to fix, exit 2
+                raise
+            except Exception as e:  # never "nothing to build": the op's artifacts are missing from the image
+                why = f"cannot list its configurations: {type(e).__name__}: {e}"
+                if errors is None:
+                    raise BuildError(f"{spec.name} for {a.name}: {why}") from e
+                log.warning("jitkern prebuild: %s for %s: %s", spec.name, a.name, why)
+                errors.append(_record(Task(spec.name, module, "", (), a.name, ""), "failed", error=why))
                 continue
             for i, cfg in enumerate(cfgs):
                 if limit is not None and i >= limit:
@@ -143,7 +159,7 @@ def _record(task: Task, status: str, **extra) -> dict[str, Any]:
         "op": task.op, "variant": task.variant, "arch": task.arch, "params": dict(task.params), "key": task.key,
         "status": status, "shared_bytes": None, "budget_bytes": a.shared_mem_per_block if a.backend else None,
         "seconds": None,
-        "error": None,
+        "error": None, "transient": False,
     }
     rec.update(extra)
     return rec
@@ -213,13 +229,14 @@ def build_task(task: Task) -> dict[str, Any]:
                        spills=f.get("spills"), error=str(e), seconds=round(time.perf_counter() - t0, 3))
     except BuildError as e:
         unavailable = isinstance(e, UnavailableError) or getattr(e, "unavailable", False)
-        return _record(task, "unavailable" if unavailable else "failed", error=str(e),
+        return _record(task, "unavailable" if unavailable else "failed", error=str(e), transient=is_transient(e),
                        seconds=round(time.perf_counter() - t0, 3), log_path=getattr(e, "log_path", None))
     except JitkernError as e:
         return _record(task, "failed", error=str(e), seconds=round(time.perf_counter() - t0, 3),
-                       log_path=getattr(e, "log_path", None))
+                       log_path=getattr(e, "log_path", None), transient=is_transient(e))
     except Exception as e:  # a compiler crash must not take the whole prebuild down
-        return _record(task, "failed", error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - t0, 3))
+        return _record(task, "failed", error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - t0, 3),
+                       transient=is_transient(e))
 
 
 # ---- parent side -------------------------------------------------------------------------------
@@ -259,7 +276,8 @@ def _line(rec: dict[str, Any]) -> str:
     if rec.get("shared_bytes") is not None:
         s += f" shared={rec['shared_bytes']}"
     if rec.get("error"):
-        s += f"  error: {rec['error'].splitlines()[0]}"
+        s += f"  error{' (transient: not recorded, run again)' if rec.get('transient') else ''}: " \
+             f"{rec['error'].splitlines()[0]}"
         if rec.get("log_path"):
             s += f" (log: {rec['log_path']})"
     return s
@@ -305,6 +323,69 @@ def _sweep_tmp(store: Store, pids: set[int]) -> int:
     return n
 
 
+def effective_jobs(jobs: int | None, pending: int) -> int:
+    """Worker count: ``jobs`` (default one per core), never more than the cores or the artifacts."""
+    cores = default_jobs()
+    if jobs and jobs > cores:
+        log.warning("jitkern prebuild: --jobs %d is more than the %d cores this process may use; using %d",
+                    jobs, cores, cores)
+    return max(1, min(jobs or cores, cores, pending))
+
+
+class _Workers:
+    """Worker pools (``concurrent.futures``, so a worker that dies breaks the pool instead of hanging
+    it). ``drive`` runs tasks until they are done or the pool breaks, and returns those in flight then."""
+
+    def __init__(self, initargs: tuple):
+        import multiprocessing
+
+        self.ctx = multiprocessing.get_context("spawn")
+        self.initargs = initargs
+        self.pool = None
+        self.pids: set[int] = set()
+
+    def drive(self, tasks, width: int, done) -> list[Task]:
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        self.pool = ProcessPoolExecutor(width, mp_context=self.ctx, initializer=_worker_init, initargs=self.initargs)
+        inflight: dict = {}
+        lost: list[Task] = []
+        try:
+            while tasks or inflight:
+                while tasks and len(inflight) < width:  # never more queued than running: in flight = suspects
+                    t = tasks.popleft()
+                    inflight[self.pool.submit(build_task, t)] = t
+                    self.pids.update(self.pool._processes or {})  # the only handle on workers before 3.14
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    t = inflight.pop(f)
+                    try:
+                        rec = f.result()
+                    except BrokenProcessPool:
+                        lost.append(t)
+                        continue
+                    done(t, rec)
+                if lost:
+                    lost.extend(inflight.values())
+                    self.stop(kill=True)
+                    return lost
+            self.stop()
+            return []
+        except BaseException:  # Ctrl-C: don't wait for the workers' builds
+            self.stop(kill=True)
+            raise
+
+    def stop(self, kill: bool = False) -> None:
+        if self.pool is None:
+            return
+        if kill:
+            for proc in list((self.pool._processes or {}).values()):
+                proc.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
+
+
 def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str = "auto",
         layers_env: str | None = None) -> tuple[list[dict[str, Any]], bool, float]:
     """Build ``tasks`` (cached ones are only looked up).
@@ -320,41 +401,62 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
             pending.append(t)
     if not pending:
         return records, False, 0.0
-    if store.write_layer is None:
-        raise CacheError(f"no writable layer in {[str(layer.base) for layer in store.layers]}; "
+    layer = store.write_layer
+    if layer is None:
+        raise CacheError(f"no writable layer in {[str(x.base) for x in store.layers]}; "
                          "prebuild needs one (--cache-dir DIR or JITKERN_CACHE_DIR)")
+    why = write_probe(layer.root / "tmp")
+    if why:
+        raise CacheError(f"cannot write to the cache at {layer.base}: {why}; free some space or point --cache-dir "
+                         "at a filesystem with room")
     import logging
-    import multiprocessing
-
     import shutil
     import tempfile
+    from collections import deque
 
-    jobs = max(1, min(jobs or default_jobs(), len(pending)))
-    layers_env = layers_env or os.pathsep.join(str(layer.base) for layer in store.layers)
+    jobs = effective_jobs(jobs, len(pending))
+    layers_env = layers_env or os.pathsep.join(str(x.base) for x in store.layers)
     triton_cache = None
     if not os.environ.get("TRITON_CACHE_DIR"):
         triton_cache = tempfile.mkdtemp(prefix="jitkern-prebuild-triton-")
     bar = _Progress(len(pending), progress)
-    ctx = multiprocessing.get_context("spawn")
+
+    def done(task: Task, rec: dict[str, Any]) -> None:
+        if rec["status"] == "built" and store.lookup(task.key) is None:  # what is on disk is the result
+            rec.update(status="failed", transient=True, seconds=None,
+                       error=f"built, but the cache at {layer.base} does not hold it afterwards (disk full or "
+                             "not writable; see the warning above): nothing was saved, run again")
+        records.append(rec)
+        bar.update(rec)
+
+    workers = _Workers((layers_env, logging.getLogger("jitkern").level, triton_cache))
     t0 = time.perf_counter()
-    pool = ctx.Pool(jobs, initializer=_worker_init,
-                    initargs=(layers_env, logging.getLogger("jitkern").level, triton_cache))
+    todo, suspects = deque(pending), deque()
     interrupted = False
     try:
-        for rec in pool.imap_unordered(build_task, pending, chunksize=1):
-            records.append(rec)
-            bar.update(rec)
-        pool.close()
+        while todo or suspects:
+            if suspects:  # one at a time, so a worker that dies again names its artifact
+                for t in workers.drive(suspects, 1, done):
+                    _sweep_tmp(store, workers.pids)
+                    done(t, _record(t, "failed", transient=True,
+                                    error="the worker process building it died (killed, out of memory, or a "
+                                          "compiler crash); nothing was recorded, run again"))
+            else:
+                lost = workers.drive(todo, jobs, done)
+                if lost:
+                    _sweep_tmp(store, workers.pids)
+                    log.warning("jitkern prebuild: a worker process died; retrying the %d artifact(s) in flight "
+                                "one at a time", len(lost))
+                    suspects.extend(lost)
     except KeyboardInterrupt:
         interrupted = True
-        pids = {p.pid for p in multiprocessing.active_children()}
-        pool.terminate()
-        pool.join()
-        removed = _sweep_tmp(store, pids)
-        log.debug("prebuild interrupted: terminated workers %s, removed %d temporary directories", sorted(pids), removed)
+        workers.stop(kill=True)
+        removed = _sweep_tmp(store, workers.pids)
+        log.debug("prebuild interrupted: terminated workers %s, removed %d temporary directories",
+                  sorted(workers.pids), removed)
     finally:
+        workers.stop()
         bar.close()
-        pool.join()
         if triton_cache:
             shutil.rmtree(triton_cache, ignore_errors=True)
     return records, interrupted, time.perf_counter() - t0
@@ -388,7 +490,7 @@ def main(args) -> int:
         report = {
             "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in arches],
             "ops": list(args.op or registry.names()), "cache_layers": [str(p) for p in layers],
-            "jobs": args.jobs or default_jobs(), "seconds": round(seconds, 3),
+            "jobs": min(args.jobs or default_jobs(), default_jobs()), "seconds": round(seconds, 3),
             "build_seconds": round(build_seconds, 3), "interrupted": interrupted,
             "summary": summary, "artifacts": sorted(records, key=lambda r: (r["arch"], r["op"], r["key"])),
         }
@@ -403,13 +505,14 @@ def main(args) -> int:
               f"{len(tasks) + len(plan_errors) - len(records)} not built (no partial entries were left; run again to finish)",
               file=sys.stderr)
         return 130
-    if built == 0:
-        recorded = f" ({failed} of them recorded failures)" if failed else ""
-        print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache"
-              f"{recorded} ({seconds:.1f} s)")
+    transient = sum(1 for r in records if r["status"] == "failed" and r.get("transient"))
+    if built == 0 and failed == 0:
+        print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache "
+              f"({seconds:.1f} s)")
     else:
         print(f"jitkern prebuild: {built} built, {len(records) - built - failed} already cached or recorded, "
-              f"{failed} failed in {seconds:.1f} s")
+              f"{failed} failed" + (f" ({transient} transient: not recorded, run again)" if transient else "")
+              + f" in {seconds:.1f} s")
     unavailable: dict[tuple, int] = {}
     for r in records:
         if r["status"] == "unavailable":

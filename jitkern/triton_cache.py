@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 
+from .cache import write_probe
 from .logs import warn_once
 
 _done = False
@@ -32,14 +33,8 @@ def default_dir() -> str:
 
 
 def _can_write(d: str) -> bool:
-    try:
-        os.makedirs(d, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".jitkern-probe-", dir=d)
-        os.close(fd)
-        os.unlink(probe)
-        return True
-    except OSError:
-        return False
+    """Real bytes, synced: an empty probe file is created on a full disk too (``cache.write_probe``)."""
+    return write_probe(d) is None
 
 
 def ensure_writable() -> str:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError
+from ..errors import BuildError, is_transient
 from ..key import triton_fingerprint
 
 SOURCE_FILE = "kernel.py"
@@ -36,7 +36,8 @@ def import_source(path: Path, module_name: str):
     try:
         spec.loader.exec_module(module)
     except Exception as e:
-        raise BuildError(f"rendered kernel module {path} failed to import: {type(e).__name__}: {e}") from e
+        raise BuildError(f"rendered kernel module {path} failed to import: {type(e).__name__}: {e}",
+                         transient=is_transient(e)) from e
     return module
 
 
@@ -90,7 +91,9 @@ def compile_source(source: str, kernel: str, signature: dict, attrs: dict, targe
         try:
             ck = triton.compile(ASTSource(fn, signature, {}, attrs), target=gpu_target, options=options)
         except Exception as e:
-            raise BuildError(f"Triton failed to compile {what}: {type(e).__name__}: {_summary(e)}") from None
+            # transient (e.g. ENOSPC from Triton's cache) is decided here: the cause does not cross processes
+            raise BuildError(f"Triton failed to compile {what}: {type(e).__name__}: {_summary(e)}",
+                             transient=is_transient(e)) from None
     md = ck.metadata._asdict()
     md["target"] = {"backend": gpu_target.backend, "arch": gpu_target.arch, "warp_size": gpu_target.warp_size}
     binary = ck.asm["hsaco" if gpu_target.backend == "hip" else "cubin"]
@@ -116,7 +119,7 @@ def compile_in_clean_process(*args):
         raise BuildError(
             f"the clean worker process compiling {args[-1]} died before returning. A 'spawn' worker re-imports "
             f"the main script: if the script calls jitkern at module level, put that code under "
-            f"'if __name__ == \"__main__\":' (the worker's own error is printed above)") from None
+            f"'if __name__ == \"__main__\":' (the worker's own error is printed above)", transient=True) from None
 
 
 def build(job) -> tuple[dict[str, bytes], dict[str, Any]]:
