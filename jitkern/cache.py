@@ -219,7 +219,7 @@ _PUBLISH_TMP = re.compile(r"^[0-9a-f]{64}\.(\d+)\.([A-Za-z0-9-]+)\.[0-9a-f]+$")
 #: Directories being deleted (entries renamed out of ``entries/``): removable at any time.
 _GRAVE_PREFIXES = ("discard-", "prune-")
 #: Other temporary names with a pid: removed once the pid is dead and the directory is this old.
-_OTHER_TMP = re.compile(r"^import-(\d+)-[0-9a-f]+$")
+_OTHER_TMP = re.compile(r"^(?:import|layer)-(\d+)-[0-9a-f]+(?:\.json)?$")
 STALE_SECONDS = 3600.0
 _cleaned: set = set()
 
@@ -491,6 +491,36 @@ def read_meta(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}
+
+
+# ---- the layer record: what a prebuild put into a layer -----------------------------------------
+LAYER_RECORD = "layer.json"
+_MAX_PREBUILDS = 32
+
+
+def layer_record(layer: Layer) -> dict[str, Any]:
+    """``<layer>/v<N>/layer.json``: ``{"prebuilds": [...]}``, one record per prebuild into this layer
+    (manifest digest, arches, counts, ``complete``), newest last; ``{}`` if there is none or it is unreadable."""
+    try:
+        rec = json.loads(_read(layer.root / LAYER_RECORD))
+    except (OSError, ValueError, CorruptEntryError):
+        return {}
+    return rec if isinstance(rec, dict) and isinstance(rec.get("prebuilds"), list) else {}
+
+
+def add_prebuild_record(layer: Layer, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Add a prebuild's record to ``layer``'s record (atomically: temp file + rename), replacing an
+    earlier one for the same manifest digest and arches. Returns the new layer record."""
+    def what(r):
+        return (r.get("manifest") or {}).get("digest"), sorted(r.get("arches") or ()), str(r.get("ops"))
+
+    old = [r for r in layer_record(layer).get("prebuilds", []) if what(r) != what(record)]
+    new = {"format": FORMAT_VERSION, "prebuilds": (old + [dict(record)])[-_MAX_PREBUILDS:]}
+    make_private_dirs(layer.root / "tmp")
+    tmp = layer.root / "tmp" / f"layer-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+    _write(tmp, json.dumps(new, indent=1, sort_keys=True, default=str).encode())
+    os.replace(tmp, layer.root / LAYER_RECORD)
+    return new
 
 
 @dataclass(frozen=True)

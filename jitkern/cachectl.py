@@ -35,7 +35,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .cache import MANIFEST, Layer, Store, configured_layers, entry_lock, is_key, iter_entries, read_meta
+from .cache import (MANIFEST, Layer, Store, configured_layers, entry_lock, is_key, iter_entries, layer_record,
+                    read_meta)
 from .errors import CacheError, ConfigError, CorruptEntryError
 from .key import FORMAT_VERSION
 from .logs import log
@@ -73,8 +74,9 @@ def layer_info(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any
         for _, path in iter_entries(layer):
             n += 1
             size += dir_size(path)
+        prebuilds = layer_record(layer).get("prebuilds") or [None]
         out.append({"path": str(p), "exists": p.exists(), "writable": can_write(layer.root), "entries": n,
-                    "bytes": size})
+                    "bytes": size, "prebuild": prebuilds[-1]})
     return out
 
 
@@ -110,9 +112,21 @@ def stats(store: Store) -> dict[str, Any]:
                 g = info[group].setdefault(str(name), {"entries": 0, "bytes": 0})
                 g["entries"] += 1
                 g["bytes"] += size
+        info["prebuilds"] = layer_record(layer).get("prebuilds", [])  # what prebuild put here (newest last)
         layers.append(info)
     return {"format": FORMAT_VERSION, "layers": layers,
             "entries": sum(x["entries"] for x in layers), "bytes": sum(x["bytes"] for x in layers)}
+
+
+def describe_prebuild(rec: dict[str, Any]) -> str:
+    """One line for a layer's prebuild record (``jitkern.cache.add_prebuild_record``)."""
+    m = rec.get("manifest") or {}
+    what = f"manifest {m.get('path')} ({m.get('signatures')} signatures, sha256 {str(m.get('digest'))[:12]})" \
+        if m else "every config of every op"
+    c = rec.get("counts") or {}
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rec["created"])) if rec.get("created") else "?"
+    return (f"{'complete' if rec.get('complete') else 'INCOMPLETE'}: {what} for {', '.join(rec.get('arches', []))}; "
+            f"{c.get('artifacts', '?')} artifacts ({c.get('built', 0)} built, {c.get('failed', 0)} failed); {when}")
 
 
 # ---- verify ------------------------------------------------------------------------------------
@@ -318,6 +332,8 @@ def main(args) -> int:
                 if info[group]:
                     print_table([[k, v["entries"], human_size(v["bytes"])] for k, v in sorted(info[group].items())],
                                 [f"  {title}", "entries", "size"])
+            if info["prebuilds"]:
+                print(f"  last prebuild: {describe_prebuild(info['prebuilds'][-1])}")
         return 0
     if action == "verify":
         checked, damaged = verify(store, discard=args.discard)

@@ -9,6 +9,9 @@ Subcommands::
     jitkern cache stats|verify|prune --max-size SIZE|clear [--failures]|export FILE|import FILE
     jitkern tune --op NAME --shapes MxNxK,... [--dtype bf16|fp16] [--b-trans] [--force] [--json]
     jitkern cache push|pull [--remote redis://host:port/db]
+    jitkern record -o FILE -- CMD ...
+    jitkern prebuild --manifest FILE --arch LIST
+    jitkern cache check|explain --manifest FILE --arch LIST [--json]
 
 Exit status: 0 success; 1 something failed (a build, a damaged cache entry); 2 bad arguments
 (argparse errors, unknown arch or op, bad values); 130 interrupted.
@@ -118,13 +121,63 @@ def _add_prebuild(sub) -> None:
                    help="only the first N configurations of each op and arch (smoke tests, benchmarks)")
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                    help="progress display: a bar on a terminal, one line per artifact otherwise (default: auto)")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="build only what the signatures recorded in FILE run on each arch (JITKERN_RECORD / "
+                        "'jitkern record'), and report per signature which config covers it")
+    p.add_argument("--json", action="store_true", help="with --manifest: print the report as JSON")
     p.set_defaults(func=_run_prebuild)
 
 
 def _run_prebuild(args) -> int:
+    if args.manifest:
+        if args.limit:
+            raise ConfigError("--limit does not apply to --manifest (a manifest names exactly what to build)")
+        from . import coverage
+
+        return coverage.prebuild_main(args)
     from . import prebuild
 
     return prebuild.main(args)
+
+
+# ---- record ------------------------------------------------------------------------------------
+def _add_record(sub) -> None:
+    p = sub.add_parser("record", help="run a command and record every call signature its ops see into a manifest",
+                       description="Run CMD with JITKERN_RECORD=FILE: each process appends every distinct call "
+                                   "signature (op, dtypes, shapes, strides, flags) once, as JSON lines. "
+                                   "'jitkern prebuild --manifest FILE --arch ...' then builds exactly those.")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="manifest to append to (created if missing)")
+    p.add_argument("--fresh", action="store_true", help="empty FILE first instead of appending to it")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command to run")
+    p.set_defaults(func=_run_record)
+
+
+def _run_record(args) -> int:
+    import subprocess
+
+    from . import manifest
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise ConfigError("no command to record; write: jitkern record -o FILE -- CMD [ARGS ...]")
+    path = os.path.abspath(args.output)
+    if args.fresh:
+        open(path, "w").close()
+    before = len(manifest.read(path)) if os.path.exists(path) else 0
+    env = settings.child_environ()
+    env[manifest.ENV] = path
+    try:
+        rc = subprocess.run(cmd, env=env).returncode
+    except OSError as e:
+        raise ConfigError(f"cannot run {cmd[0]!r}: {e.strerror or e}") from None
+    after = len(manifest.read(path)) if os.path.exists(path) else 0
+    if args.json:
+        print(json.dumps({"manifest": path, "signatures": after, "new": after - before, "returncode": rc}))
+    else:
+        print(f"jitkern record: {path}: {after} signatures ({after - before} new); {cmd[0]} exited {rc}",
+              file=sys.stderr)
+    return rc if rc >= 0 else 128 - rc
 
 
 # ---- list --------------------------------------------------------------------------------------
@@ -240,6 +293,8 @@ def _doctor_cache() -> tuple[str, list[tuple[str, str]]]:
         if info["writable"]:
             role, first = ("writable (new entries go here)" if first else "writable, but only read (new entries go to an earlier layer)"), False
         rows.append((info["path"], f"{role}, {info['entries']} entries, {human_size(info['bytes'])}"))
+        if info.get("prebuild"):
+            rows.append(("  last prebuild", cachectl.describe_prebuild(info["prebuild"])))
     return "Cache layers (JITKERN_CACHE_DIR, first writable one receives new entries)", rows
 
 
@@ -315,7 +370,15 @@ def _add_cache(sub) -> None:
     for q in (pu, pl):
         q.add_argument("--remote", metavar="URL", help="redis://host:port/db; default: JITKERN_REMOTE_CACHE "
                                                        "(signing: JITKERN_REMOTE_CACHE_KEY)")
-    for q in (s, v, pr, c, e, i, pu, pl):
+    ck = csub.add_parser("check", help="exit 1 listing every manifest signature the cache cannot serve "
+                                       "without compiling")
+    ex = csub.add_parser("explain", help="for every manifest signature the cache cannot serve: the nearest "
+                                         "entry and the key parts in which it differs")
+    for q in (ck, ex):
+        q.add_argument("--manifest", required=True, metavar="FILE", help="signatures recorded by JITKERN_RECORD")
+        q.add_argument("--arch", type=arch_list, metavar="LIST", help="comma-separated arches; default: the detected GPU")
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+    for q in (s, v, pr, c, e, i, pu, pl, ck, ex):
         _cache_dir_option(q)
     p.set_defaults(func=_run_cache)
 
@@ -325,6 +388,10 @@ def _run_cache(args) -> int:
         from . import remote
 
         return remote.main(args)
+    if args.cache_command in ("check", "explain"):
+        from . import coverage
+
+        return coverage.check_main(args) if args.cache_command == "check" else coverage.explain_main(args)
     from . import cachectl
 
     return cachectl.main(args)
@@ -354,7 +421,7 @@ def _run_tune(args) -> int:
 
 
 #: Subcommand registrars, in the order ``jitkern --help`` lists them.
-SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_list, _add_doctor, _add_cache, _add_tune]
+SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_record, _add_list, _add_doctor, _add_cache, _add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,7 +51,7 @@ from typing import Any, Iterable
 
 from . import arch as _arch
 from . import registry, strict
-from .cache import Store, configured_layers, write_probe
+from .cache import Store, add_prebuild_record, configured_layers, write_probe
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
                      UnavailableError, UnknownOpError, is_transient)
 from .logs import log
@@ -462,6 +462,18 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     return records, interrupted, time.perf_counter() - t0
 
 
+def layer_record(args, arches, records, summary, interrupted: bool, seconds: float) -> dict[str, Any]:
+    """What a full prebuild records in the layer it built (``jitkern.cache.add_prebuild_record``)."""
+    import importlib.metadata as md
+
+    from . import __version__
+
+    counts = {"artifacts": len(records), **{st: sum(s[st] for s in summary.values()) for st in STATUSES}}
+    return {"manifest": None, "ops": list(args.op or ()) or "all", "arches": [a.name for a in arches],
+            "counts": counts, "complete": not interrupted and counts["failed"] == 0,
+            "created": time.time(), "seconds": round(seconds, 3), "jitkern": __version__, "triton": md.version("triton")}
+
+
 def main(args) -> int:
     """``jitkern prebuild`` (``args`` from ``jitkern.cli``)."""
     from . import __version__
@@ -500,6 +512,8 @@ def main(args) -> int:
         tmp.write_text(json.dumps(report, indent=1, default=str))
         os.replace(tmp, path)
     print_summary(summary)
+    if write is not None:
+        add_prebuild_record(write, layer_record(args, arches, records, summary, interrupted, seconds))
     if interrupted:
         print(f"jitkern prebuild: interrupted after {seconds:.1f} s; {built} built, "
               f"{len(tasks) + len(plan_errors) - len(records)} not built (no partial entries were left; run again to finish)",

@@ -204,6 +204,10 @@ declare("strict", "choice", None,
         "Strict mode: 1 (or error) makes any compile at run time a CacheMissError that names the key parts "
         "in which the nearest cached entry differs; warn logs each miss once and compiles; 0: off. "
         "Prebuild and tune are never strict.", _strict)
+declare("record", "path", None,
+        "Append each distinct call signature an op sees to this manifest file (JSON lines, once per signature "
+        "and process; several processes may share the file): what 'jitkern prebuild --manifest' builds.",
+        _text)
 declare("redzone_bytes", "size", 1024,
         "Guard band size for JITKERN_DEBUG=redzone (rounded up to 256 bytes).", _positive_size)
 declare("direct_launch", "bool", True,
