@@ -61,10 +61,14 @@ def moe_align(topk_ids: torch.Tensor, experts: int, align_m: int):
     return ids, eids, used.to(torch.int32)
 
 
+def _attr(weight_name: str) -> str:
+    return "w_" + weight_name.replace(".", "_")
+
+
 class JitkernDecoder(torch.nn.Module):
     """``prefill(tokens [B, T]) -> logits [B, vocab]`` then ``decode(tokens [B], positions [B])``.
 
-    Weights are the dict from ``make_weights`` (held, not copied). The paged KV cache has
+    Weights are the dict from ``make_weights``, registered as buffers (the same tensors). The paged KV cache has
     ``cfg.blocks_per_seq`` pages per sequence, handed out in a shuffled order (block tables are not
     the identity). ``record_routes``: MoE layers copy their top-k expert ids into ``routes[layer]``
     (static buffers, so graph replays fill them too) for a reference to route the same way.
@@ -75,7 +79,8 @@ class JitkernDecoder(torch.nn.Module):
         super().__init__()
         self.cfg, self.batch, self.record_routes = cfg, batch, record_routes
         device = torch.device(device) if device is not None else weights["embed"].device
-        self.w = weights
+        for name, t in weights.items():  # buffers: torch.compile's CUDA graphs treat them as static
+            self.register_buffer(_attr(name), t, persistent=False)
         dtype = weights["embed"].dtype
         nb = batch * cfg.blocks_per_seq
         shape = (nb, cfg.page_size, cfg.kv_heads, cfg.head_dim)
@@ -87,12 +92,20 @@ class JitkernDecoder(torch.nn.Module):
         self.register_buffer("rows", torch.arange(batch, device=device), persistent=False)
         self.register_buffer("cos_sin", cos_sin_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, device=device),
                              persistent=False)
-        self.routes = {}
         if record_routes:
             for i in range(cfg.layers):
                 if cfg.is_moe(i):
-                    self.routes[i] = torch.zeros(batch * cfg.max_seq_len, cfg.topk, dtype=torch.int64, device=device)
+                    self.register_buffer(f"route{i}", torch.zeros(batch * cfg.max_seq_len, cfg.topk, dtype=torch.int64,
+                                                                  device=device), persistent=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    @property
+    def routes(self) -> dict:
+        """``{layer: [tokens, topk] expert ids}`` of the last step (``record_routes``)."""
+        return {i: getattr(self, f"route{i}") for i in range(self.cfg.layers) if hasattr(self, f"route{i}")}
+
+    def _w(self, name: str) -> torch.Tensor:
+        return getattr(self, _attr(name))
 
     # ---- one step ------------------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -110,31 +123,31 @@ class JitkernDecoder(torch.nn.Module):
 
     # ---- layers --------------------------------------------------------------------------------
     def _forward(self, tokens, pos, seq, prefill):
-        cfg, w, ops = self.cfg, self.w, jitkern.ops
+        cfg, w, ops = self.cfg, self._w, jitkern.ops
         page = cfg.page_size
         slots = self.block_tables[seq, pos // page].long() * page + pos % page
         seq_lens = (pos + 1).to(torch.int32) if prefill is None else None
-        res = w["embed"][tokens]  # [T, H]: the residual stream (a new tensor: indexing copies)
+        res = w("embed")[tokens]  # [T, H]: the residual stream (a new tensor: indexing copies)
         h = None
         for i in range(cfg.layers):
             p = f"layers.{i}."
-            x = ops.rms_norm(res if h is None else h, w[p + "attn_norm"], cfg.eps,
+            x = ops.rms_norm(res if h is None else h, w(p + "attn_norm"), cfg.eps,
                              residual=None if h is None else res)
             h = self._attention(i, x, pos, slots, seq_lens, prefill)
-            x = ops.rms_norm(h, w[p + "mlp_norm"], cfg.eps, residual=res)
+            x = ops.rms_norm(h, w(p + "mlp_norm"), cfg.eps, residual=res)
             h = self._moe(i, x) if cfg.is_moe(i) else self._mlp(i, x)
-        return ops.rms_norm(h, w["final_norm"], cfg.eps, residual=res)
+        return ops.rms_norm(h, w("final_norm"), cfg.eps, residual=res)
 
     def _logits(self, x):
-        return jitkern.ops.gemm(x.contiguous(), self.w["lm_head"].t())
+        return jitkern.ops.gemm(x.contiguous(), self._w("lm_head").t())
 
     def _attention(self, i, x, pos, slots, seq_lens, prefill):
-        cfg, w, ops = self.cfg, self.w, jitkern.ops
+        cfg, w, ops = self.cfg, self._w, jitkern.ops
         p = f"layers.{i}."
         hq, hkv, d = cfg.q_heads, cfg.kv_heads, cfg.head_dim
         n = x.shape[0]
-        qkv = ops.gemm(x, w[p + "qkv"].t())
-        ops.qk_norm_rope(qkv, w[p + "q_norm"], w[p + "k_norm"], self.cos_sin, pos, hq, hkv, d, cfg.eps, True)
+        qkv = ops.gemm(x, w(p + "qkv").t())
+        ops.qk_norm_rope(qkv, w(p + "q_norm"), w(p + "k_norm"), self.cos_sin, pos, hq, hkv, d, cfg.eps, True)
         q = qkv[:, : hq * d].view(n, hq, d)
         k = qkv[:, hq * d: (hq + hkv) * d].view(n, hkv, d)
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
@@ -151,27 +164,27 @@ class JitkernDecoder(torch.nn.Module):
             o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
                                                                  enable_gqa=hkv != hq)
             o = o.transpose(1, 2).reshape(n, hq * d)
-        return ops.gemm(o, w[p + "o"].t())
+        return ops.gemm(o, w(p + "o").t())
 
     def _mlp(self, i, x):
-        w, ops, m = self.w, jitkern.ops, self.cfg.intermediate
+        w, ops, m = self._w, jitkern.ops, self.cfg.intermediate
         p = f"layers.{i}."
-        gu = ops.gemm(x, w[p + "gate_up"].t())
+        gu = ops.gemm(x, w(p + "gate_up").t())
         a = torch.nn.functional.silu(gu[:, :m]) * gu[:, m:]
-        return ops.gemm(a, w[p + "down"].t())
+        return ops.gemm(a, w(p + "down").t())
 
     def _moe(self, i, x):
-        cfg, w, ops = self.cfg, self.w, jitkern.ops
+        cfg, w, ops = self.cfg, self._w, jitkern.ops
         p = f"layers.{i}."
         e, k, hsz = cfg.experts, cfg.topk, cfg.hidden
         n = x.shape[0]
-        probs = torch.softmax(ops.gemm(x, w[p + "router"].t()).float(), dim=-1)
+        probs = torch.softmax(ops.gemm(x, w(p + "router").t()).float(), dim=-1)
         top_w, top_i = probs.topk(k, dim=-1)
         top_w = top_w / top_w.sum(-1, keepdim=True)
         if self.record_routes:
-            self.routes[i][:n].copy_(top_i)
+            getattr(self, f"route{i}")[:n].copy_(top_i)
         ids, eids, used = moe_align(top_i, e, cfg.moe_align)
-        hmid = ops.moe_gemm_stage1(x, w[p + "w1"], ids, eids, used, k, "silu")  # [n*k, N]
-        y_all = ops.gemm(hmid, w[p + "w2"].view(e * hsz, -1).t())  # [n*k, e*H]: every expert's down proj
+        hmid = ops.moe_gemm_stage1(x, w(p + "w1"), ids, eids, used, k, "silu")  # [n*k, N]
+        y_all = ops.gemm(hmid, w(p + "w2").view(e * hsz, -1).t())  # [n*k, e*H]: every expert's down proj
         y = y_all.view(n * k, e, hsz)[torch.arange(n * k, device=x.device), top_i.reshape(-1)]
         return (y.float().view(n, k, hsz) * top_w[..., None]).sum(1).to(x.dtype)

@@ -1,0 +1,504 @@
+"""Model load end to end (issue 16): time to the first token's logits in fresh processes, and decode steps.
+
+    PYTHONPATH=$PWD python tools/bench_model_load.py [--layers 4] [--runs 3] [--batches 1,32,128]
+                                                     [--out DIR] [--budget-s 330]
+
+The model is examples/jitkern_decoder at Qwen3-8B shapes cut to ``--layers`` layers (every second
+one MoE-shaped), bf16, random weights, prompt ``--prompt`` tokens x ``--ttft-batch`` sequences.
+
+1. **Time to first token** (each figure the median of ``--runs`` fresh processes): the parent takes
+   the wall clock just before it starts a child; the child reports when ``import torch`` finished,
+   when CUDA was ready (``torch.cuda.init()`` + a first allocation + synchronize), when the model
+   code was imported (jitkern, the example package) and the weights were made on the GPU, and when the
+   prefill's logits were on the host (first forward). It then runs the same prefill again: the
+   **jitkern time** is first forward minus second forward (compiles, cache lookups, loads, first
+   launches; also torch's own first-use costs of the kernels the forward calls). Cases:
+
+   (a) cold: empty jitkern cache and empty Triton cache (every kernel is compiled);
+   (b) warm: the jitkern cache a cold run filled (and the Triton cache holding Triton's C launcher
+       stubs that run built);
+   (c) prebuilt read-only layer with ``JITKERN_STRICT=1``: ``JITKERN_CACHE_DIR=<empty user
+       layer>:<layer>``; the layer is made with ``jitkern prebuild --manifest`` from a
+       ``JITKERN_RECORD`` manifest of a warm run where this jitkern has them, else it is a copy of
+       the warm cache (``layer_source`` in the JSON says which); made read-only (``chmod -R a-w``) and
+       checked unchanged after the runs;
+   (d) Triton JIT: the same rendered kernel sources imported as modules and launched through
+       ``triton.jit`` with Triton's warm cache (jitkern only looks the source up in its cache);
+       C++ variants (qk_norm_rope's CUDA kernel) still load through jitkern;
+   (e) PyTorch eager: the reference model in bf16 (cuBLAS, SDPA; no jitkern).
+
+2. **Decode step** (one process per batch size; prompt ``--prompt`` tokens, median of 3 timings of
+   ``--iters`` steps each, CUDA events): jitkern eager, jitkern under a CUDA graph, jitkern under
+   ``torch.compile(mode="reduce-overhead")``, and the reference model in bf16 eager and under
+   ``torch.compile(mode="reduce-overhead")``, each at batch 1, 32, 128.
+
+Results: one JSON (``--out``, default tools/results/) named with date and device, rewritten after
+every figure, so a run cut short keeps what it measured; a table on stdout at the end. ``--budget-s``:
+parts that would not fit in the remaining time are skipped and listed as skipped.
+
+``--device cpu`` (with ``--tiny``): a smoke run of the whole orchestration on Triton's interpreter
+(no CUDA graphs / torch.compile), for CI-less checking of this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+EXAMPLES = REPO / "examples"
+
+
+# ---------------------------------------------------------------------------------------------------
+# children
+# ---------------------------------------------------------------------------------------------------
+def _cfg(args):
+    sys.path.insert(0, str(EXAMPLES))
+    from jitkern_decoder import TINY, qwen3_8b_shapes
+
+    if args.tiny:
+        return TINY.with_(max_seq_len=args.prompt + 64)
+    return qwen3_8b_shapes(layers=args.layers, max_seq_len=args.prompt + 64)
+
+
+def _sync(dev):
+    import torch
+
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def _install_triton_jit_loader():
+    """Case (d): Triton variants' kernels are launched through ``triton.jit`` on the rendered source in
+    jitkern's entry (Triton's JIT specialises, looks up its own cache, loads and launches)."""
+    from jitkern import launcher
+    from jitkern.builders.triton import SOURCE_FILE, import_source, kernel_function
+
+    class TritonJITKernel(launcher.Kernel):
+        def __init__(self, entry, job):
+            super().__init__(entry, job)
+            module = import_source(entry.file(SOURCE_FILE), f"bench_jit.k{entry.key[:16]}")
+            self._fn = kernel_function(module, job.variant.kernel, entry.path)
+            self._options = job.config.compile_options()
+
+        def launch(self, grid3, *args):
+            self._fn[grid3](*args, **self._options)
+
+    launcher.GPUKernel = TritonJITKernel  # launcher.load() builds GPU kernels from this name
+
+
+def child_ttft(args) -> dict:
+    t0 = float(os.environ["BENCH_T0"])
+    t_up = time.time()
+    import torch
+
+    t_torch = time.time()
+    dev = args.device
+    if dev == "cuda":
+        torch.cuda.init()
+        torch.empty(1, device=dev)
+        torch.cuda.synchronize()
+    t_cuda = time.time()
+    cfg = _cfg(args)
+    from jitkern_decoder import JitkernDecoder, ReferenceDecoder, make_weights
+
+    if args.impl == "triton-jit":
+        _install_triton_jit_loader()
+    t_import = time.time()
+    w = make_weights(cfg, device=dev, seed=0)
+    if args.impl == "eager":
+        model = ReferenceDecoder(cfg, w, args.ttft_batch, torch.bfloat16)
+    else:
+        model = JitkernDecoder(cfg, w, args.ttft_batch)
+    prompt = torch.randint(0, cfg.vocab, (args.ttft_batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(dev)
+    _sync(dev)
+    t_weights = time.time()
+    logits = model.prefill(prompt).float().cpu()
+    t_first = time.time()
+    logits2 = model.prefill(prompt).float().cpu()
+    t_second = time.time()
+    out = {
+        "impl": args.impl,
+        "python_start_s": t_up - t0,
+        "import_torch_s": t_torch - t_up,
+        "cuda_init_s": t_cuda - t_torch,
+        "import_model_s": t_import - t_cuda,
+        "weights_s": t_weights - t_import,
+        "first_forward_s": t_first - t_weights,
+        "second_forward_s": t_second - t_first,
+        "ttft_s": t_first - t0,
+        "from_cuda_ready_s": t_first - t_cuda,
+        "checksum": float(logits.sum()),
+        "repeat_identical": bool(torch.equal(logits, logits2)),
+        "argmax": logits.argmax(-1).tolist()[:8],
+    }
+    out["jitkern_s"] = out["first_forward_s"] - out["second_forward_s"]
+    if "jitkern" in sys.modules:
+        import jitkern
+
+        out["stats"] = {k: v for k, v in jitkern.stats().items() if v}
+    return out
+
+
+def _timed(fn, dev, iters, reps=3) -> float:
+    """Median over ``reps`` of the mean step time (ms) of ``iters`` back-to-back calls."""
+    import torch
+
+    times = []
+    for _ in range(reps):
+        if dev == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(iters):
+                fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / iters)
+        else:
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - t) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def _emit(rec: dict) -> None:
+    print("BENCH " + json.dumps(rec), flush=True)
+
+
+def child_decode(args) -> None:
+    """Decode-step figures for one batch size, one JSON line per figure as soon as it is measured."""
+    import torch
+
+    dev = args.device
+    cfg = _cfg(args)
+    from jitkern_decoder import JitkernDecoder, ReferenceDecoder, make_weights, rel_err
+
+    b = args.batch
+    w = make_weights(cfg, device=dev, seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab, (b, args.prompt), generator=g).to(dev)
+    tok = torch.randint(0, cfg.vocab, (b,), generator=g).to(dev)
+    pos = torch.full((b,), args.prompt, dtype=torch.int64, device=dev)
+    model = JitkernDecoder(cfg, w, b)
+    ref = ReferenceDecoder(cfg, w, b, torch.bfloat16)
+    model.prefill(prompt)
+    ref.prefill(prompt)
+    want = ref.decode(tok, pos).float()
+    _sync(dev)
+    base = {"batch": b}
+
+    def figure(name, fn, warm=3):
+        t = time.perf_counter()
+        for _ in range(warm):
+            got = fn()
+        _sync(dev)
+        setup = time.perf_counter() - t
+        ms = _timed(fn, dev, args.iters)
+        _emit({**base, "impl": name, "step_ms": ms, "setup_s": setup, "rel_err_vs_ref_eager": rel_err(got, want)})
+
+    figure("jitkern_eager", lambda: model.decode(tok, pos))
+    figure("reference_eager", lambda: ref.decode(tok, pos))
+    if dev != "cuda":
+        return
+    st, sp = tok.clone(), pos.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model.decode(st, sp)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gout = model.decode(st, sp)
+
+    def replay():
+        graph.replay()
+        return gout
+
+    figure("jitkern_cuda_graph", replay)
+    cj = torch.compile(model.decode, mode="reduce-overhead")
+    figure("jitkern_torch_compile", lambda: cj(tok, pos))
+    cr = torch.compile(ref.decode, mode="reduce-overhead")
+    figure("reference_torch_compile", lambda: cr(tok, pos))
+
+
+# ---------------------------------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.t_start = time.time()
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-model-load-"))
+        import torch
+        import triton
+
+        dev = args.device
+        name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
+        self.res = {
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "python": sys.version.split()[0], "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "model": None, "ttft": {}, "decode": {}, "skipped": [], "errors": [], "notes": [],
+        }
+        slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+        out_dir = Path(args.out) if args.out else REPO / "tools" / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / f"model_load_{slug}_{time.strftime('%Y-%m-%d', time.gmtime())}.json"
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.time() - self.t_start)
+
+    def save(self):
+        self.path.write_text(json.dumps(self.res, indent=1, sort_keys=False))
+
+    def env(self, jitkern_cache, triton_cache, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JITKERN_")}
+        env.pop("TRITON_INTERPRET", None)
+        if self.args.device == "cpu":
+            env["TRITON_INTERPRET"] = "1"
+        env.update(JITKERN_CACHE_DIR=str(jitkern_cache), TRITON_CACHE_DIR=str(triton_cache), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO), str(EXAMPLES), os.environ.get("PYTHONPATH"))
+                                              if p))
+        env.update(extra)
+        return env
+
+    def common_argv(self) -> list[str]:
+        a = self.args
+        argv = ["--device", a.device, "--layers", str(a.layers), "--prompt", str(a.prompt),
+                "--ttft-batch", str(a.ttft_batch), "--iters", str(a.iters)]
+        return argv + (["--tiny"] if a.tiny else [])
+
+    def ttft(self, case: str, impl: str, env: dict, need_s: float, keep: bool = True):
+        if self.left() < need_s:
+            self.res["skipped"].append(f"ttft {case}: {self.left():.0f} s left, needs ~{need_s:.0f} s")
+            self.save()
+            return None
+        argv = [sys.executable, __file__, "--child", "ttft", "--impl", impl, *self.common_argv()]
+        env = {**env, "BENCH_T0": repr(time.time())}
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=max(30, self.left()))
+        if p.returncode != 0:
+            self.res["errors"].append({"case": case, "rc": p.returncode, "stderr": p.stderr[-3000:]})
+            print(f"  {case}: FAILED rc={p.returncode}\n{p.stderr[-3000:]}", flush=True)
+            self.save()
+            return None
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        if keep:
+            self.res["ttft"].setdefault(case, {"runs": []})["runs"].append(r)
+            self.summarize(case)
+        print(f"  {case}: ttft {r['ttft_s']:.3f} s (torch {r['import_torch_s']:.2f}, cuda {r['cuda_init_s']:.2f}, "
+              f"model code {r['import_model_s']:.3f}, weights {r['weights_s']:.3f}, first fwd "
+              f"{r['first_forward_s']:.3f}, second {r['second_forward_s']:.3f}) {r.get('stats', '')}", flush=True)
+        self.save()
+        return r
+
+    def summarize(self, case):
+        runs = self.res["ttft"][case]["runs"]
+        keys = [k for k, v in runs[0].items() if isinstance(v, float) and k != "checksum"]
+        self.res["ttft"][case]["median"] = {k: statistics.median(r[k] for r in runs) for k in keys}
+        self.res["ttft"][case]["n"] = len(runs)
+
+    def decode(self, batch: int, env: dict):
+        need = 25 if self.args.device == "cpu" else 100
+        if self.left() < need:
+            self.res["skipped"].append(f"decode batch {batch}: {self.left():.0f} s left")
+            self.save()
+            return
+        argv = [sys.executable, __file__, "--child", "decode", "--batch", str(batch), *self.common_argv()]
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        got = self.res["decode"].setdefault(str(batch), {})
+        deadline = time.time() + max(10.0, self.left())
+        try:
+            for line in p.stdout:
+                if line.startswith("BENCH "):
+                    r = json.loads(line[6:])
+                    got[r["impl"]] = r
+                    print(f"  decode b={batch} {r['impl']}: {r['step_ms']:.3f} ms/step (setup {r['setup_s']:.1f} s, "
+                          f"rel err vs reference {r['rel_err_vs_ref_eager']:.4f})", flush=True)
+                    self.save()
+                if time.time() > deadline:
+                    p.kill()
+                    self.res["skipped"].append(f"decode batch {batch}: killed at the budget")
+                    break
+        finally:
+            p.wait()
+        if p.returncode not in (0, None, -9):
+            err = p.stderr.read()[-3000:]
+            self.res["errors"].append({"case": f"decode b={batch}", "rc": p.returncode, "stderr": err})
+            print(f"  decode b={batch}: FAILED rc={p.returncode}\n{err}", flush=True)
+        self.save()
+
+    def make_layer(self, warm_cache: Path, triton_cache: Path) -> Path:
+        """Case (c)'s read-only layer: from a JITKERN_RECORD manifest when this jitkern records them."""
+        layer = self.tmp / "prebuilt-layer"
+        manifest = self.tmp / "manifest.json"
+        source = None
+        if _cli_has("prebuild", "--manifest"):
+            r = self.ttft("record", "jitkern", self.env(warm_cache, triton_cache, JITKERN_RECORD=str(manifest)), 15,
+                          keep=False)
+            if r is not None and manifest.exists():
+                arch = "cpu" if self.args.device == "cpu" else "sm_90"
+                p = subprocess.run([sys.executable, "-m", "jitkern", "prebuild", "--manifest", str(manifest), "--arch",
+                                    arch, "--cache-dir", str(layer)], env=self.env(layer, triton_cache),
+                                   capture_output=True, text=True)
+                if p.returncode == 0:
+                    source = "jitkern prebuild --manifest (JITKERN_RECORD of a warm run)"
+                else:
+                    self.res["errors"].append({"case": "prebuild", "rc": p.returncode, "stderr": p.stderr[-3000:]})
+                    shutil.rmtree(layer, ignore_errors=True)
+        if source is None:
+            shutil.copytree(warm_cache, layer, symlinks=True)
+            source = "copy of the warm cache (no JITKERN_RECORD/prebuild --manifest in this jitkern)"
+        subprocess.run(["chmod", "-R", "a-w", str(layer)], check=True)
+        self.res["layer_source"] = source
+        return layer
+
+    def run(self):
+        a = self.args
+        sys.path.insert(0, str(EXAMPLES))
+        cfg = _cfg(a)
+        self.res["model"] = {**cfg.__dict__, "prompt": a.prompt, "ttft_batch": a.ttft_batch, "dtype": "bfloat16"}
+        self.save()
+        t = self.tmp
+        warm, warm_tc = t / "jk-warm", t / "tc-warm"
+        cold = [(t / f"jk-cold{i}", t / f"tc-cold{i}") for i in range(a.runs)]
+        big = 60 if a.device == "cuda" else 30
+        small = 15 if a.device == "cuda" else 12
+        print("time to first token", flush=True)
+        # (a) run 0 fills the warm cache (its own dirs, then copied), so the cold runs are all real
+        first = self.ttft("a_cold", "jitkern", self.env(cold[0][0], cold[0][1]), big)
+        if first is None:
+            return
+        for src, dst in ((cold[0][0], warm), (cold[0][1], warm_tc)):
+            if src.exists():
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                dst.mkdir()
+        for _ in range(a.runs):
+            self.ttft("b_warm", "jitkern", self.env(warm, warm_tc), small)
+        for _ in range(a.runs):
+            self.ttft("e_pytorch_eager", "eager", self.env(t / "jk-none", t / "tc-none"), small)
+        jit_tc = t / "tc-jit"
+        self.ttft("d_triton_jit_warmup", "triton-jit", self.env(warm, jit_tc), big, keep=False)
+        for _ in range(a.runs):
+            self.ttft("d_triton_jit_warm", "triton-jit", self.env(warm, jit_tc), small)
+        layer = self.make_layer(warm, warm_tc)
+        before = _tree(layer)
+        for i in range(a.runs):
+            self.ttft("c_prebuilt_strict", "jitkern",
+                      self.env(os.pathsep.join([str(t / f"jk-user{i}"), str(layer)]), warm_tc, JITKERN_STRICT="1"),
+                      small)
+        self.res["layer_unchanged"] = _tree(layer) == before
+        for i in range(1, a.runs):
+            self.ttft("a_cold", "jitkern", self.env(cold[i][0], cold[i][1]), big)
+        if a.background:
+            for i in range(a.runs):
+                self.ttft("a_cold_background_build", "jitkern",
+                          self.env(t / f"jk-bg{i}", t / f"tc-bg{i}", JITKERN_BACKGROUND_BUILD="1"), big)
+        self.floors_ttft()
+        print("decode steps", flush=True)
+        for b in a.batches:
+            self.decode(b, self.env(warm, warm_tc))
+        self.floors_decode()
+        subprocess.run(["chmod", "-R", "u+w", str(t)])
+        shutil.rmtree(t, ignore_errors=True)
+
+    def floors_ttft(self):
+        m = {k: v.get("median") for k, v in self.res["ttft"].items()}
+        f = self.res.setdefault("floors", {})
+        for case in ("b_warm", "c_prebuilt_strict"):
+            if m.get(case):
+                f[f"{case}_jitkern_s"] = m[case]["jitkern_s"]
+                f[f"{case}_jitkern_le_50ms"] = m[case]["jitkern_s"] <= 0.050
+        if m.get("b_warm") and m.get("d_triton_jit_warm"):
+            r = m["b_warm"]["from_cuda_ready_s"] / m["d_triton_jit_warm"]["from_cuda_ready_s"]
+            f["b_over_d_from_cuda_ready"] = r
+            f["b_over_d_le_0.5"] = r <= 0.5
+            f["b_over_d_first_forward"] = m["b_warm"]["first_forward_s"] / m["d_triton_jit_warm"]["first_forward_s"]
+        self.save()
+
+    def floors_decode(self):
+        f = self.res.setdefault("floors", {})
+        for b, d in self.res["decode"].items():
+            if "jitkern_cuda_graph" in d and "reference_torch_compile" in d:
+                r = d["jitkern_cuda_graph"]["step_ms"] / d["reference_torch_compile"]["step_ms"]
+                f[f"decode_b{b}_graph_over_compiled_ref"] = r
+                f[f"decode_b{b}_graph_le_1.0x"] = r <= 1.0
+        self.save()
+
+
+def _cli_has(command: str, flag: str) -> bool:
+    p = subprocess.run([sys.executable, "-m", "jitkern", command, "--help"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    return p.returncode == 0 and flag in p.stdout
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def table(res: dict) -> str:
+    lines = [f"{res['device']}, torch {res['torch']}, Triton {res['triton']}, {res['date_utc']} UTC", "",
+             "| case | runs | first token (s) | import torch | CUDA init | model code | weights | first fwd | "
+             "2nd fwd | jitkern time | from CUDA ready |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case, v in res["ttft"].items():
+        m = v.get("median")
+        if not m:
+            continue
+        lines.append(f"| {case} | {v['n']} | {m['ttft_s']:.3f} | {m['import_torch_s']:.3f} | {m['cuda_init_s']:.3f} | "
+                     f"{m['import_model_s']:.3f} | {m['weights_s']:.3f} | {m['first_forward_s']:.3f} | "
+                     f"{m['second_forward_s']:.3f} | {m['jitkern_s'] * 1e3:.1f} ms | {m['from_cuda_ready_s']:.3f} |")
+    impls = ("jitkern_eager", "jitkern_cuda_graph", "jitkern_torch_compile", "reference_eager",
+             "reference_torch_compile")
+    lines += ["", "| batch | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
+    for b, d in res["decode"].items():
+        cells = [f"{d[i]['step_ms']:.3f} ms" if i in d else "-" for i in impls]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", "floors: " + json.dumps(res.get("floors", {})), "skipped: " + json.dumps(res["skipped"])]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", choices=("ttft", "decode"))
+    ap.add_argument("--impl", default="jitkern", choices=("jitkern", "triton-jit", "eager"))
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="the tiny CPU-test config")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--ttft-batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--background", action="store_true", help="also (a) with JITKERN_BACKGROUND_BUILD=1")
+    ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.child == "ttft":
+        print(json.dumps(child_ttft(args)))
+        return 0
+    if args.child == "decode":
+        child_decode(args)
+        return 0
+    b = Bench(args)
+    try:
+        b.run()
+    finally:
+        b.save()
+        print(table(b.res), flush=True)
+        print(f"results: {b.path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
