@@ -101,6 +101,10 @@ class RemoteCacheError(CacheError):
     Builds never raise it (they go on without the remote, with one warning); ``jitkern cache push/pull`` do."""
 
 
+class RemoteValueTooLarge(RemoteCacheError):
+    """A remote entry is larger than ``JITKERN_REMOTE_MAX_VALUE``: it is not downloaded (or published)."""
+
+
 class UntrustedEntryError(RemoteCacheError):
     """An entry from the remote cache failed its checksum or signature check; it is never stored or loaded."""
 

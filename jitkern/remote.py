@@ -7,9 +7,12 @@ miss, ``build.get_entry`` asks the remote before compiling, and publishes what i
 ``JITKERN_REMOTE_CACHE``        ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS)
 ``JITKERN_REMOTE_CACHE_KEY``    shared secret: entries are published with an HMAC-SHA256 and an entry
                                 with a missing or wrong signature is rejected, with a warning
-``JITKERN_REMOTE_TIMEOUT``      seconds to connect and to wait for each reply (default 2)
+``JITKERN_REMOTE_TIMEOUT``      seconds to connect and to wait for each read (default 2)
+``JITKERN_REMOTE_DEADLINE``     seconds one command may take in all, send to last byte (default 10)
+``JITKERN_REMOTE_MAX_VALUE``    largest entry fetched or published (default 64MiB); sized first (STRLEN)
 ``JITKERN_REMOTE_LEASE_TTL``    seconds a build lease lives unless renewed (default 30; renewed every third)
-``JITKERN_REMOTE_LEASE_WAIT``   longest wait, in seconds, for another node's build (default 900)
+``JITKERN_REMOTE_LEASE_WAIT``   longest this process waits, in all, for other nodes' builds (default 900);
+                                once spent, builds are local without waiting
 ==============================  ==========================================================================
 
 **Integrity.** An entry travels as one Redis string: a SHA-256 of the whole (and of the cache key),
@@ -27,7 +30,13 @@ Other nodes wait, polling for the entry, and fetch it. If the holder dies its le
 ``JITKERN_REMOTE_LEASE_TTL`` seconds and a waiting node takes over; if the holder's build fails, it
 releases the lease and the next node tries.
 
-**Failure never breaks an op.** Unreachable, slow (bounded by ``JITKERN_REMOTE_TIMEOUT``, no retries),
+**Bounded.** Every command has an overall deadline (``JITKERN_REMOTE_DEADLINE``), enforced on the
+socket: a server that trickles its reply a byte at a time (each read well within
+``JITKERN_REMOTE_TIMEOUT``) is cut off at the deadline. An entry is sized (``STRLEN``) before it is
+read, and one over ``JITKERN_REMOTE_MAX_VALUE`` is skipped, never downloaded. Waiting for other
+nodes' builds draws on one budget per process (``JITKERN_REMOTE_LEASE_WAIT``), not one per key.
+
+**Failure never breaks an op.** Unreachable, slow (bounded by the deadline, no retries),
 answering garbage: one warning, the remote switches itself off for the process, and kernels are built
 and cached locally as without it. A full server (writes refused): one warning, publishing stops,
 fetching goes on. Counters: ``remote_hits``, ``remote_misses``, ``remote_puts``, ``remote_errors``,
@@ -53,6 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 from . import counters, settings
 from .cache import ENTRY_META, MANIFEST, Entry, Store, default_store
 from .errors import ConfigError, CorruptEntryError, RemoteCacheError, UntrustedEntryError
+from .errors import RemoteValueTooLarge as ValueTooLarge
 from .key import FORMAT_VERSION
 from .logs import log, warn_once
 
@@ -61,6 +71,8 @@ ENV_SECRET = "JITKERN_REMOTE_CACHE_KEY"
 ENV_TIMEOUT = "JITKERN_REMOTE_TIMEOUT"
 ENV_LEASE_TTL = "JITKERN_REMOTE_LEASE_TTL"
 ENV_LEASE_WAIT = "JITKERN_REMOTE_LEASE_WAIT"
+ENV_DEADLINE = "JITKERN_REMOTE_DEADLINE"
+ENV_MAX_VALUE = "JITKERN_REMOTE_MAX_VALUE"
 
 #: Redis key prefix; the format version is part of it, so incompatible layouts never meet.
 PREFIX = f"jitkern:v{FORMAT_VERSION}:"
@@ -180,12 +192,15 @@ class RedisRemote:
     """
 
     def __init__(self, url: str, secret: str | None = None, timeout: float = 2.0, lease_ttl: float = 30.0,
-                 lease_wait: float = 900.0):
+                 lease_wait: float = 900.0, deadline: float = 10.0, max_value: int = 64 << 20):
         self.url = url
         self.secret = secret.encode() if secret else None
         self.timeout = timeout
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
+        self.wait_left = lease_wait  # one budget per process for waiting on other nodes' builds
+        self.deadline = deadline
+        self.max_value = max_value
         self.enabled = True
         self.can_put = True
         self._client = None
@@ -211,7 +226,8 @@ class RedisRemote:
                 try:
                     self._client = redis.Redis.from_url(
                         self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                        retry=Retry(NoBackoff(), 0), retry_on_error=[], health_check_interval=0)
+                        retry=Retry(NoBackoff(), 0), retry_on_error=[], health_check_interval=0,
+                        connection_class=_deadline_connection(self.url, self.deadline))
                 except ValueError as e:
                     raise RemoteCacheError(f"{ENV_URL}={redact(self.url)!r} is not a Redis URL ({e}); "
                                            "expected redis://host:port/db") from None
@@ -249,9 +265,17 @@ class RedisRemote:
 
     # -- fetch --
     def get_blob(self, key: str) -> bytes | None:
-        """The raw blob for ``key`` or None (raises ``RemoteCacheError``)."""
+        """The raw blob for ``key`` or None (raises ``RemoteCacheError``; ``ValueTooLarge`` for an entry
+        over ``max_value``, which is sized with STRLEN first and never downloaded)."""
+        name = self.entry_name(key)
         try:
-            return self.client.get(self.entry_name(key))
+            size = int(self.client.strlen(name))
+            if size == 0:
+                return None
+            if size > self.max_value:
+                raise ValueTooLarge(f"remote entry {key[:16]} is {size} bytes, over {ENV_MAX_VALUE}="
+                                    f"{self.max_value}; not downloaded")
+            return self.client.get(name)
         except RemoteCacheError:
             raise
         except Exception as e:
@@ -263,6 +287,10 @@ class RedisRemote:
             return None
         try:
             blob = self.get_blob(key)
+        except ValueTooLarge as e:  # the server works; this entry is not worth the memory and the wait
+            counters.bump("remote_rejected")
+            warn_once(("remote-too-large", self.url, key), "jitkern: %s; building it here", e)
+            return None
         except RemoteCacheError as e:
             self._fail("fetching an entry", e.__cause__ or e)
             return None
@@ -292,6 +320,9 @@ class RedisRemote:
     def put_strict(self, entry: Entry, overwrite: bool = False) -> bool:
         """Upload a local entry; False if the remote already had it (raises ``RemoteCacheError``)."""
         blob = encode(entry.key, entry_files(entry), self.secret)
+        if len(blob) > self.max_value:
+            raise ValueTooLarge(f"entry {entry.key[:16]} is {len(blob)} bytes, over {ENV_MAX_VALUE}={self.max_value}; "
+                                "not published")
         try:
             done = self.client.set(self.entry_name(entry.key), blob, nx=not overwrite)
         except RemoteCacheError:
@@ -306,6 +337,9 @@ class RedisRemote:
             return False
         try:
             done = self.put_strict(entry, overwrite=entry.key in self._rejected)
+        except ValueTooLarge as e:
+            log.info("jitkern: %s", e)
+            return False
         except RemoteCacheError as e:
             cause = e.__cause__ or e
             if _is_refused_write(cause):  # full (maxmemory) or read-only replica: keep fetching
@@ -334,48 +368,123 @@ class RedisRemote:
 
     def acquire(self, store: Store, key: str):
         """``(entry, lease)``: a fetched entry (lease None), or a held lease to build under (entry None),
-        or ``(None, None)`` when the remote failed or the wait ran out (build locally, unleased)."""
+        or ``(None, None)`` when the remote failed or the wait ran out (build locally, unleased).
+
+        Waiting for another node's build draws on ``wait_left``, one budget per process: once it is
+        spent, a key another node is building is built here at once (3 squatted keys cost one
+        ``lease_wait``, not three)."""
         entry = self.fetch_into(store, key)
         if entry is not None or not (self.enabled and self.can_put):
             return entry, None
         token = f"{socket.gethostname()} pid {os.getpid()}:{uuid.uuid4().hex}"
         began = time.monotonic()
         poll, waited = _POLL_MIN, False
-        while True:
-            try:
-                lease = self._new_lease(key)
-                if lease.acquire(blocking=False, token=token):
-                    break
-            except Exception as e:
-                if _is_refused_write(e):
-                    self._refuse_writes(e)
-                else:
-                    self._fail("taking a build lease", e)
-                return None, None
-            if not waited:
-                waited = True
-                counters.bump("remote_waits")
-                log.info("jitkern: %s is being built by %s; waiting for the remote entry", key[:16], self._holder(key))
-            if time.monotonic() - began > _SAY_WAITING:  # silence looks like a hang
-                warn_once(("remote-waiting", self.url, key),
-                          "jitkern: still waiting for %s to build %s (%.0f s so far; up to %s=%.0f s)", self._holder(key),
-                          key[:16], _SAY_WAITING, ENV_LEASE_WAIT, self.lease_wait)
-            if time.monotonic() - began > self.lease_wait:
-                warn_once(("remote-wait", self.url, key),
-                          "jitkern: waited %.0f s for another node to build %s; building it here (raise %s)",
-                          self.lease_wait, key[:16], ENV_LEASE_WAIT)
-                return None, None
-            time.sleep(poll)
-            poll = min(poll * 1.5, _POLL_MAX)
-            entry = self.fetch_into(store, key, count_miss=False)
-            if entry is not None or not self.enabled:
-                return entry, None
+        try:
+            while True:
+                try:
+                    lease = self._new_lease(key)
+                    if lease.acquire(blocking=False, token=token):
+                        break
+                except Exception as e:
+                    if _is_refused_write(e):
+                        self._refuse_writes(e)
+                    else:
+                        self._fail("taking a build lease", e)
+                    return None, None
+                spent = time.monotonic() - began
+                if spent >= self.wait_left:
+                    warn_once(("remote-wait", self.url),
+                              "jitkern: this process has waited %g s in all for other nodes' builds (now %s, "
+                              "held by %s); building it and every further kernel here without waiting (raise %s)",
+                              self.lease_wait, key[:16], self._holder(key), ENV_LEASE_WAIT)
+                    return None, None
+                if not waited:
+                    waited = True
+                    counters.bump("remote_waits")
+                    log.info("jitkern: %s is being built by %s; waiting for the remote entry", key[:16],
+                             self._holder(key))
+                if spent > _SAY_WAITING:  # silence looks like a hang
+                    warn_once(("remote-waiting", self.url, key),
+                              "jitkern: still waiting for %s to build %s (%.0f s so far; %.0f s of %s=%.0f s left)",
+                              self._holder(key), key[:16], _SAY_WAITING, self.wait_left - spent, ENV_LEASE_WAIT,
+                              self.lease_wait)
+                time.sleep(min(poll, self.wait_left - spent))
+                poll = min(poll * 1.5, _POLL_MAX)
+                entry = self.fetch_into(store, key, count_miss=False)
+                if entry is not None or not self.enabled:
+                    return entry, None
+        finally:
+            if waited:
+                self.wait_left = max(0.0, self.wait_left - (time.monotonic() - began))
         # Taken. The previous holder may have published just before releasing: look once more.
         entry = self.fetch_into(store, key, count_miss=False)
         if entry is not None:
             _release(lease)
             return entry, None
         return None, _Renewal(self, key, lease)
+
+
+class _DeadlineSocket:
+    """A socket whose reads and writes for one command share one deadline: armed when a command is
+    sent (the first send after a read), every later read or write gets only the time left. redis-py
+    sets a timeout per read (``socket_timeout``), which a server trickling its reply never trips."""
+
+    def __init__(self, sock, deadline: float):
+        self._sock, self._deadline = sock, deadline
+        self._timeout = sock.gettimeout()
+        self._ends: float | None = None
+        self._read_since_arm = True
+
+    def _arm(self, sending: bool) -> None:
+        now = time.monotonic()
+        if sending and (self._ends is None or self._read_since_arm):
+            self._ends, self._read_since_arm = now + self._deadline, False
+        if not sending:
+            self._read_since_arm = True
+        left = (self._ends if self._ends is not None else now + self._deadline) - now
+        if left <= 0:
+            raise socket.timeout(f"remote command exceeded {ENV_DEADLINE}={self._deadline:g} s")
+        self._sock.settimeout(left if self._timeout is None else min(left, self._timeout))
+
+    def settimeout(self, value):  # redis-py's per-read timeout; _arm() applies the smaller of the two
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def gettimeout(self):
+        return self._timeout
+
+    def recv(self, *args):
+        self._arm(False)
+        return self._sock.recv(*args)
+
+    def recv_into(self, *args):
+        self._arm(False)
+        return self._sock.recv_into(*args)
+
+    def sendall(self, *args):
+        self._arm(True)
+        return self._sock.sendall(*args)
+
+    def send(self, *args):
+        self._arm(True)
+        return self._sock.send(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _deadline_connection(url: str, deadline: float):
+    """redis-py's connection class for ``url``'s scheme, with every command bounded by ``deadline``."""
+    from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
+
+    scheme = urlsplit(url).scheme
+    base = SSLConnection if scheme == "rediss" else UnixDomainSocketConnection if scheme == "unix" else Connection
+
+    class DeadlineConnection(base):
+        def _connect(self):
+            return _DeadlineSocket(super()._connect(), deadline)
+
+    return DeadlineConnection
 
 
 def _is_refused_write(exc: BaseException) -> bool:
@@ -429,7 +538,7 @@ def _settings() -> tuple:
     """The remote's settings (to notice a change); a bad one shows as its error, raised by from_env."""
     try:
         rest = tuple(settings.get(n) for n in ("remote_cache_key", "remote_timeout", "remote_lease_ttl",
-                                                "remote_lease_wait"))
+                                                "remote_lease_wait", "remote_deadline", "remote_max_value"))
     except ConfigError as e:
         rest = (str(e),)
     return (settings.get("remote_cache") or "", *rest)
@@ -441,7 +550,8 @@ def from_env(url: str | None = None) -> RedisRemote:
     if not url:
         raise ConfigError(f"no remote cache configured: set {ENV_URL}=redis://host:port/db or pass --remote")
     return RedisRemote(url, settings.get("remote_cache_key"), settings.get("remote_timeout"),
-                       settings.get("remote_lease_ttl"), settings.get("remote_lease_wait"))
+                       settings.get("remote_lease_ttl"), settings.get("remote_lease_wait"),
+                       settings.get("remote_deadline"), settings.get("remote_max_value"))
 
 
 def active() -> RedisRemote | None:

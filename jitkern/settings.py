@@ -237,10 +237,18 @@ declare("remote_cache_key", "str", None,
         "badly signed entries are refused.", lambda t, w: t, empty_is_error=True, secret=True)
 declare("remote_timeout", "duration", 2.0,
         "Seconds to connect to the remote cache and to wait for each reply.", _positive_seconds)
+declare("remote_deadline", "duration", 10.0,
+        "Longest time one remote-cache command may take in all, from sending it to the last byte of its "
+        "reply (JITKERN_REMOTE_TIMEOUT bounds each read; a server trickling its reply is cut off here).",
+        _positive_seconds)
+declare("remote_max_value", "size", 64 * 1024 * 1024,
+        "Largest remote-cache entry fetched or published; a larger one is skipped (sized first with "
+        "STRLEN, never downloaded) and the kernel built here.", _positive_size)
 declare("remote_lease_ttl", "duration", 30.0,
         "Seconds a remote build lease lives unless renewed.", _positive_seconds)
 declare("remote_lease_wait", "duration", 900.0,
-        "Longest wait for another node's build of the same key.", _positive_seconds)
+        "Longest this process waits, in all, for other nodes' builds (leases); once spent, every further "
+        "build is local.", _positive_seconds)
 
 #: ``JITKERN_<OP>_<PARAM>``: per-op tile overrides; validated against the op's tunables and arch rules
 #: by ``jitkern.constraints`` (the registry only knows the family).
