@@ -43,13 +43,14 @@ import socket
 import stat
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import counters, settings
+from . import counters, evict, settings
 from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
 from .key import FORMAT_VERSION, differing
+from .locks import EntryHold
 from .logs import log, warn_once
 
 MANIFEST = "manifest.json"
@@ -167,34 +168,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@contextlib.contextmanager
-def entry_lock(path: Path, exclusive: bool = False, blocking: bool = True):
-    """Hold an advisory lock on an entry directory itself (no lock file): shared while a process loads
-    the entry, exclusive while ``jitkern cache prune`` removes it. Yields True if the lock is held,
-    False if ``blocking=False`` and another process holds it, and True without locking where the
-    platform or filesystem has no ``flock``. Raises FileNotFoundError if the entry is absent."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except FileNotFoundError:
-        raise
-    except OSError:  # directories cannot be opened here (e.g. Windows): last-use stamps still apply
-        yield True
-        return
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        except (ImportError, OSError):  # no flock here (e.g. Windows): last-use stamps still apply
-            pass
-        yield True
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class Entry:
     """A verified, published cache entry."""
@@ -205,6 +178,9 @@ class Entry:
     #: The files' contents as checked against the manifest when the entry was looked up, so a loader
     #: uses exactly the bytes that were verified, without reading them again.
     verified: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    #: The shared lock that marks the entry in use while this object lives (writable layer only; see
+    #: ``jitkern.evict``): eviction by any process skips it.
+    hold: Any = field(default=None, repr=False, compare=False)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -225,11 +201,13 @@ _cleaned: set = set()
 
 
 class Layer:
-    """One cache directory."""
+    """One cache directory. ``installed_from``: the distribution that installed it (a cache wheel,
+    ``jitkern.cache_layers`` entry point); such a layer is only ever read."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, installed_from: str | None = None):
         self.base = Path(root)
         self.root = self.base / f"v{FORMAT_VERSION}"
+        self.installed_from = installed_from
 
     def __repr__(self):
         return f"Layer({str(self.base)!r})"
@@ -240,6 +218,8 @@ class Layer:
 
     def writable(self) -> bool:
         """True if entries can be created here (creates the layer, private to the user, if it is missing)."""
+        if self.installed_from is not None:
+            return False
         try:
             for sub in ("entries", "locks", "tmp"):
                 make_private_dirs(self.root / sub)
@@ -402,18 +382,58 @@ class Layer:
                 _write(tmp / name, data)
                 manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-            make_private_dirs(final.parent)
-            self._check_parents(key)
-            try:
-                os.rename(tmp, final)
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                log.debug("entry %s was published by another process; keeping theirs", key[:16])
+            ours = False
+            for attempt in range(3):
+                make_private_dirs(final.parent)
+                self._check_parents(key)
+                try:
+                    os.rename(tmp, final)
+                    ours = True
+                    break
+                except FileNotFoundError:  # an evictor removed the emptied shard directory just now
+                    if attempt == 2:
+                        raise
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    log.debug("entry %s was published by another process; keeping theirs", key[:16])
+                    break
         finally:
             if os.path.lexists(tmp):
                 _remove(tmp)
-        return self.verify(key)
+        entry = self.open(key, stamp=False)
+        if ours:
+            cap = evict.max_size()
+            if cap is not None:  # after taking our own hold: eviction never removes what we just made
+                nbytes = sum(len(d) for d in all_files.values()) + os.lstat(final / MANIFEST).st_size
+                evict.after_publish(self.root, nbytes, cap)
+        return entry
+
+    def open(self, key: str, stamp: bool = True) -> Entry:
+        """The verified entry, holding its shared lock (``Entry.hold``) so that no process evicts it
+        while the returned object lives; ``stamp``: record this use (the entry directory's mtime, the
+        last-use stamp of LRU eviction). Raises like ``verify``."""
+        path = self.entry_dir(key)
+        self.check_secure()
+        self._check_parents(key)
+        if os.path.islink(path):
+            raise CorruptEntryError(f"entry {path} is a symbolic link")
+        for attempt in range(3):
+            try:
+                hold = EntryHold.take(path)
+                break
+            except FileNotFoundError:  # absent, or evicted while we waited (then perhaps published anew)
+                if attempt == 2 or not os.path.lexists(path):
+                    raise
+        try:
+            if stamp:
+                with contextlib.suppress(OSError):
+                    os.utime(path, follow_symlinks=False)
+            entry = self.verify(key)
+        except BaseException:
+            hold.release()
+            raise
+        return replace(entry, hold=hold)
 
     def lock(self, key: str, timeout: float = -1):
         import filelock
@@ -471,17 +491,7 @@ def is_key(name: str) -> bool:
 
 def iter_entries(layer: Layer):
     """(key, entry directory) for every published entry of ``layer`` (unverified), in key order."""
-    root = layer.root / "entries"
-    try:
-        shards = sorted(os.scandir(root), key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for shard in shards:
-        if not shard.is_dir(follow_symlinks=False):
-            continue
-        for e in sorted(os.scandir(shard.path), key=lambda e: e.name):
-            if is_key(e.name) and e.is_dir(follow_symlinks=False):
-                yield e.name, Path(e.path)
+    return evict.iter_entries(layer.root)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -599,17 +609,9 @@ class Store:
                 if layer is not self._find_write_layer():  # read-only layers: read as they are
                     entry = layer.verify(key)
                 else:
-                    # Write layer: a shared lock while verifying and a last-use stamp (the entry's mtime),
-                    # so that ``jitkern cache prune`` (LRU) never removes an entry being loaded.
-                    path = layer.entry_dir(key)
-                    layer.check_secure()
-                    layer._check_parents(key)
-                    if os.path.islink(path):
-                        raise CorruptEntryError(f"entry {path} is a symbolic link")
-                    with entry_lock(path):
-                        with contextlib.suppress(OSError):
-                            os.utime(path, follow_symlinks=False)
-                        entry = layer.verify(key)
+                    # Write layer: a last-use stamp (the entry's mtime) and a shared lock held while the
+                    # entry object lives, so that eviction (``jitkern.evict``) never removes it in use.
+                    entry = layer.open(key)
                 if check is not None:
                     check(entry)
                 return entry

@@ -2,14 +2,11 @@
 
 Only the first writable layer (where new entries go) is ever changed; read-only layers are read.
 
-**In use.** A process that loads an entry from the writable layer holds a shared ``flock`` on the
-entry directory while it verifies the entry and stamps the directory's mtime (its last use; see
-``jitkern.cache.Store.lookup``). ``prune`` removes least recently used entries first, and only an
-entry that (a) was not used in the last ``keep_recent`` seconds (default 60: covers the step from
-verify to loaded kernel) and (b) it can lock exclusively without waiting; it re-checks the stamp
-under that lock, then renames the entry out of ``entries/`` (atomic) before deleting it. A kernel
-already loaded by a running process lives in that process's memory, so removing its files later
-does not disturb it.
+**Size.** ``prune`` removes least recently used entries of the writable layer down to a size, with
+the same code that enforces ``JITKERN_CACHE_MAX_SIZE`` after each publish (``jitkern.evict``): an
+entry that a process holds (it is loading it, or keeps a kernel loaded from it) is kept; nothing
+else is, however recently it was used. ``prune`` and ``clear`` also remove the plan-index records
+and build lock files of what they remove, and the shard directories they leave empty.
 
 **Failures.** Entries whose metadata says ``status: failed`` are recorded build failures (kept so
 that no process retries a build that cannot succeed with this toolchain); ``rejected_over_budget``
@@ -35,8 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .cache import (MANIFEST, Layer, Store, configured_layers, entry_lock, is_key, iter_entries, layer_record,
-                    read_meta)
+from . import evict
+from .cache import MANIFEST, Layer, Store, configured_layers, is_key, iter_entries, layer_record, read_meta
 from .errors import CacheError, ConfigError, CorruptEntryError
 from .key import FORMAT_VERSION
 from .logs import log
@@ -45,14 +42,7 @@ EXPORT_META = "jitkern-export.json"
 
 
 # ---- walking a layer ---------------------------------------------------------------------------
-def dir_size(path: Path) -> int:
-    total = 0
-    for e in os.scandir(path):
-        try:
-            total += e.stat(follow_symlinks=False).st_size
-        except FileNotFoundError:
-            pass
-    return total
+dir_size = evict.dir_size
 
 
 def can_write(path: Path) -> bool:
@@ -95,9 +85,18 @@ def _write_layer(store: Store) -> Layer:
 # ---- stats -------------------------------------------------------------------------------------
 def stats(store: Store) -> dict[str, Any]:
     layers = []
+    write = store.write_layer
+    cap = evict.max_size()
     for layer in store.layers:
-        info: dict[str, Any] = {"path": str(layer.base), "writable": can_write(layer.root), "entries": 0, "bytes": 0,
+        info: dict[str, Any] = {"path": str(layer.base), "writable": layer is write, "entries": 0, "bytes": 0,
                                 "failures": 0, "rejected_over_budget": 0, "per_arch": {}, "per_op": {}}
+        if layer.installed_from is not None:
+            info["installed_from"] = layer.installed_from
+        if layer is write:
+            u = evict.read_usage(layer.root) or {}
+            info["max_size"] = cap
+            info["evictions"] = {"entries": u.get("evicted_entries", 0), "bytes": u.get("evicted_bytes", 0),
+                                 "last": u.get("last_eviction")}
         for _, path in iter_entries(layer):
             meta = read_meta(path)
             size = dir_size(path)
@@ -150,41 +149,18 @@ def verify(store: Store, discard: bool = False) -> tuple[int, list[dict[str, str
 
 
 # ---- prune -------------------------------------------------------------------------------------
-def prune(store: Store, max_size: int, keep_recent: float = 60.0) -> dict[str, Any]:
+def prune(store: Store, max_size: int | None = None) -> dict[str, Any]:
     """Remove least recently used entries of the writable layer until it holds at most ``max_size``
-    bytes. Never removes an entry used in the last ``keep_recent`` seconds or locked by a loader."""
+    bytes (default ``JITKERN_CACHE_MAX_SIZE``), with the same code as the automatic cap
+    (``jitkern.evict.shrink``): only an entry that some process holds (loading it, or keeping a kernel
+    loaded from it) is kept, however recently it was used."""
     layer = _write_layer(store)
-    items = []
-    for key, path in iter_entries(layer):
-        try:
-            items.append((path.stat().st_mtime, key, path, dir_size(path)))
-        except FileNotFoundError:
-            continue
-    total = sum(i[3] for i in items)
-    before = total
-    removed, in_use = [], []
-    now = time.time()
-    for mtime, key, path, size in sorted(items):
-        if total <= max_size:
-            break
-        if now - mtime < keep_recent:
-            in_use.append(key)
-            continue
-        try:
-            with entry_lock(path, exclusive=True, blocking=False) as held:
-                if not held or path.stat().st_mtime != mtime:  # being loaded, or used since we looked
-                    in_use.append(key)
-                    continue
-                grave = layer.root / "tmp" / f"prune-{key}-{uuid.uuid4().hex[:8]}"
-                os.rename(path, grave)
-        except FileNotFoundError:  # removed by someone else meanwhile
-            total -= size
-            continue
-        shutil.rmtree(grave, ignore_errors=True)
-        total -= size
-        removed.append(key)
-    return {"layer": str(layer.base), "bytes_before": before, "bytes_after": total, "max_size": max_size,
-            "removed": len(removed), "kept_in_use": len(in_use), "fits": total <= max_size}
+    if max_size is None:
+        max_size = evict.max_size()
+        if max_size is None:
+            raise ConfigError(f"no size given: pass --max-size SIZE (e.g. 20GB) or set {evict.ENV_MAX_SIZE}")
+    r = evict.shrink(layer.root, max_size)
+    return {"layer": str(layer.base), "max_size": max_size, **{k: v for k, v in r.items() if k != "removed_keys"}}
 
 
 # ---- clear -------------------------------------------------------------------------------------
@@ -197,6 +173,7 @@ def clear(store: Store, failures_only: bool = False) -> int:
             continue
         layer.discard(key)
         n += 1
+    evict.tidy(layer.root)  # index records, unheld lock files, empty shard directories of what went
     return n
 
 
@@ -308,6 +285,9 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
                 present += 1
     finally:
         shutil.rmtree(stage.base, ignore_errors=True)
+    cap = evict.max_size()
+    if cap is not None and installed:
+        evict.shrink(layer.root, int(cap * evict.LOW_WATER), cap=cap, only_above=cap)
     return {"file": file, "installed": installed, "already_present": present, "refused": refused,
             "layer": str(layer.base)}
 
@@ -325,9 +305,18 @@ def main(args) -> int:
             print(json.dumps(s, indent=1))
             return 0
         for info in s["layers"]:
-            print(f"{info['path']} ({'writable' if info['writable'] else 'read-only'}): {info['entries']} entries, "
+            role = "writable" if info["writable"] else "read-only"
+            if info.get("installed_from"):
+                role = f"installed by {info['installed_from']}, read-only"
+            print(f"{info['path']} ({role}): {info['entries']} entries, "
                   f"{human_size(info['bytes'])}, {info['failures']} recorded failures, "
                   f"{info['rejected_over_budget']} rejected over budget")
+            if "evictions" in info:
+                ev = info["evictions"]
+                cap = human_size(info["max_size"]) if info["max_size"] else f"none ({evict.ENV_MAX_SIZE} not set)"
+                last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["last"])) if ev["last"] else "never"
+                print(f"  size cap {cap}; evicted {ev['entries']} entries ({human_size(ev['bytes'])}) so far, "
+                      f"last {last}")
             for group, title in (("per_arch", "arch"), ("per_op", "op")):
                 if info[group]:
                     print_table([[k, v["entries"], human_size(v["bytes"])] for k, v in sorted(info[group].items())],
@@ -342,10 +331,13 @@ def main(args) -> int:
         print(f"jitkern cache verify: {checked} entries checked, {len(damaged)} damaged")
         return 1 if damaged else 0
     if action == "prune":
-        r = prune(store, args.max_size, args.keep_recent)
-        print(f"jitkern cache prune: {r['layer']}: {human_size(r['bytes_before'])} -> {human_size(r['bytes_after'])} "
-              f"(limit {human_size(r['max_size'])}); removed {r['removed']} least recently used entries, "
-              f"kept {r['kept_in_use']} in use or used in the last {args.keep_recent:g} s")
+        r = prune(store, args.max_size)
+        if getattr(args, "json", False):
+            print(json.dumps(r, indent=1))
+        else:
+            print(f"jitkern cache prune: {r['layer']}: {human_size(r['bytes_before'])} -> "
+                  f"{human_size(r['bytes_after'])} (limit {human_size(r['max_size'])}); removed {r['removed']} least "
+                  f"recently used entries, kept {r['kept_in_use']} that other processes hold")
         if not r["fits"]:
             print("jitkern cache prune: the cache still exceeds the limit because the remaining entries are in use",
                   file=sys.stderr)

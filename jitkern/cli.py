@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Callable
 
@@ -48,17 +47,9 @@ def arch_list(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """``"500M"``, ``"2GiB"``, ``"1.5G"``, ``"4096"`` -> bytes (K/M/G/T are powers of 1024)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ConfigError(f"cannot read size {text!r}; write a number of bytes with an optional unit K, M, G or T "
-                          "(e.g. 500M, 2G, 2GiB)")
-    scale = 1024 ** " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * scale)
+    """``"20GB"`` = 20 * 10**9, ``"20GiB"`` = 20 * 2**30, ``"500M"`` = 500 * 2**20, ``"4096"`` -> bytes."""
+    return settings.parse_size(text, "size")
 
 
 def size_arg(text: str) -> int:
@@ -355,9 +346,9 @@ def _add_cache(sub) -> None:
     v = csub.add_parser("verify", help="check every entry's checksums (exit 1 on damage)")
     v.add_argument("--discard", action="store_true", help="also remove damaged entries from writable layers")
     pr = csub.add_parser("prune", help="remove least recently used entries until the cache fits a size")
-    pr.add_argument("--max-size", type=size_arg, required=True, metavar="SIZE", help="e.g. 500M, 2G")
-    pr.add_argument("--keep-recent", type=float, default=60.0, metavar="SECONDS",
-                    help="never remove entries used this recently (default 60)")
+    pr.add_argument("--max-size", type=size_arg, metavar="SIZE",
+                    help="e.g. 20GB (10**9 bytes) or 20GiB (2**30); default: JITKERN_CACHE_MAX_SIZE")
+    pr.add_argument("--json", action="store_true")
     c = csub.add_parser("clear", help="remove every entry of the writable layer")
     c.add_argument("--failures", action="store_true", help="only recorded build failures")
     e = csub.add_parser("export", help="write every entry of every layer into one archive")

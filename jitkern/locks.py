@@ -1,4 +1,4 @@
-"""Per-key build locks that never wedge and never wait silently.
+"""Per-key build locks that never wedge and never wait silently; entry locks (in use vs eviction).
 
 A build lock is a ``filelock.FileLock`` (``flock`` on Unix): the kernel releases it the moment its
 holder dies, however it dies, so a killed build never blocks the next process. Next to each lock,
@@ -13,6 +13,8 @@ the atomic publish (two processes may build the same key; neither can see a half
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -155,3 +157,92 @@ class BuildLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ---- entry locks: "in use" for eviction --------------------------------------------------------
+@contextlib.contextmanager
+def entry_lock(path: Path, exclusive: bool = False, blocking: bool = True):
+    """Hold an advisory lock on an entry directory itself (no lock file): shared while a process uses
+    the entry (see ``EntryHold``), exclusive while eviction (``jitkern.evict``) removes it. Yields True
+    if the lock is held, False if ``blocking=False`` and another process holds it, and True without
+    locking where the platform or filesystem has no ``flock``. Raises FileNotFoundError if the entry
+    is absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError:  # directories cannot be opened here (e.g. Windows): last-use stamps still apply
+        yield True
+        return
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except (ImportError, OSError):  # no flock here (e.g. Windows): last-use stamps still apply
+            pass
+        yield True
+    finally:
+        os.close(fd)
+
+
+class EntryHold:
+    """A shared ``flock`` on one entry directory, held for as long as this object lives (a loaded
+    kernel keeps its ``Entry``, which keeps its hold), so eviction never removes an entry a live
+    process uses. Released by ``release()`` or when the object is garbage-collected."""
+
+    __slots__ = ("fd", "__weakref__")
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    @classmethod
+    def take(cls, path: Path) -> "EntryHold":
+        """Lock ``path`` shared (waiting out an evictor's brief exclusive lock). Raises FileNotFoundError
+        if the entry is absent, or was renamed away by an evictor while this process waited. Where
+        the directory cannot be opened or locked (no ``flock``, out of file descriptors), returns a
+        hold that holds nothing: the lookup goes on, unprotected, with one warning."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            raise
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise NotADirectoryError(e.errno, "entry is a symbolic link", str(path)) from None
+            _cannot_hold(path, e)
+            return cls(None)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except (ImportError, OSError) as e:
+            os.close(fd)
+            _cannot_hold(path, e)
+            return cls(None)
+        try:
+            st, now = os.fstat(fd), os.lstat(path)
+        except OSError:
+            st = now = None
+        if st is None or (st.st_ino, st.st_dev) != (now.st_ino, now.st_dev):  # evicted while we waited
+            os.close(fd)
+            raise FileNotFoundError(errno.ENOENT, "entry was removed while waiting for its lock", str(path))
+        return cls(fd)
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self):
+        self.release()
+
+
+def _cannot_hold(path: Path, e: OSError) -> None:
+    warn_once(("entry-hold", e.errno), "jitkern: cannot lock cache entries in %s (%s); entries in use are not "
+              "protected from eviction by other processes (only their last-use stamps are)", Path(path).parent.parent, e)

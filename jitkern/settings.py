@@ -208,6 +208,10 @@ declare("record", "path", None,
         "Append each distinct call signature an op sees to this manifest file (JSON lines, once per signature "
         "and process; several processes may share the file): what 'jitkern prebuild --manifest' builds.",
         _text)
+declare("cache_max_size", "size", None,
+        "Size cap of the writable cache layer, e.g. 20GB (20 * 10**9 bytes) or 20GiB (20 * 2**30): after a "
+        "publish that passes it, least recently used entries no process holds are evicted down to 90 % of "
+        "it (jitkern.evict); unset: no cap.", _positive_size)
 declare("redzone_bytes", "size", 1024,
         "Guard band size for JITKERN_DEBUG=redzone (rounded up to 256 bytes).", _positive_size)
 declare("direct_launch", "bool", True,

@@ -88,30 +88,55 @@ def test_prune_removes_least_recently_used_until_it_fits(cache_dir):
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from jitkern.cache import entry_lock
-    with entry_lock(sys.argv[1]):        # what a loader holds while it verifies an entry
-        print("held", flush=True)
-        time.sleep(60)
+    from jitkern.cache import Store
+    entry = Store([sys.argv[1]]).lookup(sys.argv[2])   # a loader keeps its entry while it uses it
+    print("held" if entry is not None else "missing", flush=True)
+    time.sleep(60)
 """)
 
 
-def test_prune_never_removes_an_entry_being_loaded(cache_dir):
+def test_prune_never_removes_an_entry_another_process_holds(cache_dir):
     keys = fill(cache_dir, 3)
     age(cache_dir, keys)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(Layer(cache_dir).entry_dir(keys[0]))], env=env,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cache_dir), keys[0]], env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        r = cachectl.prune(Store([cache_dir]), max_size=0, keep_recent=0)
+        r = cachectl.prune(Store([cache_dir]), max_size=0)
         assert present(cache_dir) == {keys[0]} and r["kept_in_use"] == 1 and not r["fits"]
     finally:
         holder.kill()
         holder.wait()
-    # recently used entries are in use too (a loader between verify and launch)
-    keys = fill(cache_dir, 3)
-    assert cachectl.prune(Store([cache_dir]), max_size=0)["removed"] == 0
-    assert cachectl.prune(Store([cache_dir]), max_size=0, keep_recent=0)["removed"] == 3
+    # held means locked: once the holder is gone, the entry goes although it was used a moment ago
+    assert cachectl.prune(Store([cache_dir]), max_size=0)["removed"] == 1
+    assert present(cache_dir) == set()
+
+
+def test_prune_right_after_a_build_removes_entries_index_records_and_locks(cache_dir, capsys):
+    from jitkern import plan_index
+
+    spec, cpu = registry.get("rms_norm"), arch.get("cpu")
+    keys = []
+    for cfg in list(spec.configs(cpu))[:4]:
+        job = plan_index.planned(spec, cfg, cpu)   # writes a plan-index record
+        keys.append(get_entry(job)[0].key)         # takes (and leaves) the key's build lock file
+    root = Layer(cache_dir).root
+    assert len(list((root / "index").rglob("*.json"))) == 4 and len(list((root / "locks").glob("*.lock"))) == 4
+    size = sum(cachectl.dir_size(Layer(cache_dir).entry_dir(k)) for k in keys)
+    assert main(["cache", "prune", "--max-size", str(size // 2), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["removed"] >= 2 and r["bytes_after"] <= size // 2
+    left = present(cache_dir)
+    assert len(left) == 4 - r["removed"]
+    index_keys = {json.loads(p.read_text())["key"] for p in (root / "index").rglob("*.json")}
+    assert index_keys == left
+    assert {p.stem for p in (root / "locks").glob("*.lock")} == left
+    assert main(["cache", "prune", "--max-size", "0"]) == 0
+    assert present(cache_dir) == set()
+    assert not (root / "index").exists() and list((root / "locks").glob("*")) == []
+    assert list((root / "entries").iterdir()) == []   # no empty shard directories
+    assert cachectl.stats(Store([cache_dir]))["layers"][0]["evictions"]["entries"] == 4
 
 
 def test_clear_failures_only_then_everything(cache_dir):
@@ -121,6 +146,9 @@ def test_clear_failures_only_then_everything(cache_dir):
     assert present(cache_dir) == set(keys)
     assert main(["cache", "clear"]) == 0
     assert present(cache_dir) == set()
+    root = Layer(cache_dir).root
+    assert list((root / "entries").iterdir()) == [] and not (root / "index").exists()
+    assert not (root / "locks").exists() or list((root / "locks").iterdir()) == []
 
 
 def test_export_import_round_trip(cache_dir, tmp_path, capsys):
@@ -170,7 +198,9 @@ def test_reads_from_a_read_only_layer_write_nothing_there(tmp_path):
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in ro.rglob("*")} == before
 
 
-@pytest.mark.parametrize("text,expected", [("4096", 4096), ("500M", 500 << 20), ("2GiB", 2 << 30), ("1.5k", 1536)])
+@pytest.mark.parametrize("text,expected", [("4096", 4096), ("500M", 500 << 20), ("2GiB", 2 << 30), ("1.5k", 1536),
+                                           ("20GB", 20 * 10 ** 9), ("20GiB", 20 * 2 ** 30), ("0.1GB", 10 ** 8),
+                                           ("1.5KB", 1500), ("3TB", 3 * 10 ** 12)])
 def test_sizes(text, expected):
     from jitkern.cli import parse_size
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["prebuild", "--arch", ""], "no arch named"),
     (["prebuild", "--arch", "cpu", "--jobs", "0"], "expected a positive whole number"),
     (["prebuild", "--arch", "cpu", "--op", "no_such_op"], "unknown op 'no_such_op'; available ops: "),
-    (["cache", "prune", "--max-size", "lots"], "cannot read size 'lots'"),
+    (["cache", "prune", "--max-size", "lots"], "'lots' is not a size"),
     (["cache", "prune"], "--max-size"),
     (["cache", "frobnicate"], "invalid choice"),
     ([], "COMMAND"),
