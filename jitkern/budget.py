@@ -9,14 +9,17 @@ Figures, per backend:
 
 * shared memory / LDS bytes: Triton's metadata (``shared``), for every backend;
 * registers and spills: NVIDIA from ``cuobjdump --dump-resource-usage`` on the cubin (the tool
-  ships with Triton); AMD from the code object's kernel descriptor metadata (``.vgpr_count``,
-  ``.agpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count``).
+  ships with Triton); AMD, for Triton and HIP code objects alike, from the code object's AMDGPU
+  metadata note (``jitkern.binaries.amdgpu_metadata``, parsed here, no tool needed): ``vgprs``,
+  ``agprs``, ``sgprs``, ``lds_bytes`` (``.group_segment_fixed_size``), ``scratch_bytes``
+  (``.private_segment_fixed_size``, per lane), ``spills`` (VGPR + SGPR spill counts).
 
-Verdict (``assess``): ``rejected_over_budget`` when shared bytes exceed the arch's per-block budget,
-or the block's registers exceed the register file a block can use; otherwise ``ok``. Spills are
-recorded, not rejected (the kernel runs, slower). The verdict is stored in the cache entry's
-metadata (``status``, ``resources``), so a rejected configuration is compiled once and then
-remembered by every later process; ``enforce`` raises ``OverBudgetError`` for it.
+Verdict (``assess``): ``rejected_over_budget`` when shared bytes (LDS) exceed the arch's per-block
+budget, the block's registers exceed the register file a block can use (AMD: 512 VGPRs incl. AGPRs per
+SIMD lane, shared by the block's waves on that SIMD); otherwise ``ok``. SGPRs, spills and scratch are
+recorded, not rejected (the compiler keeps SGPRs within a wave's; spills and scratch run, slower).
+The verdict is stored in the cache entry's metadata (``status``, ``resources``), so a rejected
+configuration is compiled once and then remembered by every later process; ``enforce`` raises ``OverBudgetError`` for it.
 
 ``status(job)`` is the function prebuild calls: build-or-load a job and return its status
 (``built``/``cached``/``rejected_over_budget``) with the figures.
@@ -25,11 +28,13 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import binaries
 from .errors import OverBudgetError
 from .logs import warn_once
 
@@ -47,36 +52,29 @@ AMD_VGPRS_PER_SIMD_LANE = 512
 
 
 # ---- figures ------------------------------------------------------------------------------------
-_MSGPACK_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4}
+#: What the AMDGPU metadata note says about a kernel, under the names jitkern reports.
+_AMD_NOTE_KEYS = {"vgprs": ".vgpr_count", "agprs": ".agpr_count", "sgprs": ".sgpr_count",
+                  "lds_bytes": ".group_segment_fixed_size", "scratch_bytes": ".private_segment_fixed_size",
+                  "vgpr_spills": ".vgpr_spill_count", "sgpr_spills": ".sgpr_spill_count",
+                  "wavefront_size": ".wavefront_size", "max_workgroup_size": ".max_flat_workgroup_size"}
+AMD_FIGURES = tuple(_AMD_NOTE_KEYS) + ("spills", "dynamic_stack")
 
 
-def _msgpack_uint_after(data: bytes, key: str) -> int | None:
-    """The unsigned integer that follows the msgpack string ``key`` in an AMD code object's note."""
-    k = key.encode()
-    m = re.search(re.escape(bytes([0xA0 | len(k)]) + k), data) if len(k) < 32 else None
-    if m is None:
-        return None
-    i = m.end()
-    if i >= len(data):
-        return None
-    tag = data[i]
-    if tag < 0x80:  # positive fixint
-        return tag
-    width = _MSGPACK_UINT.get(tag)
-    if width is None:
-        return None
-    return int.from_bytes(data[i + 1:i + 1 + width], "big")
-
-
-def amd_figures(hsaco: bytes) -> dict[str, int | None]:
-    vgpr = _msgpack_uint_after(hsaco, ".vgpr_count")
-    agpr = _msgpack_uint_after(hsaco, ".agpr_count") or 0
-    vspill = _msgpack_uint_after(hsaco, ".vgpr_spill_count")
-    sspill = _msgpack_uint_after(hsaco, ".sgpr_spill_count")
-    return {
-        "regs": None if vgpr is None else vgpr + agpr,
-        "spills": None if vspill is None and sspill is None else (vspill or 0) + (sspill or 0),
-    }
+def amd_figures(hsaco: bytes, kernel: str | None = None) -> dict[str, Any]:
+    """A code object's resource figures from its AMDGPU metadata note (the same for Triton's and HIP
+    builds): VGPRs, AGPRs, SGPRs, LDS bytes, scratch bytes per lane, spills; ``regs`` = VGPRs + AGPRs
+    (one register file per lane on CDNA3/CDNA4). Unknown figures (no readable note) are None."""
+    try:
+        md = binaries.amdgpu_kernel_metadata(hsaco, kernel)
+    except (ValueError, struct.error, IndexError) as e:
+        log.debug("jitkern: no AMDGPU metadata in the code object (%s); figures unknown", e)
+        return {"regs": None, "spills": None, **{k: None for k in AMD_FIGURES}}
+    out: dict[str, Any] = {k: md.get(note) for k, note in _AMD_NOTE_KEYS.items()}
+    vspill, sspill = out["vgpr_spills"], out["sgpr_spills"]
+    out["spills"] = None if vspill is None and sspill is None else (vspill or 0) + (sspill or 0)
+    out["dynamic_stack"] = md.get(".uses_dynamic_stack")
+    out["regs"] = None if out["vgprs"] is None else out["vgprs"] + (out["agprs"] or 0)
+    return out
 
 
 _CUOBJDUMP = re.compile(r"REG:(\d+).*?LOCAL:(\d+)")
@@ -107,11 +105,20 @@ def nvidia_figures(cubin: bytes) -> dict[str, int | None]:
 
 
 def figures(arch, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """What a freshly built artifact uses: shared bytes, registers per thread, spills."""
+    """What a freshly built artifact uses: shared bytes, registers per thread, spills; on AMD also the
+    metadata note's figures (``amd_figures``), and ``shared_bytes`` is the LDS figure where the builder
+    reports none (HIP)."""
     out = {"shared_bytes": meta.get("shared_bytes"), "regs": None, "spills": None}
     binary = files.get(f"kernel.{arch.binary_ext}") if arch.binary_ext else None
     if binary:
-        out.update(amd_figures(binary) if arch.backend == "hip" else nvidia_figures(binary))
+        if arch.backend == "hip":
+            out.update(amd_figures(binary, meta.get("kernel_name")))
+            if out["shared_bytes"] is None:
+                out["shared_bytes"] = out.get("lds_bytes")
+        else:
+            out.update(nvidia_figures(binary))
+    elif meta.get("lds_bytes") is not None:  # no code object: the compiler refused the kernel's LDS
+        out["lds_bytes"] = meta["lds_bytes"]
     return out
 
 
@@ -132,7 +139,7 @@ def assess(arch, figs: Mapping[str, Any], num_warps: int | None = None) -> dict[
     reg_limit = register_limit(arch, num_warps)
     res = {**figs, "budget_bytes": budget, "regs_limit": reg_limit}
     reasons = []
-    shared = figs.get("shared_bytes")
+    shared = max((v for v in (figs.get("shared_bytes"), figs.get("lds_bytes")) if v is not None), default=None)
     if budget is not None and shared is not None and shared > budget:
         reasons.append(f"needs {shared} B ({shared / 1024:.0f} KiB) of shared memory, budget {budget} B "
                        f"({budget / 1024:.0f} KiB)")
@@ -144,10 +151,20 @@ def assess(arch, figs: Mapping[str, Any], num_warps: int | None = None) -> dict[
 
 def assess_build(job, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> dict[str, Any]:
     """Entry metadata to add after building ``job``: status, reason, resources. Called by build."""
-    verdict = assess(job.arch, figures(job.arch, files, meta), job.config.compile_options().get("num_warps"))
+    figs = figures(job.arch, files, meta)
+    verdict = assess(job.arch, figs, job.config.compile_options().get("num_warps") or _waves(job, figs))
     if verdict["status"] == REJECTED:
         log.debug("jitkern: %s rejected: %s", job.describe(), verdict["reason"])
     return verdict
+
+
+def _waves(job, figs: Mapping[str, Any]) -> int | None:
+    """Waves (warps) per workgroup of a C++ variant: its launch's block (``block_x * block_y * block_z``),
+    else the code object's maximum workgroup size."""
+    p = job.config.p
+    threads = int(p.get("block_x", 0)) * int(p.get("block_y", 1)) * int(p.get("block_z", 1)) \
+        or figs.get("max_workgroup_size")
+    return -(-int(threads) // job.arch.warp_size) if threads else None
 
 
 def enforce(job, entry) -> None:
@@ -188,6 +205,6 @@ def status(job, store=None) -> dict[str, Any]:
     return {"status": how, "reason": "", **figs}
 
 
-_FIGURE_KEYS = ("shared_bytes", "budget_bytes", "regs", "regs_limit", "spills")
+_FIGURE_KEYS = ("shared_bytes", "budget_bytes", "regs", "regs_limit", "spills") + AMD_FIGURES
 
 __all__ = ["OK", "REJECTED", "figures", "assess", "assess_build", "enforce", "status", "register_limit"]

@@ -51,6 +51,7 @@ from typing import Any, Iterable
 
 from . import arch as _arch
 from . import registry, strict
+from .budget import AMD_FIGURES
 from .cache import Store, add_prebuild_record, configured_layers, write_probe
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
                      UnavailableError, UnknownOpError, is_transient)
@@ -176,9 +177,14 @@ def _from_entry(task: Task, entry, status: str, seconds: float | None = None) ->
     res = meta.get("resources") or {}
     log_path = str(entry.file(meta["log"])) if meta.get("log") else None
     return _record(task, recorded or status, shared_bytes=res.get("shared_bytes", meta.get("shared_bytes")),
-                   regs=res.get("regs"), spills=res.get("spills"),
+                   regs=res.get("regs"), spills=res.get("spills"), **_amd_figures(res),
                    seconds=meta.get("build_seconds", seconds) if status == "built" else None,
                    error=error if recorded else None, log_path=log_path)
+
+
+def _amd_figures(res) -> dict[str, Any]:
+    """The code object's figures (vgprs, sgprs, lds_bytes, scratch_bytes, ...) where the entry has them."""
+    return {k: res[k] for k in AMD_FIGURES if k in res and k != "spills"}
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -226,7 +232,7 @@ def build_task(task: Task) -> dict[str, Any]:
     except OverBudgetError as e:  # compiled, over the arch's budget: recorded, never launched
         f = e.figures
         return _record(task, "rejected_over_budget", shared_bytes=f.get("shared_bytes"), regs=f.get("regs"),
-                       spills=f.get("spills"), error=str(e), seconds=round(time.perf_counter() - t0, 3))
+                       spills=f.get("spills"), **_amd_figures(f), error=str(e), seconds=round(time.perf_counter() - t0, 3))
     except BuildError as e:
         unavailable = isinstance(e, UnavailableError) or getattr(e, "unavailable", False)
         return _record(task, "unavailable" if unavailable else "failed", error=str(e), transient=is_transient(e),

@@ -226,12 +226,21 @@ declare("lock_timeout", "duration", 1800.0,
 declare("build_timeout", "duration", 600.0,
         "Time limit of one C++/CUDA/HIP compiler run (at least 1 s).", _positive_seconds)
 declare("nvcc", "path", None, "nvcc to use (else CUDA_HOME/CUDA_PATH, PATH, /usr/local/cuda).", _text)
-declare("hipcc", "path", None, "hipcc to use (else ROCM_PATH, /opt/rocm, PATH).", _text)
+declare("hipcc", "path", None, "hipcc to use for HIP variants (else JITKERN_HIP_CLANG, a ROCm install's hipcc, "
+        "clang++-22..20 on PATH; see docs/amd.md).", _text)
+declare("hip_clang", "path", None, "clang++ (LLVM 20 or later) to drive directly for HIP variants.", _text)
+declare("hip_include", "path", None,
+        "Directory holding hip/hip_runtime.h for direct clang builds (else ROCM_PATH/include, /usr/include).",
+        _text)
+declare("hip_device_libs", "path", None,
+        "Directory holding the AMD device libraries ocml.bc and ockl.bc (else a ROCm install's, Triton's wheel's).",
+        _text)
 declare("ck_dir", "path", None,
-        "Composable Kernel root (has include/ck/ck.hpp) for HIP variants that need CK (else CK_DIR).", _text)
+        "Composable Kernel root (has include/ck/ck.hpp) for HIP variants that need CK (else CK_DIR, an installed "
+        "amd-aiter wheel, ROCM_PATH); 'none' switches CK off.", _text)
 declare("cxx_include", "paths", (), "Extra include directories for C++ variants (':'-separated).", _paths)
 declare("nvcc_flags", "flags", (), "Extra nvcc flags (shell-quoted).", _flags)
-declare("hipcc_flags", "flags", (), "Extra hipcc flags (shell-quoted).", _flags)
+declare("hipcc_flags", "flags", (), "Extra HIP compiler flags, clang or hipcc (shell-quoted).", _flags)
 declare("cxxflags", "flags", (), "Extra host C++ compiler flags (shell-quoted).", _flags)
 declare("remote_cache", "str", None,
         "Remote shared cache, redis://[user:password@]host:port/db (rediss:// for TLS); needs jitkern[redis].",

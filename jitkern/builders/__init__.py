@@ -10,11 +10,12 @@ import importlib
 from ..errors import SpecError
 
 #: kind -> (module, attribute): the Triton builder is a module; the C++ kinds are ``Toolchain``
-#: objects of jitkern.builders.cpp (nvcc, hipcc, the host C++ compiler), which also load what they build.
+#: objects (jitkern.builders.cpp: nvcc, the host C++ compiler; jitkern.builders.hip: clang/hipcc for
+#: AMD), which also load what they build.
 KINDS = {
     "triton": ("jitkern.builders.triton", None),
     "cuda": ("jitkern.builders.cpp", "CUDA"),
-    "hip": ("jitkern.builders.cpp", "HIP"),
+    "hip": ("jitkern.builders.hip", "HIP"),
     "cpp": ("jitkern.builders.cpp", "HOST"),
 }
 

@@ -1,4 +1,5 @@
-"""C++ builders: CUDA (nvcc), HIP (hipcc, optionally with Composable Kernel headers) and host C++.
+"""C++ builders: CUDA (nvcc) and host C++; the subprocess, log and device-code loading machinery that the
+HIP builder (``jitkern.builders.hip``) shares.
 
 A C++ variant is a Jinja template like a Triton one. Its rendered source is compiled by the real
 toolchain in a subprocess with a time limit (``JITKERN_BUILD_TIMEOUT`` seconds, default 600); the
@@ -6,8 +7,8 @@ full compiler log is kept in the entry as ``build.log`` (and in the failure reco
 
 How the binary is loaded, and why:
 
-* ``cuda`` / ``hip``: the compiler writes a device-code object (``nvcc -cubin`` / ``hipcc --genco``:
-  a cubin or hsaco holding one ``extern "C" __global__`` function). It is loaded with the same
+* ``cuda`` / ``hip``: the compiler writes a device-code object (``nvcc -cubin`` / clang's bare AMD code
+  object: a cubin or hsaco holding one ``extern "C" __global__`` function). It is loaded with the same
   driver helper Triton uses for its own kernels (``driver.active.utils.load_binary``: module load
   and function lookup in the current device context) and launched with the driver's
   ``cuLaunchKernel``/``hipModuleLaunchKernel`` through ``ctypes``. No host code is compiled, so a
@@ -19,8 +20,8 @@ How the binary is loaded, and why:
   return value is a launch error. It serves CPU-only reference variants and, in tests, real
   compiler failures and real run-time failures.
 
-The key (``fingerprint``) holds the compiler path and ``--version`` text, the flags, the include
-directories and, for HIP, the CK directory and its version where CK states it.
+The key (``fingerprint``) holds the compiler path and ``--version`` text, the flags and the include
+directories.
 """
 from __future__ import annotations
 
@@ -128,49 +129,11 @@ def find_nvcc() -> str | None:
     return p or ("/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None)
 
 
-def find_hipcc() -> str | None:
-    v = settings.get("hipcc")
-    if v and os.access(v, os.X_OK):
-        return v
-    rocm = os.environ.get("ROCM_PATH", "").strip() or "/opt/rocm"
-    p = os.path.join(rocm, "bin", "hipcc")
-    return p if os.access(p, os.X_OK) else shutil.which("hipcc")
-
-
 def find_cxx() -> str | None:
     v = os.environ.get("CXX", "").strip()
     if v:
         return v if os.access(v, os.X_OK) else shutil.which(v)
     return shutil.which("c++") or shutil.which("g++")
-
-
-def find_ck() -> str | None:
-    """CK's install or source root (has ``include/ck/ck.hpp``), from JITKERN_CK_DIR or CK_DIR."""
-    for env in ("JITKERN_CK_DIR", "CK_DIR"):
-        v = (settings.get("ck_dir") or "") if env == "JITKERN_CK_DIR" else os.environ.get(env, "").strip()
-        if v and (Path(v) / "include" / "ck" / "ck.hpp").is_file():
-            return v
-    return None
-
-
-def ck_version(root: str | None) -> str | None:
-    """CK's version from ``ck/version.h`` (CK_VERSION_MAJOR/MINOR/PATCH) or a git commit file."""
-    if not root:
-        return None
-    vh = Path(root) / "include" / "ck" / "version.h"
-    if vh.is_file():
-        nums = dict(re.findall(r"#define\s+CK_VERSION_(MAJOR|MINOR|PATCH)\s+(\d+)", vh.read_text(errors="replace")))
-        if nums:
-            return ".".join(nums.get(k, "0") for k in ("MAJOR", "MINOR", "PATCH"))
-    head = Path(root) / ".git" / "HEAD"
-    if head.is_file():
-        return head.read_text().strip()
-    return "unknown"
-
-
-def needs_ck(source: str) -> bool:
-    """A HIP source needs Composable Kernel when it includes one of CK's headers."""
-    return re.search(r"^\s*#\s*include\s*[<\"]ck(_tile)?/", source, re.MULTILINE) is not None
 
 
 @dataclass(frozen=True)
@@ -186,18 +149,11 @@ class Toolchain:
 
     # -- key ----------------------------------------------------------------------------------
     def includes(self) -> list[str]:
-        inc = list(settings.get("cxx_include"))
-        if self.kind == "hip":
-            ck = find_ck()
-            if ck:
-                inc.append(str(Path(ck) / "include"))
-        return inc
+        return list(settings.get("cxx_include"))
 
     def flags(self, arch) -> list[str]:
         if self.kind == "cuda":
             base = ["-cubin", f"-arch=sm_{arch.triton_arch}", "-O3", "-std=c++17", "-lineinfo"]
-        elif self.kind == "hip":
-            base = ["--genco", f"--offload-arch={arch.name}", "-O3", "-std=c++17"]
         else:
             base = ["-shared", "-fPIC", "-O2", "-std=c++17"]
         return base + _env_flags(self.flags_env)
@@ -211,9 +167,6 @@ class Toolchain:
             "flags": self.flags(arch) if arch.vendor == self.vendor else None,
             "include": self.includes(),
         }
-        if self.kind == "hip":
-            ck = find_ck()
-            fp["ck"] = {"dir": ck, "version": ck_version(ck)}
         return fp
 
     # -- availability -------------------------------------------------------------------------
@@ -226,16 +179,12 @@ class Toolchain:
             reasons.append(f"{self.kind} variants need {what}; this call is for {where}")
         if self.find() is None:
             reasons.append({"cuda": "nvcc not found (set CUDA_HOME or JITKERN_NVCC, or put nvcc on PATH)",
-                            "hip": "hipcc not found (set ROCM_PATH or JITKERN_HIPCC, or put hipcc on PATH)",
                             "cpp": "no C++ compiler found (set CXX or put c++ on PATH)"}[self.kind])
         return "; ".join(reasons) or None
 
     # -- build --------------------------------------------------------------------------------
     def build(self, job) -> tuple[dict[str, bytes], dict[str, Any]]:
         reason = self.probe(job.arch)
-        if reason is None and self.kind == "hip" and needs_ck(job.source):
-            if find_ck() is None:
-                reason = "CK headers not found (set JITKERN_CK_DIR or CK_DIR to a Composable Kernel root)"
         if reason is not None:
             raise UnavailableError(f"{job.describe()}: {reason}", reason=reason, log_text=reason + "\n")
         comp = self.find()
@@ -266,7 +215,6 @@ class Toolchain:
 
 
 CUDA = Toolchain("cuda", "kernel.cu", "kernel.cubin", find_nvcc, "nvidia", "JITKERN_NVCC_FLAGS")
-HIP = Toolchain("hip", "kernel.hip.cpp", "kernel.hsaco", find_hipcc, "amd", "JITKERN_HIPCC_FLAGS")
 HOST = Toolchain("cpp", "kernel.cpp", "kernel.so", find_cxx, "cpu", "JITKERN_CXXFLAGS")
 
 
