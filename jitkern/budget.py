@@ -11,7 +11,8 @@ Figures, per backend:
 * registers and spills: NVIDIA from ``cuobjdump --dump-resource-usage`` on the cubin (the tool
   ships with Triton); AMD, for Triton and HIP code objects alike, from the code object's AMDGPU
   metadata note (``jitkern.binaries.amdgpu_metadata``, parsed here, no tool needed): ``vgprs``,
-  ``agprs``, ``sgprs``, ``lds_bytes`` (``.group_segment_fixed_size``), ``scratch_bytes``
+  ``agprs``, ``sgprs``, ``lds_bytes`` (static ``.group_segment_fixed_size``, plus for Triton the
+  dynamic LDS its launch asks for, ``metadata.shared``), ``scratch_bytes``
   (``.private_segment_fixed_size``, per lane), ``spills`` (VGPR + SGPR spill counts).
 
 Verdict (``assess``): ``rejected_over_budget`` when shared bytes (LDS) exceed the arch's per-block
@@ -57,7 +58,7 @@ _AMD_NOTE_KEYS = {"vgprs": ".vgpr_count", "agprs": ".agpr_count", "sgprs": ".sgp
                   "lds_bytes": ".group_segment_fixed_size", "scratch_bytes": ".private_segment_fixed_size",
                   "vgpr_spills": ".vgpr_spill_count", "sgpr_spills": ".sgpr_spill_count",
                   "wavefront_size": ".wavefront_size", "max_workgroup_size": ".max_flat_workgroup_size"}
-AMD_FIGURES = tuple(_AMD_NOTE_KEYS) + ("spills", "dynamic_stack")
+AMD_FIGURES = tuple(_AMD_NOTE_KEYS) + ("spills", "dynamic_stack", "lds_static_bytes")
 
 
 def amd_figures(hsaco: bytes, kernel: str | None = None) -> dict[str, Any]:
@@ -113,8 +114,11 @@ def figures(arch, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> dict[s
     if binary:
         if arch.backend == "hip":
             out.update(amd_figures(binary, meta.get("kernel_name")))
-            if out["shared_bytes"] is None:
-                out["shared_bytes"] = out.get("lds_bytes")
+            out["lds_static_bytes"] = out["lds_bytes"]
+            if out["shared_bytes"] is None:  # HIP: static LDS only (launched with no dynamic LDS)
+                out["shared_bytes"] = out["lds_bytes"]
+            elif out["lds_bytes"] is not None:  # Triton: its LDS is dynamic, given at launch (metadata.shared)
+                out["lds_bytes"] += out["shared_bytes"]
         else:
             out.update(nvidia_figures(binary))
     elif meta.get("lds_bytes") is not None:  # no code object: the compiler refused the kernel's LDS

@@ -259,7 +259,7 @@ def _doctor_toolchains() -> tuple[str, list[tuple[str, str]]]:
             rows.append((pkg, version(pkg)))
         except PackageNotFoundError:
             rows.append((pkg, "not installed"))
-    for tool, flag in (("nvcc", "--version"), ("hipcc", "--version"), ("ninja", "--version"), ("c++", "--version")):
+    for tool, flag in (("nvcc", "--version"), ("ninja", "--version"), ("c++", "--version")):  # HIP: its own section
         path = shutil.which(tool)
         if not path:
             rows.append((tool, "not found"))
@@ -308,8 +308,14 @@ def _doctor_tuning() -> tuple[str, list[tuple[str, str]]]:
     return tuning.doctor()
 
 
+def _doctor_amd() -> tuple[str, list[tuple[str, str]]]:
+    from .builders import hip
+
+    return "AMD toolchain (HIP variants, offline builds for gfx942/gfx950; docs/amd.md)", hip.describe()
+
+
 DOCTOR_SECTIONS: list[Callable[[], tuple[str, list[tuple[str, str]]]]] = [
-    _doctor_arch, _doctor_toolchains, _doctor_cache, _doctor_ops, _doctor_remote, _doctor_tuning,
+    _doctor_arch, _doctor_toolchains, _doctor_amd, _doctor_cache, _doctor_ops, _doctor_remote, _doctor_tuning,
 ]
 
 
