@@ -38,11 +38,9 @@ AITER_CK = "aiter_meta/3rdparty/composable_kernel"
 OFF = "none"
 
 
-def _env(name: str) -> str:
-    """``JITKERN_CK_DIR`` through jitkern.settings; the other names (not jitkern's) from the environment."""
-    if name == "JITKERN_CK_DIR":
-        return settings.get("ck_dir") or ""
-    return os.environ.get(name, "").strip()
+def rocm_path() -> Path:
+    """ROCm's install root: ``ROCM_PATH`` (ROCm's own variable, not jitkern's), else ``/opt/rocm``."""
+    return Path(os.environ.get("ROCM_PATH", "").strip() or "/opt/rocm")
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,8 @@ def _is_root(p: Path) -> bool:
 def find() -> tuple[CK | None, str]:
     """``(ck, "")`` where CK is found, else ``(None, why not)``: the reason a CK-dependent variant is
     unavailable, naming what was looked at and what to set."""
-    for name in ("JITKERN_CK_DIR", "CK_DIR"):
-        v = _env(name)
+    ck_dir = os.environ.get("CK_DIR", "").strip()  # CK's own variable, not jitkern's
+    for name, v in (("JITKERN_CK_DIR", settings.get("ck_dir") or ""), ("CK_DIR", ck_dir)):
         if not v:
             continue
         if v.lower() == OFF and name == "JITKERN_CK_DIR":
@@ -85,7 +83,7 @@ def find() -> tuple[CK | None, str]:
     aiter = _aiter_root()
     if aiter is not None:
         return aiter, ""
-    rocm = Path(_env("ROCM_PATH") or "/opt/rocm")
+    rocm = rocm_path()
     if _is_root(rocm):
         return _make(rocm.resolve(), f"ROCm ({rocm})"), ""
     return None, ("CK headers not found (set JITKERN_CK_DIR or CK_DIR to a Composable Kernel root, or install "

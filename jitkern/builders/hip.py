@@ -87,15 +87,7 @@ template <class A> struct is_same<A, A> { static constexpr bool value = true; };
 _LDS_LIMIT = re.compile(r"local memory \((\d+)\) exceeds limit \((\d+)\)")
 
 
-def _env(name: str) -> str:
-    """``JITKERN_*`` names through jitkern.settings; ``ROCM_PATH`` (ROCm's own) from the environment."""
-    if name.startswith(settings.PREFIX):
-        return settings.get(name[len(settings.PREFIX):].lower()) or ""
-    return os.environ.get(name, "").strip()
-
-
-def _rocm() -> Path:
-    return Path(_env("ROCM_PATH") or "/opt/rocm")
+_rocm = _ck.rocm_path
 
 
 # ---- what is installed ------------------------------------------------------------------------------
@@ -112,10 +104,10 @@ def _clang_major(path: str) -> int | None:
 
 
 def find_compiler() -> Compiler | None:
-    v = _env("JITKERN_HIPCC")
+    v = settings.get("hipcc") or ""
     if v and os.access(v, os.X_OK):
         return Compiler(v, "hipcc", "JITKERN_HIPCC")
-    v = _env("JITKERN_HIP_CLANG")
+    v = settings.get("hip_clang") or ""
     if v:
         p = v if os.access(v, os.X_OK) else shutil.which(v)
         if p:
@@ -155,7 +147,7 @@ def _hip_version(include: Path) -> str:
 
 def find_hip_headers() -> HipHeaders | None:
     candidates = []
-    v = _env("JITKERN_HIP_INCLUDE")
+    v = settings.get("hip_include") or ""
     if v:
         candidates.append((Path(v), "JITKERN_HIP_INCLUDE"))
     candidates += [(_rocm() / "include", f"ROCm ({_rocm()})"), (Path("/usr/include"), "system (/usr/include)")]
@@ -189,7 +181,7 @@ def _triton_amd_lib() -> Path | None:
 
 def find_device_libs() -> DeviceLibs | None:
     candidates = []
-    v = _env("JITKERN_HIP_DEVICE_LIBS")
+    v = settings.get("hip_device_libs") or ""
     if v:
         candidates.append((Path(v), "JITKERN_HIP_DEVICE_LIBS"))
     rocm = _rocm()
