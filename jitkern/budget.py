@@ -20,7 +20,8 @@ budget, the block's registers exceed the register file a block can use (AMD: 512
 SIMD lane, shared by the block's waves on that SIMD); otherwise ``ok``. SGPRs, spills and scratch are
 recorded, not rejected (the compiler keeps SGPRs within a wave's; spills and scratch run, slower).
 The verdict is stored in the cache entry's metadata (``status``, ``resources``), so a rejected
-configuration is compiled once and then remembered by every later process; ``enforce`` raises ``OverBudgetError`` for it.
+configuration is compiled once and then remembered by every later process; ``enforce`` raises
+``OverBudgetError`` for it.
 
 ``status(job)`` is the function prebuild calls: build-or-load a job and return its status
 (``built``/``cached``/``rejected_over_budget``) with the figures.

@@ -232,7 +232,8 @@ def build_task(task: Task) -> dict[str, Any]:
     except OverBudgetError as e:  # compiled, over the arch's budget: recorded, never launched
         f = e.figures
         return _record(task, "rejected_over_budget", shared_bytes=f.get("shared_bytes"), regs=f.get("regs"),
-                       spills=f.get("spills"), **_amd_figures(f), error=str(e), seconds=round(time.perf_counter() - t0, 3))
+                       spills=f.get("spills"), **_amd_figures(f), error=str(e),
+                       seconds=round(time.perf_counter() - t0, 3))
     except BuildError as e:
         unavailable = isinstance(e, UnavailableError) or getattr(e, "unavailable", False)
         return _record(task, "unavailable" if unavailable else "failed", error=str(e), transient=is_transient(e),

@@ -10,4 +10,5 @@ arches = sorted({r["arch"] for r in recs})
 if not hip or sorted({r["arch"] for r in hip}) != arches or bad:
     raise SystemExit(f"AMD prebuild report is not all built with figures: {bad[:3] or 'no hip artifacts'}")
 print(f"AMD offline: {len(hip)} hip and {len(recs) - len(hip)} triton code objects for {', '.join(arches)}, "
-      f"all built within budget (max VGPRs {max(r['vgprs'] for r in recs)}, max LDS {max(r['lds_bytes'] for r in recs)} B)")
+      f"all built within budget (max VGPRs {max(r['vgprs'] for r in recs)}, "
+      f"max LDS {max(r['lds_bytes'] for r in recs)} B)")
