@@ -140,13 +140,30 @@ def _load_with_triton(entry, job, src):
 
 
 def direct_launch(run, function, packed, stream, device):
-    """``run_direct(gx, gy, gz, *kernel_args)``: what Triton's ``CudaLauncher.__call__`` does for a
-    kernel that needs no scratch memory, without its Python layer: call the generated C ``launch``
-    with the constant arguments bound once. A grid with a zero dimension launches nothing.
-    ``tests/test_runtime.py`` checks the arguments against Triton's own ``CudaLauncher.__call__``."""
+    """``run_direct(gx, gy, gz, *kernel_args)``: what Triton's ``CudaLauncher.__call__`` does, without
+    its Python layer: call the generated C ``launch`` with the constant arguments bound once. A grid
+    with a zero dimension launches nothing. ``tests/test_runtime.py`` checks the arguments against
+    Triton's own ``CudaLauncher.__call__``.
+
+    Kernels that need global scratch (device-made TMA descriptors: 128 bytes per descriptor and
+    program) get it from torch's caching allocator on the launch's stream, sized like Triton's
+    (grid x num_ctas x size); Triton's path would need ``triton.set_allocator`` to have been called."""
     c_launch = run.launch
     # launch(gx, gy, gz, stream, function, cooperative, pdl, global_scratch, profile_scratch,
     #        packed_metadata, launch_metadata, enter_hook, exit_hook, *kernel_args)
+    scratch = getattr(run, "global_scratch_size", 0) * getattr(run, "num_ctas", 1)
+    if scratch:
+        import torch
+
+        coop, pdl, dev = run.launch_cooperative_grid, run.launch_pdl, torch.device("cuda", device)
+        tail = (None, packed, None, None, None)
+
+        def run_scratch(gx, gy, gz, *args):
+            if gx > 0 and gy > 0 and gz > 0:
+                buf = torch.empty(gx * gy * gz * scratch, dtype=torch.uint8, device=dev)
+                c_launch(gx, gy, gz, stream(device), function, coop, pdl, buf.data_ptr(), *tail, *args)
+
+        return run_scratch
     fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, packed, None, None, None)
 
     def run_direct(gx, gy, gz, *args):
@@ -191,16 +208,17 @@ class GPUKernel(Kernel):
         if fast is not None:
             self.run = fast
             self.takes_addresses = True
+            if getattr(md, "global_scratch_size", 0):  # Triton's own path would need triton.set_allocator
+                self.launch = lambda grid3, *args: fast(grid3[0], grid3[1], grid3[2], *args)
 
     def _direct_launch(self):
         """Triton's C ``launch`` with the constant arguments bound (see :func:`direct_launch`), where it
-        applies: CUDA kernels needing no scratch memory, no launch hooks set (profilers) at load time.
+        applies: CUDA kernels needing no profile scratch, no launch hooks set (profilers) at load time.
         HIP keeps the general path (its stub takes another argument order; not verified on hardware)."""
         from triton import knobs
 
         run, md = self._run, self._metadata
-        if (self.job.arch.backend != "cuda" or getattr(md, "global_scratch_size", 0)
-                or getattr(md, "profile_scratch_size", 0) or _hooked(knobs.runtime.launch_enter_hook)
+        if (self.job.arch.backend != "cuda" or getattr(md, "profile_scratch_size", 0) or _hooked(knobs.runtime.launch_enter_hook)
                 or _hooked(knobs.runtime.launch_exit_hook) or not hasattr(run, "launch")):
             return None
         return direct_launch(run, self._function, self._packed, self._stream, self._device)

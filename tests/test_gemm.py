@@ -37,6 +37,52 @@ def test_numerics_transposed_weight(m, n, k):
     _check(jitkern.ops.gemm(a, w.t()), a, w.t())
 
 
+@pytest.mark.parametrize("hopper", [dict(persistent=1), dict(persistent=0, epi_split=2), dict(warp_spec=1)],
+                         ids=["persistent", "tile-per-program-split-epilogue", "warp-specialised"])
+def test_hopper_tma_kernel_numerics(hopper, monkeypatch):
+    """The sm_90 path (TMA descriptors; persistent grid of at most one program per SM, 4 on the CPU):
+    chosen as on an H200 (JITKERN_ARCH=sm_90), run in Triton's interpreter. Aligned shapes take the
+    TMA kernel (tails of M and N zero-filled / clipped by the descriptors), the unaligned one the
+    pointer kernel; both layouts of B, both 16-bit dtypes; outputs poisoned first."""
+    monkeypatch.setenv("JITKERN_ARCH", "sm_90")
+    monkeypatch.setenv("JITKERN_GEMM_TMA", "1")
+    for k_, v in hopper.items():
+        monkeypatch.setenv(f"JITKERN_GEMM_{k_.upper()}", str(v))
+    seen = set()
+    bf16, fp16 = torch.bfloat16, torch.float16
+    # (70, 320): 2 x 5 tiles of 64x64 over 4 persistent programs, so programs stride over tiles
+    for m, n, k, b_trans, dtype in ((1, 48, 256, False, bf16), (1, 48, 256, True, fp16), (70, 320, 128, True, bf16),
+                                    (70, 320, 128, False, fp16), (5, 33, 40, True, bf16)):
+        torch.manual_seed(m + n + k)
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(n, k, dtype=dtype).t() if b_trans else torch.randn(k, n, dtype=dtype)
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        _check(jitkern.ops.gemm(a, b, out=out), a, b)
+    for cfg, _ in gemm._plans.values():
+        assert cfg.p["tma"] == 1 and all(cfg.p[k_] == v for k_, v in hopper.items())
+        seen.add(cfg.p["aligned"])
+    assert seen == {True, False}
+    src = plan(gemm.SPEC, next(c for c, _ in gemm._plans.values() if c.p["aligned"]), arch.get("cpu")).source
+    assert "tl.make_tensor_descriptor" in src and ("tl.num_programs(0)" in src) == bool(hopper.get("persistent"))
+
+
+def test_hopper_tiles_only_on_sm90_and_compile_to_wgmma_and_tma():
+    """Arch rules keep TMA tiles off every other arch (gfx942/gfx950 candidate lists unchanged); for
+    sm_90 the first large-shape candidate cross-compiles with the copy engine and global scratch."""
+    for name in ("gfx942", "gfx950", "sm_80", "cpu"):
+        for b, _ in gemm.BUCKETS:
+            assert not any(t.get("tma") for t in gemm.candidates(name, "bf16", b, tuned=False))
+    first = gemm.candidates("sm_90", "bf16", "large", tuned=False)[0]
+    assert first["tma"] == 1 and first["persistent"] == 1
+    entry, _ = get_entry(plan(gemm.SPEC, gemm.config("bf16", True, True, first), arch.get("sm_90")))
+    assert entry.meta["status"] == budget.OK
+    import json
+    md = json.loads(entry.read_bytes("metadata.json"))
+    assert md["global_scratch_size"] >= 3 * 128  # three device-made descriptors per program
+    assert gemm._grid(dict(first, aligned=True), 4096, 4096, None) == 4  # persistent: capped (CPU: 4)
+    assert gemm._grid(dict(first, aligned=False), 4096, 4096, None) == 32 * 16  # pointer kernel: a tile each
+
+
 def test_out_argument_and_strided_rows():
     a_big = torch.randn(24, 96, dtype=torch.float16)
     a = a_big[:, :80]  # row stride 96, not contiguous
@@ -98,7 +144,7 @@ def test_choice_differs_across_arches_by_budget(caplog, monkeypatch):
             assert r["arch"] == name
         # each arch skips exactly the candidates before its choice, all for their bytes
         order = gemm.candidates(name, "bf16", "m128", tuned=False)
-        assert len(rejected) == order.index({p: cfg.p[p] for p in gemm.TILE_PARAMS})
+        assert len(rejected) == order.index(gemm.tile_of(cfg.p))
     assert len({c for c in chosen.values()}) == 3, chosen
     # prebuild's list for each arch holds what the runtime picks there (tuned order included)
     for name in ("sm_90", "gfx950", "gfx942"):

@@ -17,9 +17,15 @@ Times are ``triton.testing.do_bench`` medians (L2 flushed between runs) of the o
 (validation, contract allocation and launches included) and of the eager PyTorch reference in the
 same run (the anchor). ratio = reference time / jitkern time (>= 1.0 means jitkern is faster).
 Bandwidth counts the bytes each op must move at least once (inputs read, outputs written), divided
-by the jitkern time, as a fraction of the H100 SXM's 3.35 TB/s HBM3 peak. A device-to-device copy
-of 1 GiB in the same run is reported as the achievable-bandwidth anchor.
+by the jitkern time, as a fraction of the device's datasheet HBM peak (``tools/gpu_peaks.py``, keyed
+by the device name; 3.35 TB/s on an H100 SXM, 4.8 TB/s on an H200). A device-to-device copy of 1 GiB
+in the same run is printed beside the peak as the achievable-bandwidth anchor. Each op's kernels are
+also replayed through Triton's own JIT from the same rendered source (``tools/jit_twin.py``): the
+``jit`` column is that time over jitkern's (>= 1.0: jitkern's launch is no slower).
 Prints a table and writes JSON.
+
+``--sweep`` times tile settings through the ops' ``JITKERN_<OP>_<PARAM>`` overrides instead
+(``--sweep-ops pa,moe,mqa,gkv``) and writes them as JSON.
 """
 from __future__ import annotations
 
@@ -29,8 +35,12 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-PEAK = 3.35e12
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_peaks  # noqa: E402
+import jit_twin  # noqa: E402
 
 
 def paged_decode_inputs(torch, dev, bsz: int, ctx: int, hq: int, hkv: int, d: int, page: int):
@@ -50,8 +60,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one shape per op")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--sweep", action="store_true",
-                    help="instead: time tile settings of paged_attention_decode and moe_gemm_stage1 "
+                    help="instead: time tile settings of the ops named by --sweep-ops "
                          "(through their JITKERN_<OP>_<PARAM> overrides) and write them as JSON")
+    ap.add_argument("--sweep-ops", default="pa,moe", help="pa, moe, mqa, gkv (comma separated)")
+    ap.add_argument("--ops", default="pa,gkv,moe,mqa", help="which ops to benchmark (default all)")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("JITKERN_DEBUG", None)
@@ -70,7 +82,12 @@ def main() -> int:
     torch.manual_seed(0)
     rows = []
     if args.sweep:
-        return sweep(args, torch, do_bench, pa, moe)
+        return sweep(args, torch, do_bench, pa, moe, mqa, gkv)
+    ops = set(args.ops.split(","))
+    gpu = gpu_peaks.device_report(torch, do_bench)
+    print(gpu_peaks.describe(gpu))
+    peak = gpu["peak"]
+    PEAK = peak["hbm_bytes_per_s"] if peak else gpu["copy_bytes_per_s"]
 
     def bench(op, shape, nbytes, fn, ref, check):
         t0 = time.perf_counter()
@@ -80,28 +97,31 @@ def main() -> int:
         err = check(y, ref())
         t_jk = do_bench(fn, warmup=25, rep=100, return_mode="median")
         t_ref = do_bench(ref, warmup=5, rep=100, return_mode="median")
+        try:
+            tw = jit_twin.compare(fn, do_bench, warmup=25, rep=100, return_mode="median")
+        except Exception as e:  # the comparison must not hide the main figures
+            tw = {"twin_error": f"{type(e).__name__}: {str(e)[:200]}"}
         rows.append({"op": op, "shape": shape, "jitkern_ms": t_jk, "reference_ms": t_ref, "ratio": t_ref / t_jk,
                      "bytes": nbytes, "bandwidth_TBps": nbytes / t_jk / 1e9, "frac_peak": nbytes / t_jk / 1e9 / PEAK * 1e12,
-                     "max_abs_err": err, "first_call_s": first})
+                     "frac_copy": nbytes / t_jk / 1e9 / gpu["copy_bytes_per_s"] * 1e12,
+                     "max_abs_err": err, "first_call_s": first, "triton_jit": tw,
+                     "config": [k.job.config.describe() for k in jit_twin._loaded_kernels()
+                                if k.job.spec.name == op][-2:]})
         r = rows[-1]
+        jit = f"jit/jk {tw['jit_over_jitkern']:.3f}" if "jit_over_jitkern" in tw else "jit -"
         print(f"{op:24s} {shape:44s} jk {t_jk:8.3f} ms  ref {t_ref:9.3f} ms  x{r['ratio']:7.2f}  "
-              f"{r['bandwidth_TBps']:5.2f} TB/s ({r['frac_peak'] * 100:4.1f}% peak)  err {err:.2e}", flush=True)
+              f"{r['bandwidth_TBps']:5.2f} TB/s ({r['frac_peak'] * 100:4.1f}% peak, {r['frac_copy'] * 100:4.1f}% copy)  "
+              f"{jit}  err {err:.2e}", flush=True)
 
     def close(y, r):
         return float((y.float() - r.float()).abs().nan_to_num(posinf=0, neginf=0).max())
 
-    # anchor: device copy bandwidth
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    t_copy = do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
-    copy_bw = 2 * a.numel() / t_copy / 1e9
-    print(f"anchor: 1 GiB device copy {t_copy:.3f} ms = {copy_bw:.2f} TB/s ({copy_bw / PEAK * 1e12 * 100:.1f}% of peak)")
-    del a, b
+    copy_bw = gpu["copy_bytes_per_s"] / 1e12
 
     # ---- paged_attention_decode --------------------------------------------------------------------
     hq, hkv, d, page = 32, 8, 128, 16
     pa_shapes = [(32, 2048), (64, 8192), (256, 2048), (32, 32768), (128, 4096)]
-    for bsz, ctx in (pa_shapes[:1] if args.quick else pa_shapes):
+    for bsz, ctx in (pa_shapes[:1] if args.quick else pa_shapes) if "pa" in ops else ():
         q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, hq, hkv, d, page)
         nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2 + bt.numel() * 4
         bench("paged_attention_decode", f"b={bsz} ctx={ctx} h={hq}/{hkv} d={d}", nbytes,
@@ -112,7 +132,7 @@ def main() -> int:
 
     # ---- gather_kv_cache ---------------------------------------------------------------------------
     g_shapes = [(32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)]
-    for bsz, ctx, pg, e in (g_shapes[:1] if args.quick else g_shapes):
+    for bsz, ctx, pg, e in (g_shapes[:1] if args.quick else g_shapes) if "gkv" in ops else ():
         nblk = ctx // pg
         cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
         bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
@@ -130,7 +150,7 @@ def main() -> int:
     # ---- moe_gemm_stage1 ---------------------------------------------------------------------------
     experts, topk, hidden, n = 256, 8, 7168, 256
     w = torch.randn(experts, 2 * n, hidden, dtype=torch.bfloat16, device=dev) / 64
-    for t in ((64,) if args.quick else (32, 64, 128, 256)):
+    for t in ((64,) if args.quick else (32, 64, 128, 256)) if "moe" in ops else ():
         x = torch.randn(t, hidden, dtype=torch.bfloat16, device=dev)
         tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(t)]).int()
         ids, eids, npad = moe.moe_align(tid, experts, 16)
@@ -145,7 +165,7 @@ def main() -> int:
     # ---- paged_mqa_logits --------------------------------------------------------------------------
     h, d, pg = 64, 128, 64
     m_shapes = [(32, 1, 8192), (64, 2, 8192), (128, 1, 16384), (32, 2, 32768)]
-    for bsz, nn, ctx in (m_shapes[:1] if args.quick else m_shapes):
+    for bsz, nn, ctx in (m_shapes[:1] if args.quick else m_shapes) if "mqa" in ops else ():
         nblk = ctx // pg
         kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
         bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
@@ -159,9 +179,11 @@ def main() -> int:
         del kv
         torch.cuda.empty_cache()
 
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    print(gpu_peaks.describe(gpu))
+    report = {"device": torch.cuda.get_device_name(), "gpu": gpu, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-              "peak_TBps": PEAK / 1e12, "anchor_copy_TBps": copy_bw, "rows": rows,
+              "peak_TBps": PEAK / 1e12, "peak_from": "datasheet" if peak else "measured copy",
+              "anchor_copy_TBps": copy_bw, "rows": rows,
               "min_ratio": min(r["ratio"] for r in rows)}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -169,13 +191,14 @@ def main() -> int:
     return 0
 
 
-def sweep(args, torch, do_bench, pa, moe) -> int:
+def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
     import itertools
 
     from jitkern import runtime
 
     dev = "cuda"
-    out = {"paged_attention_decode": [], "moe_gemm_stage1": []}
+    sops = set(args.sweep_ops.split(","))
+    out = {"device": torch.cuda.get_device_name(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())}
 
     def timed(fn):
         try:
@@ -192,41 +215,86 @@ def sweep(args, torch, do_bench, pa, moe) -> int:
             os.environ[f"{prefix}{k.upper()}"] = str(v)
         runtime.clear_memory()
 
-    hq, hkv, d, page = 32, 8, 128, 16
-    cases = []
-    for bsz, ctx in ((32, 2048), (64, 8192)):
-        q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, hq, hkv, d, page)
-        cases.append((f"b={bsz} ctx={ctx}", q, k, v, bt, lens, 2 * k.numel() * 2))
-    for part, bn, nw, ns in itertools.product((256, 512, 1024), (32, 64, 128), (4, 8), (2, 3, 4)):
-        params = dict(partition=part, block_n=bn, num_warps=nw, num_stages=ns)
-        with_env("JITKERN_PAGED_ATTENTION_DECODE_", params)
-        rec = dict(params)
-        for name, q, k, v, bt, lens, nbytes in cases:
-            t = timed(lambda: pa.paged_attention_decode(q, k, v, bt, lens))
-            rec[name] = t
-            rec[name + " TB/s"] = nbytes / t / 1e9 if isinstance(t, float) else None
-        out["paged_attention_decode"].append(rec)
-        print("pa", json.dumps(rec), flush=True)
-    with_env("JITKERN_PAGED_ATTENTION_DECODE_", {})
-    del cases
+    def run_grid(name, prefix, grid, cases):
+        out[name] = []
+        for params in grid:
+            with_env(prefix, params)
+            rec = dict(params)
+            for label, fn, nbytes in cases:
+                t = timed(fn)
+                rec[label] = t
+                rec[label + " TB/s"] = nbytes / t / 1e9 if isinstance(t, float) else None
+            out[name].append(rec)
+            print(name, json.dumps(rec), flush=True)
+        with_env(prefix, {})
 
-    experts, topk, hidden, n = 256, 8, 7168, 256
-    w = torch.randn(experts, 2 * n, hidden, dtype=torch.bfloat16, device=dev) / 64
-    x = torch.randn(64, hidden, dtype=torch.bfloat16, device=dev)
-    tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(64)]).int()
-    ids, eids, npad = moe.moe_align(tid, experts, 16)
-    nbytes = int(torch.unique(tid).numel()) * 2 * n * hidden * 2
-    grid = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=ns) for bn, bk, ns in
-            itertools.product((32, 64, 128), (128, 256), (3, 4))]
-    grid += [dict(block_n=128, block_k=bk, num_warps=8, num_stages=ns) for bk, ns in itertools.product((128, 256), (3, 4))]
-    for params in grid:
-        with_env("JITKERN_MOE_GEMM_STAGE1_", params)
-        for split in (1, 2, 4):
-            t = timed(lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=split))
-            rec = {**params, "split_k": split, "ms": t, "TB/s": nbytes / t / 1e9 if isinstance(t, float) else None}
-            out["moe_gemm_stage1"].append(rec)
-            print("moe", json.dumps(rec), flush=True)
-    with_env("JITKERN_MOE_GEMM_STAGE1_", {})
+    if "pa" in sops:
+        hq, hkv, d, page = 32, 8, 128, 16
+        cases = []
+        for bsz, ctx in ((32, 2048), (64, 8192), (32, 32768)):
+            q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, hq, hkv, d, page)
+            cases.append((f"b={bsz} ctx={ctx}", (lambda q=q, k=k, v=v, bt=bt, lens=lens:
+                                                 pa.paged_attention_decode(q, k, v, bt, lens)), 2 * k.numel() * 2))
+        grid = [dict(partition=part, block_n=bn, num_warps=nw, num_stages=ns) for part, bn, nw, ns in
+                itertools.product((256, 512, 1024), (32, 64), (4, 8), (2, 3)) if ns == 2 or bn == 64]
+        run_grid("paged_attention_decode", "JITKERN_PAGED_ATTENTION_DECODE_", grid, cases)
+        del cases
+
+    if "mqa" in sops:
+        h, d, pg = 64, 128, 64
+        cases = []
+        for bsz, nn, ctx in ((32, 1, 8192), (64, 2, 8192), (32, 2, 32768)):
+            nblk = ctx // pg
+            kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
+            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+            lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(bsz, nn, h, d, dtype=torch.bfloat16, device=dev)
+            wt = torch.rand(bsz * nn, h, device=dev)
+            nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
+            cases.append((f"b={bsz} n={nn} ctx={ctx}", (lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx:
+                                                       mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx)), nbytes))
+        grid = [dict(block_t=bt_, span=sp, num_warps=nw, num_stages=ns) for bt_, sp, nw, ns in
+                itertools.product((64, 128), (1, 4, 8), (4, 8), (2, 3)) if not (sp == 1 and ns == 3)]
+        run_grid("paged_mqa_logits", "JITKERN_PAGED_MQA_LOGITS_", grid, cases)
+        del cases
+
+    if "gkv" in sops:
+        cases = []
+        for bsz, ctx, pg, e in ((32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)):
+            nblk = ctx // pg
+            cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
+            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+            lens = torch.randint(ctx // 2, ctx + 1, (bsz,), device=dev)
+            cu = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
+            cu[1:] = torch.cumsum(lens, 0)
+            total = int(cu[-1])
+            cases.append((f"b={bsz} ctx={ctx} e={e}", (lambda cache=cache, bt=bt, cu=cu, total=total:
+                                                      gkv.gather_kv_cache(cache, bt, cu, num_tokens=total)),
+                          2 * total * e * 2))
+        grid = [dict(block_t=bt_, block_e=be, num_warps=nw, max_splits=ms) for bt_, be, nw, ms in
+                itertools.product((16, 32, 64), (256, 1024), (4, 8), (64, 256))]
+        run_grid("gather_kv_cache", "JITKERN_GATHER_KV_CACHE_", grid, cases)
+        del cases
+
+    if "moe" in sops:
+        experts, topk, hidden, n = 256, 8, 7168, 256
+        w = torch.randn(experts, 2 * n, hidden, dtype=torch.bfloat16, device=dev) / 64
+        x = torch.randn(64, hidden, dtype=torch.bfloat16, device=dev)
+        tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(64)]).int()
+        ids, eids, npad = moe.moe_align(tid, experts, 16)
+        nbytes = int(torch.unique(tid).numel()) * 2 * n * hidden * 2
+        grid = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=ns) for bn, bk, ns in
+                itertools.product((32, 64, 128), (128, 256), (3, 4))]
+        grid += [dict(block_n=128, block_k=bk, num_warps=8, num_stages=ns) for bk, ns in itertools.product((128, 256), (3, 4))]
+        out["moe_gemm_stage1"] = []
+        for params in grid:
+            with_env("JITKERN_MOE_GEMM_STAGE1_", params)
+            for split in (1, 2, 4):
+                t = timed(lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=split))
+                rec = {**params, "split_k": split, "ms": t, "TB/s": nbytes / t / 1e9 if isinstance(t, float) else None}
+                out["moe_gemm_stage1"].append(rec)
+                print("moe", json.dumps(rec), flush=True)
+        with_env("JITKERN_MOE_GEMM_STAGE1_", {})
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     return 0

@@ -11,6 +11,10 @@ against the Triton variant, kernel time (``triton.testing.do_bench``: median ove
 between runs) and the effective bandwidth (bytes of q and k read and written once). The anchor is the
 eager PyTorch reference, timed the same way in the same run; ratios are reference time / variant time.
 The op itself (``jitkern.ops.qk_norm_rope``, routing included) is timed as launched back to back.
+The bandwidth is also given as a fraction of the device's datasheet HBM peak (``tools/gpu_peaks.py``,
+by device name) with a device copy measured in the same run beside it, and each variant's kernel is
+replayed through Triton's own JIT from the same source (``tools/jit_twin.py``; Triton variant only).
+``--sweep`` first times the Triton variant's tiles (``JITKERN_QK_NORM_ROPE_TILE`` / ``_NUM_WARPS``).
 Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -21,6 +25,12 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_peaks  # noqa: E402
+import jit_twin  # noqa: E402
 
 
 def main() -> int:
@@ -31,6 +41,7 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", default="qk_norm_rope_gpu.json")
     ap.add_argument("--cache-dir", default=None, help="JITKERN_CACHE_DIR (default: a fresh temporary dir)")
+    ap.add_argument("--sweep", action="store_true", help="time the Triton variant's tiles first (JSON 'sweep')")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["JITKERN_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="jitkern-qnr-")
@@ -58,11 +69,23 @@ def main() -> int:
     pos = torch.randint(0, 8192, (t,), device=dev, generator=g)
     moved = 2 * t * (hq + hkv) * d * qkv0.element_size()  # q and k heads read and written once
 
-    report = {"device": torch.cuda.get_device_name(), "arch": a.name, "torch": torch.__version__,
+    gpu = gpu_peaks.device_report(torch, do_bench)
+    print(gpu_peaks.describe(gpu))
+    peak = gpu["peak"]
+    report = {"device": torch.cuda.get_device_name(), "gpu": gpu, "arch": a.name, "torch": torch.__version__,
               "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "shape": {"tokens": t, "hq": hq, "hkv": hkv, "head_dim": d, "dtype": "bf16", "cache": "fp32"},
               "results": []}
     ok = True
+    if args.sweep:
+        report["sweep"] = sweep(torch, do_bench, qnr, a, qkv0, qw, kw, cs, pos, hq, hkv, moved)
+        timed = [r for r in report["sweep"] if isinstance(r.get("neox"), float) and isinstance(r.get("gptj"), float)]
+        if timed:  # the rest of the run uses the winner, as the shipped table would (qk_norm_rope.TRITON_TILES)
+            best = min(timed, key=lambda r: r["neox"] + r["gptj"])
+            report["sweep_winner"] = {"tile": best["tile"], "num_warps": best["num_warps"]}
+            os.environ["JITKERN_QK_NORM_ROPE_TILE"] = str(best["tile"])
+            os.environ["JITKERN_QK_NORM_ROPE_NUM_WARPS"] = str(best["num_warps"])
+            print("qk_norm_rope triton sweep winner:", report["sweep_winner"])
     for is_neox in (True, False):
         style = "neox" if is_neox else "gptj"
         want = qnr.reference(qkv0.clone(), qw, kw, cs, pos, hq, hkv, d, 1e-6, is_neox)
@@ -92,7 +115,17 @@ def main() -> int:
             ok &= row["matches_reference"]
             y = qkv0.clone()
             ms = do_bench(lambda: cand.launch(k, y, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6))
-            row.update(ms=round(ms, 5), gbps=round(moved / ms / 1e6, 1), speedup_vs_anchor=round(anchor_ms / ms, 2))
+            row.update(ms=round(ms, 5), gbps=round(moved / ms / 1e6, 1), speedup_vs_anchor=round(anchor_ms / ms, 2),
+                       frac_peak=round(gpu_peaks.frac(moved / ms * 1e3, peak), 3) if peak else None,
+                       frac_copy=round(moved / ms * 1e3 / gpu["copy_bytes_per_s"], 3), config=cand.config.describe())
+            if cand.variant == "triton":
+                try:
+                    tw = jit_twin.compare(lambda: cand.launch(k, y, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6),
+                                          do_bench)
+                    row.update(triton_jit_ms=round(tw["triton_jit_ms"], 5), jitkern_ms_same_pass=round(tw["jitkern_ms"], 5),
+                               jit_over_jitkern=round(tw["jit_over_jitkern"], 3))
+                except Exception as e:  # the comparison must not hide the main figures
+                    row["twin_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             report["results"].append(row)
         if "triton" in outs:
             for name, x in outs.items():
@@ -141,18 +174,52 @@ def main() -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"{report['device']} ({a.name}), torch {report['torch']}, triton {report['triton']}, {report['date']}")
-    print(f"{'style':6} {'variant':38} {'ms':>9} {'GB/s':>7} {'x anchor':>8} {'max err':>9}  note")
+    print(gpu_peaks.describe(gpu))
+    print(f"{'style':6} {'variant':38} {'ms':>9} {'GB/s':>7} {'%peak':>6} {'jit/jk':>6} {'x anchor':>8} {'max err':>9}  note")
     for r in report["results"]:
         ms = r.get("ms", r.get("ms_back_to_back", ""))
         err = r.get("max_abs_err_vs_reference", r.get("max_abs_diff", ""))
         note = r.get("status", "") or (f"routed to {r['routed_to']}" if "routed_to" in r else "")
         if "build_or_load_s" in r:
             note = f"build/load {r['build_or_load_s']} s"
-        print(f"{r['style']:6} {r['variant']:38} {ms!s:>9} {r.get('gbps', '')!s:>7} "
+        fp = f"{r['frac_peak'] * 100:.0f}%" if r.get("frac_peak") else ""
+        print(f"{r['style']:6} {r['variant']:38} {ms!s:>9} {r.get('gbps', '')!s:>7} {fp:>6} {r.get('jit_over_jitkern', '')!s:>6} "
               f"{r.get('speedup_vs_anchor', '')!s:>8} {err!s:>9}  {note} {r.get('reason', '')}")
     print("host overhead per call (1 token, back to back):", report["host_overhead_us"])
     print("all variants match the reference:", ok)
     return 0 if ok else 1
+
+
+def sweep(torch, do_bench, qnr, a, qkv0, qw, kw, cs, pos, hq, hkv, moved) -> list:
+    """Triton variant, both styles, over tile x num_warps (through the env overrides)."""
+    from jitkern import fallback, runtime
+
+    out = []
+    for tile in (256, 512, 1024, 2048):
+        for nw in (1, 2, 4, 8):
+            os.environ["JITKERN_QK_NORM_ROPE_TILE"], os.environ["JITKERN_QK_NORM_ROPE_NUM_WARPS"] = str(tile), str(nw)
+            runtime.clear_memory()
+            rec = {"tile": tile, "num_warps": nw}
+            for is_neox in (True, False):
+                cand = [c for c in qnr.candidates(a, "bf16", "fp32", "i64", qkv0.shape[1] // (hq + 2 * hkv), is_neox)
+                        if c.variant == "triton"][0]
+                try:
+                    k = fallback.obtain(qnr.SPEC, cand.config, qkv0.device)
+                    y = qkv0.clone()
+                    ms = do_bench(lambda: cand.launch(k, y, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6),
+                                  warmup=10, rep=40, return_mode="median")
+                    rec["neox" if is_neox else "gptj"] = ms
+                    rec[("neox" if is_neox else "gptj") + " TB/s"] = moved / ms / 1e9
+                except Exception as e:  # a tile that does not build: record and go on
+                    rec["neox" if is_neox else "gptj"] = f"{type(e).__name__}: {str(e)[:100]}"
+            print("qk_norm_rope sweep", json.dumps(rec), flush=True)
+            out.append(rec)
+    for var in ("JITKERN_QK_NORM_ROPE_TILE", "JITKERN_QK_NORM_ROPE_NUM_WARPS"):
+        os.environ.pop(var, None)
+    runtime.clear_memory()
+    for d in (qnr._routes, qnr._plans):
+        d.clear()
+    return out
 
 
 if __name__ == "__main__":

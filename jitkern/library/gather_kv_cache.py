@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, registry, runtime
+from .. import checks, constraints, registry, runtime
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..spec import Arg, Config, OpSpec, Variant
@@ -21,8 +21,14 @@ from ..spec import Arg, Config, OpSpec, Variant
 OP = "gather_kv_cache"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.int8)
 PAGE_SIZES = (1, 16, 32, 64, 128, 256)
-BLOCK_T = 16
-BLOCK_E = 256
+#: Tile parameters (values ``JITKERN_GATHER_KV_CACHE_<PARAM>`` may set): tokens and entry elements per
+#: step, warps, and the most programs per sequence (max_splits).
+TUNABLES = {"block_t": (8, 16, 32, 64), "block_e": (64, 128, 256, 512, 1024), "num_warps": (1, 2, 4, 8),
+            "max_splits": (16, 32, 64, 128, 256)}
+TILES: dict = {}
+DEFAULT_TILES = {"block_t": 16, "block_e": 256, "num_warps": 4, "max_splits": 64}
+BLOCK_T = DEFAULT_TILES["block_t"]
+BLOCK_E = DEFAULT_TILES["block_e"]
 
 #: Written once beside the template: the kernel writes exactly ``out`` [num_tokens, entry].
 CONTRACT = Contract(OP, (
@@ -45,16 +51,22 @@ def reference(kv_cache, block_table, cu_seq_lens, num_tokens=None, out=None):
     return y
 
 
-def config(dtype: str, page_size: int, aligned: bool) -> Config:
-    return Config.make("triton", dtype=dtype, page_size=page_size, aligned=aligned, block_t=BLOCK_T,
-                       block_e=BLOCK_E, num_warps=4)
+def tiles(arch_name: str) -> dict:
+    """block_t, block_e, num_warps, max_splits for an arch, after rules and env overrides."""
+    return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
+
+
+def config(dtype: str, page_size: int, aligned: bool, arch_name: str = "") -> Config:
+    t = tiles(arch_name)
+    return Config.make("triton", dtype=dtype, page_size=page_size, aligned=aligned, block_t=t["block_t"],
+                       block_e=t["block_e"], num_warps=t["num_warps"])
 
 
 def configs(arch):
     for dtype in ("bf16", "fp16", "fp32", "u8", "i8"):
         for page in PAGE_SIZES:
             for aligned in (True, False):
-                yield config(dtype, page, aligned)
+                yield config(dtype, page, aligned, arch.name)
 
 
 _plans = runtime.plan_cache()
@@ -95,9 +107,11 @@ def gather_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_le
     sig = (kv_cache.dtype, kv_cache.device, page, aligned)
     k = _plans.get(sig)
     if k is None:
-        k = _plans[sig] = runtime.kernel(SPEC, config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned),
-                                         kv_cache.device)
-    splits = max(1, min(64, -(-num_tokens // (batch * BLOCK_T))))
+        select_arch, _ = runtime.arches_for(kv_cache.device)
+        cfg = config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned, select_arch.name)
+        k = _plans[sig] = (runtime.kernel(SPEC, cfg, kv_cache.device), tiles(select_arch.name)["max_splits"])
+    k, max_splits = k
+    splits = max(1, min(max_splits, -(-num_tokens // (batch * k.job.config.p["block_t"]))))
     k[(batch, splits)](kv_cache, block_table, cu_seq_lens, o, *strides, e)
     bufs.finish(k)
     return bufs.result("out")
@@ -127,7 +141,7 @@ SPEC = registry.register(OpSpec(
     reference=reference,
     configs=configs,
     doc=__doc__,
-    extra={"contract": CONTRACT},
+    extra={"contract": CONTRACT, "tunables": TUNABLES},
     outputs=("out",),
     alloc=alloc,
 ))

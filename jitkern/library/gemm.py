@@ -13,6 +13,7 @@ artifact fits the arch's shared-memory budget (``jitkern.budget``) is used.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,8 +35,21 @@ TUNABLES = {
     "group_m": (1, 2, 4, 8, 16),
     "num_warps": (1, 2, 4, 8, 16),
     "num_stages": (1, 2, 3, 4, 5, 6, 7, 8),
+    # Hopper path (sm_90 only, see HOPPER_RULES): TMA tensor descriptors; persistent grid (at most one
+    # program per SM); Triton's automatic warp specialisation; epilogue stored in 1 or 2 column slices.
+    "tma": (0, 1),
+    "persistent": (0, 1),
+    "warp_spec": (0, 1),
+    "epi_split": (1, 2),
 }
-TILE_PARAMS = tuple(TUNABLES)
+TILE_PARAMS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+#: Parameters of the Hopper path, with the values a tile without them has; only tiles with tma=1
+#: carry them (so every other config, and its cache key, is what it was before the path existed).
+HOPPER_PARAMS = {"tma": 0, "persistent": 0, "warp_spec": 0, "epi_split": 1}
+#: Arches without tensor-memory-accelerator descriptors keep tma=0 (their own tiles, unchanged).
+HOPPER_RULES = tuple(constraints.Rule(a, OP, "tma", "TMA tensor descriptors are the Hopper (sm_90) path", allowed=(0,))
+                     for a in ("gfx942", "gfx950", "sm_80", "sm_100", "cpu"))
+constraints.add_rules(*HOPPER_RULES)
 
 #: Shape buckets by M: (name, largest M in it); the last one takes everything larger.
 BUCKETS = (("m16", 16), ("m64", 64), ("m128", 128), ("large", None))
@@ -45,10 +59,44 @@ def _t(bm, bn, bk, gm, nw, ns):
     return dict(block_m=bm, block_n=bn, block_k=bk, group_m=gm, num_warps=nw, num_stages=ns)
 
 
+def _h(bm, bn, bk, gm, nw, ns, persistent=1, warp_spec=0, epi_split=1):
+    """A Hopper (TMA) tile; dropped by HOPPER_RULES on every other arch."""
+    return dict(_t(bm, bn, bk, gm, nw, ns), tma=1, persistent=persistent, warp_spec=warp_spec, epi_split=epi_split)
+
+
+def tile_of(t: dict) -> dict:
+    """The tile parameters of a candidate / tuned record: the six base ones, plus the Hopper ones
+    when it is a TMA tile."""
+    tile = {k: t[k] for k in TILE_PARAMS}
+    if t.get("tma"):
+        tile.update({k: t.get(k, d) for k, d in HOPPER_PARAMS.items()})
+    return tile
+
+
 #: Candidates per bucket, most preferred first (before tuning). Early ones are deep or large tiles
 #: that only fit the arches with the most shared memory (sm_90: 227 KiB; Triton keeps num_stages
 #: buffers there, num_stages - 1 on AMD); later ones fit gfx950 (160 KiB) and gfx942 (64 KiB); the
 #: last of each list fits all of them. Measured figures: ``tools/tune_gemm.py --offline``.
+#: sm_90 (Hopper) tiles first, in every bucket: TMA descriptors, wgmma from shared memory; large
+#: shapes persistent (at most one program per SM), optionally warp-specialised (num_warps=4: one
+#: producer + one consumer warpgroup is what Triton 3.6's Hopper pass makes). Shared bytes compiled
+#: for sm_90 (budget 232448): 128x256x64 s3 213016, s4 + 2-slice epilogue 229408; 128x128x64 ws s5
+#: 197208, s6 229992; 64x64x128 s6 204848; 64x32x256 s4 200736; 16x64x256 s4 124952. Every other
+#: arch drops them (HOPPER_RULES) and keeps the lists below unchanged.
+HOPPER_CANDIDATES = {
+    "m16": (_h(16, 64, 256, 1, 4, 4, 0), _h(16, 32, 256, 1, 4, 6, 0), _h(16, 32, 512, 1, 4, 4, 0),
+            _h(16, 16, 512, 1, 4, 6, 0), _h(16, 64, 256, 1, 4, 5, 0), _h(16, 128, 128, 1, 4, 6, 0)),
+    "m64": (_h(64, 32, 256, 1, 4, 4, 0), _h(64, 64, 128, 1, 4, 6, 0), _h(64, 32, 128, 1, 4, 8, 0),
+            _h(64, 16, 256, 1, 4, 5, 0), _h(64, 64, 256, 1, 4, 3, 0), _h(64, 128, 64, 1, 4, 6, 0)),
+    "m128": (_h(64, 64, 128, 1, 4, 6, 0), _h(128, 64, 128, 1, 4, 4, 0), _h(128, 32, 128, 1, 4, 5, 0),
+             _h(64, 64, 128, 1, 4, 4, 0), _h(128, 64, 64, 1, 4, 6, 0), _h(64, 128, 64, 1, 4, 6, 0),
+             _h(128, 128, 64, 1, 8, 4, 0)),
+    "large": (_h(128, 256, 64, 8, 8, 3), _h(128, 256, 64, 8, 8, 4, epi_split=2), _h(128, 256, 64, 8, 8, 3, epi_split=2),
+              _h(128, 128, 64, 8, 4, 5, warp_spec=1), _h(128, 128, 64, 8, 4, 6, warp_spec=1), _h(256, 128, 64, 8, 8, 3),
+              _h(256, 128, 64, 8, 8, 4, epi_split=2), _h(128, 256, 64, 8, 8, 3, 0), _h(128, 128, 64, 8, 8, 4),
+              _h(128, 256, 64, 16, 8, 3)),
+}
+
 CANDIDATES = {
     "m16": (_t(16, 32, 256, 1, 4, 6), _t(16, 64, 256, 1, 4, 4), _t(16, 32, 256, 1, 4, 4), _t(16, 32, 128, 1, 4, 4),
             _t(16, 64, 128, 1, 4, 3), _t(16, 16, 256, 1, 2, 4), _t(16, 64, 64, 1, 4, 2)),
@@ -79,8 +127,7 @@ def bucket(m: int) -> str:
 
 
 def config(dtype: str, b_trans: bool, aligned: bool, tile: dict) -> Config:
-    return Config.make("triton", dtype=dtype, b_trans=b_trans, aligned=aligned,
-                       **{k: tile[k] for k in TILE_PARAMS})
+    return Config.make("triton", dtype=dtype, b_trans=b_trans, aligned=aligned, **tile_of(tile))
 
 
 def tuning_bucket(bucket_name: str, b_trans: bool) -> str:
@@ -98,9 +145,10 @@ def candidates(arch, dtype: str, bucket_name: str, tuned: bool = True, b_trans: 
         tuned = tuning.lookup(name, OP, dtype, tuning_bucket(bucket_name, b_trans))
         if tuned is None and b_trans:
             tuned = tuning.lookup(name, OP, dtype, bucket_name)
-    listed = ([tuned] if tuned else []) + [dict(t, dtype=dtype) for t in CANDIDATES[bucket_name]]
+    listed = ([tuned] if tuned else []) + [dict(t, dtype=dtype) for t in HOPPER_CANDIDATES[bucket_name]
+                                           + CANDIDATES[bucket_name]]
     found = constraints.apply(name, OP, [dict(t, dtype=dtype) for t in listed], TUNABLES)
-    return [{k: t[k] for k in TILE_PARAMS} for t in found]
+    return [tile_of(t) for t in found]
 
 
 def tile_aligned(tile: dict, n: int, k: int, strides=()) -> bool:
@@ -182,7 +230,7 @@ def _select(dtype: str, device, m: int, n: int, k: int, b_trans: bool, strides):
                             lambda: tune_args(dtype, [(m, n, k)], b_trans, device))
     if select_arch is not build_arch and select_arch.backend is not None:
         cfg, _ = choose(select_arch, dtype, m, n, k, b_trans, strides=strides)  # as it would run there
-        tile = {p: cfg.p[p] for p in TILE_PARAMS}
+        tile = tile_of(cfg.p)
         return cfg, runtime.kernel(SPEC, config(dtype, b_trans, cfg.p["aligned"], tile), device)
     for tile in candidates(select_arch, dtype, b_name, b_trans=b_trans):
         cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
@@ -217,11 +265,12 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
             cfgs.append(cfg)
 
     def run(cfg):
-        tile = {p: cfg.p[p] for p in TILE_PARAMS}
+        tile = tile_of(cfg.p)
         launches = []
         for (m, n, k), (a, b, c, strides) in zip(shapes, tensors):
             kern = runtime.kernel(SPEC, config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile), device)
-            launches.append((kern[(_grid(tile, m, n),)], (a, b, c, m, n, k, *strides)))
+            grid = _grid(dict(tile, aligned=tile_aligned(tile, n, k, strides)), m, n, device)
+            launches.append((kern[(grid,)], (a, b, c, m, n, k, *strides)))
 
         def launch_all():
             for fn, args in launches:
@@ -231,8 +280,21 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
     return cfgs, run, {"shapes": [list(s) for s in shapes], "b_trans": b_trans}
 
 
-def _grid(p, m, n) -> int:
-    return -(-m // p["block_m"]) * -(-n // p["block_n"])
+def _grid(p, m, n, device=None) -> int:
+    """Programs to launch: one per output tile, or for the persistent (TMA, aligned) kernel at most
+    one per SM of ``device`` (its programs stride over the tiles)."""
+    tiles = -(-m // p["block_m"]) * -(-n // p["block_n"])
+    if p.get("persistent") and p.get("tma") and p.get("aligned"):
+        return min(tiles, _programs(device))
+    return tiles
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device) -> int:
+    """How many programs a persistent kernel runs on ``device``: its SM count (4 on the CPU)."""
+    if device is None or torch.device(device).type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
 
 
 #: Float dtypes no gemm kernel takes but torch.matmul does: such calls are routed, not refused.
@@ -308,7 +370,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -
     if plan is None:
         plan = _plans[sig] = _select(dtype, a.device, m, n, k, b_trans, strides)
     cfg, kern = plan
-    kern[(_grid(cfg.p, m, n),)](a, b, out, m, n, k, *strides)
+    kern[(_grid(cfg.p, m, n, a.device),)](a, b, out, m, n, k, *strides)
     return out
 
 

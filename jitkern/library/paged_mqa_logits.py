@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, registry, runtime
+from .. import checks, constraints, registry, runtime
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..spec import Arg, Config, OpSpec, Variant
@@ -26,8 +26,12 @@ PAGE_SIZES = (16, 32, 64)
 HEADS = (16, 32, 64, 128)
 HEAD_DIMS = (64, 128)
 NEXT_N = (1, 2, 3, 4)
-BLOCK_T = {"cpu": 16}
-DEFAULT_BLOCK_T = 64
+#: Tile parameters (values ``JITKERN_PAGED_MQA_LOGITS_<PARAM>`` may set): block_t positions per step,
+#: span steps per program (a pipelined loop when > 1), warps and pipeline depth.
+TUNABLES = {"block_t": (16, 32, 64, 128, 256), "span": (1, 2, 4, 8, 16), "num_warps": (2, 4, 8),
+            "num_stages": (1, 2, 3, 4)}
+TILES = {"cpu": {"block_t": 16, "span": 1, "num_warps": 4, "num_stages": 2}}
+DEFAULT_TILES = {"block_t": 64, "span": 1, "num_warps": 4, "num_stages": 2}
 #: Every store masked by ``t < max_model_len``. Only tests turn this off, to show that redzone mode
 #: catches the seed-001 bug.
 MASK_STORES = True
@@ -59,8 +63,12 @@ def reference(q, kv_cache, weights, context_lens, block_tables, max_model_len: i
 def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=True, aligned=True) -> Config:
     """``aligned``: every stride is a multiple of 16 elements (16-byte vector loads and stores)."""
     return Config.make("triton", dtype=dtype, page_size=page_size, heads=heads, head_dim=head_dim, next_n=next_n,
-                       block_t=BLOCK_T.get(arch_name, DEFAULT_BLOCK_T), mask_stores=mask_stores, num_warps=4,
-                       num_stages=2, aligned=aligned)
+                       mask_stores=mask_stores, aligned=aligned, **tiles(arch_name))
+
+
+def tiles(arch_name: str) -> dict:
+    """block_t, span, num_warps, num_stages for an arch, after rules and env overrides."""
+    return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
 
 
 def configs(arch):
@@ -118,8 +126,8 @@ def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Ten
         select_arch, _ = runtime.arches_for(q.device)
         cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, select_arch.name, MASK_STORES, aligned)
         k = _plans[sig] = runtime.kernel(SPEC, cfg, q.device)
-    block_t = k.job.config.p["block_t"]
-    k[(b, -(-max_model_len // block_t))](q, kv_cache, weights, context_lens, block_tables, o, *strides, max_model_len)
+    span = k.job.config.p["block_t"] * k.job.config.p["span"]
+    k[(b, -(-max_model_len // span))](q, kv_cache, weights, context_lens, block_tables, o, *strides, max_model_len)
     bufs.finish(k)
     return bufs.result("out")
 
@@ -148,7 +156,7 @@ SPEC = registry.register(OpSpec(
     reference=reference,
     configs=configs,
     doc=__doc__,
-    extra={"contract": CONTRACT},
+    extra={"contract": CONTRACT, "tunables": TUNABLES},
     outputs=("out",),
     alloc=alloc,
 ))

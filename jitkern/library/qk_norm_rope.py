@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks, fallback, registry, runtime
+from .. import checks, constraints, fallback, registry, runtime
 from ..errors import ShapeError
 from ..render import builtin_template_dir
 from ..spec import Arg, Config, OpSpec, Variant
@@ -74,10 +74,23 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def triton_config(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool) -> Config:
+#: Triton variant tile (values ``JITKERN_QK_NORM_ROPE_<PARAM>`` may set): elements per program
+#: (heads x D/2; heads per program = tile // (D/2)) and warps, per arch.
+TUNABLES = {"tile": (256, 512, 1024, 2048, 4096), "num_warps": (1, 2, 4, 8)}
+TRITON_TILES: dict = {}
+DEFAULT_TRITON_TILES = {"tile": TRITON_TILE, "num_warps": 4}
+
+
+def triton_tiles(arch_name: str) -> dict:
+    return constraints.apply(arch_name, OP, [TRITON_TILES.get(arch_name, DEFAULT_TRITON_TILES)], TUNABLES)[0]
+
+
+def triton_config(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool,
+                  arch_name: str = "") -> Config:
     block_d = _pow2(head_dim // 2)
+    t = triton_tiles(arch_name)
     return Config.make("triton", dtype=dtype, cache_dtype=cache_dtype, pos_dtype=pos_dtype, head_dim=head_dim,
-                       is_neox=is_neox, block_d=block_d, block_h=max(1, TRITON_TILE // block_d), num_warps=4)
+                       is_neox=is_neox, block_d=block_d, block_h=max(1, t["tile"] // block_d), num_warps=t["num_warps"])
 
 
 def cpp_config(variant: str, warp: int, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int,
@@ -93,7 +106,7 @@ def configs_for(arch, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: in
         out.append(cpp_config("hip", 64, dtype, cache_dtype, pos_dtype, head_dim, is_neox))
     if arch.vendor == "nvidia" or arch.vendor == "cpu":
         out.append(cpp_config("cuda", 32, dtype, cache_dtype, pos_dtype, head_dim, is_neox))
-    out.append(triton_config(dtype, cache_dtype, pos_dtype, head_dim, is_neox))
+    out.append(triton_config(dtype, cache_dtype, pos_dtype, head_dim, is_neox, arch.name))
     return out
 
 
@@ -235,7 +248,7 @@ SPEC = registry.register(OpSpec(
     doc=__doc__,
     extra={"guards": {"hip": "plain torch.Tensor arguments only (no subclasses)",
                       "cuda": "plain torch.Tensor arguments only (no subclasses)"},
-           "inplace": ("qkv",), "fallback": True},
+           "inplace": ("qkv",), "fallback": True, "tunables": TUNABLES},
     mutates=("qkv",),
     outputs=("qkv",),
 ))

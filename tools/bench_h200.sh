@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 19 on one GPU, in one call: tune gemm (bf16, both B layouts, every M bucket), sweep the
+# memory-bound ops' tiles, then run every benchmark of the issue's table with the winners.
+#
+#   OUT=/some/dir bash tools/bench_h200.sh            (from the repo root; JITKERN_CACHE_DIR optional)
+#   STAGES="bench" bash tools/bench_h200.sh           (benchmarks only: the shipped tables as they are)
+#
+# Writes under $OUT: gemm_tune_{kn,nk}.json, sm_90.json (the shipped table with the new winners
+# merged), seed_sweep.json, bench_gemm.json, seed_ops_bench.json, qk_norm_rope.json, and log.txt.
+set -uo pipefail
+OUT=${OUT:?set OUT to a folder for the results}
+STAGES=${STAGES:-"tune sweep bench"}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JITKERN_CACHE_DIR=${JITKERN_CACHE_DIR:-/tmp/jk}
+unset TRITON_INTERPRET
+exec > >(tee -a "$OUT/log.txt") 2>&1
+echo "== $(date -u +%FT%TZ) $(python3 -c 'import torch;print(torch.cuda.get_device_name())') stages: $STAGES"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has tune; then
+  cp jitkern/tuned/sm_90.json "$OUT/sm_90.json"
+  shapes="4096x4096x4096,1x4096x4096,16x4096x4096,1x8192x8192,16x8192x8192,64x4096x4096,64x8192x8192,128x4096x4096,128x8192x8192"
+  python3 tools/tune_gemm.py --shapes "$shapes" --out "$OUT/gemm_tune_kn.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+  python3 tools/tune_gemm.py --shapes "$shapes" --b-trans --out "$OUT/gemm_tune_nk.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+fi
+if has sweep; then
+  python3 tools/bench_seed_ops.py --sweep --sweep-ops mqa,gkv,pa --out "$OUT/seed_sweep.json" | tail -3
+  # the winners (least total time over the sweep's shapes) as env overrides for the benchmarks
+  eval "$(python3 - "$OUT/seed_sweep.json" <<'EOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+prefix = {"paged_mqa_logits": "JITKERN_PAGED_MQA_LOGITS_", "gather_kv_cache": "JITKERN_GATHER_KV_CACHE_",
+          "paged_attention_decode": "JITKERN_PAGED_ATTENTION_DECODE_"}
+for op, p in prefix.items():
+    rows = [r for r in doc.get(op, []) if all(isinstance(v, float) for k, v in r.items() if "=" in k and "TB/s" not in k)]
+    if not rows:
+        continue
+    best = min(rows, key=lambda r: sum(v for k, v in r.items() if "=" in k and "TB/s" not in k))
+    params = {k: v for k, v in best.items() if "=" not in k}
+    print(f"echo 'sweep winner {op}: {params}';" + "".join(f"export {p}{k.upper()}={v};" for k, v in params.items()))
+EOF
+)"
+fi
+if has bench; then
+  python3 tools/bench_gemm.py --dtype bf16,fp16 --rounds 2 --rep 100 --out "$OUT/bench_gemm.json" | sed -n '/^{/q;p'
+  python3 tools/bench_seed_ops.py --ops pa,gkv,mqa --out "$OUT/seed_ops_bench.json"
+  sweep=""; has sweep && sweep="--sweep"
+  python3 tools/check_qk_norm_rope_gpu.py $sweep --out "$OUT/qk_norm_rope.json" | grep -v "qk_norm_rope sweep"
+fi
+echo "== done $(date -u +%FT%TZ)"
