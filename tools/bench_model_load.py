@@ -79,10 +79,16 @@ def _sync(dev):
 def _install_triton_jit_loader():
     """Case (d): Triton variants' kernels are launched through ``triton.jit`` on the rendered source in
     jitkern's entry (Triton's JIT specialises, looks up its own cache, loads and launches)."""
-    from jitkern import launcher
-    from jitkern.builders.triton import SOURCE_FILE, import_source, kernel_function
+    import importlib
 
-    class TritonJITKernel(launcher.Kernel):
+    from jitkern import launcher
+    from jitkern.builders import triton as triton_builder
+
+    base = getattr(launcher, "Kernel", None) or importlib.import_module("jitkern.builders.base").Kernel
+    SOURCE_FILE, import_source, kernel_function = (triton_builder.SOURCE_FILE, triton_builder.import_source,
+                                                   triton_builder.kernel_function)
+
+    class TritonJITKernel(base):
         def __init__(self, entry, job):
             super().__init__(entry, job)
             module = import_source(entry.file(SOURCE_FILE), f"bench_jit.k{entry.key[:16]}")
@@ -92,7 +98,9 @@ def _install_triton_jit_loader():
         def launch(self, grid3, *args):
             self._fn[grid3](*args, **self._options)
 
-    launcher.GPUKernel = TritonJITKernel  # launcher.load() builds GPU kernels from this name
+    for mod in (launcher, triton_builder):  # where Triton GPU kernels are made from entries
+        if hasattr(mod, "GPUKernel"):
+            mod.GPUKernel = TritonJITKernel
 
 
 def child_ttft(args) -> dict:
@@ -126,6 +134,14 @@ def child_ttft(args) -> dict:
     t_first = time.time()
     logits2 = model.prefill(prompt).float().cpu()
     t_second = time.time()
+    if os.environ.get("JITKERN_BACKGROUND_BUILD") == "1":
+        from jitkern import background  # noqa: F401 (ImportError: this jitkern has no background builds)
+
+        background.wait(timeout=300)  # a switch to the preferred variant, and the logits it gives
+        for _ in range(3):
+            logits3 = model.prefill(prompt).float().cpu()
+    else:
+        logits3 = logits2
     out = {
         "impl": args.impl,
         "python_start_s": t_up - t0,
@@ -139,6 +155,7 @@ def child_ttft(args) -> dict:
         "from_cuda_ready_s": t_first - t_cuda,
         "checksum": float(logits.sum()),
         "repeat_identical": bool(torch.equal(logits, logits2)),
+        "after_switch_rel_diff": float((logits3 - logits).norm() / logits.norm()),
         "argmax": logits.argmax(-1).tolist()[:8],
     }
     out["jitkern_s"] = out["first_forward_s"] - out["second_forward_s"]
@@ -306,6 +323,7 @@ class Bench:
         keys = [k for k, v in runs[0].items() if isinstance(v, float) and k != "checksum"]
         self.res["ttft"][case]["median"] = {k: statistics.median(r[k] for r in runs) for k in keys}
         self.res["ttft"][case]["n"] = len(runs)
+        self.res["ttft"][case]["checksums"] = sorted({r["checksum"] for r in runs})
 
     def decode(self, batch: int, env: dict):
         need = 25 if self.args.device == "cpu" else 100
@@ -342,9 +360,11 @@ class Bench:
         layer = self.tmp / "prebuilt-layer"
         manifest = self.tmp / "manifest.json"
         source = None
+        why = "this jitkern has no 'prebuild --manifest'"
         if _cli_has("prebuild", "--manifest"):
             r = self.ttft("record", "jitkern", self.env(warm_cache, triton_cache, JITKERN_RECORD=str(manifest)), 15,
                           keep=False)
+            why = "the recording run wrote no manifest"
             if r is not None and manifest.exists():
                 arch = "cpu" if self.args.device == "cpu" else "sm_90"
                 p = subprocess.run([sys.executable, "-m", "jitkern", "prebuild", "--manifest", str(manifest), "--arch",
@@ -352,12 +372,14 @@ class Bench:
                                    capture_output=True, text=True)
                 if p.returncode == 0:
                     source = "jitkern prebuild --manifest (JITKERN_RECORD of a warm run)"
+                    self.res["manifest_signatures"] = sum(1 for line in manifest.read_text().splitlines() if line)
                 else:
+                    why = f"prebuild --manifest failed (rc {p.returncode})"
                     self.res["errors"].append({"case": "prebuild", "rc": p.returncode, "stderr": p.stderr[-3000:]})
                     shutil.rmtree(layer, ignore_errors=True)
         if source is None:
             shutil.copytree(warm_cache, layer, symlinks=True)
-            source = "copy of the warm cache (no JITKERN_RECORD/prebuild --manifest in this jitkern)"
+            source = f"copy of the warm cache ({why})"
         subprocess.run(["chmod", "-R", "a-w", str(layer)], check=True)
         self.res["layer_source"] = source
         return layer
@@ -394,16 +416,32 @@ class Bench:
         layer = self.make_layer(warm, warm_tc)
         before = _tree(layer)
         for i in range(a.runs):
-            self.ttft("c_prebuilt_strict", "jitkern",
-                      self.env(os.pathsep.join([str(t / f"jk-user{i}"), str(layer)]), warm_tc, JITKERN_STRICT="1"),
-                      small)
+            r = self.ttft("c_prebuilt_strict", "jitkern",
+                          self.env(os.pathsep.join([str(t / f"jk-user{i}"), str(layer)]), warm_tc, JITKERN_STRICT="1"),
+                          small)
+            if r is None and i == 0 and self.res["layer_source"].startswith("jitkern prebuild"):
+                self.res["notes"].append("the manifest-built layer failed under strict mode (see errors); (c) "
+                                         "measured on a read-only copy of the warm cache instead")
+                subprocess.run(["chmod", "-R", "u+w", str(layer)])
+                shutil.rmtree(layer)
+                shutil.copytree(warm, layer, symlinks=True)
+                subprocess.run(["chmod", "-R", "a-w", str(layer)], check=True)
+                self.res["layer_source"] = "copy of the warm cache (the manifest-built layer failed)"
+                before = _tree(layer)
         self.res["layer_unchanged"] = _tree(layer) == before
         for i in range(1, a.runs):
             self.ttft("a_cold", "jitkern", self.env(cold[i][0], cold[i][1]), big)
         if a.background:
+            # the warm cache without qk_norm_rope's CUDA C++ entries (a layer built where no nvcc was): its
+            # Triton variant is cached, the preferred CUDA one is not
+            partial = t / "jk-partial"
+            shutil.copytree(warm, partial, symlinks=True)
+            self.res["background_dropped_entries"] = _drop_entries(partial, "qk_norm_rope", "cuda")
             for i in range(a.runs):
-                self.ttft("a_cold_background_build", "jitkern",
-                          self.env(t / f"jk-bg{i}", t / f"tc-bg{i}", JITKERN_BACKGROUND_BUILD="1"), big)
+                for case, bg in (("f_cuda_variant_missing_foreground", "0"), ("f_cuda_variant_missing_background", "1")):
+                    d = t / f"jk-{case}-{i}"
+                    shutil.copytree(partial, d, symlinks=True)
+                    self.ttft(case, "jitkern", self.env(d, warm_tc, JITKERN_BACKGROUND_BUILD=bg), big)
         self.floors_ttft()
         print("decode steps", flush=True)
         for b in a.batches:
@@ -434,6 +472,20 @@ class Bench:
                 f[f"decode_b{b}_graph_over_compiled_ref"] = r
                 f[f"decode_b{b}_graph_le_1.0x"] = r <= 1.0
         self.save()
+
+
+def _drop_entries(root: Path, op: str, variant: str) -> int:
+    """Remove the cache entries of ``op``/``variant`` under a cache directory; returns how many."""
+    n = 0
+    for meta in root.glob("v*/entries/*/*/entry.json"):
+        try:
+            m = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("op") == op and m.get("variant") == variant:
+            shutil.rmtree(meta.parent)
+            n += 1
+    return n
 
 
 def _cli_has(command: str, flag: str) -> bool:
