@@ -489,9 +489,32 @@ def is_key(name: str) -> bool:
     return isinstance(name, str) and len(name) == 64 and set(name) <= _KEY_CHARS
 
 
-def iter_entries(layer: Layer):
-    """(key, entry directory) for every published entry of ``layer`` (unverified), in key order."""
-    return evict.iter_entries(layer.root)
+def iter_entries(layer: Layer, links: bool = False):
+    """(key, entry directory) for every published entry of ``layer`` (unverified), in key order.
+    ``links``: also names under ``entries/<xx>/`` that are symbolic links or not directories (for
+    ``verify``, which reports them; everything else skips them)."""
+    if not links:
+        yield from evict.iter_entries(layer.root)
+        return
+    try:
+        shards = sorted(os.scandir(layer.root / "entries"), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for shard in shards:
+        if shard.is_dir(follow_symlinks=False):
+            for e in sorted(os.scandir(shard.path), key=lambda e: e.name):
+                if is_key(e.name):
+                    yield e.name, Path(e.path)
+
+
+def check_dirs(layers) -> list[Path]:
+    """``layers`` unchanged, or ``ConfigError`` if one exists but is not a directory (a file given as
+    ``--cache-dir``): the commands that take a cache directory say so instead of reading nothing."""
+    for p in layers:
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise ConfigError(f"cache directory {p} is not a directory; name a directory (or one that does not "
+                              "exist yet)")
+    return list(layers)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -583,19 +606,20 @@ class Store:
         return f"Store({[str(layer.base) for layer in self.layers]})"
 
     def _find_write_layer(self) -> Layer | None:
+        """The first writable layer, determined once; the first time there is none, one warning (also
+        when the first kernel a process looks up is found in a read-only layer)."""
         if self._writable is False:
             self._writable = next((layer for layer in self.layers if layer.writable()), None)
-        return self._writable
-
-    @property
-    def write_layer(self) -> Layer | None:
-        if self._writable is False:
-            if self._find_write_layer() is None:
+            if self._writable is None:
                 warn_once(("no-writable-layer", tuple(map(str, self.layers))),
                           "no writable jitkern cache layer among %s; kernels will be built in memory "
                           "for this process only (set JITKERN_CACHE_DIR to a writable directory)",
                           [str(layer.base) for layer in self.layers])
         return self._writable
+
+    @property
+    def write_layer(self) -> Layer | None:
+        return self._find_write_layer()
 
     def lookup(self, key: str, check=None) -> Entry | None:
         """A verified entry for ``key`` from the first layer that has a sound one, else None.

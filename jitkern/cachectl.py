@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from . import evict
-from .cache import MANIFEST, Layer, Store, configured_layers, is_key, iter_entries, layer_record, read_meta
-from .errors import CacheError, ConfigError, CorruptEntryError
+from .cache import (MANIFEST, Layer, Store, check_dirs, configured_layers, is_key, iter_entries, layer_record,
+                    read_meta)
+from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
 from .key import FORMAT_VERSION
 from .logs import log
 
@@ -71,7 +72,7 @@ def layer_info(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any
 
 
 def _store(args) -> Store:
-    return Store(configured_layers(getattr(args, "cache_dir", None)))
+    return Store(check_dirs(configured_layers(getattr(args, "cache_dir", None))))
 
 
 def _write_layer(store: Store) -> Layer:
@@ -134,11 +135,11 @@ def verify(store: Store, discard: bool = False) -> tuple[int, list[dict[str, str
     write = store.write_layer if discard else None
     checked, damaged = 0, []
     for layer in store.layers:
-        for key, path in iter_entries(layer):
+        for key, path in iter_entries(layer, links=True):  # a link where an entry belongs is reported
             checked += 1
             try:
                 layer.verify(key)
-            except (CorruptEntryError, FileNotFoundError) as e:
+            except (CorruptEntryError, InsecureCacheError, FileNotFoundError) as e:
                 removed = False
                 if discard and layer is write:
                     layer.discard(key)
@@ -182,6 +183,35 @@ def clear_failures(store: Store) -> int:
 
 
 # ---- export / import ---------------------------------------------------------------------------
+def check_output_file(path: str | os.PathLike, what: str = "output file", make_parents: bool = False) -> str:
+    """``path`` if a file can be written there (checked before any work, by creating and removing a
+    file next to it), else ``ConfigError``: it is a directory, its directory does not exist
+    (``make_parents``: cannot be created) or is a file, or it cannot be written."""
+    import tempfile
+
+    path = os.fspath(path)
+    if not path.strip() or os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a directory; name a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        ancestor = parent
+        while not os.path.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
+            if os.path.lexists(ancestor) or not make_parents:
+                raise NotADirectoryError(f"{ancestor} is not a directory" if os.path.lexists(ancestor)
+                                         else f"{ancestor} does not exist")
+            ancestor = os.path.dirname(ancestor)
+        if make_parents:
+            os.makedirs(parent, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError("the file exists and is read-only")
+    except OSError as e:
+        raise ConfigError(f"{what} {path!r} cannot be written: {e.strerror or e}") from None
+    return path
+
+
 def _tar_mode(path: str, write: bool) -> str:
     gz = path.endswith((".gz", ".tgz"))
     return ("w:gz" if gz else "w") if write else "r:*"
@@ -190,6 +220,7 @@ def _tar_mode(path: str, write: bool) -> str:
 def export(store: Store, file: str | os.PathLike) -> dict[str, Any]:
     """Write every sound entry of every layer (first layer wins per key) into one archive, atomically."""
     file = os.fspath(file)
+    check_output_file(file, "export archive")
     seen: set[str] = set()
     skipped = []
     tmp = f"{file}.tmp-{os.getpid()}"
@@ -222,6 +253,20 @@ def export(store: Store, file: str | os.PathLike) -> dict[str, Any]:
     return {"file": file, "entries": len(seen), "skipped_damaged": skipped}
 
 
+def _export_format(file: str, tar, member) -> int:
+    """The format version an export's ``jitkern-export.json`` names (``ConfigError`` if it is malformed)."""
+    try:
+        f = tar.extractfile(member) if member.isfile() else None
+        rec = json.loads(f.read()) if f is not None else None
+        fmt = rec.get("format") if isinstance(rec, dict) else None
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise ValueError(f"it holds {rec!r:.80}, not an object with a format number")
+    except (ValueError, OSError, tarfile.TarError) as e:
+        raise ConfigError(f"{file!r} has a malformed {EXPORT_META} ({e}); expected a file made by "
+                          "'jitkern cache export'") from None
+    return fmt
+
+
 def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
     """Install the entries of an ``export`` archive into the writable layer, each verified and renamed
     into place (atomic per entry). Damaged entries are refused."""
@@ -239,7 +284,7 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
             fmt = None
             for m in tar:  # stream each file to the staging area: no archive held in memory
                 if m.name == EXPORT_META:
-                    fmt = json.loads(tar.extractfile(m).read()).get("format")
+                    fmt = _export_format(file, tar, m)
                     continue
                 parts = m.name.split("/")
                 if (not m.isfile() or len(parts) != 3 or parts[0] != "entries" or not is_key(parts[1])

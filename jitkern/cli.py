@@ -69,6 +69,26 @@ def positive_int(text: str) -> int:
     return n
 
 
+def report_file(text: str) -> str:
+    """argparse type for a file jitkern writes (``--report``): checked before any work is done."""
+    from .cachectl import check_output_file
+
+    try:
+        return check_output_file(text, "report file", make_parents=True)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def archive_file(text: str) -> str:
+    """argparse type for ``cache export FILE``."""
+    from .cachectl import check_output_file
+
+    try:
+        return check_output_file(text, "export archive")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -106,7 +126,8 @@ def _add_prebuild(sub) -> None:
     p.add_argument("--op", action="append", metavar="NAME", help="only this op (repeatable); default: all ops")
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N", help="worker processes (default: one per core)")
     _cache_dir_option(p)
-    p.add_argument("--report", metavar="FILE", help="write a JSON report, one record per artifact")
+    p.add_argument("--report", metavar="FILE", type=report_file,
+                   help="write a JSON report, one record per artifact (checked before building)")
     p.add_argument("--keep-going", action="store_true", help="exit 0 even if some artifacts failed to build")
     p.add_argument("--limit", type=positive_int, metavar="N",
                    help="only the first N configurations of each op and arch (smoke tests, benchmarks)")
@@ -358,7 +379,7 @@ def _add_cache(sub) -> None:
     c = csub.add_parser("clear", help="remove every entry of the writable layer")
     c.add_argument("--failures", action="store_true", help="only recorded build failures")
     e = csub.add_parser("export", help="write every entry of every layer into one archive")
-    e.add_argument("file", metavar="FILE", help="archive to write (.tar, .tar.gz)")
+    e.add_argument("file", metavar="FILE", type=archive_file, help="archive to write (.tar, .tar.gz)")
     i = csub.add_parser("import", help="add the entries of an archive to the writable layer (verified, atomic)")
     i.add_argument("file", metavar="FILE", help="archive made by 'jitkern cache export'")
     pu = csub.add_parser("push", help="upload every local entry the remote cache lacks (JITKERN_REMOTE_CACHE)")
@@ -461,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except JitkernError as e:
+        print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:  # a file or directory the command needed (named in the message); never a traceback
         print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILED
 

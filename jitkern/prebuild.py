@@ -52,7 +52,7 @@ from typing import Any, Iterable
 from . import arch as _arch
 from . import registry, strict
 from .budget import AMD_FIGURES
-from .cache import Store, add_prebuild_record, configured_layers, write_probe
+from .cache import Store, add_prebuild_record, check_dirs, configured_layers, write_probe
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
                      UnavailableError, UnknownOpError, is_transient)
 from .logs import log
@@ -488,7 +488,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     strict.suspend()  # building is the point here (selection may compile budget probes in this process)
     arches = resolve_arches(args.arch)
-    layers = configured_layers(args.cache_dir)
+    layers = check_dirs(configured_layers(args.cache_dir))
     store = Store(layers)
     plan_errors: list[dict[str, Any]] = []
     tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None), plan_errors)

@@ -173,9 +173,13 @@ def store_files(store: Store, key: str, files: Mapping[str, bytes]) -> Entry:
 
 
 def redact(url: str) -> str:
-    """The URL without its password (for log lines)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password (for log lines; never raises, even for a malformed URL)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.rsplit("@", 1)[-1] if "@" in url else url
+    if password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"
@@ -544,11 +548,25 @@ def _settings() -> tuple:
     return (settings.get("remote_cache") or "", *rest)
 
 
+def check_url(url: str) -> str:
+    """``url`` if it reads as a Redis URL, else ``ConfigError`` saying what is wrong with it."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError as e:
+        raise ConfigError(f"remote cache URL {redact(url)!r} is malformed ({e}); expected redis://host:port/db") from None
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError(f"remote cache URL {redact(url)!r} is not a Redis URL; expected redis://host:port/db "
+                          "(rediss:// for TLS, unix:///path for a socket)")
+    return url
+
+
 def from_env(url: str | None = None) -> RedisRemote:
     """A new remote for ``url`` (default ``JITKERN_REMOTE_CACHE``) with the environment's settings."""
     url = url if url is not None else settings.get("remote_cache")
     if not url:
         raise ConfigError(f"no remote cache configured: set {ENV_URL}=redis://host:port/db or pass --remote")
+    check_url(url)
     return RedisRemote(url, settings.get("remote_cache_key"), settings.get("remote_timeout"),
                        settings.get("remote_lease_ttl"), settings.get("remote_lease_wait"),
                        settings.get("remote_deadline"), settings.get("remote_max_value"))
@@ -719,10 +737,11 @@ def pull(remote: RedisRemote, store: Store | None = None) -> dict[str, int]:
 
 def main(args) -> int:
     """``jitkern cache push|pull [--remote URL] [--cache-dir DIR] [--overwrite]``."""
-    from .cache import Store, configured_layers
+    from .cache import Store, check_dirs, configured_layers
 
     remote = from_env(getattr(args, "remote", None))
-    store = Store(configured_layers(args.cache_dir)) if getattr(args, "cache_dir", None) else default_store()
+    store = Store(check_dirs(configured_layers(args.cache_dir))) if getattr(args, "cache_dir", None) \
+        else default_store()
     t0 = time.perf_counter()
     if args.cache_command == "push":
         counts = push(remote, store, overwrite=getattr(args, "overwrite", False))
