@@ -554,7 +554,8 @@ def check_url(url: str) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError for a bad port)
     except ValueError as e:
-        raise ConfigError(f"remote cache URL {redact(url)!r} is malformed ({e}); expected redis://host:port/db") from None
+        raise ConfigError(f"remote cache URL {redact(url)!r} is malformed ({e}); "
+                          "expected redis://host:port/db") from None
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
         raise ConfigError(f"remote cache URL {redact(url)!r} is not a Redis URL; expected redis://host:port/db "
                           "(rediss:// for TLS, unix:///path for a socket)")

@@ -6,7 +6,6 @@ Every case runs the real CLI in a fresh process (``python -m jitkern``).
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 from jitkern.cache import Layer
 
 from test_cache import N_KEYS, run_worker, worker_env
+from test_remote import redis_server  # noqa: F401  (fixture)
 from test_reliability import _make_read_only, _make_writable, drop_root_write_override, obeys_file_modes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_bad_arguments_are_one_line_exit_2_and_touch_nothing(case, tmp_path):
     assert after == before  # nothing else created, built or removed (the default cache least of all)
 
 
-def test_empty_remote_key_never_means_unsigned(tmp_path, redis_server):
+def test_empty_remote_key_never_means_unsigned(tmp_path, redis_server):  # noqa: F811
     """JITKERN_REMOTE_CACHE_KEY="" (an unset shell variable) published unsigned entries; now an op
     does not use the remote at all (one warning), and 'cache push' is one line, exit 2."""
     import redis
@@ -116,9 +116,6 @@ def test_empty_remote_key_never_means_unsigned(tmp_path, redis_server):
             JITKERN_REMOTE_CACHE_KEY="")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert client.dbsize() == 0
-
-
-from test_remote import redis_server  # noqa: E402,F401  (fixture)
 
 
 def test_verify_reports_a_symlinked_entry(tmp_path):
