@@ -42,6 +42,7 @@ parts that would not fit in the remaining time are skipped and listed as skipped
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -193,40 +195,60 @@ def _emit(rec: dict) -> None:
 
 
 def child_decode(args) -> None:
-    """Decode-step figures for one batch size, one JSON line per figure as soon as it is measured."""
+    """Decode-step figures for every batch size in ``--batches`` (one process: torch.compile's second
+    batch size compiles a dynamic-shape graph that the third reuses), one JSON line per figure as soon
+    as it is measured; a failing figure is reported and the others still run."""
     import torch
 
     dev = args.device
     cfg = _cfg(args)
     from jitkern_decoder import JitkernDecoder, ReferenceDecoder, make_weights, rel_err
 
-    b = args.batch
     w = make_weights(cfg, device=dev, seed=0)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, cfg.vocab, (b, args.prompt), generator=g).to(dev)
-    tok = torch.randint(0, cfg.vocab, (b,), generator=g).to(dev)
-    pos = torch.full((b,), args.prompt, dtype=torch.int64, device=dev)
-    model = JitkernDecoder(cfg, w, b)
-    ref = ReferenceDecoder(cfg, w, b, torch.bfloat16)
-    model.prefill(prompt)
-    ref.prefill(prompt)
-    want = ref.decode(tok, pos).float()
-    _sync(dev)
-    base = {"batch": b}
-
-    def figure(name, fn, warm=3):
-        t = time.perf_counter()
-        for _ in range(warm):
-            got = fn()
+    for b in args.batches:
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, cfg.vocab, (b, args.prompt), generator=g).to(dev)
+        tok = torch.randint(0, cfg.vocab, (b,), generator=g).to(dev)
+        pos = torch.full((b,), args.prompt, dtype=torch.int64, device=dev)
+        model = JitkernDecoder(cfg, w, b)
+        ref = ReferenceDecoder(cfg, w, b, torch.bfloat16)
+        model.prefill(prompt)
+        ref.prefill(prompt)
+        want = ref.decode(tok, pos).float()
         _sync(dev)
-        setup = time.perf_counter() - t
-        ms = _timed(fn, dev, args.iters)
-        _emit({**base, "impl": name, "step_ms": ms, "setup_s": setup, "rel_err_vs_ref_eager": rel_err(got, want)})
 
-    figure("jitkern_eager", lambda: model.decode(tok, pos))
-    figure("reference_eager", lambda: ref.decode(tok, pos))
-    if dev != "cuda":
-        return
+        def figure(name, make, warm=3):
+            t = time.perf_counter()
+            try:
+                fn = make()
+                for _ in range(warm):
+                    got = fn()
+                _sync(dev)
+                setup = time.perf_counter() - t
+                ms = _timed(fn, dev, args.iters)
+            except Exception as e:  # report it; the other figures still run
+                _emit({"batch": b, "impl": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+                return
+            _emit({"batch": b, "impl": name, "step_ms": ms, "setup_s": setup,
+                   "rel_err_vs_ref_eager": rel_err(got, want)})
+
+        figure("jitkern_eager", lambda: lambda: model.decode(tok, pos))
+        figure("reference_eager", lambda: lambda: ref.decode(tok, pos))
+        if dev == "cuda":
+            figure("jitkern_cuda_graph", lambda: _graph(model, tok, pos))
+            figure("jitkern_torch_compile", lambda: functools.partial(
+                torch.compile(model.decode, mode="reduce-overhead"), tok, pos))
+            figure("reference_torch_compile", lambda: functools.partial(
+                torch.compile(ref.decode, mode="reduce-overhead"), tok, pos))
+        del model, ref
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _graph(model, tok, pos):
+    """``replay()`` of one decode step captured in a CUDA graph (after one eager step off the capture)."""
+    import torch
+
     st, sp = tok.clone(), pos.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -235,17 +257,12 @@ def child_decode(args) -> None:
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        gout = model.decode(st, sp)
+        out = model.decode(st, sp)
 
     def replay():
         graph.replay()
-        return gout
-
-    figure("jitkern_cuda_graph", replay)
-    cj = torch.compile(model.decode, mode="reduce-overhead")
-    figure("jitkern_torch_compile", lambda: cj(tok, pos))
-    cr = torch.compile(ref.decode, mode="reduce-overhead")
-    figure("reference_torch_compile", lambda: cr(tok, pos))
+        return out
+    return replay
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,34 +342,40 @@ class Bench:
         self.res["ttft"][case]["n"] = len(runs)
         self.res["ttft"][case]["checksums"] = sorted({r["checksum"] for r in runs})
 
-    def decode(self, batch: int, env: dict):
-        need = 25 if self.args.device == "cpu" else 100
+    def decode(self, env: dict):
+        a = self.args
+        need = 25 if a.device == "cpu" else 90
         if self.left() < need:
-            self.res["skipped"].append(f"decode batch {batch}: {self.left():.0f} s left")
+            self.res["skipped"].append(f"decode: {self.left():.0f} s left, needs ~{need} s")
             self.save()
             return
-        argv = [sys.executable, __file__, "--child", "decode", "--batch", str(batch), *self.common_argv()]
+        argv = [sys.executable, __file__, "--child", "decode", "--batches", ",".join(map(str, a.batches)),
+                *self.common_argv()]
         p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        got = self.res["decode"].setdefault(str(batch), {})
-        deadline = time.time() + max(10.0, self.left())
+        err_lines: list[str] = []
+        drain = threading.Thread(target=lambda: err_lines.extend(p.stderr), daemon=True)
+        drain.start()
+        timer = threading.Timer(max(10.0, self.left()), p.kill)
+        timer.start()
         try:
             for line in p.stdout:
-                if line.startswith("BENCH "):
-                    r = json.loads(line[6:])
-                    got[r["impl"]] = r
-                    print(f"  decode b={batch} {r['impl']}: {r['step_ms']:.3f} ms/step (setup {r['setup_s']:.1f} s, "
-                          f"rel err vs reference {r['rel_err_vs_ref_eager']:.4f})", flush=True)
-                    self.save()
-                if time.time() > deadline:
-                    p.kill()
-                    self.res["skipped"].append(f"decode batch {batch}: killed at the budget")
-                    break
+                if not line.startswith("BENCH "):
+                    continue
+                r = json.loads(line[6:])
+                self.res["decode"].setdefault(str(r["batch"]), {})[r["impl"]] = r
+                if "error" in r:
+                    print(f"  decode b={r['batch']} {r['impl']}: ERROR {r['error'][:500]}", flush=True)
+                else:
+                    print(f"  decode b={r['batch']} {r['impl']}: {r['step_ms']:.3f} ms/step (setup {r['setup_s']:.1f} s, "
+                          f"rel err vs reference eager {r['rel_err_vs_ref_eager']:.4f})", flush=True)
+                self.save()
         finally:
             p.wait()
-        if p.returncode not in (0, None, -9):
-            err = p.stderr.read()[-3000:]
-            self.res["errors"].append({"case": f"decode b={batch}", "rc": p.returncode, "stderr": err})
-            print(f"  decode b={batch}: FAILED rc={p.returncode}\n{err}", flush=True)
+            timer.cancel()
+            drain.join(timeout=5)
+        if p.returncode != 0:
+            self.res["errors"].append({"case": "decode", "rc": p.returncode, "stderr": "".join(err_lines)[-3000:]})
+            print(f"  decode: rc={p.returncode}\n{''.join(err_lines)[-3000:]}", flush=True)
         self.save()
 
     def make_layer(self, warm_cache: Path, triton_cache: Path) -> Path:
@@ -429,6 +452,11 @@ class Bench:
                 self.res["layer_source"] = "copy of the warm cache (the manifest-built layer failed)"
                 before = _tree(layer)
         self.res["layer_unchanged"] = _tree(layer) == before
+        self.floors_ttft()
+        print("decode steps", flush=True)
+        self.decode(self.env(warm, warm_tc))
+        self.floors_decode()
+        print("time to first token, more cold runs", flush=True)
         for i in range(1, a.runs):
             self.ttft("a_cold", "jitkern", self.env(cold[i][0], cold[i][1]), big)
         if a.background:
@@ -441,12 +469,8 @@ class Bench:
                 for case, bg in (("f_cuda_variant_missing_foreground", "0"), ("f_cuda_variant_missing_background", "1")):
                     d = t / f"jk-{case}-{i}"
                     shutil.copytree(partial, d, symlinks=True)
-                    self.ttft(case, "jitkern", self.env(d, warm_tc, JITKERN_BACKGROUND_BUILD=bg), big)
+                    self.ttft(case, "jitkern", self.env(d, warm_tc, JITKERN_BACKGROUND_BUILD=bg), 25)
         self.floors_ttft()
-        print("decode steps", flush=True)
-        for b in a.batches:
-            self.decode(b, self.env(warm, warm_tc))
-        self.floors_decode()
         subprocess.run(["chmod", "-R", "u+w", str(t)])
         shutil.rmtree(t, ignore_errors=True)
 
@@ -528,7 +552,6 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--ttft-batch", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
