@@ -100,6 +100,11 @@ def _install_triton_jit_loader():
         def launch(self, grid3, *args):
             self._fn[grid3](*args, **self._options)
 
+    import torch
+    import triton
+
+    # kernels that make TMA descriptors on the device need global scratch: Triton's JIT asks this allocator
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     for mod in (launcher, triton_builder):  # where Triton GPU kernels are made from entries
         if hasattr(mod, "GPUKernel"):
             mod.GPUKernel = TritonJITKernel
