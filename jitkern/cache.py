@@ -41,14 +41,15 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import counters, evict, settings
-from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
+from . import counters, evict, settings, signing
+from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, SignatureError
 from .key import FORMAT_VERSION, differing
 from .locks import EntryHold
 from .logs import log, warn_once
@@ -181,6 +182,8 @@ class Entry:
     #: The shared lock that marks the entry in use while this object lives (writable layer only; see
     #: ``jitkern.evict``): eviction by any process skips it.
     hold: Any = field(default=None, repr=False, compare=False)
+    #: The manifest's bytes as verified (what an entry signature covers).
+    manifest: bytes = field(default=b"", repr=False, compare=False)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -323,7 +326,8 @@ class Layer:
         if why:
             raise CorruptEntryError(f"entry {path} could be changed by another user ({why})")
         try:
-            manifest = json.loads(_read(path / MANIFEST))
+            raw_manifest = _read(path / MANIFEST)
+            manifest = json.loads(raw_manifest)
             files = manifest["files"]
             if manifest.get("key") != key:
                 raise CorruptEntryError(f"manifest of {path} names key {manifest.get('key')!r}")
@@ -350,7 +354,18 @@ class Layer:
             raise
         if meta.get("key", key) != key:
             raise CorruptEntryError(f"entry {path} holds metadata for key {meta.get('key')!r}")
-        return Entry(key, path, meta, verified)
+        return Entry(key, path, meta, verified, manifest=raw_manifest)
+
+    def check_signed(self, entry: Entry, public_keys) -> str:
+        """The key id that signed ``entry`` (its ``signature.json`` over key + manifest); raises
+        ``SignatureError`` if it is unsigned or not signed by one of ``public_keys``."""
+        try:
+            record = _read(entry.path / signing.ENTRY_SIGNATURE)
+        except FileNotFoundError:
+            record = None
+        except OSError as e:
+            raise SignatureError(f"cache entry {entry.path}: cannot read its signature ({e})") from None
+        return signing.check_entry(public_keys, entry.key, entry.manifest, record, str(entry.path))
 
     def discard(self, key: str) -> None:
         """Remove an entry atomically: rename it out of ``entries/`` then delete it."""
@@ -381,7 +396,11 @@ class Layer:
             for name, data in all_files.items():
                 _write(tmp / name, data)
                 manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            raw_manifest = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            _write(tmp / MANIFEST, raw_manifest)
+            sign_key = signing.sign_key()  # JITKERN_CACHE_SIGN_KEY: entries made here can be shipped signed
+            if sign_key is not None:
+                _write(tmp / signing.ENTRY_SIGNATURE, signing.sign_entry(sign_key, key, raw_manifest))
             ours = False
             for attempt in range(3):
                 make_private_dirs(final.parent)
@@ -595,11 +614,72 @@ def nearest(store: "Store", op: str, variant: str, arch: str, parts, entries=Non
     return best
 
 
-class Store:
-    """All configured layers: read from each in order, write to the first writable one."""
+def sound_entries(store: "Store", skipped: list | None = None, sign_key=None):
+    """Yield ``(key, {file name: bytes})`` for every sound entry of every layer (first layer wins per key): the
+    manifest's files, the manifest, and the entry's signature (a fresh one by ``sign_key`` if given,
+    else the one it has, if any). Damaged entries are appended to ``skipped``."""
+    seen: set[str] = set()
+    for layer in store.layers:
+        for key, path in iter_entries(layer):
+            if key in seen:
+                continue
+            try:
+                entry = layer.verify(key)
+            except (CorruptEntryError, FileNotFoundError) as e:
+                if skipped is not None:
+                    skipped.append({"key": key, "layer": str(layer.base), "error": str(e)})
+                continue
+            files = dict(entry.verified)
+            files[MANIFEST] = entry.manifest
+            if sign_key is not None:
+                files[signing.ENTRY_SIGNATURE] = signing.sign_entry(sign_key, key, entry.manifest)
+            else:
+                try:
+                    files[signing.ENTRY_SIGNATURE] = (entry.path / signing.ENTRY_SIGNATURE).read_bytes()
+                except OSError:
+                    pass
+            seen.add(key)
+            yield key, files
 
-    def __init__(self, layers: list[Path] | None = None):
+
+ENTRY_POINT_GROUP = "jitkern.cache_layers"
+_installed: dict = {}
+
+
+def installed_layers() -> list[tuple[Path, str]]:
+    """``(layer directory, distribution)`` of every installed cache wheel: each advertises a function
+    returning its layer directory through the ``jitkern.cache_layers`` entry-point group (``jitkern
+    cache export --wheel``). Looked up once per process (and ``sys.path``); a broken one is skipped
+    with a warning."""
+    memo = tuple(sys.path)
+    if memo not in _installed:
+        from importlib.metadata import entry_points
+
+        found = []
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = getattr(getattr(ep, "dist", None), "name", None) or ep.name
+            try:
+                target = ep.load()
+                path = Path(target() if callable(target) else target).absolute()
+            except Exception as e:  # a broken third-party package must not break jitkern
+                warn_once(("installed-layer", ep.value), "jitkern: ignoring the cache layer of %s (entry point "
+                          "%s = %s): %s: %s", dist, ep.name, ep.value, type(e).__name__, e)
+                continue
+            found.append((path, dist))
+        _installed.clear()
+        _installed[memo] = found
+    return _installed[memo]
+
+
+class Store:
+    """All configured layers (then the installed ones): read from each in order, write to the first
+    writable one."""
+
+    def __init__(self, layers: list[Path] | None = None, installed: bool = True):
         self.layers = [Layer(p) for p in (layers or configured_layers())]
+        if installed:  # cache wheels: read after the user's layers, never written
+            mine = {layer.base for layer in self.layers}
+            self.layers += [Layer(p, installed_from=dist) for p, dist in installed_layers() if p not in mine]
         self._writable: Layer | None | bool = False  # False: not determined yet
 
     def __repr__(self):
@@ -632,6 +712,15 @@ class Store:
             try:
                 if layer is not self._find_write_layer():  # read-only layers: read as they are
                     entry = layer.verify(key)
+                    trusted = signing.verify_keys()  # JITKERN_CACHE_VERIFY_KEY: only signed entries load
+                    if trusted:
+                        try:
+                            layer.check_signed(entry, trusted)
+                        except SignatureError as e:
+                            counters.bump("signature_refused")
+                            warn_once(("unsigned", key, str(layer.base)), "jitkern: not loading %s: %s "
+                                      "(JITKERN_CACHE_VERIFY_KEY is set)", key[:16], e)
+                            continue
                 else:
                     # Write layer: a last-use stamp (the entry's mtime) and a shared lock held while the
                     # entry object lives, so that eviction (``jitkern.evict``) never removes it in use.

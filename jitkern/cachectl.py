@@ -21,6 +21,7 @@ entry is refused and reported, never installed.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -32,10 +33,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import evict
-from .cache import (MANIFEST, Layer, Store, check_dirs, configured_layers, is_key, iter_entries, layer_record,
-                    read_meta)
-from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
+from . import cachewheel, evict, signing
+from .cache import (Layer, Store, check_dirs, configured_layers, installed_layers, is_key, iter_entries,
+                    layer_record, read_meta, sound_entries)
+from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, SignatureError
 from .key import FORMAT_VERSION
 from .logs import log
 
@@ -59,15 +60,18 @@ def can_write(path: Path) -> bool:
 def layer_info(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Path, writability, entry count and bytes of each configured layer (creates nothing)."""
     out = []
-    for p in configured_layers(cache_dir):
-        layer = Layer(p)
+    mine = configured_layers(cache_dir)
+    layers = [Layer(p) for p in mine] + [Layer(p, installed_from=d) for p, d in installed_layers() if p not in mine]
+    for layer in layers:
+        p = layer.base
         n = size = 0
         for _, path in iter_entries(layer):
             n += 1
             size += dir_size(path)
         prebuilds = layer_record(layer).get("prebuilds") or [None]
-        out.append({"path": str(p), "exists": p.exists(), "writable": can_write(layer.root), "entries": n,
-                    "bytes": size, "prebuild": prebuilds[-1]})
+        out.append({"path": str(p), "exists": p.exists(), "entries": n, "bytes": size, "prebuild": prebuilds[-1],
+                    "writable": layer.installed_from is None and can_write(layer.root),
+                    "installed_from": layer.installed_from})
     return out
 
 
@@ -217,47 +221,59 @@ def _tar_mode(path: str, write: bool) -> str:
     return ("w:gz" if gz else "w") if write else "r:*"
 
 
-def export(store: Store, file: str | os.PathLike) -> dict[str, Any]:
-    """Write every sound entry of every layer (first layer wins per key) into one archive, atomically."""
+def _sign_key(path):
+    """The private key of ``--sign-key PATH``, else of ``JITKERN_CACHE_SIGN_KEY``, else None."""
+    return signing.load_private(path) if path else signing.sign_key()
+
+
+def _verify_keys(path):
+    """The public key of ``--verify-key PATH``, else those of ``JITKERN_CACHE_VERIFY_KEY``, else None."""
+    return signing.public_keys([path]) if path else signing.verify_keys()
+
+
+def export(store: Store, file: str | os.PathLike, sign_key=None) -> dict[str, Any]:
+    """Write every sound entry of every layer (first layer wins per key) into one archive, atomically.
+    ``sign_key`` (an Ed25519 private key, ``jitkern.signing``): sign the bundle (a signed list of every
+    member's SHA-256) and every entry in it."""
     file = os.fspath(file)
     check_output_file(file, "export archive")
-    seen: set[str] = set()
-    skipped = []
+    skipped: list = []
+    members: dict[str, str] = {}
+    now = int(time.time())
     tmp = f"{file}.tmp-{os.getpid()}"
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, now
+        tar.addfile(info, io.BytesIO(data))
+
     try:
         with tarfile.open(tmp, _tar_mode(file, True)) as tar:
-            for layer in store.layers:
-                for key, path in iter_entries(layer):
-                    if key in seen:
-                        continue
-                    try:
-                        entry = layer.verify(key)
-                    except (CorruptEntryError, FileNotFoundError) as e:
-                        skipped.append({"key": key, "layer": str(layer.base), "error": str(e)})
-                        continue
-                    names = sorted(json.loads((entry.path / MANIFEST).read_text())["files"]) + [MANIFEST]
-                    for name in names:
-                        data = (entry.path / name).read_bytes()
-                        info = tarfile.TarInfo(f"entries/{key}/{name}")
-                        info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
-                        tar.addfile(info, io.BytesIO(data))
-                    seen.add(key)
-            meta = json.dumps({"format": FORMAT_VERSION, "entries": len(seen), "created": time.time()}).encode()
-            info = tarfile.TarInfo(EXPORT_META)
-            info.size, info.mode, info.mtime = len(meta), 0o644, int(time.time())
-            tar.addfile(info, io.BytesIO(meta))
+            n = 0
+            for key, files in sound_entries(store, skipped, sign_key):
+                for name in sorted(files):
+                    members[f"entries/{key}/{name}"] = hashlib.sha256(files[name]).hexdigest()
+                    add(tar, f"entries/{key}/{name}", files[name])
+                n += 1
+            record = {"format": FORMAT_VERSION, "entries": n, "created": time.time(), "members": members}
+            if sign_key is not None:
+                record["signed_by"] = signing.key_id(sign_key.public_key())
+            meta = json.dumps(record, sort_keys=True).encode()
+            add(tar, EXPORT_META, meta)
+            if sign_key is not None:
+                add(tar, signing.BUNDLE_SIGNATURE, signing.signature_record(sign_key, signing.DOMAIN_BUNDLE, meta))
         os.replace(tmp, file)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return {"file": file, "entries": len(seen), "skipped_damaged": skipped}
+    return {"file": file, "entries": n, "skipped_damaged": skipped,
+            "signed_by": signing.key_id(sign_key.public_key()) if sign_key is not None else None}
 
 
-def _export_format(file: str, tar, member) -> int:
+def _export_format(file: str, raw: bytes | None) -> int:
     """The format version an export's ``jitkern-export.json`` names (``ConfigError`` if it is malformed)."""
     try:
-        f = tar.extractfile(member) if member.isfile() else None
-        rec = json.loads(f.read()) if f is not None else None
+        rec = json.loads(raw) if raw is not None else None
         fmt = rec.get("format") if isinstance(rec, dict) else None
         if not isinstance(fmt, int) or isinstance(fmt, bool):
             raise ValueError(f"it holds {rec!r:.80}, not an object with a format number")
@@ -267,9 +283,34 @@ def _export_format(file: str, tar, member) -> int:
     return fmt
 
 
-def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
+def _check_bundle(file: str, meta: bytes | None, sig: bytes | None, hashes: dict[str, str], odd: list[str],
+                  verify_keys) -> str:
+    """Raise ``SignatureError`` unless the bundle's list of members is signed by a trusted key and
+    names exactly the members it holds, each with its SHA-256. Returns the signer's key id."""
+    what = f"bundle {file}"
+    if meta is None:
+        raise SignatureError(f"{what} has no {EXPORT_META}; it is not a jitkern export")
+    signer = signing.check_record(verify_keys, signing.DOMAIN_BUNDLE, meta, sig, what)
+    listed = json.loads(meta).get("members")
+    if not isinstance(listed, dict):
+        raise SignatureError(f"{what} lists no members")
+    if odd:
+        raise SignatureError(f"{what} holds members its signed list does not name: {', '.join(odd[:3])}")
+    for name in sorted(set(listed) | set(hashes)):
+        if name not in hashes:
+            raise SignatureError(f"{what}: member {name} is signed for but missing")
+        if name not in listed:
+            raise SignatureError(f"{what}: member {name} was added after signing")
+        if listed[name] != hashes[name]:
+            raise SignatureError(f"{what}: member {name} was changed after signing (SHA-256 differs)")
+    return signer
+
+
+def import_archive(store: Store, file: str | os.PathLike, verify_keys=None) -> dict[str, Any]:
     """Install the entries of an ``export`` archive into the writable layer, each verified and renamed
-    into place (atomic per entry). Damaged entries are refused."""
+    into place (atomic per entry). Damaged entries are refused. With ``verify_keys`` (Ed25519 public
+    keys), the whole bundle is refused (``SignatureError``, nothing installed) unless it is signed by one
+    of them and no member was changed, added or removed since."""
     layer = _write_layer(store)
     file = os.fspath(file)
     try:
@@ -278,18 +319,27 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"cannot read archive {file!r}: {e}; expected a file made by 'jitkern cache export'") from None
     stage = Layer(layer.root / "tmp" / f"import-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     installed, present, refused = 0, 0, []
+    signer = None
     try:
         with tar:
             staged: set[str] = set()
+            hashes: dict[str, str] = {}
+            odd: list[str] = []
+            meta_raw = sig_raw = None
             fmt = None
             for m in tar:  # stream each file to the staging area: no archive held in memory
-                if m.name == EXPORT_META:
-                    fmt = _export_format(file, tar, m)
+                if m.name in (EXPORT_META, signing.BUNDLE_SIGNATURE) and m.isfile():
+                    raw = tar.extractfile(m).read()
+                    if m.name == EXPORT_META:
+                        meta_raw, fmt = raw, _export_format(file, raw)
+                    else:
+                        sig_raw = raw
                     continue
                 parts = m.name.split("/")
                 if (not m.isfile() or len(parts) != 3 or parts[0] != "entries" or not is_key(parts[1])
                         or parts[2].startswith(".") or not parts[2]):
                     refused.append({"member": m.name, "error": "not an entry file of a jitkern export"})
+                    odd.append(m.name)
                     continue
                 d = stage.entry_dir(parts[1])
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -297,15 +347,23 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
                     fd = os.open(d / parts[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 except FileExistsError:
                     refused.append({"member": m.name, "error": "appears twice in the archive"})
+                    odd.append(m.name)
                     continue
+                h = hashlib.sha256()
+                src = tar.extractfile(m)
                 with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(tar.extractfile(m), out)
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                hashes[m.name] = h.hexdigest()
                 staged.add(parts[1])
             if fmt is None:
                 raise ConfigError(f"{file!r} is not a jitkern cache export (no {EXPORT_META})")
             if fmt != FORMAT_VERSION:
                 raise ConfigError(f"{file!r} holds cache format v{fmt}; this jitkern reads v{FORMAT_VERSION}: "
                                   "export it again with this version, or rebuild with 'jitkern prebuild'")
+            if verify_keys:
+                signer = _check_bundle(file, meta_raw, sig_raw, hashes, odd, verify_keys)
         for key in sorted(staged):
             d = stage.entry_dir(key)
             try:
@@ -334,7 +392,7 @@ def import_archive(store: Store, file: str | os.PathLike) -> dict[str, Any]:
     if cap is not None and installed:
         evict.shrink(layer.root, int(cap * evict.LOW_WATER), cap=cap, only_above=cap)
     return {"file": file, "installed": installed, "already_present": present, "refused": refused,
-            "layer": str(layer.base)}
+            "layer": str(layer.base), "signed_by": signer}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -394,17 +452,43 @@ def main(args) -> int:
               f"{_write_layer(store).base}")
         return 0
     if action == "export":
-        r = export(store, args.file)
-        for s in r["skipped_damaged"]:
-            print(f"skipped damaged entry {s['key']} in {s['layer']}: {s['error']}", file=sys.stderr)
-        print(f"jitkern cache export: {r['entries']} entries -> {r['file']} ({human_size(os.path.getsize(r['file']))})")
+        if args.wheel_version and not args.wheel:
+            raise ConfigError("--version applies to --wheel DIST_NAME exports only")
+        sign_key = _sign_key(args.sign_key)
+        if args.wheel:
+            if not args.wheel_version:
+                raise ConfigError("--wheel needs --version V (the wheel's version, e.g. 1.0)")
+            r = cachewheel.export_wheel(store, args.wheel, args.wheel_version, args.file, sign_key)
+        else:
+            r = export(store, args.file, sign_key)
+        if args.json:
+            print(json.dumps(r, indent=1))
+        else:
+            for s in r["skipped_damaged"]:
+                print(f"skipped damaged entry {s['key']} in {s['layer']}: {s['error']}", file=sys.stderr)
+            signed = f", signed by key {r['signed_by']}" if r.get("signed_by") else ""
+            print(f"jitkern cache export: {r['entries']} entries -> {r['file']} "
+                  f"({human_size(os.path.getsize(r['file']))}{signed})")
         return 1 if r["skipped_damaged"] else 0
     if action == "import":
-        r = import_archive(store, args.file)
-        for x in r["refused"]:
-            print(f"refused {x.get('key') or x.get('member')}: {x['error']}", file=sys.stderr)
-        print(f"jitkern cache import: {r['installed']} entries installed, {r['already_present']} already present, "
-              f"{len(r['refused'])} refused -> {r['layer']}")
+        r = import_archive(store, args.file, _verify_keys(args.verify_key))
+        if args.json:
+            print(json.dumps(r, indent=1))
+        else:
+            for x in r["refused"]:
+                print(f"refused {x.get('key') or x.get('member')}: {x['error']}", file=sys.stderr)
+            signed = f" (bundle signed by key {r['signed_by']})" if r.get("signed_by") else ""
+            print(f"jitkern cache import: {r['installed']} entries installed, {r['already_present']} already "
+                  f"present, {len(r['refused'])} refused -> {r['layer']}{signed}")
         return 1 if r["refused"] else 0
+    if action == "keygen":
+        priv, pub = signing.keygen(args.path)
+        kid = signing.key_id(signing.load_public(pub))
+        if args.json:
+            print(json.dumps({"private": str(priv), "public": str(pub), "key_id": kid}))
+        else:
+            print(f"jitkern cache keygen: private key {priv} (mode 0600; builders: JITKERN_CACHE_SIGN_KEY), "
+                  f"public key {pub} (readers: JITKERN_CACHE_VERIFY_KEY); key id {kid}")
+        return 0
     log.error("unknown cache action %r", action)
     return 2

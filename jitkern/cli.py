@@ -302,12 +302,14 @@ def _doctor_cache() -> tuple[str, list[tuple[str, str]]]:
     rows, first = [], True
     for info in cachectl.layer_info():
         role = "read-only"
-        if info["writable"]:
+        if info.get("installed_from"):
+            role = f"installed by {info['installed_from']} (entry point jitkern.cache_layers), read-only"
+        elif info["writable"]:
             role, first = ("writable (new entries go here)" if first else "writable, but only read (new entries go to an earlier layer)"), False
         rows.append((info["path"], f"{role}, {info['entries']} entries, {human_size(info['bytes'])}"))
         if info.get("prebuild"):
             rows.append(("  last prebuild", cachectl.describe_prebuild(info["prebuild"])))
-    return "Cache layers (JITKERN_CACHE_DIR, first writable one receives new entries)", rows
+    return "Cache layers (JITKERN_CACHE_DIR, then installed cache wheels; first writable one receives new entries)", rows
 
 
 def _doctor_ops() -> tuple[str, list[tuple[str, str]]]:
@@ -378,10 +380,23 @@ def _add_cache(sub) -> None:
     pr.add_argument("--json", action="store_true")
     c = csub.add_parser("clear", help="remove every entry of the writable layer")
     c.add_argument("--failures", action="store_true", help="only recorded build failures")
-    e = csub.add_parser("export", help="write every entry of every layer into one archive")
-    e.add_argument("file", metavar="FILE", type=archive_file, help="archive to write (.tar, .tar.gz)")
+    e = csub.add_parser("export", help="write every entry of every layer into one archive, or into a wheel")
+    e.add_argument("file", metavar="FILE", help="archive to write (.tar, .tar.gz); with --wheel: a directory "
+                                                "or a .whl path")
+    e.add_argument("--sign-key", metavar="PATH", help="Ed25519 private key (jitkern cache keygen): sign the bundle "
+                                                      "and every entry in it; default: JITKERN_CACHE_SIGN_KEY")
+    e.add_argument("--wheel", metavar="DIST_NAME", help="build a wheel that installs a read-only cache layer "
+                                                        "(entry point jitkern.cache_layers); needs jitkern[wheel]")
+    e.add_argument("--version", dest="wheel_version", metavar="V", help="the wheel's version (with --wheel)")
+    e.add_argument("--json", action="store_true")
     i = csub.add_parser("import", help="add the entries of an archive to the writable layer (verified, atomic)")
     i.add_argument("file", metavar="FILE", help="archive made by 'jitkern cache export'")
+    i.add_argument("--verify-key", metavar="PATH.pub", help="refuse the bundle unless it is signed by this Ed25519 "
+                                                            "public key, unchanged; default: JITKERN_CACHE_VERIFY_KEY")
+    i.add_argument("--json", action="store_true")
+    kg = csub.add_parser("keygen", help="write a new Ed25519 signing key: PATH (private, 0600) and PATH.pub")
+    kg.add_argument("path", metavar="PATH")
+    kg.add_argument("--json", action="store_true")
     pu = csub.add_parser("push", help="upload every local entry the remote cache lacks (JITKERN_REMOTE_CACHE)")
     pu.add_argument("--overwrite", action="store_true", help="replace entries the remote already has")
     pl = csub.add_parser("pull", help="download every remote entry missing locally (checked before it is stored)")

@@ -19,13 +19,15 @@ def snapshot() -> dict[str, int]:
     ``remote_puts`` (entries published), ``remote_errors`` (failed requests; the remote switches itself
     off), ``remote_rejected`` (entries failing their checksum or signature), ``remote_waits`` (builds
     waited for because another node held the key's build lease); ``evictions`` (entries this process
-    removed to keep the writable layer under ``JITKERN_CACHE_MAX_SIZE``, or by ``cache prune``); fallback table (``jitkern.fallback``):
+    removed to keep the writable layer under ``JITKERN_CACHE_MAX_SIZE``, or by ``cache prune``),
+    ``signature_refused`` (read-only layer entries not loaded: unsigned or not signed by a
+    ``JITKERN_CACHE_VERIFY_KEY``); fallback table (``jitkern.fallback``):
     ``compiler_runs`` (C++ compiler processes started to build a variant), ``toolchain_queries``
     (``--version`` runs for keys), ``failures_recorded`` / ``failures_cached`` (build failures written to /
     found in the cache), ``fallbacks`` (variants skipped after a failure), ``runtime_fallbacks``
     (variants that raised at run time, inputs restored), ``inplace_backups``, ``guard_refusals``."""
     base = dict.fromkeys(("compiles", "disk_hits", "memory_hits", "corrupt_discarded", "remote_hits",
-                          "remote_misses", "remote_puts", "remote_errors", "remote_rejected", "remote_waits", "evictions",
+                          "remote_misses", "remote_puts", "remote_errors", "remote_rejected", "remote_waits", "evictions", "signature_refused",
                           "compiler_runs", "toolchain_queries", "failures_recorded", "failures_cached",
                           "fallbacks", "runtime_fallbacks", "inplace_backups", "guard_refusals"), 0)
     base.update(COUNTERS)

@@ -96,6 +96,10 @@ class InsecureCacheError(CacheError):
     to load from it, since a loaded kernel runs with the user's rights. The message says how to fix it."""
 
 
+class SignatureError(CacheError):
+    """A signature is missing, made by a key that is not trusted, or does not match what it signs."""
+
+
 class RemoteCacheError(CacheError):
     """The remote cache (``JITKERN_REMOTE_CACHE``) cannot be used: misconfigured, unreachable, full.
     Builds never raise it (they go on without the remote, with one warning); ``jitkern cache push/pull`` do."""

@@ -20,9 +20,12 @@ an HMAC when signing, a header naming every file with its size and SHA-256, then
 Everything fetched is checked against these before it is stored in the local cache (which checks it
 again before each load); a failing entry is rejected, never stored.
 Checksums catch damage, not malice: anyone who can write to the Redis server can run code on its
-readers, so fleets that share a server they do not fully control should set
-``JITKERN_REMOTE_CACHE_KEY``. The signature covers the cache key too, so an entry cannot be replayed
-under another key. A node that rejected an entry and then built the key overwrites the bad entry.
+readers, so fleets that share a server they do not fully control should sign: with Ed25519
+(``jitkern.signing``: builders set ``JITKERN_CACHE_SIGN_KEY`` to the private key, readers
+``JITKERN_CACHE_VERIFY_KEY`` to the public one, so no reader can forge an entry), or, for small setups
+where every node may build, with the HMAC secret ``JITKERN_REMOTE_CACHE_KEY``. With a verify key set,
+anything but a valid Ed25519 signature by a trusted key is rejected. Either signature covers the
+cache key too, so an entry cannot be replayed under another key. A node that rejected an entry and then built the key overwrites the bad entry.
 
 **Cross-node builds.** A node that misses both caches takes the key's build lease (``SET NX PX``
 through redis-py's ``Lock``), renews it from a thread while it compiles, publishes, then releases it.
@@ -59,9 +62,9 @@ import uuid
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from . import counters, settings
+from . import counters, settings, signing
 from .cache import ENTRY_META, MANIFEST, Entry, Store, default_store
-from .errors import ConfigError, CorruptEntryError, RemoteCacheError, UntrustedEntryError
+from .errors import ConfigError, CorruptEntryError, RemoteCacheError, SignatureError, UntrustedEntryError
 from .errors import RemoteValueTooLarge as ValueTooLarge
 from .key import FORMAT_VERSION
 from .logs import log, warn_once
@@ -77,8 +80,10 @@ ENV_MAX_VALUE = "JITKERN_REMOTE_MAX_VALUE"
 #: Redis key prefix; the format version is part of it, so incompatible layouts never meet.
 PREFIX = f"jitkern:v{FORMAT_VERSION}:"
 MAGIC = b"JKR1"
-_UNSIGNED, _SIGNED = b"\x00", b"\x01"
+_UNSIGNED, _SIGNED, _ED25519 = b"\x00", b"\x01", b"\x02"
 _SIG_BYTES = 32
+#: Bytes between the frame's checksum and its payload, per flag: none, an HMAC, an Ed25519 signature.
+_SIG_LEN = {_UNSIGNED: 0, _SIGNED: _SIG_BYTES, _ED25519: signing.SIGNATURE_BYTES}
 _HEADER_LEN = struct.Struct(">I")
 _POLL_MIN, _POLL_MAX = 0.05, 0.5
 _SAY_WAITING = 10.0  # seconds of waiting on another node's build before saying so at WARNING
@@ -93,34 +98,49 @@ def _signature(secret: bytes, key: str, payload: bytes) -> bytes:
     return hmac.new(secret, MAGIC + key.encode() + b"\0" + payload, hashlib.sha256).digest()
 
 
-def seal(key: str, payload: bytes, secret: bytes | None = None) -> bytes:
-    """Frame a payload: magic, signed flag, SHA-256 of key + payload, HMAC-SHA256 (if ``secret``), payload."""
+def seal(key: str, payload: bytes, secret: bytes | None = None, sign_key=None) -> bytes:
+    """Frame a payload: magic, flag, SHA-256 of key + payload, then an Ed25519 signature of key + payload
+    (``sign_key``, a private key: ``jitkern.signing``) or an HMAC-SHA256 (``secret``) or nothing, then
+    the payload."""
+    if sign_key is not None:
+        sig = signing.sign(sign_key, signing.DOMAIN_REMOTE, key.encode() + b"\0" + payload)
+        return MAGIC + _ED25519 + _digest(key, payload) + sig + payload
     if secret:
         return MAGIC + _SIGNED + _digest(key, payload) + _signature(secret, key, payload) + payload
     return MAGIC + _UNSIGNED + _digest(key, payload) + payload
 
 
-def encode(key: str, files: Mapping[str, bytes], secret: bytes | None = None) -> bytes:
+def encode(key: str, files: Mapping[str, bytes], secret: bytes | None = None, sign_key=None) -> bytes:
     """One entry's files as a single blob: a frame (``seal``) around a header naming every file with its
     size and SHA-256, then the files."""
     names = sorted(files)
     header = {"key": key, "format": FORMAT_VERSION,
               "files": [[n, len(files[n]), hashlib.sha256(files[n]).hexdigest()] for n in names]}
     head = json.dumps(header, separators=(",", ":")).encode()
-    return seal(key, _HEADER_LEN.pack(len(head)) + head + b"".join(files[n] for n in names), secret)
+    return seal(key, _HEADER_LEN.pack(len(head)) + head + b"".join(files[n] for n in names), secret, sign_key)
 
 
-def decode(key: str, blob: bytes, secret: bytes | None = None) -> dict[str, bytes]:
-    """The files of a blob made by ``encode``, after checking the signature (if ``secret``), the whole
-    blob's checksum and each file's. Raises ``UntrustedEntryError`` saying what failed."""
+def decode(key: str, blob: bytes, secret: bytes | None = None, verify_keys=None) -> dict[str, bytes]:
+    """The files of a blob made by ``encode``, after checking its signature (an Ed25519 one by one of
+    ``verify_keys`` if given, else an HMAC if ``secret``), the whole blob's checksum and each file's.
+    Raises ``UntrustedEntryError`` saying what failed."""
     if not isinstance(blob, (bytes, bytearray)) or blob[:4] != MAGIC or len(blob) < 5 + _SIG_BYTES:
         raise UntrustedEntryError(f"remote entry {key[:16]} is not a jitkern entry (bad magic)")
-    flag = blob[4:5]
-    if flag not in (_UNSIGNED, _SIGNED):
+    flag = bytes(blob[4:5])
+    if flag not in _SIG_LEN:
         raise UntrustedEntryError(f"remote entry {key[:16]} is not a jitkern entry (unknown flag {flag!r})")
-    start = 5 + _SIG_BYTES * (2 if flag == _SIGNED else 1)
+    start = 5 + _SIG_BYTES + _SIG_LEN[flag]
     payload = bytes(blob[start:])
-    if secret:
+    if verify_keys:
+        if flag != _ED25519:
+            raise UntrustedEntryError(f"remote entry {key[:16]} carries no Ed25519 signature but "
+                                      "JITKERN_CACHE_VERIFY_KEY is set")
+        try:
+            signing.check(verify_keys, signing.DOMAIN_REMOTE, key.encode() + b"\0" + payload,
+                          bytes(blob[5 + _SIG_BYTES:start]), f"remote entry {key[:16]}")
+        except SignatureError as e:
+            raise UntrustedEntryError(str(e)) from None
+    elif secret:
         if flag != _SIGNED:
             raise UntrustedEntryError(f"remote entry {key[:16]} carries no signature but {ENV_SECRET} is set")
         if not hmac.compare_digest(blob[5 + _SIG_BYTES:start], _signature(secret, key, payload)):
@@ -196,9 +216,13 @@ class RedisRemote:
     """
 
     def __init__(self, url: str, secret: str | None = None, timeout: float = 2.0, lease_ttl: float = 30.0,
-                 lease_wait: float = 900.0, deadline: float = 10.0, max_value: int = 64 << 20):
+                 lease_wait: float = 900.0, deadline: float = 10.0, max_value: int = 64 << 20,
+                 sign_key=None, verify_keys=None):
         self.url = url
         self.secret = secret.encode() if secret else None
+        #: Ed25519 (``jitkern.signing``): builders sign with the private key; readers verify with public keys.
+        self.sign_key = sign_key
+        self.verify_keys = tuple(verify_keys) if verify_keys else None
         self.timeout = timeout
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
@@ -212,7 +236,8 @@ class RedisRemote:
         self._lock = threading.Lock()
 
     def __repr__(self):
-        return f"RedisRemote({redact(self.url)!r}, signed={self.secret is not None})"
+        mode = "ed25519" if self.sign_key is not None or self.verify_keys else "hmac" if self.secret else "none"
+        return f"RedisRemote({redact(self.url)!r}, signing={mode})"
 
     # -- connection --
     @property
@@ -305,7 +330,7 @@ class RedisRemote:
         if key in self._rejected and self._rejected[key] == hashlib.sha256(blob).hexdigest():
             return None  # the same bad entry again (polling during a lease wait): rejected already
         try:
-            files = decode(key, blob, self.secret)
+            files = decode(key, blob, self.secret, self.verify_keys)
             entry = store_files(store, key, files)
         except UntrustedEntryError as e:
             self._reject(key, blob, e)
@@ -323,7 +348,7 @@ class RedisRemote:
     # -- publish --
     def put_strict(self, entry: Entry, overwrite: bool = False) -> bool:
         """Upload a local entry; False if the remote already had it (raises ``RemoteCacheError``)."""
-        blob = encode(entry.key, entry_files(entry), self.secret)
+        blob = encode(entry.key, entry_files(entry), self.secret, self.sign_key)
         if len(blob) > self.max_value:
             raise ValueTooLarge(f"entry {entry.key[:16]} is {len(blob)} bytes, over {ENV_MAX_VALUE}={self.max_value}; "
                                 "not published")
@@ -542,7 +567,8 @@ def _settings() -> tuple:
     """The remote's settings (to notice a change); a bad one shows as its error, raised by from_env."""
     try:
         rest = tuple(settings.get(n) for n in ("remote_cache_key", "remote_timeout", "remote_lease_ttl",
-                                                "remote_lease_wait", "remote_deadline", "remote_max_value"))
+                                                "remote_lease_wait", "remote_deadline", "remote_max_value",
+                                                "cache_sign_key", "cache_verify_key"))
     except ConfigError as e:
         rest = (str(e),)
     return (settings.get("remote_cache") or "", *rest)
@@ -570,7 +596,8 @@ def from_env(url: str | None = None) -> RedisRemote:
     check_url(url)
     return RedisRemote(url, settings.get("remote_cache_key"), settings.get("remote_timeout"),
                        settings.get("remote_lease_ttl"), settings.get("remote_lease_wait"),
-                       settings.get("remote_deadline"), settings.get("remote_max_value"))
+                       settings.get("remote_deadline"), settings.get("remote_max_value"),
+                       signing.sign_key(), signing.verify_keys())
 
 
 def active() -> RedisRemote | None:
@@ -646,6 +673,15 @@ def doctor() -> tuple[str, list[tuple[str, str]]]:
     except ConfigError as e:
         secret = f"error: {e}"
     rows = [(ENV_URL, redact(url)), (ENV_SECRET, secret)]
+    try:
+        pub = signing.verify_keys()
+        priv = signing.sign_key()
+        rows.append(("Ed25519", (f"entries must be signed by {', '.join(signing.key_id(k) for k in pub)}" if pub
+                                 else "entries are not checked for an Ed25519 signature (JITKERN_CACHE_VERIFY_KEY "
+                                      "not set)")
+                     + (f"; publishing signed by {signing.key_id(priv.public_key())}" if priv else "")))
+    except ConfigError as e:
+        rows.append(("Ed25519", f"error: {e}"))
     try:
         r = from_env(url)
         t0 = time.perf_counter()
@@ -725,7 +761,7 @@ def pull(remote: RedisRemote, store: Store | None = None) -> dict[str, int]:
         if blob is None:  # evicted meanwhile
             continue
         try:
-            store_files(store, key, decode(key, blob, remote.secret))
+            store_files(store, key, decode(key, blob, remote.secret, remote.verify_keys))
         except UntrustedEntryError as e:
             counters.bump("remote_rejected")
             log.warning("jitkern: rejected remote entry: %s", e)

@@ -212,6 +212,13 @@ declare("cache_max_size", "size", None,
         "Size cap of the writable cache layer, e.g. 20GB (20 * 10**9 bytes) or 20GiB (20 * 2**30): after a "
         "publish that passes it, least recently used entries no process holds are evicted down to 90 % of "
         "it (jitkern.evict); unset: no cap.", _positive_size)
+declare("cache_sign_key", "path", None,
+        "Ed25519 private key (from 'jitkern cache keygen PATH'): entries this process publishes, to the "
+        "local cache and to the remote cache, are signed with it.", _text)
+declare("cache_verify_key", "paths", (),
+        "Ed25519 public key(s) (PATH.pub; ':'-separated while rotating keys): read-only cache layers "
+        "(baked, installed wheels) load only entries signed by one of them, remote entries must carry "
+        "such a signature, and 'cache import' checks bundles against them.", _paths)
 declare("redzone_bytes", "size", 1024,
         "Guard band size for JITKERN_DEBUG=redzone (rounded up to 256 bytes).", _positive_size)
 declare("direct_launch", "bool", True,

@@ -32,7 +32,8 @@ def cache_dir(tmp_path, monkeypatch):
     """A fresh, private JITKERN_CACHE_DIR, empty in-process kernel memo and zeroed counters."""
     d = tmp_path / "jitkern-cache"
     monkeypatch.setenv("JITKERN_CACHE_DIR", str(d))
-    for name in ("JITKERN_REMOTE_CACHE", "JITKERN_REMOTE_CACHE_KEY"):  # no developer's remote cache in tests
+    for name in ("JITKERN_REMOTE_CACHE", "JITKERN_REMOTE_CACHE_KEY", "JITKERN_CACHE_SIGN_KEY", "JITKERN_CACHE_VERIFY_KEY",
+                 "JITKERN_CACHE_MAX_SIZE"):  # no developer's remote cache, keys or cap in tests
         monkeypatch.delenv(name, raising=False)
     jitkern.runtime.clear_memory()
     jitkern.counters.reset()

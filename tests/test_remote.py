@@ -452,3 +452,90 @@ def test_cli_push_then_pull_mirrors_a_local_cache(redis_server, monkeypatch, tmp
     assert cli.main(["cache", "pull", "--remote", f"redis://127.0.0.1:{_free_port()}/0", "--cache-dir",
                      str(dst)]) == 1  # an unreachable remote is an error for the CLI
     assert "SCAN failed" in capsys.readouterr().err
+
+
+# ---- Ed25519 signatures (jitkern.signing) -------------------------------------------------------
+@pytest.fixture
+def ed_keys(tmp_path):
+    from jitkern import signing
+
+    d = tmp_path / "keys"
+    d.mkdir()
+    return signing.keygen(d / "fleet"), signing.keygen(d / "other")
+
+
+def test_ed25519_frames_verify_with_the_public_key_only(ed_keys):
+    from jitkern import signing
+
+    (priv, pub), (_, other) = ed_keys
+    key = "ab" * 32
+    files = {"entry.json": b'{"op": "x"}', "kernel.py": b"print(1)\n", "kernel.cubin": bytes(range(256))}
+    blob = remote.encode(key, files, sign_key=signing.load_private(priv))
+    trusted = signing.public_keys([pub])
+    assert blob[4:5] == b"\x02" and remote.decode(key, blob, verify_keys=trusted) == files
+    with pytest.raises(UntrustedEntryError, match="not signed by a trusted key"):
+        remote.decode(key, blob, verify_keys=signing.public_keys([other]))
+    for unsigned in (remote.encode(key, files), remote.encode(key, files, secret=b"s3cret")):
+        with pytest.raises(UntrustedEntryError, match="no Ed25519 signature"):
+            remote.decode(key, unsigned, verify_keys=trusted)
+    for i in range(len(blob)):  # every single-bit change anywhere, signature included
+        with pytest.raises(UntrustedEntryError):
+            remote.decode(key, blob[:i] + bytes([blob[i] ^ 0x10]) + blob[i + 1:], verify_keys=trusted)
+    with pytest.raises(UntrustedEntryError):
+        remote.decode("cd" * 32, blob, verify_keys=trusted)  # replayed under another key
+
+
+READER = textwrap.dedent("""
+    import json, os, sys
+    import jitkern.build as b
+    from jitkern import arch, counters, registry, remote, signing
+    from jitkern.library import rms_norm
+    job = b.plan(registry.get("rms_norm"), rms_norm.config("fp32", False, True, 256, True), arch.get("cpu"))
+    for line in sys.stdin:                 # one node per line: its own empty cache and the key it trusts
+        cache, verify_key = line.split()
+        os.environ.update(JITKERN_CACHE_DIR=cache, JITKERN_CACHE_VERIFY_KEY=verify_key)
+        remote.reset()
+        counters.reset()
+        entry, how = b.get_entry(job)
+        print(json.dumps({"how": how, "stats": counters.snapshot(), "private": signing.sign_key() is not None}),
+              flush=True)
+""")
+
+
+def test_builder_signs_with_the_private_key_readers_verify_with_the_public_key(rds, redis_server, ed_keys,
+                                                                              monkeypatch, tmp_path):
+    (priv, pub), (_, other) = ed_keys
+    job = _job()
+    name = remote.PREFIX + "entry:" + job.key
+    monkeypatch.setenv("JITKERN_CACHE_SIGN_KEY", str(priv))  # the builder
+    remote.reset()
+    assert get_entry(job)[1] == "built"
+    assert rds.get(name)[4:5] == b"\x02"
+    # reader nodes, in a real process holding the public key only
+    env = _child_env(tmp_path, "unused", redis_server)
+    del env["JITKERN_CACHE_SIGN_KEY"]
+    reader = subprocess.Popen([sys.executable, "-c", READER], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def node(name, key):
+        reader.stdin.write(f"{tmp_path / name} {key}\n")
+        reader.stdin.flush()
+        line = reader.stdout.readline()
+        assert line, reader.stderr.read()
+        return json.loads(line)
+
+    try:
+        r = node("reader", pub)
+        assert r["how"] == "fetched" and r["stats"]["compiles"] == 0 and r["stats"]["remote_hits"] == 1, r
+        assert not r["private"]
+        r = node("stranger", other)  # trusts another key: rejects, builds
+        assert r["how"] == "built" and r["stats"]["remote_rejected"] == 1, r
+        # someone with write access to the server (even one holding the fleet's HMAC secret) cannot forge one
+        files = remote.decode(job.key, rds.get(name))
+        poisoned = dict(files, **{"kernel.py": files["kernel.py"] + b"\nimport os  # injected\n"})
+        rds.set(name, remote.encode(job.key, poisoned, secret=b"fleet-secret"))
+        r = node("victim", pub)
+        assert r["how"] == "built" and r["stats"]["remote_rejected"] == 1, r
+    finally:
+        reader.stdin.close()
+        reader.wait(30)
