@@ -6,8 +6,9 @@ Loading a binary built for another arch fails at best and faults at worst, so be
 loaded its ELF machine and arch flags are compared with the arch the job was planned for.
 
 ELF facts used (64-bit little-endian headers): ``e_machine`` at byte 18 is 190 (``EM_CUDA``) for a
-cubin and 224 (``EM_AMDGPU``) for an hsaco; ``e_flags`` at byte 48 holds the SM number (low byte,
-and again in bits 16-23 of current cubins) for CUDA, and ``EF_AMDGPU_MACH`` (low byte) for AMD.
+cubin and 224 (``EM_AMDGPU``) for an hsaco; ``e_flags`` at byte 48 holds the SM number for CUDA
+(low byte; bits 8-15 in the cubins of CUDA 13, whose ``e_ident`` ABI version is 8), and
+``EF_AMDGPU_MACH`` (low byte) for AMD.
 """
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ AMDGPU_MACH = {"gfx942": 0x04C, "gfx950": 0x04F}
 _AMDGPU_MACH_NAMES = {v: k for k, v in AMDGPU_MACH.items()}
 
 
+def cuda_sm(abi_version: int, flags: int) -> int:
+    """The SM number in a cubin's ``e_flags``: bits 8-15 from ELF ABI version 8 (CUDA 13's cubins),
+    else the low byte (older cubins; Triton's ptxas)."""
+    return (flags >> 8) & 0xFF if abi_version >= 8 else flags & 0xFF
+
+
 def describe(data: bytes) -> str:
     """What the binary's header says it is, in words (for messages)."""
     if len(data) < 52 or data[:4] != b"\x7fELF":
@@ -29,7 +36,7 @@ def describe(data: bytes) -> str:
     machine = struct.unpack_from("<H", data, 18)[0]
     flags = struct.unpack_from("<I", data, 48)[0]
     if machine == EM_CUDA:
-        return f"a CUDA binary for sm_{flags & 0xFF}"
+        return f"a CUDA binary for sm_{cuda_sm(data[8], flags)}"
     if machine == EM_AMDGPU:
         mach = flags & 0xFF
         return f"an AMDGPU binary for {_AMDGPU_MACH_NAMES.get(mach, f'EF_AMDGPU_MACH {mach:#x}')}"
@@ -43,7 +50,7 @@ def matches(arch, data: bytes) -> bool:
     machine = struct.unpack_from("<H", data, 18)[0]
     flags = struct.unpack_from("<I", data, 48)[0]
     if arch.backend == "cuda":
-        return machine == EM_CUDA and int(arch.triton_arch) in (flags & 0xFF, (flags >> 16) & 0xFF)
+        return machine == EM_CUDA and int(arch.triton_arch) == cuda_sm(data[8], flags)
     if arch.backend == "hip":
         want = AMDGPU_MACH.get(arch.name)
         return machine == EM_AMDGPU and (want is None or (flags & 0xFF) == want)
