@@ -150,3 +150,17 @@ def test_no_writable_layer_warning_fires_when_the_first_kernel_is_in_a_read_only
         assert sum("no writable jitkern cache layer" in ln for ln in err.splitlines()) == 1, err[-2000:]
     finally:
         _make_writable(ro)
+
+
+@pytest.mark.parametrize("action", [["clear"], ["prune", "--max-size", "1"]])
+def test_clear_and_prune_leave_no_index_locks_or_empty_shards(tmp_path, action):
+    """After a real run (entries, plan-index records, build lock files), 'cache clear' and a prune to
+    nothing left index/, locks/ and the empty entries/<xx>/ shard directories behind."""
+    cache = tmp_path / "c"
+    first, _ = run_worker(["run"], worker_env(cache))
+    root = Layer(cache).root
+    assert first["stats"]["compiles"] == N_KEYS and list(root.glob("index/*/*.json")) and list(root.glob("locks/*"))
+    r = cli(tmp_path, "cache", *action, "--cache-dir", str(cache))
+    assert r.returncode == 0, r.stdout + r.stderr
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert not [p for p in left if p.startswith(("index/", "locks/", "entries/"))], left
