@@ -193,6 +193,51 @@ class Entry:
         return (self.path / name).read_bytes() if data is None else data
 
 
+#: Directories of a layer held to the ownership and mode rules of ``entries/`` (``Layer.check_secure``).
+_PRIVATE_SUBDIRS = ("entries", "index", "locks", "tmp")
+
+
+def private_path(path: Path) -> str | None:
+    """Why ``path`` (a directory or file inside a layer) could have been changed by another user or
+    leads out of the layer (None: it could not): a symbolic link, or others could write it."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    return others_can_write(st)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with a new 0600 file (its directories created 0700), whatever the
+    umask; never written through an existing name or link. For small records next to entries (the
+    plan index), which must be as private as the entries."""
+    path = Path(path)
+    make_private_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_private(path: Path) -> bytes:
+    """The bytes of a record inside a layer (e.g. a plan-index record), or ``CorruptEntryError`` if it
+    or its directory could have been changed by another user, or is a link (``OSError`` if absent).
+    ``Layer.check_secure`` covers the directories above it."""
+    why = private_path(Path(path).parent)
+    if why:
+        raise CorruptEntryError(f"{Path(path).parent} could be changed by another user or leads out of the cache "
+                                f"({why})")
+    return _read(Path(path))
+
+
 #: Temporary directories of ``publish``: ``<key>.<pid>.<host>.<random>``.
 _PUBLISH_TMP = re.compile(r"^[0-9a-f]{64}\.(\d+)\.([A-Za-z0-9-]+)\.[0-9a-f]+$")
 #: Directories being deleted (entries renamed out of ``entries/``): removable at any time.
@@ -237,13 +282,18 @@ class Layer:
     def check_secure(self) -> None:
         """Raise ``InsecureCacheError`` if another user could change what this layer loads.
 
-        Checks the layer directory, ``v<N>/`` and ``entries/`` (those that exist): three ``stat`` calls,
-        made on every lookup (lookups happen once per kernel and process), so a change is seen."""
-        for d in (self.base, self.root, self.root / "entries"):
+        Checks the layer directory, ``v<N>/`` and the directories under it that jitkern reads or
+        writes through: ``entries/``, ``index/`` (plan-index records hand source to the planner),
+        ``locks/`` (a planted link there would be opened and truncated) and ``tmp/`` (entries are
+        written there before the rename): the same ownership and mode rule for all, one ``lstat``
+        each, on every lookup (lookups happen once per kernel and process), so a change is seen."""
+        for d in (self.base, self.root, *(self.root / sub for sub in _PRIVATE_SUBDIRS)):
             try:
                 st = os.lstat(d) if d is not self.base else os.stat(d)
             except (FileNotFoundError, NotADirectoryError):
-                return  # nothing below a missing directory (or a file) can be loaded
+                if d in (self.base, self.root):
+                    return  # nothing below a missing directory (or a file) can be loaded
+                continue
             except OSError as e:
                 raise InsecureCacheError(f"cannot inspect jitkern cache directory {d}: {e}") from None
             if stat.S_ISLNK(st.st_mode):
@@ -736,6 +786,18 @@ class Store:
             except CorruptEntryError as e:
                 self._damaged(layer, key, e)
         return None
+
+    def has_entry(self, key: str) -> bool:
+        """Whether some layer holds a directory (not a link) for ``key``: one ``lstat`` per layer, no
+        verification (``lookup`` verifies). The plan index trusts a record's source only for a key a
+        layer holds, so a record can never make jitkern build source no entry was built from."""
+        for layer in self.layers:
+            try:
+                if stat.S_ISDIR(os.lstat(layer.entry_dir(key)).st_mode):
+                    return True
+            except (OSError, CacheError):
+                continue
+        return False
 
     def _damaged(self, layer: Layer, key: str, e: CorruptEntryError) -> None:
         counters.bump("corrupt_discarded")

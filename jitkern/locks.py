@@ -82,7 +82,8 @@ class BuildLock:
     def acquire(self) -> bool:
         import filelock
 
-        lock = filelock.FileLock(str(self.path), fallback_to_soft=False, thread_local=False)
+        # 0600 whatever the umask (locks/ is private, jitkern.cache.Layer.check_secure)
+        lock = filelock.FileLock(str(self.path), mode=0o600, fallback_to_soft=False, thread_local=False)
         t0 = time.monotonic()
         report_at = WAIT_REPORT_SECONDS
         while True:
@@ -134,7 +135,9 @@ class BuildLock:
         record = {"pid": os.getpid(), "host": host(), "since": time.time(), "what": self.what}
         tmp = self.owner_path.with_name(f"{self.owner_path.name}.{uuid.uuid4().hex[:8]}")
         try:
-            tmp.write_text(json.dumps(record))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with open(fd, "w") as f:
+                f.write(json.dumps(record))
             os.replace(tmp, self.owner_path)
         except OSError:  # the owner file is for people reading logs; never fail a build over it
             try:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 
 from . import __version__, builders
 from .build import Job, plan
-from .cache import default_store
+from .cache import default_store, read_private, write_private
 from .key import FORMAT_VERSION
 from .logs import log
 from .spec import Config, OpSpec
@@ -94,10 +93,15 @@ def lookup(spec: OpSpec, config: Config, arch, store=None) -> Job | None:
     ih = index_key(spec, config, arch, compiler)
     for layer in store.layers:
         try:
-            rec = json.loads(_path(layer, ih).read_text())
+            layer.check_secure()
+            rec = json.loads(read_private(_path(layer, ih)))
             key, source = rec["key"], rec["source"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError) as e:  # CorruptEntryError/InsecureCacheError too
+            if not isinstance(e, FileNotFoundError):
+                log.debug("jitkern: plan index record %s in %s not used: %s", ih[:16], layer, e)
             continue
+        if not isinstance(source, str) or not store.has_entry(key):
+            continue  # only an entry's own source is trusted: no entry, render (never build a record's source)
         job = plan(spec, config, arch, source=source, compiler=compiler)
         if job.key == key:
             return job
@@ -113,10 +117,7 @@ def remember(job: Job, store=None) -> None:
         return
     path = _path(layer, index_key(job.spec, job.config, job.arch))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps({"key": job.key, "source": job.source}))
-        os.replace(tmp, path)
+        write_private(path, json.dumps({"key": job.key, "source": job.source}).encode())
     except OSError as e:
         log.debug("jitkern: could not write plan index %s: %s", path, e)
 
