@@ -138,6 +138,10 @@ def test_index_follows_template_changes_and_ignores_bad_records(tmp_path, monkey
     cfg = rn.config("fp32", False, True, 256, True)
     cpu = ARCHES["cpu"]
     first = plan_index.planned(spec, cfg, cpu)
+    assert plan_index.lookup(spec, cfg, cpu) is None  # a record is trusted only for a key the cache holds
+    from jitkern.build import get_entry
+
+    get_entry(first)
     assert plan_index.lookup(spec, cfg, cpu).key == first.key
     # a record whose source does not give its key is ignored
     rec = next(Path(os.environ["JITKERN_CACHE_DIR"]).rglob("index/*/*.json"))
@@ -154,6 +158,7 @@ def test_index_follows_template_changes_and_ignores_bad_records(tmp_path, monkey
     assert plan_index.lookup(spec, cfg, cpu) is None
     changed = plan_index.planned(spec, cfg, cpu)
     assert changed.key != first.key and changed.source.endswith("# edited\n")
+    get_entry(changed)
     # and a hit never renders
     import jitkern.build as build
 
