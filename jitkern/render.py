@@ -2,18 +2,30 @@
 from __future__ import annotations
 
 import functools
+import importlib.resources
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import TemplateError
 
 
+@functools.lru_cache(maxsize=None)
 def builtin_template_dir() -> Path:
-    """The repository's ``templates/`` folder: beside the package in a checkout or editable install,
-    inside it as ``jitkern/_templates`` in a wheel (see pyproject's package-dir)."""
-    here = Path(__file__).resolve().parent
-    checkout = here.parent / "templates"
-    return checkout if checkout.is_dir() else here / "_templates"
+    """jitkern's built-in templates: the package ``jitkern._templates`` (an install maps the
+    repository's ``templates/`` there, see pyproject's package-dir), found with ``importlib.resources``;
+    in a source checkout run without installing (``PYTHONPATH=.``), the checkout's ``templates/``.
+    Nothing else: a stray ``templates`` directory in site-packages is never picked up."""
+    try:
+        root = importlib.resources.files("jitkern._templates")
+    except ModuleNotFoundError:
+        root = None
+    if isinstance(root, Path) and root.is_dir():
+        return root
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "templates" / "__init__.py").is_file():
+        return checkout / "templates"
+    raise TemplateError("jitkern's built-in templates are missing (no package jitkern._templates); "
+                        "reinstall jitkern (pip install --force-reinstall jitkern)")
 
 
 @functools.lru_cache(maxsize=None)
