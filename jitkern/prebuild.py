@@ -45,7 +45,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,6 +55,7 @@ from .budget import AMD_FIGURES
 from .cache import Store, add_prebuild_record, check_dirs, configured_layers, write_probe
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
                      UnavailableError, UnknownOpError, is_transient)
+from .key import explain, recorded
 from .logs import log
 
 STATUSES = ("built", "cached", "rejected_over_budget", "unavailable", "failed")
@@ -72,6 +73,8 @@ class Task:
     params: tuple[tuple[str, Any], ...]
     arch: str
     key: str
+    #: the parent's key parts as an entry records them (``key.recorded``): explains a worker's other key
+    key_parts: dict | None = field(default=None, compare=False, hash=False)
 
     def describe(self) -> str:
         return f"{self.op}/{self.variant}(" + ", ".join(f"{k}={v}" for k, v in self.params) + f") for {self.arch}"
@@ -150,7 +153,7 @@ def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], lim
                 if job.key in seen:
                     continue
                 seen.add(job.key)
-                tasks.append(Task(spec.name, module, cfg.variant, cfg.params, a.name, job.key))
+                tasks.append(Task(spec.name, module, cfg.variant, cfg.params, a.name, job.key, recorded(job.parts)))
     return tasks
 
 
@@ -188,9 +191,12 @@ def _amd_figures(res) -> dict[str, Any]:
 
 
 # ---- worker side -------------------------------------------------------------------------------
-def _worker_init(layers: str, level: int, triton_cache: str | None = None) -> None:
+def _worker_init(layers: str, level: int, triton_cache: str | None = None, log_queue=None) -> None:
     # Ctrl-C goes to the whole foreground process group; only the parent decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .cli import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     strict.suspend()  # prebuild compiles on purpose: JITKERN_STRICT applies to the processes it warms
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported in this process
     os.environ["JITKERN_CACHE_DIR"] = layers
@@ -198,7 +204,13 @@ def _worker_init(layers: str, level: int, triton_cache: str | None = None) -> No
         os.environ["TRITON_CACHE_DIR"] = triton_cache
     import logging
 
-    logging.getLogger("jitkern").setLevel(level)
+    logger = logging.getLogger("jitkern")
+    logger.setLevel(level)
+    if log_queue is not None:  # the parent prints (level prefix) and drops repeats from other workers
+        import logging.handlers
+
+        logger.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+        logger.propagate = False
 
 
 def _spec_for(task: Task):
@@ -224,9 +236,9 @@ def build_task(task: Task) -> dict[str, Any]:
         spec = _spec_for(task)
         job = plan(spec, Config(task.variant, task.params), _arch.get(task.arch))
         if job.key != task.key:
+            changed = "; ".join(explain(task.key_parts, job.parts)) if task.key_parts else "(parts not recorded)"
             raise BuildError(f"{task.describe()} plans to key {job.key[:16]} in the worker but {task.key[:16]} in "
-                             "the parent: the op's template or code changed while prebuild ran, or the worker "
-                             "imports a different version of it; run prebuild again")
+                             f"the parent; what changed while prebuild ran: {changed}. Run prebuild again")
         entry, status = get_entry(job, default_store(), record_failures=True)
         return _from_entry(task, entry, status, time.perf_counter() - t0)
     except OverBudgetError as e:  # compiled, over the arch's budget: recorded, never launched
@@ -255,9 +267,16 @@ class _Progress:
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode, self.total, self.done, self.bar = mode, total, 0, None
         if mode == "bar" and total:
+            import shutil
+
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="artifact", desc="jitkern prebuild", file=sys.stderr)
+            # a pseudo-terminal of width 0 (some CI runners, `script`) makes tqdm draw nothing: give it a width
+            cols = shutil.get_terminal_size((0, 0)).columns
+            self.bar = tqdm(total=total, unit="artifact", desc="jitkern prebuild", file=sys.stderr,
+                            ncols=None if cols >= 40 else 80, mininterval=0.5)
+
+    file = sys.stdout
 
     def update(self, rec: dict[str, Any]) -> None:
         self.done += 1
@@ -268,7 +287,7 @@ class _Progress:
                 self.bar.write(line, file=sys.stderr)
         elif self.mode == "lines":
             width = len(str(self.total))
-            print(f"[{self.done:>{width}}/{self.total}] {line}", flush=True)
+            print(f"[{self.done:>{width}}/{self.total}] {line}", file=self.file, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -393,8 +412,33 @@ class _Workers:
         self.pool = None
 
 
+class _WorkerLogs:
+    """Log records from the workers, printed by this process through the ``jitkern`` logger (so with
+    its level prefix), each distinct message once however many workers say it."""
+
+    def __init__(self, ctx):
+        import logging
+        import logging.handlers
+
+        self.queue = ctx.Queue()
+        seen: set[tuple[int, str]] = set()
+
+        class Relay(logging.Handler):
+            def emit(self, record):
+                k = (record.levelno, record.getMessage())
+                if k not in seen:
+                    seen.add(k)
+                    logging.getLogger("jitkern").handle(record)
+
+        self.listener = logging.handlers.QueueListener(self.queue, Relay())
+        self.listener.start()
+
+    def stop(self) -> None:
+        self.listener.stop()
+
+
 def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str = "auto",
-        layers_env: str | None = None) -> tuple[list[dict[str, Any]], bool, float]:
+        layers_env: str | None = None, progress_file=None) -> tuple[list[dict[str, Any]], bool, float]:
     """Build ``tasks`` (cached ones are only looked up).
 
     Returns (records, interrupted, build seconds: from starting the workers to the last result)."""
@@ -427,6 +471,8 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     if not os.environ.get("TRITON_CACHE_DIR"):
         triton_cache = tempfile.mkdtemp(prefix="jitkern-prebuild-triton-")
     bar = _Progress(len(pending), progress)
+    if progress_file is not None:
+        bar.file = progress_file
 
     def done(task: Task, rec: dict[str, Any]) -> None:
         if rec["status"] == "built" and store.lookup(task.key) is None:  # what is on disk is the result
@@ -436,7 +482,10 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
         records.append(rec)
         bar.update(rec)
 
-    workers = _Workers((layers_env, logging.getLogger("jitkern").level, triton_cache))
+    import multiprocessing
+
+    worker_logs = _WorkerLogs(multiprocessing.get_context("spawn"))
+    workers = _Workers((layers_env, logging.getLogger("jitkern").level, triton_cache, worker_logs.queue))
     t0 = time.perf_counter()
     todo, suspects = deque(pending), deque()
     interrupted = False
@@ -463,6 +512,7 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
                   sorted(workers.pids), removed)
     finally:
         workers.stop()
+        worker_logs.stop()
         bar.close()
         if triton_cache:
             shutil.rmtree(triton_cache, ignore_errors=True)
@@ -482,43 +532,51 @@ def layer_record(args, arches, records, summary, interrupted: bool, seconds: flo
 
 
 def main(args) -> int:
-    """``jitkern prebuild`` (``args`` from ``jitkern.cli``)."""
+    """``jitkern prebuild`` (``args`` from ``jitkern.cli``). With ``--json`` the report goes to stdout
+    and everything a person reads to stderr."""
     from . import __version__
 
     t0 = time.perf_counter()
+    as_json = bool(getattr(args, "json", False))
+    out = sys.stderr if as_json else sys.stdout
     strict.suspend()  # building is the point here (selection may compile budget probes in this process)
     arches = resolve_arches(args.arch)
     layers = check_dirs(configured_layers(args.cache_dir))
     store = Store(layers)
+    ops_text = ", ".join(args.op) if args.op else "all ops"
+    print(f"jitkern prebuild: planning {ops_text} for {', '.join(a.name for a in arches)} "
+          f"(rendering and keying every configuration; nothing is compiled yet)", file=out, flush=True)
     plan_errors: list[dict[str, Any]] = []
     tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None), plan_errors)
     write = store.write_layer
     where = str(write.base) if write is not None else "(no writable layer)"
     print(f"jitkern prebuild: {len(tasks)} artifacts for {', '.join(a.name for a in arches)} "
-          f"({', '.join(args.op) if args.op else 'all ops'}) into {where}", flush=True)
+          f"({ops_text}) into {where}", file=out, flush=True)
     records, interrupted, build_seconds = run(tasks, store, args.jobs, args.progress,
-                                              os.pathsep.join(str(p) for p in layers))
+                                              os.pathsep.join(str(p) for p in layers), progress_file=out)
     records += plan_errors
     seconds = time.perf_counter() - t0
     summary = summarize(records)
     built = sum(s["built"] for s in summary.values())
     failed = sum(s["failed"] for s in summary.values())
-    if args.report:
-        import importlib.metadata as md
+    import importlib.metadata as md
 
-        report = {
-            "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in arches],
-            "ops": list(args.op or registry.names()), "cache_layers": [str(p) for p in layers],
-            "jobs": min(args.jobs or default_jobs(), default_jobs()), "seconds": round(seconds, 3),
-            "build_seconds": round(build_seconds, 3), "interrupted": interrupted,
-            "summary": summary, "artifacts": sorted(records, key=lambda r: (r["arch"], r["op"], r["key"])),
-        }
+    report = {
+        "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in arches],
+        "ops": list(args.op or registry.names()), "cache_layers": [str(p) for p in layers],
+        "jobs": min(args.jobs or default_jobs(), default_jobs()), "seconds": round(seconds, 3),
+        "build_seconds": round(build_seconds, 3), "interrupted": interrupted,
+        "summary": summary, "artifacts": sorted(records, key=lambda r: (r["arch"], r["op"], r["key"])),
+    }
+    if args.report:
         path = Path(args.report)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=1, default=str))
         os.replace(tmp, path)
-    print_summary(summary)
+    if as_json:
+        print(json.dumps(report, indent=1, sort_keys=True, default=str))
+    print_summary(summary, file=out)
     if write is not None:
         add_prebuild_record(write, layer_record(args, arches, records, summary, interrupted, seconds))
     if interrupted:
@@ -529,11 +587,11 @@ def main(args) -> int:
     transient = sum(1 for r in records if r["status"] == "failed" and r.get("transient"))
     if built == 0 and failed == 0:
         print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache "
-              f"({seconds:.1f} s)")
+              f"({seconds:.1f} s)", file=out)
     else:
         print(f"jitkern prebuild: {built} built, {len(records) - built - failed} already cached or recorded, "
               f"{failed} failed" + (f" ({transient} transient: not recorded, run again)" if transient else "")
-              + f" in {seconds:.1f} s")
+              + f" in {seconds:.1f} s", file=out)
     unavailable: dict[tuple, int] = {}
     for r in records:
         if r["status"] == "unavailable":
