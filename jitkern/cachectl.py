@@ -1,4 +1,5 @@
-"""Cache management: ``jitkern cache stats | verify | prune | clear | export | import``.
+"""Cache management behind ``jitkern cache stats | verify | prune | clear | export | import`` (the
+command line and its output live in ``jitkern.cli``).
 
 Only the first writable layer (where new entries go) is ever changed; read-only layers are read.
 
@@ -26,7 +27,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import time
 import uuid
@@ -38,7 +38,6 @@ from .cache import (Layer, Store, check_dirs, configured_layers, installed_layer
                     layer_record, read_meta, sound_entries)
 from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, SignatureError
 from .key import FORMAT_VERSION
-from .logs import log
 
 EXPORT_META = "jitkern-export.json"
 
@@ -180,6 +179,20 @@ def clear(store: Store, failures_only: bool = False) -> int:
         n += 1
     evict.tidy(layer.root)  # index records, unheld lock files, empty shard directories of what went
     return n
+
+
+def clear_targets(store: Store, failures_only: bool = False) -> tuple[Layer, list[str]]:
+    """``(layer, keys)``: the layer ``clear`` would change and the entries it would remove, found
+    without creating anything (a missing layer directory stays missing and has no keys)."""
+    for layer in store.layers:
+        if can_write(layer.root):
+            break
+    else:
+        raise CacheError(f"no writable layer in {[str(x.base) for x in store.layers]}; set JITKERN_CACHE_DIR or "
+                         "--cache-dir to a directory you can write")
+    keys = [key for key, path in iter_entries(layer)
+            if not failures_only or read_meta(path).get("status") == "failed"]
+    return layer, keys
 
 
 def clear_failures(store: Store) -> int:
@@ -393,102 +406,3 @@ def import_archive(store: Store, file: str | os.PathLike, verify_keys=None) -> d
         evict.shrink(layer.root, int(cap * evict.LOW_WATER), cap=cap, only_above=cap)
     return {"file": file, "installed": installed, "already_present": present, "refused": refused,
             "layer": str(layer.base), "signed_by": signer}
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-def main(args) -> int:
-    """``jitkern cache ACTION`` (``args`` from ``jitkern.cli``)."""
-    from .cli import human_size, print_table
-
-    store = _store(args)
-    action = args.cache_command
-    if action == "stats":
-        s = stats(store)
-        if args.json:
-            print(json.dumps(s, indent=1))
-            return 0
-        for info in s["layers"]:
-            role = "writable" if info["writable"] else "read-only"
-            if info.get("installed_from"):
-                role = f"installed by {info['installed_from']}, read-only"
-            print(f"{info['path']} ({role}): {info['entries']} entries, "
-                  f"{human_size(info['bytes'])}, {info['failures']} recorded failures, "
-                  f"{info['rejected_over_budget']} rejected over budget")
-            if "evictions" in info:
-                ev = info["evictions"]
-                cap = human_size(info["max_size"]) if info["max_size"] else f"none ({evict.ENV_MAX_SIZE} not set)"
-                last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["last"])) if ev["last"] else "never"
-                print(f"  size cap {cap}; evicted {ev['entries']} entries ({human_size(ev['bytes'])}) so far, "
-                      f"last {last}")
-            for group, title in (("per_arch", "arch"), ("per_op", "op")):
-                if info[group]:
-                    print_table([[k, v["entries"], human_size(v["bytes"])] for k, v in sorted(info[group].items())],
-                                [f"  {title}", "entries", "size"])
-            if info["prebuilds"]:
-                print(f"  last prebuild: {describe_prebuild(info['prebuilds'][-1])}")
-        return 0
-    if action == "verify":
-        checked, damaged = verify(store, discard=args.discard)
-        for d in damaged:
-            print(f"DAMAGED {d['key']} in {d['layer']}: {d['error']}" + (" (discarded)" if d["discarded"] else ""))
-        print(f"jitkern cache verify: {checked} entries checked, {len(damaged)} damaged")
-        return 1 if damaged else 0
-    if action == "prune":
-        r = prune(store, args.max_size)
-        if getattr(args, "json", False):
-            print(json.dumps(r, indent=1))
-        else:
-            print(f"jitkern cache prune: {r['layer']}: {human_size(r['bytes_before'])} -> "
-                  f"{human_size(r['bytes_after'])} (limit {human_size(r['max_size'])}); removed {r['removed']} least "
-                  f"recently used entries, kept {r['kept_in_use']} that other processes hold")
-        if not r["fits"]:
-            print("jitkern cache prune: the cache still exceeds the limit because the remaining entries are in use",
-                  file=sys.stderr)
-            return 1
-        return 0
-    if action == "clear":
-        n = clear(store, failures_only=args.failures)
-        print(f"jitkern cache clear: removed {n} {'recorded failures' if args.failures else 'entries'} from "
-              f"{_write_layer(store).base}")
-        return 0
-    if action == "export":
-        if args.wheel_version and not args.wheel:
-            raise ConfigError("--version applies to --wheel DIST_NAME exports only")
-        sign_key = _sign_key(args.sign_key)
-        if args.wheel:
-            if not args.wheel_version:
-                raise ConfigError("--wheel needs --version V (the wheel's version, e.g. 1.0)")
-            r = cachewheel.export_wheel(store, args.wheel, args.wheel_version, args.file, sign_key)
-        else:
-            r = export(store, args.file, sign_key)
-        if args.json:
-            print(json.dumps(r, indent=1))
-        else:
-            for s in r["skipped_damaged"]:
-                print(f"skipped damaged entry {s['key']} in {s['layer']}: {s['error']}", file=sys.stderr)
-            signed = f", signed by key {r['signed_by']}" if r.get("signed_by") else ""
-            print(f"jitkern cache export: {r['entries']} entries -> {r['file']} "
-                  f"({human_size(os.path.getsize(r['file']))}{signed})")
-        return 1 if r["skipped_damaged"] else 0
-    if action == "import":
-        r = import_archive(store, args.file, _verify_keys(args.verify_key))
-        if args.json:
-            print(json.dumps(r, indent=1))
-        else:
-            for x in r["refused"]:
-                print(f"refused {x.get('key') or x.get('member')}: {x['error']}", file=sys.stderr)
-            signed = f" (bundle signed by key {r['signed_by']})" if r.get("signed_by") else ""
-            print(f"jitkern cache import: {r['installed']} entries installed, {r['already_present']} already "
-                  f"present, {len(r['refused'])} refused -> {r['layer']}{signed}")
-        return 1 if r["refused"] else 0
-    if action == "keygen":
-        priv, pub = signing.keygen(args.path)
-        kid = signing.key_id(signing.load_public(pub))
-        if args.json:
-            print(json.dumps({"private": str(priv), "public": str(pub), "key_id": kid}))
-        else:
-            print(f"jitkern cache keygen: private key {priv} (mode 0600; builders: JITKERN_CACHE_SIGN_KEY), "
-                  f"public key {pub} (readers: JITKERN_CACHE_VERIFY_KEY); key id {kid}")
-        return 0
-    log.error("unknown cache action %r", action)
-    return 2

@@ -1,34 +1,44 @@
-"""The ``jitkern`` command line (also ``python -m jitkern``).
+"""The ``jitkern`` command line (also ``python -m jitkern``). Reference: docs/cli.md.
 
 Subcommands::
 
-    jitkern prebuild --arch gfx942,gfx950,sm_90 [--op NAME ...] [--jobs N] [--cache-dir DIR]
-                     [--report FILE.json] [--keep-going]
-    jitkern list [--json]
-    jitkern doctor [--json]
-    jitkern cache stats|verify|prune --max-size SIZE|clear [--failures]|export FILE|import FILE
-    jitkern tune --op NAME --shapes MxNxK,... [--dtype bf16|fp16] [--b-trans] [--force] [--json]
-    jitkern cache push|pull [--remote redis://host:port/db]
-    jitkern record -o FILE -- CMD ...
+    jitkern prebuild --arch gfx942,gfx950,sm_90 [--op NAME ...] [--jobs N] [--report FILE.json] [--keep-going]
     jitkern prebuild --manifest FILE --arch LIST
-    jitkern cache check|explain --manifest FILE --arch LIST [--json]
+    jitkern record -o FILE -- CMD ...
+    jitkern list
+    jitkern doctor
+    jitkern config
+    jitkern cache stats|verify [--discard]|prune --max-size SIZE|clear [--failures] [--dry-run]
+                  |export FILE|import FILE|push|pull [--remote redis://host:port/db]
+                  |check|explain --manifest FILE --arch LIST
+    jitkern tune --op NAME --shapes MxNxK,... [--dtype bf16|fp16] [--b-trans] [--force]
 
-Exit status: 0 success; 1 something failed (a build, a damaged cache entry); 2 bad arguments
-(argparse errors, unknown arch or op, bad values); 130 interrupted.
+Global options, accepted before or after the subcommand: ``-v/--verbose`` (repeat for debug),
+``--cache-dir DIR`` (layers separated by ``os.pathsep``; default ``JITKERN_CACHE_DIR``, else the
+user cache dir) and ``--json`` (one JSON document on stdout; keys documented in docs/cli.md).
 
-Adding a subcommand: write ``_add_<name>(sub)`` that calls ``sub.add_parser(...)`` and
+Exit status: 0 success; 1 something failed (a build, a damaged cache entry, a full disk); 2 bad
+arguments or settings (argparse errors, unknown arch or op, a bad value, a path that is not a
+directory); 130 interrupted. Errors are one line on stderr, never a traceback.
+
+Adding a subcommand: write ``_add_<name>(sub)`` that calls ``_parser(sub, ...)`` and
 ``set_defaults(func=<handler>)`` (handler: ``args -> int``), and append it to ``SUBCOMMANDS``.
 Import heavy modules inside the handler, not at module level, so ``jitkern --help`` stays fast.
 Sections of ``jitkern doctor`` are functions in ``DOCTOR_SECTIONS`` returning
-``(title, [(label, value), ...])``.
+``{"key", "title", "rows": [{"key", "label", "value", "text"}]}``: ``value`` is typed data for
+``--json``, ``text`` what a person reads.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import shutil
 import sys
-from typing import Callable
+import textwrap
+from typing import Any, Callable
 
 from . import settings
 from .errors import ConfigError, JitkernError, SpecError, UnknownArchError
@@ -48,7 +58,8 @@ def arch_list(text: str):
 
 
 def parse_size(text: str) -> int:
-    """``"20GB"`` = 20 * 10**9, ``"20GiB"`` = 20 * 2**30, ``"500M"`` = 500 * 2**20, ``"4096"`` -> bytes."""
+    """Bytes from ``"500MB"`` (10**6), ``"2GiB"`` (2**30), ``"100K"`` (2**10), ``"4096"``: the
+    settings registry's one size parser (``jitkern.settings.parse_size``)."""
     return settings.parse_size(text, "size")
 
 
@@ -67,26 +78,6 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return n
-
-
-def report_file(text: str) -> str:
-    """argparse type for a file jitkern writes (``--report``): checked before any work is done."""
-    from .cachectl import check_output_file
-
-    try:
-        return check_output_file(text, "report file", make_parents=True)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def archive_file(text: str) -> str:
-    """argparse type for ``cache export FILE``."""
-    from .cachectl import check_output_file
-
-    try:
-        return check_output_file(text, "export archive")
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def human_size(n: int) -> str:
@@ -109,25 +100,73 @@ def print_table(rows: list[list], header: list[str], file=None) -> None:
             print("  ".join("-" * w for w in widths), file=file)
 
 
-def _cache_dir_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="cache directory (layers separated by %r); default: JITKERN_CACHE_DIR, else the "
-                        "user cache dir" % os.pathsep)
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def terminal_width() -> int:
+    width = shutil.get_terminal_size((100, 24)).columns
+    return width if width >= 40 else 100  # a width-0 pty reports nonsense
+
+
+def plain(text: str) -> str:
+    """Docstring text for a terminal: reStructuredText ``literals`` lose their backticks."""
+    return re.sub(r"``([^`]+)``", r"\1", text or "").replace("`", "")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``jitkern cache prune: error: ... (see jitkern cache prune --help)``."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- global options ----------------------------------------------------------------------------
+def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """-v, --cache-dir, --json: on the top parser (with defaults) and on every subcommand parser
+    (``SUPPRESS``: absent there, the top parser's value stands), so they go before or after."""
+    quiet = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="count", dest="verbose" if top else "verbose_after",
+                   **({"default": 0} if top else quiet), help="more log output (-vv: debug)")
+    p.add_argument("--cache-dir", metavar="DIR", **({"default": None} if top else quiet),
+                   help=f"cache directory (layers separated by {os.pathsep!r}); default: JITKERN_CACHE_DIR, "
+                        f"else the user cache dir")
+    p.add_argument("--json", action="store_true", **({"default": False} if top else quiet),
+                   help="machine-readable output: one JSON document on stdout (keys: docs/cli.md)")
+
+
+def _parser(sub, name: str, **kw) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, **kw)
+    _global_options(p, top=False)
+    return p
+
+
+def check_cache_dir(raw: str | None) -> None:
+    """``--cache-dir``: not empty, no NUL, and each layer a directory where it exists."""
+    if raw is None:
+        return
+    if not raw.strip():
+        raise ConfigError(f"--cache-dir {raw!r} is empty (an unset shell variable?); name a directory, or leave "
+                          f"the option out to use JITKERN_CACHE_DIR or the default")
+    if "\0" in raw:
+        raise ConfigError("--cache-dir contains a NUL character")
+    for part in raw.split(os.pathsep):
+        path = os.path.expanduser(part.strip())
+        if path and os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--cache-dir {path}: not a directory; name a directory (it is created if missing)")
 
 
 # ---- prebuild ----------------------------------------------------------------------------------
 def _add_prebuild(sub) -> None:
-    p = sub.add_parser("prebuild", help="compile every configuration the runtime can select, for named arches",
-                       description="Compile every op x variant x configuration that the runtime can select for "
-                                   "each arch into the cache (no GPU needed). A second run builds nothing.")
+    p = _parser(sub, "prebuild", help="compile every configuration the runtime can select, for named arches",
+                description="Compile every op x variant x configuration that the runtime can select for "
+                            "each arch into the cache (no GPU needed). A second run builds nothing.")
     p.add_argument("--arch", type=arch_list, metavar="LIST",
                    help="comma-separated arches, e.g. gfx942,gfx950,sm_90 ('cpu' = Triton interpreter); "
                         "default: the detected GPU")
     p.add_argument("--op", action="append", metavar="NAME", help="only this op (repeatable); default: all ops")
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N", help="worker processes (default: one per core)")
-    _cache_dir_option(p)
-    p.add_argument("--report", metavar="FILE", type=report_file,
-                   help="write a JSON report, one record per artifact (checked before building)")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report (same as --json prints) to FILE")
     p.add_argument("--keep-going", action="store_true", help="exit 0 even if some artifacts failed to build")
     p.add_argument("--limit", type=positive_int, metavar="N",
                    help="only the first N configurations of each op and arch (smoke tests, benchmarks)")
@@ -136,7 +175,6 @@ def _add_prebuild(sub) -> None:
     p.add_argument("--manifest", metavar="FILE",
                    help="build only what the signatures recorded in FILE run on each arch (JITKERN_RECORD / "
                         "'jitkern record'), and report per signature which config covers it")
-    p.add_argument("--json", action="store_true", help="with --manifest: print the report as JSON")
     p.set_defaults(func=_run_prebuild)
 
 
@@ -154,13 +192,12 @@ def _run_prebuild(args) -> int:
 
 # ---- record ------------------------------------------------------------------------------------
 def _add_record(sub) -> None:
-    p = sub.add_parser("record", help="run a command and record every call signature its ops see into a manifest",
-                       description="Run CMD with JITKERN_RECORD=FILE: each process appends every distinct call "
-                                   "signature (op, dtypes, shapes, strides, flags) once, as JSON lines. "
-                                   "'jitkern prebuild --manifest FILE --arch ...' then builds exactly those.")
+    p = _parser(sub, "record", help="run a command and record every call signature its ops see into a manifest",
+                description="Run CMD with JITKERN_RECORD=FILE: each process appends every distinct call "
+                            "signature (op, dtypes, shapes, strides, flags) once, as JSON lines. "
+                            "'jitkern prebuild --manifest FILE --arch ...' then builds exactly those.")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="manifest to append to (created if missing)")
     p.add_argument("--fresh", action="store_true", help="empty FILE first instead of appending to it")
-    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command to run")
     p.set_defaults(func=_run_record)
 
@@ -194,9 +231,17 @@ def _run_record(args) -> int:
 
 # ---- list --------------------------------------------------------------------------------------
 def _add_list(sub) -> None:
-    p = sub.add_parser("list", help="ops, their variants, parameters and supported arches")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _parser(sub, "list", help="ops, their variants, parameters and supported arches")
     p.set_defaults(func=_run_list)
+
+
+def _value_order(v):
+    """Numbers in numeric order, then everything else by its text (``64, 128, 256, 1024``)."""
+    if isinstance(v, bool):
+        return (1, str(v))
+    if isinstance(v, (int, float)):
+        return (0, v)
+    return (1, str(v))
 
 
 def describe_ops() -> list[dict]:
@@ -212,35 +257,40 @@ def describe_ops() -> list[dict]:
             continue
         per_arch: dict[str, int] = {}
         params: dict[str, dict[str, set]] = {}
+        errors: dict[str, str] = {}
         for a in arch.ARCHES.values():
             try:
                 cfgs = list(spec.configs(a))
-            except JitkernError:
+            except JitkernError as e:
                 cfgs = []
+                errors[a.name] = str(e)
             if cfgs:
                 per_arch[a.name] = len(cfgs)
             for c in cfgs:
                 vp = params.setdefault(c.variant, {})
                 for k, v in c.params:
                     vp.setdefault(k, set()).add(v)
-        doc = (spec.doc or "").strip().splitlines()
+        doc = plain(spec.doc or "").strip().splitlines()
         if doc and doc[0].startswith(f"{name}:"):
             doc[0] = doc[0][len(name) + 1:].strip()
-        out.append({
+        rec = {
             "op": name,
             "summary": doc[0] if doc else "",
             "variants": [{"name": v.name, "kind": v.kind, "kernel": v.kernel,
-                          "params": {k: sorted(vals, key=repr) for k, vals in params.get(v.name, {}).items()}}
+                          "params": {k: sorted(vals, key=_value_order) for k, vals in params.get(v.name, {}).items()}}
                          for v in spec.variants],
             "configs_per_arch": per_arch,
-        })
+        }
+        if errors:
+            rec["config_errors"] = errors
+        out.append(rec)
     return out
 
 
 def _run_list(args) -> int:
     ops = describe_ops()
     if args.json:
-        print(json.dumps(ops, indent=1, default=str))
+        print_json(ops)
         return EXIT_OK
     for op in ops:
         if "error" in op:
@@ -249,6 +299,8 @@ def _run_list(args) -> int:
         print(f"{op['op']}: {op['summary']}")
         archs = ", ".join(f"{a} ({n} configs)" for a, n in op["configs_per_arch"].items())
         print(f"  arches: {archs or '(none)'}")
+        for a, e in op.get("config_errors", {}).items():
+            print(f"  {a}: error: {e}")
         for v in op["variants"]:
             print(f"  variant {v['name']} [{v['kind']}] kernel {v['kernel']}")
             for k, vals in v["params"].items():
@@ -257,130 +309,261 @@ def _run_list(args) -> int:
 
 
 # ---- doctor ------------------------------------------------------------------------------------
-def _doctor_arch() -> tuple[str, list[tuple[str, str]]]:
+def row(key: str, label: str, value: Any, text: str | None = None) -> dict[str, Any]:
+    """One doctor row: ``value`` for --json, ``text`` (default: ``str(value)``) for people."""
+    return {"key": key, "label": label, "value": value, "text": str(value) if text is None else text}
+
+
+def section(key: str, title: str, rows: list[dict[str, Any]], data: Any = None) -> dict[str, Any]:
+    """A doctor section; ``data`` (default: ``{row key: row value}``) is what ``--json`` shows for it."""
+    sec = {"key": key, "title": title, "rows": rows}
+    if data is not None:
+        sec["data"] = data
+    return sec
+
+
+def _doctor_gpu() -> dict[str, Any]:
     from . import arch
 
-    rows = [("JITKERN_ARCH", settings.get("arch") or "(not set)")]
+    rows = [row("jitkern_arch", "JITKERN_ARCH", settings.get("arch"), settings.get("arch") or "(not set)")]
     try:
         a = arch.current()
-        rows.append(("arch", f"{a.name} ({a.product}); LDS/shared per block {a.shared_mem_per_block // 1024} KiB"))
+        rows.append(row("arch", "arch", {"name": a.name, "product": a.product, "vendor": a.vendor,
+                                         "shared_bytes_per_block": a.shared_mem_per_block},
+                        f"{a.name} ({a.product}); LDS/shared per block {a.shared_mem_per_block // 1024} KiB"))
     except JitkernError as e:
-        rows.append(("arch", f"none: {e}"))
-    return "GPU", rows
+        rows.append(row("arch", "arch", {"name": None, "error": str(e)}, f"none: {e}"))
+    return section("gpu", "GPU", rows)
 
 
-def _doctor_toolchains() -> tuple[str, list[tuple[str, str]]]:
-    import shutil
+#: How to find the version line in ``<tool> --version``'s output.
+_VERSION_LINE = {"nvcc": r"release", "hipcc": r"^HIP version", "ninja": r".", "c++": r"."}
+
+
+def tool_version(tool: str, output: str) -> str | None:
+    """The line of ``output`` that states ``tool``'s version (hipcc's own, not the nvcc or clang it wraps)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    want = re.compile(_VERSION_LINE.get(tool, "."), re.IGNORECASE)
+    return next((ln for ln in lines if want.search(ln)), lines[0] if lines and tool != "hipcc" else None)
+
+
+def _doctor_toolchains() -> dict[str, Any]:
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
     rows = []
     for pkg in ("jitkern", "triton", "torch", "numpy"):
         try:
-            rows.append((pkg, version(pkg)))
+            v = version(pkg)
+            rows.append(row(pkg, pkg, v))
         except PackageNotFoundError:
-            rows.append((pkg, "not installed"))
-    for tool, flag in (("nvcc", "--version"), ("ninja", "--version"), ("c++", "--version")):  # HIP: its own section
+            rows.append(row(pkg, pkg, None, "not installed"))
+    for tool in ("nvcc", "ninja", "c++"):  # HIP: its own section
         path = shutil.which(tool)
         if not path:
-            rows.append((tool, "not found"))
+            rows.append(row(tool, tool, None, "not found"))
             continue
         try:
-            r = subprocess.run([path, flag], capture_output=True, text=True, timeout=20)
-            lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
-            ver = next((ln for ln in lines if "release" in ln.lower()), lines[0] if lines else "?")
+            r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+            ver = tool_version(tool, r.stdout + "\n" + r.stderr) or "version not reported"
+            rows.append(row(tool, tool, {"path": path, "version": ver}, f"{ver} ({path})"))
         except (OSError, subprocess.SubprocessError) as e:
-            ver = f"fails to run: {e}"
-        rows.append((tool, f"{ver.strip()} ({path})"))
-    rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "") or "(not set)"))
-    return "Toolchains", rows
+            rows.append(row(tool, tool, {"path": path, "version": None, "error": str(e)}, f"fails to run: {e}"))
+    interp = os.environ.get("TRITON_INTERPRET", "")
+    rows.append(row("triton_interpret", "TRITON_INTERPRET", interp or None, interp or "(not set)"))
+    return section("toolchains", "Toolchains", rows)
 
 
-def _doctor_cache() -> tuple[str, list[tuple[str, str]]]:
+def _doctor_cache() -> dict[str, Any]:
     from . import cachectl
 
-    rows, first = [], True
-    for info in cachectl.layer_info():
-        role = "read-only"
+    rows, first, layers = [], True, []
+    for i, info in enumerate(cachectl.layer_info()):
+        role, receives = "read-only", False
         if info.get("installed_from"):
             role = f"installed by {info['installed_from']} (entry point jitkern.cache_layers), read-only"
         elif info["writable"]:
-            role, first = ("writable (new entries go here)" if first else "writable, but only read (new entries go to an earlier layer)"), False
-        rows.append((info["path"], f"{role}, {info['entries']} entries, {human_size(info['bytes'])}"))
+            role = "writable (new entries go here)" if first else "writable, but only read (new entries go to an earlier layer)"
+            receives, first = first, False
+        value = {**info, "receives_new_entries": receives}
+        layers.append(value)
+        rows.append(row(f"layer{i}", info["path"], value,
+                        f"{role}, {info['entries']} entries, {human_size(info['bytes'])}"))
         if info.get("prebuild"):
-            rows.append(("  last prebuild", cachectl.describe_prebuild(info["prebuild"])))
-    return "Cache layers (JITKERN_CACHE_DIR, then installed cache wheels; first writable one receives new entries)", rows
+            rows.append(row(f"layer{i}_prebuild", "  last prebuild", info["prebuild"],
+                            cachectl.describe_prebuild(info["prebuild"])))
+    return section("cache", "Cache layers (JITKERN_CACHE_DIR, then installed cache wheels; first writable one "
+                            "receives new entries)", rows,
+                   {"layers": layers})
 
 
-def _doctor_ops() -> tuple[str, list[tuple[str, str]]]:
+def _doctor_ops() -> dict[str, Any]:
     from . import doctor
 
-    return doctor.section()
+    r = doctor.report()
+    rows = []
+    for op, recs in r["ops"].items():
+        for rec in recs:
+            mark = "ACTIVE " if rec.get("active") else ""
+            text = f"{mark}{rec['status']}: {rec['why']}"
+            if rec.get("log"):
+                text += f" (log: {rec['log']})"
+            if rec.get("guard") and rec["status"] in ("ready", "buildable"):
+                text += f"; guard: {rec['guard']}, other calls go to the next variant"
+            rows.append(row(f"{op}/{rec['variant']}", f"{op}/{rec['variant']}", rec, text))
+    # the no-GPU reason is the GPU section's; here only which route is shown
+    title = f"Ops: active variant for {r['arch']}" + (" (no GPU: the CPU interpreter route)" if r["note"] else "")
+    if settings.get("arch"):
+        title += " [JITKERN_ARCH]"
+    return section("ops", title, rows, {"arch": r["arch"], "cpu_route": bool(r["note"]), "ops": r["ops"]})
 
 
-#: ``jitkern doctor`` prints each of these sections; append yours.
-def _doctor_remote() -> tuple[str, list[tuple[str, str]]]:
+def _doctor_remote() -> dict[str, Any]:
     from . import remote
 
     return remote.doctor()
 
 
-def _doctor_tuning() -> tuple[str, list[tuple[str, str]]]:
+def _doctor_tuning() -> dict[str, Any]:
     from . import tuning
 
     return tuning.doctor()
 
 
-def _doctor_amd() -> tuple[str, list[tuple[str, str]]]:
+def _doctor_amd():
     from .builders import hip
 
     return "AMD toolchain (HIP variants, offline builds for gfx942/gfx950; docs/amd.md)", hip.describe()
 
 
-DOCTOR_SECTIONS: list[Callable[[], tuple[str, list[tuple[str, str]]]]] = [
-    _doctor_arch, _doctor_toolchains, _doctor_amd, _doctor_cache, _doctor_ops, _doctor_remote, _doctor_tuning,
+def _doctor_settings() -> dict[str, Any]:
+    described = settings.describe()
+    rows = [row(r["name"], r["env"], r, _setting_text(r)) for r in described if r["source"] != "default"]
+    return section("settings", "Settings not at their default (all: jitkern config)", rows,
+                   {r["name"]: {"value": r["value"], "source": r["source"]} for r in described})
+
+
+#: ``jitkern doctor`` prints each of these sections; append yours.
+DOCTOR_SECTIONS: list[Callable[[], dict[str, Any]]] = [
+    _doctor_gpu, _doctor_toolchains, _doctor_amd, _doctor_cache, _doctor_ops, _doctor_remote, _doctor_tuning, _doctor_settings,
 ]
 
 
 def _add_doctor(sub) -> None:
-    p = sub.add_parser("doctor", help="detected arch, toolchains and versions, cache layers")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _parser(sub, "doctor", help="detected arch, toolchains and versions, cache layers, op routes")
     p.set_defaults(func=_run_doctor)
 
 
+def _normalise_section(fn, result) -> dict[str, Any]:
+    """A section in the old ``(title, [(label, text)])`` form becomes the dict form (text values)."""
+    if isinstance(result, dict):
+        return result
+    title, pairs = result
+    key = re.sub(r"[^a-z0-9]+", "_", getattr(fn, "__name__", title).lower().replace("_doctor_", "")).strip("_")
+    return section(key, title, [row(re.sub(r"[^a-z0-9]+", "_", k.lower()).strip("_"), k, v, v) for k, v in pairs])
+
+
+def print_section(sec: dict[str, Any], file=None) -> None:
+    """Title, then ``label  text`` rows, text wrapped at word boundaries to the terminal width."""
+    file = file or sys.stdout
+    print(sec["title"], file=file)
+    rows = sec["rows"]
+    width = min(max((len(r["label"]) for r in rows), default=0), 40)
+    total = terminal_width()
+    for r in rows:
+        label = r["label"]
+        indent = 2 + width + 2
+        avail = max(30, total - indent)
+        lines = textwrap.wrap(r["text"], avail, break_long_words=False, break_on_hyphens=False) or [""]
+        if len(label) > width:  # a long label (a path) gets its own line(s)
+            for ln in textwrap.wrap(label, total - 2, break_long_words=False, break_on_hyphens=False):
+                print(f"  {ln}", file=file)
+            first = " " * indent + lines[0]
+        else:
+            first = f"  {label.ljust(width)}  {lines[0]}"
+        print(first.rstrip(), file=file)
+        for ln in lines[1:]:
+            print(" " * indent + ln, file=file)
+
+
 def _run_doctor(args) -> int:
-    report = {}
-    for section in DOCTOR_SECTIONS:
+    report: dict[str, Any] = {}
+    for fn in DOCTOR_SECTIONS:
         try:
-            title, rows = section()
+            sec = _normalise_section(fn, fn())
         except Exception as e:  # a broken section must not hide the others
-            title, rows = getattr(section, "__name__", "section"), [("error", f"{type(e).__name__}: {e}")]
-        report[title] = dict(rows)
+            name = getattr(fn, "__name__", "section").replace("_doctor_", "")
+            sec = section(name, name, [row("error", "error", f"{type(e).__name__}: {e}")])
+        report[sec["key"]] = sec["data"] if "data" in sec else {r["key"]: r["value"] for r in sec["rows"]}
         if not args.json:
-            print(title)
-            width = max((len(k) for k, _ in rows), default=0)
-            for k, v in rows:
-                print(f"  {k.ljust(width)}  {v}")
+            print_section(sec)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print_json(report)
     return EXIT_OK
+
+
+# ---- config ------------------------------------------------------------------------------------
+def _setting_text(r: dict[str, Any]) -> str:
+    v = r["value"]
+    if isinstance(v, dict) and "error" in v:
+        return f"error: {v['error']}"
+    if v is None or v == [] or v == "":
+        text = "(not set)" if not r["default"] or r["default"] == v else f"(not set: {r['default']})"
+    elif isinstance(v, bool):
+        text = "1 (on)" if v else "0 (off)"
+    elif isinstance(v, list):
+        text = (os.pathsep if r["type"] == "paths" else ",").join(map(str, v)) if r["type"] != "flags" else " ".join(v)
+    else:
+        text = str(v)
+    return f"{text}  [{r['source']}]"
+
+
+def _add_config(sub) -> None:
+    p = _parser(sub, "config", help="every JITKERN_* setting: effective value and where it came from",
+                description="Print every setting of the registry (jitkern.settings) with its effective value "
+                            "and its source: default, env (an environment variable) or override. "
+                            "Reference: docs/settings.md.")
+    p.set_defaults(func=_run_config)
+
+
+def _run_config(args) -> int:
+    rows = settings.describe()
+    if args.json:
+        print_json({"settings": rows, "tile_overrides": _tile_overrides()})
+        return EXIT_OK
+    width = max(len(r["env"]) for r in rows)
+    for r in rows:
+        print(f"{r['env'].ljust(width)}  {_setting_text(r)}")
+    tiles = _tile_overrides()
+    print(f"{'JITKERN_<OP>_<PARAM>'.ljust(width)}  "
+          + (", ".join(f"{k}={v}" for k, v in tiles.items()) + "  [env]" if tiles else "(none set)"))
+    bad = [r for r in rows if isinstance(r["value"], dict)]
+    return EXIT_USAGE if bad else EXIT_OK
+
+
+def _tile_overrides() -> dict[str, str]:
+    from . import registry
+
+    out: dict[str, str] = {}
+    for op in registry.names():
+        out.update(settings.tile_overrides(op))
+    return dict(sorted(out.items()))
 
 
 # ---- cache -------------------------------------------------------------------------------------
 def _add_cache(sub) -> None:
-    p = sub.add_parser("cache", help="inspect and manage the on-disk cache")
+    p = _parser(sub, "cache", help="inspect and manage the on-disk cache")
     csub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
-    s = csub.add_parser("stats", help="entries and bytes per layer, arch and op; recorded build failures")
-    s.add_argument("--json", action="store_true")
-    v = csub.add_parser("verify", help="check every entry's checksums (exit 1 on damage)")
+    _parser(csub, "stats", help="entries and bytes per layer, arch and op; recorded build failures")
+    v = _parser(csub, "verify", help="check every entry's checksums (exit 1 on damage)")
     v.add_argument("--discard", action="store_true", help="also remove damaged entries from writable layers")
-    pr = csub.add_parser("prune", help="remove least recently used entries until the cache fits a size")
+    pr = _parser(csub, "prune", help="remove least recently used entries until the cache fits a size")
     pr.add_argument("--max-size", type=size_arg, metavar="SIZE",
                     help="e.g. 20GB (10**9 bytes) or 20GiB (2**30); default: JITKERN_CACHE_MAX_SIZE")
-    pr.add_argument("--json", action="store_true")
-    c = csub.add_parser("clear", help="remove every entry of the writable layer")
+    c = _parser(csub, "clear", help="remove every entry of the writable layer")
     c.add_argument("--failures", action="store_true", help="only recorded build failures")
-    e = csub.add_parser("export", help="write every entry of every layer into one archive, or into a wheel")
+    c.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    e = _parser(csub, "export", help="write every entry of every layer into one archive, or into a wheel")
     e.add_argument("file", metavar="FILE", help="archive to write (.tar, .tar.gz); with --wheel: a directory "
                                                 "or a .whl path")
     e.add_argument("--sign-key", metavar="PATH", help="Ed25519 private key (jitkern cache keygen): sign the bundle "
@@ -388,62 +571,171 @@ def _add_cache(sub) -> None:
     e.add_argument("--wheel", metavar="DIST_NAME", help="build a wheel that installs a read-only cache layer "
                                                         "(entry point jitkern.cache_layers); needs jitkern[wheel]")
     e.add_argument("--version", dest="wheel_version", metavar="V", help="the wheel's version (with --wheel)")
-    e.add_argument("--json", action="store_true")
-    i = csub.add_parser("import", help="add the entries of an archive to the writable layer (verified, atomic)")
+    i = _parser(csub, "import", help="add the entries of an archive to the writable layer (verified, atomic)")
     i.add_argument("file", metavar="FILE", help="archive made by 'jitkern cache export'")
     i.add_argument("--verify-key", metavar="PATH.pub", help="refuse the bundle unless it is signed by this Ed25519 "
                                                             "public key, unchanged; default: JITKERN_CACHE_VERIFY_KEY")
-    i.add_argument("--json", action="store_true")
-    kg = csub.add_parser("keygen", help="write a new Ed25519 signing key: PATH (private, 0600) and PATH.pub")
+    kg = _parser(csub, "keygen", help="write a new Ed25519 signing key: PATH (private, 0600) and PATH.pub")
     kg.add_argument("path", metavar="PATH")
-    kg.add_argument("--json", action="store_true")
-    pu = csub.add_parser("push", help="upload every local entry the remote cache lacks (JITKERN_REMOTE_CACHE)")
+    pu = _parser(csub, "push", help="upload every local entry the remote cache lacks (JITKERN_REMOTE_CACHE)")
     pu.add_argument("--overwrite", action="store_true", help="replace entries the remote already has")
-    pl = csub.add_parser("pull", help="download every remote entry missing locally (checked before it is stored)")
+    pl = _parser(csub, "pull", help="download every remote entry missing locally (checked before it is stored)")
     for q in (pu, pl):
         q.add_argument("--remote", metavar="URL", help="redis://host:port/db; default: JITKERN_REMOTE_CACHE "
                                                        "(signing: JITKERN_REMOTE_CACHE_KEY)")
-    ck = csub.add_parser("check", help="exit 1 listing every manifest signature the cache cannot serve "
-                                       "without compiling")
-    ex = csub.add_parser("explain", help="for every manifest signature the cache cannot serve: the nearest "
-                                         "entry and the key parts in which it differs")
+    ck = _parser(csub, "check", help="exit 1 listing every manifest signature the cache cannot serve "
+                                     "without compiling")
+    ex = _parser(csub, "explain", help="for every manifest signature the cache cannot serve: the nearest "
+                                       "entry and the key parts in which it differs")
     for q in (ck, ex):
         q.add_argument("--manifest", required=True, metavar="FILE", help="signatures recorded by JITKERN_RECORD")
         q.add_argument("--arch", type=arch_list, metavar="LIST", help="comma-separated arches; default: the detected GPU")
-        q.add_argument("--json", action="store_true", help="machine-readable output")
-    for q in (s, v, pr, c, e, i, pu, pl, ck, ex):
-        _cache_dir_option(q)
     p.set_defaults(func=_run_cache)
 
 
 def _run_cache(args) -> int:
-    if args.cache_command in ("push", "pull"):
-        from . import remote
+    from . import cachectl
+    from .cache import Store, configured_layers
 
-        return remote.main(args)
-    if args.cache_command in ("check", "explain"):
+    action = args.cache_command
+    if action in ("check", "explain"):
         from . import coverage
 
-        return coverage.check_main(args) if args.cache_command == "check" else coverage.explain_main(args)
+        return coverage.check_main(args) if action == "check" else coverage.explain_main(args)
+    store = Store(configured_layers(args.cache_dir))
+    say = (lambda *a, **k: None) if args.json else print
+    if action in ("push", "pull"):
+        import time
+
+        from . import remote
+
+        r = remote.from_env(getattr(args, "remote", None))
+        t0 = time.perf_counter()
+        counts = remote.push(r, store, overwrite=args.overwrite) if action == "push" else remote.pull(r, store)
+        dt = time.perf_counter() - t0
+        result = {"action": action, "remote": remote.redact(r.url), "seconds": round(dt, 3), **counts}
+        say(f"jitkern cache {action}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+            + f" ({result['remote']}, {dt:.1f} s)")
+        code = EXIT_FAILED if counts.get("damaged") or counts.get("rejected") else EXIT_OK
+    elif action == "stats":
+        import time
+
+        from . import evict
+
+        result = cachectl.stats(store)
+        for info in result["layers"]:
+            role = "writable" if info["writable"] else "read-only"
+            if info.get("installed_from"):
+                role = f"installed by {info['installed_from']}, read-only"
+            say(f"{info['path']} ({role}): {info['entries']} entries, "
+                f"{human_size(info['bytes'])}, {info['failures']} recorded failures, "
+                f"{info['rejected_over_budget']} rejected over budget")
+            if "evictions" in info:
+                ev = info["evictions"]
+                cap = human_size(info["max_size"]) if info["max_size"] else f"none ({evict.ENV_MAX_SIZE} not set)"
+                last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["last"])) if ev["last"] else "never"
+                say(f"  size cap {cap}; evicted {ev['entries']} entries ({human_size(ev['bytes'])}) so far, "
+                    f"last {last}")
+            for group, title in (("per_arch", "arch"), ("per_op", "op")):
+                if info[group] and not args.json:
+                    print_table([[k, v["entries"], human_size(v["bytes"])] for k, v in sorted(info[group].items())],
+                                [f"  {title}", "entries", "size"])
+            if info.get("prebuilds"):
+                say(f"  last prebuild: {cachectl.describe_prebuild(info['prebuilds'][-1])}")
+        code = EXIT_OK
+    elif action == "verify":
+        checked, damaged = cachectl.verify(store, discard=args.discard)
+        for d in damaged:
+            say(f"DAMAGED {d['key']} in {d['layer']}: {d['error']}" + (" (discarded)" if d["discarded"] else ""))
+        say(f"jitkern cache verify: {checked} entries checked, {len(damaged)} damaged")
+        result = {"checked": checked, "damaged": damaged}
+        code = EXIT_FAILED if damaged else EXIT_OK
+    elif action == "prune":
+        result = cachectl.prune(store, args.max_size)
+        say(f"jitkern cache prune: {result['layer']}: {human_size(result['bytes_before'])} -> "
+            f"{human_size(result['bytes_after'])} (limit {human_size(result['max_size'])}); removed "
+            f"{result['removed']} least recently used entries, kept {result['kept_in_use']} that other processes hold")
+        code = EXIT_OK
+        if not result["fits"]:
+            print("jitkern cache prune: the cache still exceeds the limit because the remaining entries are in use",
+                  file=sys.stderr)
+            code = EXIT_FAILED
+    elif action == "clear":
+        result = _clear(store, args, say)
+        code = EXIT_OK
+    elif action == "export":
+        from . import cachewheel
+
+        if args.wheel_version and not args.wheel:
+            raise ConfigError("--version applies to --wheel DIST_NAME exports only")
+        sign_key = cachectl._sign_key(args.sign_key)
+        if args.wheel:
+            if not args.wheel_version:
+                raise ConfigError("--wheel needs --version V (the wheel's version, e.g. 1.0)")
+            result = cachewheel.export_wheel(store, args.wheel, args.wheel_version, args.file, sign_key)
+        else:
+            result = cachectl.export(store, args.file, sign_key)
+        for s in result["skipped_damaged"]:
+            print(f"skipped damaged entry {s['key']} in {s['layer']}: {s['error']}", file=sys.stderr)
+        result["bytes"] = os.path.getsize(result["file"])
+        signed = f", signed by key {result['signed_by']}" if result.get("signed_by") else ""
+        say(f"jitkern cache export: {result['entries']} entries -> {result['file']} "
+            f"({human_size(result['bytes'])}{signed})")
+        code = EXIT_FAILED if result["skipped_damaged"] else EXIT_OK
+    elif action == "import":
+        result = cachectl.import_archive(store, args.file, cachectl._verify_keys(args.verify_key))
+        for x in result["refused"]:
+            print(f"refused {x.get('key') or x.get('member')}: {x['error']}", file=sys.stderr)
+        signed = f" (bundle signed by key {result['signed_by']})" if result.get("signed_by") else ""
+        say(f"jitkern cache import: {result['installed']} entries installed, {result['already_present']} already "
+            f"present, {len(result['refused'])} refused -> {result['layer']}{signed}")
+        code = EXIT_FAILED if result["refused"] else EXIT_OK
+    else:  # keygen
+        from . import signing
+
+        priv, pub = signing.keygen(args.path)
+        kid = signing.key_id(signing.load_public(pub))
+        result = {"private": str(priv), "public": str(pub), "key_id": kid}
+        say(f"jitkern cache keygen: private key {priv} (mode 0600; builders: JITKERN_CACHE_SIGN_KEY), "
+            f"public key {pub} (readers: JITKERN_CACHE_VERIFY_KEY); key id {kid}")
+        code = EXIT_OK
+    if args.json:
+        print_json(result)
+    return code
+
+
+def _clear(store, args, say) -> dict[str, Any]:
+    """``cache clear``: never creates a missing directory; ``--dry-run`` removes nothing."""
     from . import cachectl
 
-    return cachectl.main(args)
+    layer, keys = cachectl.clear_targets(store, failures_only=args.failures)
+    what = "recorded failures" if args.failures else "entries"
+    result = {"layer": str(layer.base), "exists": layer.root.is_dir(), "failures_only": args.failures,
+              "dry_run": args.dry_run, "keys": keys, "removed": 0}
+    if not result["exists"]:
+        say(f"jitkern cache clear: nothing to clear: {layer.base} holds no jitkern cache")
+    elif args.dry_run:
+        for k in keys:
+            say(f"would remove {k}")
+        say(f"jitkern cache clear: would remove {len(keys)} {what} from {layer.base} (dry run: nothing removed)")
+    else:
+        result["removed"] = cachectl.clear(store, failures_only=args.failures) if keys else 0
+        say(f"jitkern cache clear: removed {result['removed']} {what} from {layer.base}")
+    return result
 
 
 # ---- tune --------------------------------------------------------------------------------------
 def _add_tune(sub) -> None:
-    p = sub.add_parser("tune", help="benchmark an op's tile candidates on this GPU and keep the winners",
-                       description="Time every candidate that passes the arch rules and budget for each shape "
-                                   "bucket, and persist the winner per (arch, op, dtype, bucket, compiler "
-                                   "fingerprint) in the cache; later processes use it without retuning.")
+    p = _parser(sub, "tune", help="benchmark an op's tile candidates on this GPU and keep the winners",
+                description="Time every candidate that passes the arch rules and budget for each shape "
+                            "bucket, and persist the winner per (arch, op, dtype, bucket, compiler "
+                            "fingerprint) in the cache; later processes use it without retuning.")
     p.add_argument("--op", required=True, metavar="NAME", help="op to tune, e.g. gemm")
     p.add_argument("--shapes", required=True, metavar="LIST",
                    help="comma-separated shapes, sizes joined by 'x' (gemm: MxNxK), e.g. 4096x4096x4096,16x4096x4096")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="input dtype (default: bf16)")
     p.add_argument("--b-trans", action="store_true", help="gemm: B is a transposed row-major [N, K] weight")
     p.add_argument("--force", action="store_true", help="retune buckets that already have a record")
-    _cache_dir_option(p)
-    p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=_run_tune)
 
 
@@ -454,19 +746,28 @@ def _run_tune(args) -> int:
 
 
 #: Subcommand registrars, in the order ``jitkern --help`` lists them.
-SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_record, _add_list, _add_doctor, _add_cache, _add_tune]
+SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_record, _add_list, _add_doctor, _add_config, _add_cache, _add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="jitkern", description="JIT kernel compilation with an on-disk cache.")
+    parser = Parser(prog="jitkern", description="JIT kernel compilation with an on-disk cache.",
+                                     epilog="Global options go before or after the command. Reference: docs/cli.md")
     parser.add_argument("--version", action="version", version=f"jitkern {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def quiet_third_party_warnings() -> None:
+    """Warnings a CLI user cannot act on (torch's "Failed to initialize NumPy" where numpy is absent
+    or mismatched) stay out of the output; prebuild's workers call this too."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Failed to initialize NumPy", category=UserWarning)
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -481,26 +782,42 @@ def _setup_logging(verbosity: int) -> None:
         logger.addHandler(h)
 
 
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+def _oserror_text(e: OSError) -> str:
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{e.strerror or e}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help/--version: 0; bad arguments: 2 (argparse printed why)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    _setup_logging(args.verbose)
+    quiet_third_party_warnings()
+    _setup_logging(args.verbose + getattr(args, "verbose_after", 0))
+    command = args.command + (f" {args.cache_command}" if getattr(args, "cache_command", None) else "")
     try:
-        return int(args.func(args) or 0)
+        check_cache_dir(args.cache_dir)
+        scope = settings.override(cache_dir=args.cache_dir) if args.cache_dir is not None else contextlib.nullcontext()
+        with scope:
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("jitkern: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UnknownArchError, SpecError, ConfigError) as e:  # what the user asked for is not valid
-        print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
+        print(f"jitkern {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except JitkernError as e:
-        print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
+        print(f"jitkern {command}: error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as e:  # a file or directory the command needed (named in the message); never a traceback
-        print(f"jitkern {args.command}: error: {e}", file=sys.stderr)
+    except _PATH_ERRORS as e:  # a path the user gave (or its parent) is not usable
+        print(f"jitkern {command}: error: {_oserror_text(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # disk full, I/O error: not the user's argument
+        print(f"jitkern {command}: error: {_oserror_text(e)}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -662,17 +662,23 @@ def reset() -> None:
         _active, _active_env = None, None
 
 
-def doctor() -> tuple[str, list[tuple[str, str]]]:
-    """``jitkern doctor`` section: the configured remote, whether it answers, how many entries it holds."""
+def doctor() -> dict:
+    """``jitkern doctor`` section (see ``jitkern.cli``): the configured remote, whether it answers, how
+    many entries it holds."""
+    def row(key, label, value, text):
+        return {"key": key, "label": label, "value": value, "text": text}
+
     url = settings.get("remote_cache")
     if not url:
-        return "Remote cache", [(ENV_URL, "(not set: no remote cache)")]
+        return {"key": "remote", "title": "Remote cache",
+                "rows": [row("url", ENV_URL, None, "(not set: no remote cache)")]}
     try:
-        secret = ("set (entries signed and checked)" if settings.get("remote_cache_key") else
+        signed = bool(settings.get("remote_cache_key"))
+        secret = ("set (entries signed and checked)" if signed else
                   "(not set: checksums only; anyone who can write to the server can run code on its readers)")
     except ConfigError as e:
-        secret = f"error: {e}"
-    rows = [(ENV_URL, redact(url)), (ENV_SECRET, secret)]
+        signed, secret = None, f"error: {e}"
+    rows = [row("url", ENV_URL, redact(url), redact(url)), row("signed", ENV_SECRET, signed, secret)]
     try:
         pub = signing.verify_keys()
         priv = signing.sign_key()
@@ -688,10 +694,13 @@ def doctor() -> tuple[str, list[tuple[str, str]]]:
         r.client.ping()
         ms = 1000 * (time.perf_counter() - t0)
         n = sum(1 for _ in r.client.scan_iter(match=f"{PREFIX}entry:*", count=1000))
-        rows.append(("server", f"answers in {ms:.1f} ms; {n} jitkern entries (format v{FORMAT_VERSION})"))
+        rows.append(row("server", "server", {"reachable": True, "ping_ms": round(ms, 3), "entries": n,
+                                             "format": FORMAT_VERSION},
+                        f"answers in {ms:.1f} ms; {n} jitkern entries (format v{FORMAT_VERSION})"))
     except Exception as e:
-        rows.append(("server", f"not usable: {type(e).__name__}: {e} (builds go on without it)"))
-    return "Remote cache", rows
+        rows.append(row("server", "server", {"reachable": False, "error": f"{type(e).__name__}: {e}"},
+                        f"not usable: {type(e).__name__}: {e} (builds go on without it)"))
+    return {"key": "remote", "title": "Remote cache", "rows": rows}
 
 
 # ---- push / pull (``jitkern cache push|pull``) ---------------------------------------------------
@@ -770,24 +779,6 @@ def pull(remote: RedisRemote, store: Store | None = None) -> dict[str, int]:
         counters.bump("remote_hits")
         counts["pulled"] += 1
     return counts
-
-
-def main(args) -> int:
-    """``jitkern cache push|pull [--remote URL] [--cache-dir DIR] [--overwrite]``."""
-    from .cache import Store, check_dirs, configured_layers
-
-    remote = from_env(getattr(args, "remote", None))
-    store = Store(check_dirs(configured_layers(args.cache_dir))) if getattr(args, "cache_dir", None) \
-        else default_store()
-    t0 = time.perf_counter()
-    if args.cache_command == "push":
-        counts = push(remote, store, overwrite=getattr(args, "overwrite", False))
-    else:
-        counts = pull(remote, store)
-    dt = time.perf_counter() - t0
-    print(f"jitkern cache {args.cache_command}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-          + f" ({redact(remote.url)}, {dt:.1f} s)")
-    return 1 if counts.get("damaged") or counts.get("rejected") else 0
 
 
 __all__ = ["RedisRemote", "FleetBuild", "active", "doctor", "push", "pull", "encode", "decode", "seal", "reset",

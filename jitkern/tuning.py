@@ -282,7 +282,7 @@ def main(args) -> int:
     with settings.override(**cache):
         records = tune_op(args.op, parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans, force=args.force)
     if args.json:
-        print(json.dumps(records, indent=1, sort_keys=True))
+        print(json.dumps(records, indent=1, sort_keys=True, default=str))
         return 0
     from .cli import print_table
 
@@ -293,25 +293,38 @@ def main(args) -> int:
     return 0
 
 
-def doctor() -> tuple[str, list[tuple[str, str]]]:
-    """The ``jitkern doctor`` section: autotune switch, tile overrides in the environment, tuning
-    records in the cache layers, shipped tables."""
+def doctor() -> dict:
+    """The ``jitkern doctor`` section (see ``jitkern.cli``): autotune switch, tile overrides in the
+    environment, tuning records in the cache layers, shipped tables."""
+    def row(key, label, value, text):
+        return {"key": key, "label": label, "value": value, "text": text}
+
     on = settings.get("autotune")
-    rows = [("JITKERN_AUTOTUNE", ("1 (tune on first use)" if on else "0") if settings.source("autotune") != "default"
-             else "(not set: recorded and shipped winners only)")]
+    rows = [row("autotune", "JITKERN_AUTOTUNE", on, ("1 (tune on first use)" if on else "0")
+                if settings.source("autotune") != "default" else "(not set: recorded and shipped winners only)")]
     overrides = {k: v for op in sorted(_op_names()) for k, v in sorted(settings.tile_overrides(op).items())}
-    rows.append(("tile overrides", ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)"))
+    rows.append(row("tile_overrides", "tile overrides", overrides,
+                    ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)"))
+    records, shipped = {}, {}
     for d in _tuning_dirs():
         files = sorted(d.glob("*/*/*.json")) if d.is_dir() else []
-        per = {}
+        per: dict[str, int] = {}
         for f in files:
-            per[f"{f.parent.parent.name}/{f.parent.name}"] = per.get(f"{f.parent.parent.name}/{f.parent.name}", 0) + 1
-        rows.append((f"records in {d}", ", ".join(f"{k}: {v}" for k, v in sorted(per.items())) or "(none)"))
+            k = f"{f.parent.parent.name}/{f.parent.name}"
+            per[k] = per.get(k, 0) + 1
+        records[str(d)] = per
+        rows.append(row(f"records:{d}", f"records in {d}", per,
+                        ", ".join(f"{k}: {v}" for k, v in sorted(per.items())) or "(none)"))
     for path in sorted(TUNED_DIR.glob("*.json")):
         table = shipped_table(path.stem)
         n = sum(len(b) for dt in table.get("ops", {}).values() for b in dt.values())
-        rows.append((f"shipped {path.stem}", f"{n} entries; {table.get('source', '')[:90]}"))
-    return "Tuning (tile winners: records in the cache, then shipped tables)", rows
+        source = table.get("source", "")
+        shipped[path.stem] = {"entries": n, "source": source}
+        rows.append(row(f"shipped:{path.stem}", f"shipped {path.stem}", {"entries": n, "source": source},
+                        f"{n} entries; {source}"))
+    return {"key": "tuning", "title": "Tuning (tile winners: records in the cache, then shipped tables)",
+            "rows": rows, "data": {"autotune": on, "tile_overrides": overrides, "records": records,
+                                   "shipped": shipped}}
 
 
 def _op_names() -> set[str]:

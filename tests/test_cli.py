@@ -79,11 +79,11 @@ def test_doctor_reports_toolchains_and_cache_layers(tmp_path, monkeypatch, capsy
         (ro / "v1").chmod(0o755)
         ro.chmod(0o755)
     report = json.loads(capsys.readouterr().out)
-    tools = next(v for k, v in report.items() if k.startswith("Toolchains"))
+    tools = report["toolchains"]
     assert tools["triton"] and tools["jitkern"]
-    layers = next(v for k, v in report.items() if k.startswith("Cache layers"))
-    assert list(layers) == [str(rw), str(ro)]
-    assert layers[str(rw)].startswith("writable")
+    layers = report["cache"]["layers"]
+    assert [x["path"] for x in layers] == [str(rw), str(ro)]
+    assert layers[0]["writable"] and layers[0]["receives_new_entries"]
     if os.geteuid() != 0:  # root may write anywhere: only then is the mode what decides
-        assert layers[str(ro)].startswith("read-only")
+        assert not layers[1]["writable"]
     assert not rw.exists(), "doctor must not create cache directories"

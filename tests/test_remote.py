@@ -445,8 +445,9 @@ def test_cli_push_then_pull_mirrors_a_local_cache(redis_server, monkeypatch, tmp
         assert how == "cached" and entry.path.is_relative_to(dst)
 
     monkeypatch.setenv(remote.ENV_URL, redis_server)
-    title, rows = remote.doctor()  # the `jitkern doctor` section
-    assert "answers in" in dict(rows)["server"] and "2 jitkern entries" in dict(rows)["server"]
+    rows = {r["key"]: r for r in remote.doctor()["rows"]}  # the `jitkern doctor` section
+    assert "answers in" in rows["server"]["text"] and "2 jitkern entries" in rows["server"]["text"]
+    assert rows["server"]["value"]["reachable"] is True and rows["server"]["value"]["entries"] == 2
     monkeypatch.delenv(remote.ENV_URL)
 
     assert cli.main(["cache", "pull", "--remote", f"redis://127.0.0.1:{_free_port()}/0", "--cache-dir",

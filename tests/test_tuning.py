@@ -212,8 +212,7 @@ def test_two_processes_tune_a_bucket_once(cache_dir):
 def test_doctor_section_lists_records_overrides_and_tables(monkeypatch):
     _tune_on_cpu(winner_index=0)
     monkeypatch.setenv("JITKERN_GEMM_BLOCK_M", "64")
-    title, rows = tuning.doctor()
-    rows = dict(rows)
+    rows = {r["label"]: r["text"] for r in tuning.doctor()["rows"]}
     assert rows["tile overrides"] == "JITKERN_GEMM_BLOCK_M=64"
     assert any(k.startswith("records in") and v == "cpu/gemm: 1" for k, v in rows.items())
     assert rows["shipped sm_90"].startswith("16 entries")
