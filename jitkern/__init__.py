@@ -31,6 +31,7 @@ _LAZY = {
     "get_op": ("jitkern.registry", "get"),
     "kernel": ("jitkern.runtime", "kernel"),
     "stats": ("jitkern.counters", "snapshot"),
+    "settings": ("jitkern.settings", None),
 }
 
 

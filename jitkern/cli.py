@@ -337,14 +337,15 @@ def _doctor_gpu() -> dict[str, Any]:
 
 
 #: How to find the version line in ``<tool> --version``'s output.
-_VERSION_LINE = {"nvcc": r"release", "hipcc": r"^HIP version", "ninja": r".", "c++": r"."}
+_VERSION_LINE = {"nvcc": r"release"}
 
 
 def tool_version(tool: str, output: str) -> str | None:
-    """The line of ``output`` that states ``tool``'s version (hipcc's own, not the nvcc or clang it wraps)."""
+    """The line of ``output`` that states ``tool``'s version (nvcc: the "release" line; others: the first).
+    hipcc and clang are reported by the AMD section (``jitkern.builders.hip.describe``)."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     want = re.compile(_VERSION_LINE.get(tool, "."), re.IGNORECASE)
-    return next((ln for ln in lines if want.search(ln)), lines[0] if lines and tool != "hipcc" else None)
+    return next((ln for ln in lines if want.search(ln)), lines[0] if lines else None)
 
 
 def _doctor_toolchains() -> dict[str, Any]:

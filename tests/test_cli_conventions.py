@@ -146,14 +146,16 @@ def test_doctor_text_says_no_gpu_once_and_wraps_at_word_boundaries(tmp_path):
         assert source in flat, source
 
 
-def test_doctor_shows_hipcc_version_not_the_nvcc_it_wraps():
+def test_doctor_toolchains_never_show_nvcc_release_as_hipcc(tmp_path):
+    """hipcc on a CUDA machine prints nvcc's "release" line too: the HIP compiler is reported by the
+    AMD section only, the toolchains section's version picker is for nvcc/ninja/c++."""
     from jitkern.cli import tool_version
 
-    out = ("HIP version: 6.2.41133-dd7f95766\nnvcc: NVIDIA (R) Cuda compiler driver\n"
-           "Cuda compilation tools, release 12.4, V12.4.131\n")
-    assert tool_version("hipcc", out) == "HIP version: 6.2.41133-dd7f95766"
+    out = ("nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131\n")
     assert tool_version("nvcc", out) == "Cuda compilation tools, release 12.4, V12.4.131"
-    assert tool_version("hipcc", "clang version 18\n") is None
+    assert tool_version("c++", "c++ (Debian 12.2.0-14) 12.2.0\nCopyright\n") == "c++ (Debian 12.2.0-14) 12.2.0"
+    d = json.loads(jk("doctor", "--json", cache=tmp_path).stdout)
+    assert "hipcc" not in d["toolchains"] and "amd" in d
 
 
 def test_list_sorts_numbers_numerically_and_prints_no_rst(tmp_path):
