@@ -80,6 +80,16 @@ def positive_int(text: str) -> int:
     return n
 
 
+def report_file(text: str) -> str:
+    """argparse type for a file jitkern writes (``--report``): checked before any work is done."""
+    from .cachectl import check_output_file
+
+    try:
+        return check_output_file(text, "report file", make_parents=True)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -153,7 +163,7 @@ def check_cache_dir(raw: str | None) -> None:
     for part in raw.split(os.pathsep):
         path = os.path.expanduser(part.strip())
         if path and os.path.lexists(path) and not os.path.isdir(path):
-            raise ConfigError(f"--cache-dir {path}: not a directory; name a directory (it is created if missing)")
+            raise ConfigError(f"--cache-dir {path} is not a directory; name a directory (it is created if missing)")
 
 
 # ---- prebuild ----------------------------------------------------------------------------------
@@ -166,7 +176,8 @@ def _add_prebuild(sub) -> None:
                         "default: the detected GPU")
     p.add_argument("--op", action="append", metavar="NAME", help="only this op (repeatable); default: all ops")
     p.add_argument("--jobs", "-j", type=positive_int, metavar="N", help="worker processes (default: one per core)")
-    p.add_argument("--report", metavar="FILE", help="write the JSON report (same as --json prints) to FILE")
+    p.add_argument("--report", metavar="FILE", type=report_file,
+                   help="write the JSON report (same as --json prints) to FILE (checked before building)")
     p.add_argument("--keep-going", action="store_true", help="exit 0 even if some artifacts failed to build")
     p.add_argument("--limit", type=positive_int, metavar="N",
                    help="only the first N configurations of each op and arch (smoke tests, benchmarks)")
@@ -596,14 +607,14 @@ def _add_cache(sub) -> None:
 
 def _run_cache(args) -> int:
     from . import cachectl
-    from .cache import Store, configured_layers
+    from .cache import Store, check_dirs, configured_layers
 
     action = args.cache_command
     if action in ("check", "explain"):
         from . import coverage
 
         return coverage.check_main(args) if action == "check" else coverage.explain_main(args)
-    store = Store(configured_layers(args.cache_dir))
+    store = Store(check_dirs(configured_layers(args.cache_dir)))
     say = (lambda *a, **k: None) if args.json else print
     if action in ("push", "pull"):
         import time

@@ -44,7 +44,7 @@ def test_the_console_script_is_the_one_under_test():
     (["config", "extra"], "unrecognized arguments: extra"),
     (["cache"], "required: ACTION"),
     (["cache", "frobnicate"], "invalid choice"),
-    (["cache", "stats", "--cache-dir", "/etc/passwd"], "--cache-dir /etc/passwd: not a directory"),
+    (["cache", "stats", "--cache-dir", "/etc/passwd"], "--cache-dir /etc/passwd is not a directory"),
     (["cache", "verify", "--cache-dir", "/etc/passwd"], "not a directory"),
     (["cache", "--cache-dir", "/etc/passwd", "stats"], "not a directory"),
     (["--cache-dir", "/etc/passwd", "cache", "clear"], "not a directory"),
