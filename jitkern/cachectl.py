@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import cachewheel, evict, signing
+from . import evict, signing
 from .cache import (Layer, Store, check_dirs, configured_layers, installed_layers, is_key, iter_entries,
                     layer_record, read_meta, sound_entries)
 from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, SignatureError
