@@ -24,7 +24,7 @@ PROBE = textwrap.dedent("""
     spec, a = registry.get("rms_norm"), arch.get("sm_90")
     got = [get_entry(plan(spec, c, a)) for c in list(spec.configs(a))[:2]]
     print(json.dumps({"jitkern": jitkern.__file__, "how": [h for _, h in got], "paths": [str(e.path) for e, _ in got],
-                      "stats": jitkern.stats(), "doctor": _doctor_cache()[1],
+                      "stats": jitkern.stats(), "doctor": [[r["label"], r["text"]] for r in _doctor_cache()["rows"]],
                       "layers": [[str(x.base), x.installed_from, x is cache.default_store().write_layer]
                                  for x in cache.default_store().layers]}))
 """)
