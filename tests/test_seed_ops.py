@@ -42,6 +42,18 @@ def test_gather_kv_cache_matches_reference_with_empty_sequence():
     y = gkv.gather_kv_cache(cache, bt, cu)
     assert y.shape == (53, 2, 8)
     assert torch.equal(y, gkv.reference(cache, bt, cu))
+    assert [k.job.config.p.get("flat") for k, _ in gkv._plans.values()] == [True]  # contiguous rows: page runs
+
+
+def test_gather_kv_cache_strided_token_rows_take_the_per_token_kernel():
+    """Token rows with a stride larger than the entry (e.g. K of an interleaved K/V cache) cannot be
+    copied as page runs: the per-token kernel gathers them; small tiles make programs loop."""
+    cache = _paged(12, 16, 2, 24)[:, :, 0]  # [blocks, page, 24], token stride 48
+    bt = torch.randperm(12, generator=torch.Generator().manual_seed(2)).int().view(3, 4)
+    cu = torch.tensor([0, 33, 33, 80], dtype=torch.int32)
+    y = gkv.gather_kv_cache(cache, bt, cu)
+    assert torch.equal(y, gkv.reference(cache, bt, cu))
+    assert [k.job.config.p.get("flat") for k, _ in gkv._plans.values()] == [None]
 
 
 def test_gather_kv_cache_zero_tokens_is_valid_and_launches_nothing(launches):
@@ -161,9 +173,11 @@ def test_moe_cdna4_tile_caps():
 
 
 # ---- paged_mqa_logits -----------------------------------------------------------------------------
-@pytest.mark.parametrize("next_n", [1, 2])
-def test_paged_mqa_logits_at_full_context(next_n):
-    # seed 001: context_len == max_model_len, with max_model_len not a multiple of the tile (16 here)
+@pytest.mark.parametrize("next_n, span", [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_paged_mqa_logits_at_full_context(next_n, span, monkeypatch):
+    # seed 001: context_len == max_model_len, with max_model_len not a multiple of the tile (16 here);
+    # span > 1: the pipelined loop (sm_90's tiles: several tiles per program, heads along the dot's N)
+    monkeypatch.setenv("JITKERN_PAGED_MQA_LOGITS_SPAN", str(span))
     g = torch.Generator().manual_seed(next_n)
     b, h, d, page, max_len = 2, 16, 64, 16, 40
     q = torch.randn(b, next_n, h, d, generator=g).bfloat16()

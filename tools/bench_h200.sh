@@ -18,11 +18,15 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has tune; then
   cp jitkern/tuned/sm_90.json "$OUT/sm_90.json"
   shapes="4096x4096x4096,1x4096x4096,16x4096x4096,1x8192x8192,16x8192x8192,64x4096x4096,64x8192x8192,128x4096x4096,128x8192x8192"
-  python3 tools/tune_gemm.py --shapes "$shapes" --out "$OUT/gemm_tune_kn.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
-  python3 tools/tune_gemm.py --shapes "$shapes" --b-trans --out "$OUT/gemm_tune_nk.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+  timeout ${T_TUNE:-60} python3 tools/tune_gemm.py --shapes "$shapes" --out "$OUT/gemm_tune_kn.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+  timeout ${T_TUNE:-60} python3 tools/tune_gemm.py --shapes "$shapes" --b-trans --out "$OUT/gemm_tune_nk.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+fi
+if has bench; then
+  timeout ${T_GEMM:-100} python3 tools/bench_gemm.py --dtype bf16,fp16 --rounds 2 --rep 60 --out "$OUT/bench_gemm.json" \
+    | sed -n '/^{/q;p'
 fi
 if has sweep; then
-  python3 tools/bench_seed_ops.py --sweep --sweep-ops mqa,gkv,pa --out "$OUT/seed_sweep.json" | tail -3
+  timeout ${T_SWEEP:-90} python3 tools/bench_seed_ops.py --sweep --sweep-ops mqa,gkv,pa --out "$OUT/seed_sweep.json" | tail -3
   # the winners (least total time over the sweep's shapes) as env overrides for the benchmarks
   eval "$(python3 - "$OUT/seed_sweep.json" <<'EOF'
 import json, sys
@@ -35,14 +39,14 @@ for op, p in prefix.items():
         continue
     best = min(rows, key=lambda r: sum(v for k, v in r.items() if "=" in k and "TB/s" not in k))
     params = {k: v for k, v in best.items() if "=" not in k}
-    print(f"echo 'sweep winner {op}: {params}';" + "".join(f"export {p}{k.upper()}={v};" for k, v in params.items()))
+    print(f"echo sweep winner {op}: {' '.join(f'{k}={v}' for k, v in params.items())};"
+          + "".join(f"export {p}{k.upper()}={v};" for k, v in params.items()))
 EOF
 )"
 fi
 if has bench; then
-  python3 tools/bench_gemm.py --dtype bf16,fp16 --rounds 2 --rep 100 --out "$OUT/bench_gemm.json" | sed -n '/^{/q;p'
-  python3 tools/bench_seed_ops.py --ops pa,gkv,mqa --out "$OUT/seed_ops_bench.json"
+  timeout ${T_SEED:-60} python3 tools/bench_seed_ops.py --ops pa,gkv,mqa --out "$OUT/seed_ops_bench.json"
   sweep=""; has sweep && sweep="--sweep"
-  python3 tools/check_qk_norm_rope_gpu.py $sweep --out "$OUT/qk_norm_rope.json" | grep -v "qk_norm_rope sweep"
+  timeout ${T_QK:-45} python3 tools/check_qk_norm_rope_gpu.py $sweep --out "$OUT/qk_norm_rope.json" | grep -v "qk_norm_rope sweep"
 fi
 echo "== done $(date -u +%FT%TZ)"

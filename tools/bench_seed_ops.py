@@ -226,6 +226,8 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
                 rec[label + " TB/s"] = nbytes / t / 1e9 if isinstance(t, float) else None
             out[name].append(rec)
             print(name, json.dumps(rec), flush=True)
+            with open(args.out, "w") as f:  # as it goes: a run cut short keeps what it measured
+                json.dump(out, f, indent=1)
         with_env(prefix, {})
 
     if "pa" in sops:
@@ -235,8 +237,10 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
             q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, hq, hkv, d, page)
             cases.append((f"b={bsz} ctx={ctx}", (lambda q=q, k=k, v=v, bt=bt, lens=lens:
                                                  pa.paged_attention_decode(q, k, v, bt, lens)), 2 * k.numel() * 2))
-        grid = [dict(partition=part, block_n=bn, num_warps=nw, num_stages=ns) for part, bn, nw, ns in
-                itertools.product((256, 512, 1024), (32, 64), (4, 8), (2, 3)) if ns == 2 or bn == 64]
+        # first H200 sweep (2026-12-01): partition 256/512/1024 x block_n 32/64 x 4/8 warps x 2/3 stages;
+        # partition 1024, block_n 64, 4 warps won everywhere: this grid explores around it
+        grid = [dict(partition=part, block_n=bn, num_warps=4, num_stages=ns) for part, bn, ns in
+                itertools.product((1024, 2048), (64, 128), (2, 3))]
         run_grid("paged_attention_decode", "JITKERN_PAGED_ATTENTION_DECODE_", grid, cases)
         del cases
 
@@ -253,8 +257,9 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
             nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
             cases.append((f"b={bsz} n={nn} ctx={ctx}", (lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx:
                                                        mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx)), nbytes))
+        # first H200 sweep: block_t 64/128 x span 1/4/8 x 4/8 warps x 2/3 stages (128 x 8, 4 warps won)
         grid = [dict(block_t=bt_, span=sp, num_warps=nw, num_stages=ns) for bt_, sp, nw, ns in
-                itertools.product((64, 128), (1, 4, 8), (4, 8), (2, 3)) if not (sp == 1 and ns == 3)]
+                itertools.product((64, 128), (4, 8, 16), (4, 8), (2, 3)) if bt_ == 128 or (nw == 4 and ns == 3)]
         run_grid("paged_mqa_logits", "JITKERN_PAGED_MQA_LOGITS_", grid, cases)
         del cases
 
@@ -271,8 +276,10 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
             cases.append((f"b={bsz} ctx={ctx} e={e}", (lambda cache=cache, bt=bt, cu=cu, total=total:
                                                       gkv.gather_kv_cache(cache, bt, cu, num_tokens=total)),
                           2 * total * e * 2))
-        grid = [dict(block_t=bt_, block_e=be, num_warps=nw, max_splits=ms) for bt_, be, nw, ms in
-                itertools.product((16, 32, 64), (256, 1024), (4, 8), (64, 256))]
+        # first H200 sweep: block_t 16/32/64 x block_e 256/1024 x 4/8 warps x max_splits 64/256 (per-token
+        # kernel); contiguous caches now copy page runs of block_t x block_e elements per step
+        grid = [dict(block_t=bt_, block_e=be, num_warps=nw, max_splits=256) for bt_, be, nw in
+                itertools.product((8, 16, 32), (256, 1024), (4, 8))]
         run_grid("gather_kv_cache", "JITKERN_GATHER_KV_CACHE_", grid, cases)
         del cases
 

@@ -25,7 +25,8 @@ PAGE_SIZES = (1, 16, 32, 64, 128, 256)
 #: step, warps, and the most programs per sequence (max_splits).
 TUNABLES = {"block_t": (8, 16, 32, 64), "block_e": (64, 128, 256, 512, 1024), "num_warps": (1, 2, 4, 8),
             "max_splits": (16, 32, 64, 128, 256)}
-TILES: dict = {}
+TILES = {  # H200 sweeps (tools/bench_h200.sh, 2026-12-01): page runs of 8 x 256 elements, 3.4-3.9 TB/s
+    "sm_90": {"block_t": 8, "block_e": 256, "num_warps": 8, "max_splits": 256}}
 DEFAULT_TILES = {"block_t": 16, "block_e": 256, "num_warps": 4, "max_splits": 64}
 BLOCK_T = DEFAULT_TILES["block_t"]
 BLOCK_E = DEFAULT_TILES["block_e"]
@@ -56,10 +57,12 @@ def tiles(arch_name: str) -> dict:
     return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
 
 
-def config(dtype: str, page_size: int, aligned: bool, arch_name: str = "") -> Config:
+def config(dtype: str, page_size: int, aligned: bool, arch_name: str = "", flat: bool = False) -> Config:
+    """``flat``: token rows contiguous in the cache and in ``out`` (copies whole page runs)."""
     t = tiles(arch_name)
+    extra = {"flat": True} if flat else {}  # only flat configs carry the flag (others keep their keys)
     return Config.make("triton", dtype=dtype, page_size=page_size, aligned=aligned, block_t=t["block_t"],
-                       block_e=t["block_e"], num_warps=t["num_warps"])
+                       block_e=t["block_e"], num_warps=t["num_warps"], **extra)
 
 
 def configs(arch):
@@ -67,6 +70,7 @@ def configs(arch):
         for page in PAGE_SIZES:
             for aligned in (True, False):
                 yield config(dtype, page, aligned, arch.name)
+                yield config(dtype, page, aligned, arch.name, flat=True)
 
 
 _plans = runtime.plan_cache()
@@ -104,14 +108,16 @@ def gather_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_le
         checks.aligned(OP, name, t)
     strides = (kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), o.stride(0))
     aligned = e % 16 == 0 and all(s % 16 == 0 for s in strides)
-    sig = (kv_cache.dtype, kv_cache.device, page, aligned)
+    flat = strides[1] == e and strides[3] == e
+    sig = (kv_cache.dtype, kv_cache.device, page, aligned, flat)
     k = _plans.get(sig)
     if k is None:
         select_arch, _ = runtime.arches_for(kv_cache.device)
-        cfg = config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned, select_arch.name)
+        cfg = config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned, select_arch.name, flat)
         k = _plans[sig] = (runtime.kernel(SPEC, cfg, kv_cache.device), tiles(select_arch.name)["max_splits"])
     k, max_splits = k
-    splits = max(1, min(max_splits, -(-num_tokens // (batch * k.job.config.p["block_t"]))))
+    per_program = page if flat else k.job.config.p["block_t"]  # tokens one step of a program covers
+    splits = max(1, min(max_splits, -(-num_tokens // (batch * per_program))))
     k[(batch, splits)](kv_cache, block_table, cu_seq_lens, o, *strides, e)
     bufs.finish(k)
     return bufs.result("out")

@@ -35,14 +35,17 @@ HEAD_DIMS = (64, 128, 256)
 GROUPS = (1, 2, 4, 8, 16)
 #: tile parameters and the values ``JITKERN_PAGED_ATTENTION_DECODE_<PARAM>`` may set
 TUNABLES = {
-    "partition": (32, 64, 256, 512, 1024),
+    "partition": (32, 64, 256, 512, 1024, 2048),
     "block_n": (16, 32, 64, 128),
     "num_warps": (2, 4, 8),
     "num_stages": (1, 2, 3, 4),
 }
 #: tokens per partition and per inner step, by arch (the interpreter uses small ones so CPU tests
 #: cover several partitions with a few dozen tokens)
-TILES = {"cpu": {"partition": 32, "block_n": 16, "num_warps": 4, "num_stages": 1}}
+TILES = {"cpu": {"partition": 32, "block_n": 16, "num_warps": 4, "num_stages": 1},
+         # H200 sweeps (tools/bench_h200.sh, 2026-12-01, tools/results/issue19_h200_2026-12-01_run*): best
+         # total over b=32/2K, 64/8K, 32/32K; 3.2-4.4 TB/s on the benchmark's five shapes
+         "sm_90": {"partition": 2048, "block_n": 128, "num_warps": 4, "num_stages": 3}}
 #: H100 sweep (tools/bench_seed_ops.py --sweep, 2026-11-23, aligned strides): block_n 32 and 64,
 #: partition 256/512/1024 and num_stages 2-4 all within 2% of each other (2.8-2.9 TB/s at b=64, 8K).
 #: Without the 16-element stride specialisation every K/V load is scalar and the kernel is ~3.5x slower.

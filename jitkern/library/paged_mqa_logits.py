@@ -30,7 +30,9 @@ NEXT_N = (1, 2, 3, 4)
 #: span steps per program (a pipelined loop when > 1), warps and pipeline depth.
 TUNABLES = {"block_t": (16, 32, 64, 128, 256), "span": (1, 2, 4, 8, 16), "num_warps": (2, 4, 8),
             "num_stages": (1, 2, 3, 4)}
-TILES = {"cpu": {"block_t": 16, "span": 1, "num_warps": 4, "num_stages": 2}}
+TILES = {"cpu": {"block_t": 16, "span": 1, "num_warps": 4, "num_stages": 2},
+         # H200 sweeps (tools/bench_h200.sh, 2026-12-01): span 8 x 128 positions: 1.3-2.3 -> 2.3-3.4 TB/s
+         "sm_90": {"block_t": 128, "span": 8, "num_warps": 4, "num_stages": 2}}
 DEFAULT_TILES = {"block_t": 64, "span": 1, "num_warps": 4, "num_stages": 2}
 #: Every store masked by ``t < max_model_len``. Only tests turn this off, to show that redzone mode
 #: catches the seed-001 bug.
