@@ -129,7 +129,9 @@ def test_shipped_table_fits_its_arch(name, monkeypatch):
     for key, entry in entries.items():
         b, b_trans = key.removesuffix("_nk"), key.endswith("_nk")
         tile = entry["params"]
-        assert set(tile) == set(gemm.TILE_PARAMS) and all(v in gemm.TUNABLES[k] for k, v in tile.items())
+        # the six base parameters, plus the Hopper (TMA) ones for sm_90's TMA winners only
+        assert set(tile) == set(gemm.tile_of(tile)) and all(v in gemm.TUNABLES[k] for k, v in tile.items())
+        assert set(gemm.TILE_PARAMS) <= set(tile) and (not tile.get("tma") or name == "sm_90")
         assert constraints.violations(name, "gemm", dict(tile, dtype="bf16")) == []
         assert gemm.candidates(name, "bf16", b, b_trans=b_trans)[0] == tile  # shipped winners come first
         if key in ("large", "m16"):  # two real compiles per arch keep this test short
