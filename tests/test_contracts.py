@@ -34,7 +34,9 @@ def test_malformed_contract_is_a_spec_error():
 def test_seed000_workspace_sized_by_kv_capacity_not_model_max():
     # SGLang/aiter: max context 131072 but the KV cache holds ~25K tokens; the workspace was sized
     # from 131072 (16 GiB, OOM). The contract uses min(max_context_len, KV-cache tokens).
-    args = dict(batch=256, num_heads=128, head_dim=128)
+    # (the seed's platform, gfx942: partitions of 512 tokens; sm_90 ships 2048-token partitions)
+    args = dict(batch=256, num_heads=128, head_dim=128, arch="gfx942")
+    assert pa.tiles("gfx942")["partition"] == 512
     real = pa.workspace_nbytes(**args, max_context_len=131072, kv_cache_tokens=25000)
     theoretical = pa.workspace_nbytes(**args, max_context_len=131072, kv_cache_tokens=131072)
     parts = -(-25000 // 512)
