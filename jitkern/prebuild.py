@@ -267,14 +267,16 @@ class _Progress:
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode, self.total, self.done, self.bar = mode, total, 0, None
         if mode == "bar" and total:
-            import shutil
-
             from tqdm import tqdm
 
-            # a pseudo-terminal of width 0 (some CI runners, `script`) makes tqdm draw nothing: give it a width
-            cols = shutil.get_terminal_size((0, 0)).columns
+            # a pseudo-terminal of size 0x0 (some CI runners and containers) makes tqdm draw nothing (no
+            # width, and a bar at row 0 of a 0-row screen is "hidden"): give it a size of its own
+            try:
+                cols, rows = os.get_terminal_size(sys.stderr.fileno())
+            except (OSError, ValueError):
+                cols, rows = 0, 0
             self.bar = tqdm(total=total, unit="artifact", desc="jitkern prebuild", file=sys.stderr,
-                            ncols=None if cols >= 40 else 80, mininterval=0.5)
+                            ncols=None if cols >= 40 else 80, nrows=None if rows >= 1 else 24, mininterval=0.5)
 
     file = sys.stdout
 

@@ -226,3 +226,54 @@ def test_prebuild_closing_line_does_not_claim_cached_when_a_worker_failed(tmp_pa
     assert "nothing to build" not in r.stdout, r.stdout
     last = r.stdout.splitlines()[-1]
     assert last.startswith("jitkern prebuild: 0 built, ") and "1 failed" in last, last
+
+
+def test_prebuild_bar_draws_on_a_terminal_of_size_zero(tmp_path):
+    """Under a pseudo-terminal of 0 columns and 0 rows tqdm drew nothing until the end ("\\r\\n")."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    e = {k: v for k, v in os.environ.items() if not k.startswith("JITKERN_") and k not in ("COLUMNS", "LINES")}
+    e.update(PYTHONPATH=str(REPO), JITKERN_CACHE_DIR=str(tmp_path / "c"))
+    cmd = ([SCRIPT] if SCRIPT else [sys.executable, "-m", "jitkern"]) + [
+        "prebuild", "--arch", "cpu", "--op", "rms_norm", "--limit", "2", "--jobs", "1"]
+    p = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=e, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    assert p.wait(timeout=300) == 0, out
+    text = out.decode(errors="replace")
+    assert "jitkern prebuild:   0%|" in text and "| 2/2 [" in text, text
+
+
+def test_a_key_that_changed_while_prebuild_ran_names_the_part(monkeypatch):
+    """The worker's key differs from the parent's (here: a Triton codegen variable set after planning,
+    as a toolchain installed midway would change the compiler part): the failure names the part, not
+    "the op's template or code changed"."""
+    import dataclasses
+
+    from jitkern import arch, prebuild
+
+    monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+    task = prebuild.enumerate_tasks(["rms_norm"], [arch.get("cpu")], limit=1)[0]
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+    rec = prebuild.build_task(dataclasses.replace(task))
+    assert rec["status"] == "failed"
+    assert "what changed while prebuild ran: env: TRITON_F32_DEFAULT added (=ieee)" in rec["error"], rec["error"]
+    assert "template or code changed" not in rec["error"]
