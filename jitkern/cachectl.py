@@ -74,6 +74,30 @@ def layer_info(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any
     return out
 
 
+def policy_rows() -> list[tuple[str, str]]:
+    """``jitkern doctor`` rows for the size cap and the signature settings (a bad one shows its error)."""
+    from .cli import human_size
+
+    rows = []
+    try:
+        cap = evict.max_size()
+        rows.append((evict.ENV_MAX_SIZE, f"{human_size(cap)} ({cap} bytes): least recently used entries not in use "
+                                         "are evicted after a publish that passes it" if cap else
+                     "(not set: the writable layer grows without bound; see docs/fleet-cache.md)"))
+    except ConfigError as e:
+        rows.append((evict.ENV_MAX_SIZE, f"error: {e}"))
+    try:
+        pub, priv = signing.verify_keys(), signing.sign_key()
+        rows.append(("JITKERN_CACHE_VERIFY_KEY", f"read-only layers load only entries signed by "
+                     f"{', '.join(signing.key_id(k) for k in pub)}" if pub else
+                     "(not set: entries of read-only and installed layers are checked against their checksums only)"))
+        if priv is not None:
+            rows.append(("JITKERN_CACHE_SIGN_KEY", f"entries published here are signed by {signing.key_id(priv.public_key())}"))
+    except ConfigError as e:
+        rows.append(("signing", f"error: {e}"))
+    return rows
+
+
 def _store(args) -> Store:
     return Store(check_dirs(configured_layers(getattr(args, "cache_dir", None))))
 

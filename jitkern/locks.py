@@ -245,6 +245,9 @@ class EntryHold:
     def __del__(self):
         self.release()
 
+    def __reduce__(self):  # a copy (pickled to another process, deep-copied) holds nothing: fds are per process
+        return (EntryHold, (None,))
+
 
 def _cannot_hold(path: Path, e: OSError) -> None:
     warn_once(("entry-hold", e.errno), "jitkern: cannot lock cache entries in %s (%s); entries in use are not "

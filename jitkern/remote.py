@@ -290,7 +290,9 @@ class RedisRemote:
         warn_once(("remote-rejected", self.url, key, digest),
                   "jitkern: rejected an entry from the remote cache: %s. It is not stored or loaded; the kernel "
                   "is built here and the remote entry replaced. If this repeats, check that every node uses the "
-                  "same %s and who can write to %s", exc, ENV_SECRET, redact(self.url))
+                  "same %s and who can write to %s", exc,
+                  "JITKERN_CACHE_VERIFY_KEY / JITKERN_CACHE_SIGN_KEY key pair" if self.verify_keys else ENV_SECRET,
+                  redact(self.url))
 
     # -- fetch --
     def get_blob(self, key: str) -> bytes | None:
@@ -682,12 +684,14 @@ def doctor() -> dict:
     try:
         pub = signing.verify_keys()
         priv = signing.sign_key()
-        rows.append(("Ed25519", (f"entries must be signed by {', '.join(signing.key_id(k) for k in pub)}" if pub
-                                 else "entries are not checked for an Ed25519 signature (JITKERN_CACHE_VERIFY_KEY "
-                                      "not set)")
-                     + (f"; publishing signed by {signing.key_id(priv.public_key())}" if priv else "")))
+        value = {"verify_keys": [signing.key_id(k) for k in pub or ()],
+                 "sign_key": signing.key_id(priv.public_key()) if priv is not None else None}
+        rows.append(row("ed25519", "Ed25519", value,
+                        (f"entries must be signed by {', '.join(value['verify_keys'])}" if pub else
+                         "entries are not checked for an Ed25519 signature (JITKERN_CACHE_VERIFY_KEY not set)")
+                        + (f"; publishing signed by {value['sign_key']}" if priv is not None else "")))
     except ConfigError as e:
-        rows.append(("Ed25519", f"error: {e}"))
+        rows.append(row("ed25519", "Ed25519", {"error": str(e)}, f"error: {e}"))
     try:
         r = from_env(url)
         t0 = time.perf_counter()
