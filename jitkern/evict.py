@@ -4,8 +4,8 @@
 writable layer. Read-only layers (baked into an image, installed as wheels) are never touched.
 
 **Accounting, not walking.** ``<layer>/v<N>/usage.json`` holds a running estimate of the layer's
-bytes. Every publish adds its entry's size under ``usage.lock`` (one small read and write; no
-directory walk). When the estimate passes the cap, the publishing process takes ``evict.lock``
+bytes. Every publish adds its entry's size to it under a ``flock`` on the file (one small read and
+write in place; no directory walk). When the estimate passes the cap, the publishing process takes ``evict.lock``
 without waiting (if another process is evicting, it goes on), walks the layer once, and removes the
 least recently used entries until the layer holds at most ``LOW_WATER`` (90 %) of the cap, so the
 next walk comes only after another tenth of the cap has been published. The walk also resets the
@@ -39,7 +39,6 @@ from .logs import log
 
 ENV_MAX_SIZE = "JITKERN_CACHE_MAX_SIZE"
 USAGE_FILE = "usage.json"
-USAGE_LOCK = "usage.lock"
 EVICT_LOCK = "evict.lock"
 #: Eviction removes entries until the layer holds at most this fraction of the cap.
 LOW_WATER = 0.9
@@ -110,28 +109,46 @@ def _flocked(path: Path, blocking: bool = True):
         os.close(fd)
 
 
-def read_usage(root: Path) -> dict[str, Any] | None:
-    """The layer's usage record (None if there is none yet or it is unreadable)."""
+def _parse_usage(raw: bytes) -> dict[str, Any] | None:
     try:
-        data = json.loads((Path(root) / USAGE_FILE).read_text())
-    except (OSError, ValueError):
+        data = json.loads(raw)
+    except ValueError:
         return None
     return data if isinstance(data, dict) and isinstance(data.get("bytes"), int) else None
 
 
-def _write_usage(root: Path, data: dict[str, Any]) -> None:
-    path = Path(root) / USAGE_FILE
-    tmp = path.with_name(f".{USAGE_FILE}.{uuid.uuid4().hex[:8]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+def read_usage(root: Path) -> dict[str, Any] | None:
+    """The layer's usage record (None if there is none yet or it is unreadable)."""
+    try:
+        return _parse_usage((Path(root) / USAGE_FILE).read_bytes())
+    except OSError:
+        return None
 
 
 def _update(root: Path, fn) -> dict[str, Any]:
-    with _flocked(Path(root) / USAGE_LOCK):
-        u = fn(read_usage(root))
-        _write_usage(root, u)
+    """Read-modify-write the usage record in place under an exclusive ``flock`` on the file itself (one
+    open, no temporary file: this runs after every publish). A torn write (a crash mid-write) reads as
+    no record, which the next publish answers with a walk that measures the layer again."""
+    fd = os.open(Path(root) / USAGE_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock here: counts may race, the next walk corrects them
+            pass
+        raw = b""
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            raw += chunk
+        u = fn(_parse_usage(raw) if raw else None)
+        data = json.dumps(u).encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
     return u
 
 
@@ -323,6 +340,6 @@ def tidy(root: Path) -> None:
         with contextlib.suppress(OSError):
             os.rmdir(s.path)
     with contextlib.suppress(OSError):
-        if (root / USAGE_LOCK).exists():
+        if (root / USAGE_FILE).exists():
             _update(root, lambda u: {**(u or {}), "bytes": sum(dir_size(p) for _, p in iter_entries(root)),
                                      "entries": sum(1 for _ in iter_entries(root)), "publishes": 0})
