@@ -76,12 +76,10 @@ def layer_info(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any
 
 def policy_rows() -> list[tuple[str, str]]:
     """``jitkern doctor`` rows for the size cap and the signature settings (a bad one shows its error)."""
-    from .cli import human_size
-
     rows = []
     try:
         cap = evict.max_size()
-        rows.append((evict.ENV_MAX_SIZE, f"{human_size(cap)} ({cap} bytes): least recently used entries not in use "
+        rows.append((evict.ENV_MAX_SIZE, f"{cap:,} bytes ({cap / 2 ** 30:.2f} GiB): least recently used entries not in use "
                                          "are evicted after a publish that passes it" if cap else
                      "(not set: the writable layer grows without bound; see docs/fleet-cache.md)"))
     except ConfigError as e:
