@@ -74,25 +74,33 @@ def layer_info(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any
     return out
 
 
-def policy_rows() -> list[tuple[str, str]]:
-    """``jitkern doctor`` rows for the size cap and the signature settings (a bad one shows its error)."""
+def policy_rows() -> list[dict[str, Any]]:
+    """``jitkern doctor`` rows (``jitkern.cli.row`` shape) for the size cap and the signature settings;
+    a bad setting shows its error."""
+    def row(key, label, value, text):
+        return {"key": key, "label": label, "value": value, "text": text}
+
     rows = []
     try:
         cap = evict.max_size()
-        rows.append((evict.ENV_MAX_SIZE, f"{cap:,} bytes ({cap / 2 ** 30:.2f} GiB): least recently used entries not in use "
-                                         "are evicted after a publish that passes it" if cap else
-                     "(not set: the writable layer grows without bound; see docs/fleet-cache.md)"))
+        rows.append(row("max_size", evict.ENV_MAX_SIZE, cap,
+                        f"{cap:,} bytes ({cap / 2 ** 30:.2f} GiB): least recently used entries not in use are "
+                        "evicted after a publish that passes it" if cap else
+                        "(not set: the writable layer grows without bound; see docs/fleet-cache.md)"))
     except ConfigError as e:
-        rows.append((evict.ENV_MAX_SIZE, f"error: {e}"))
+        rows.append(row("max_size", evict.ENV_MAX_SIZE, {"error": str(e)}, f"error: {e}"))
     try:
         pub, priv = signing.verify_keys(), signing.sign_key()
-        rows.append(("JITKERN_CACHE_VERIFY_KEY", f"read-only layers load only entries signed by "
-                     f"{', '.join(signing.key_id(k) for k in pub)}" if pub else
-                     "(not set: entries of read-only and installed layers are checked against their checksums only)"))
-        if priv is not None:
-            rows.append(("JITKERN_CACHE_SIGN_KEY", f"entries published here are signed by {signing.key_id(priv.public_key())}"))
+        ids = [signing.key_id(k) for k in pub or ()]
+        rows.append(row("verify_keys", "JITKERN_CACHE_VERIFY_KEY", ids,
+                        f"read-only layers load only entries signed by {', '.join(ids)}" if ids else
+                        "(not set: entries of read-only and installed layers are checked against their checksums "
+                        "only)"))
+        kid = signing.key_id(priv.public_key()) if priv is not None else None
+        rows.append(row("sign_key", "JITKERN_CACHE_SIGN_KEY", kid,
+                        f"entries published here are signed by {kid}" if kid else "(not set: entries are not signed)"))
     except ConfigError as e:
-        rows.append(("signing", f"error: {e}"))
+        rows.append(row("signing", "signing", {"error": str(e)}, f"error: {e}"))
     return rows
 
 

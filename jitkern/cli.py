@@ -409,6 +409,12 @@ def _doctor_cache() -> dict[str, Any]:
                    {"layers": layers})
 
 
+def _doctor_cache_policy() -> dict[str, Any]:
+    from . import cachectl
+
+    return section("cache_policy", "Cache size cap and signatures (docs/fleet-cache.md)", cachectl.policy_rows())
+
+
 def _doctor_ops() -> dict[str, Any]:
     from . import doctor
 
@@ -457,7 +463,8 @@ def _doctor_settings() -> dict[str, Any]:
 
 #: ``jitkern doctor`` prints each of these sections; append yours.
 DOCTOR_SECTIONS: list[Callable[[], dict[str, Any]]] = [
-    _doctor_gpu, _doctor_toolchains, _doctor_amd, _doctor_cache, _doctor_ops, _doctor_remote, _doctor_tuning, _doctor_settings,
+    _doctor_gpu, _doctor_toolchains, _doctor_amd, _doctor_cache, _doctor_cache_policy, _doctor_ops, _doctor_remote,
+    _doctor_tuning, _doctor_settings,
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jitkern import arch, counters, registry, signing
+from jitkern import arch, cachectl, counters, registry, signing
 from jitkern.build import get_entry, plan
 from jitkern.cache import MANIFEST, Layer, Store
 from jitkern.cli import main
@@ -152,6 +152,8 @@ def test_a_layer_that_requires_signatures_loads_only_entries_signed_by_a_trusted
     assert not loads(signed[0], "other.pub")                             # signed, but by an untrusted key
     monkeypatch.setenv("JITKERN_CACHE_VERIFY_KEY", f"{keys / 'other.pub'}{os.pathsep}{keys / 'fleet.pub'}")
     assert Store([rw, ro]).lookup(signed[0]) is not None                 # key rotation: either key
+    fleet_id = signing.key_id(signing.load_public(keys / "fleet.pub"))
+    assert any(fleet_id in r["text"] for r in cachectl.policy_rows())    # jitkern doctor says what is trusted
     # the process's own writable layer is not held to it: what it builds there loads
     assert get_entry(plan(registry.get("rms_norm"), list(registry.get("rms_norm").configs(arch.get("cpu")))[5],
                           arch.get("cpu")), Store([rw, ro]))[1] == "built"
