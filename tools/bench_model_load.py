@@ -287,6 +287,7 @@ class Bench:
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             "device": name, "torch": torch.__version__, "triton": triton.__version__,
             "python": sys.version.split()[0], "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "commit": os.environ.get("BENCH_COMMIT") or _git_head(),
             "model": None, "ttft": {}, "decode": {}, "skipped": [], "errors": [], "notes": [],
         }
         slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
@@ -501,6 +502,11 @@ class Bench:
                 f[f"decode_b{b}_graph_over_compiled_ref"] = r
                 f[f"decode_b{b}_graph_le_1.0x"] = r <= 1.0
         self.save()
+
+
+def _git_head() -> str | None:
+    p = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return p.stdout.strip() or None
 
 
 def _drop_entries(root: Path, op: str, variant: str) -> int:
