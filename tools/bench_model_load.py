@@ -550,7 +550,8 @@ def table(res: dict) -> str:
              "reference_torch_compile")
     lines += ["", "| batch | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
     for b, d in res["decode"].items():
-        cells = [f"{d[i]['step_ms']:.3f} ms" if i in d else "-" for i in impls]
+        cells = [f"{d[i]['step_ms']:.3f} ms" if "step_ms" in d.get(i, {}) else ("error" if i in d else "-")
+                 for i in impls]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += ["", "floors: " + json.dumps(res.get("floors", {})), "skipped: " + json.dumps(res["skipped"])]
     return "\n".join(lines)
