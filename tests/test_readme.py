@@ -98,3 +98,21 @@ def test_first_command_in_a_fresh_venv_then_an_op_from_the_installed_package(tmp
     r = subprocess.run([repo / ".venv" / "bin" / "jitkern", "config", "--json"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and '"JITKERN_CACHE_DIR"' in r.stdout, r.stderr
+
+
+def test_cli_reference_names_every_command_and_cache_action():
+    import argparse
+
+    from jitkern.cli import build_parser
+
+    def subcommands(parser):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                return a.choices
+        return {}
+
+    doc = (REPO / "docs" / "cli.md").read_text()
+    top = subcommands(build_parser())
+    missing = [f"jitkern {c}" for c in top if f"### `jitkern {c}" not in doc]
+    missing += [f"cache {a}" for a in subcommands(top["cache"]) if f"| `{a}" not in doc]
+    assert not missing, f"document in docs/cli.md: {missing}"
