@@ -293,3 +293,35 @@ def test_no_numpy_warning_from_the_cli_or_its_workers(tmp_path):
         r = jk(*argv, cache=tmp_path / "c", env=e)
         assert "Failed to initialize NumPy" not in r.stderr, (argv, r.stderr)
         assert r.returncode == 0, (argv, r.stdout, r.stderr)
+
+
+WARN_OP = '''
+import logging, multiprocessing
+from pathlib import Path
+import jitkern
+T = Path(__file__).parent / "tpl"
+T.mkdir(exist_ok=True)
+(T / "k.py.j2").write_text("import triton\\nimport triton.language as tl\\n\\n\\n@triton.jit\\n"
+                           "def kern(x, n):  # {{ n }}\\n    pass\\n")
+if multiprocessing.parent_process() is not None:  # in each prebuild worker
+    logging.getLogger("jitkern").warning("jitkern: warn_op: the same warning from every worker")
+def fn(x):
+    return x
+SPEC = jitkern.register(jitkern.OpSpec(name="warn_op", fn=fn, reference=fn, template_dir=T,
+    variants=(jitkern.Variant("triton", "k.py.j2", "kern", args=(jitkern.Arg("x", "*fp32"), jitkern.Arg("n", "i32"))),),
+    configs=lambda arch: [jitkern.Config("triton", (("n", i),)) for i in range(6)]))
+'''
+
+
+def test_worker_warnings_have_a_level_prefix_and_are_printed_once(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "warn_op.py").write_text(WARN_OP)
+    code = ("import sys, warn_op; from jitkern.cli import main; "
+            "sys.exit(main(['prebuild', '--arch', 'cpu', '--op', 'warn_op', '--jobs', '2']))")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("JITKERN_")}
+    e.update(PYTHONPATH=f"{REPO}{os.pathsep}{pkg}", JITKERN_CACHE_DIR=str(tmp_path / "c"))
+    r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "the same warning from every worker" in ln]
+    assert lines == ["WARNING: jitkern: warn_op: the same warning from every worker"], r.stderr
