@@ -485,10 +485,12 @@ def _normalise_section(fn, result) -> dict[str, Any]:
 def print_section(sec: dict[str, Any], file=None) -> None:
     """Title, then ``label  text`` rows, text wrapped at word boundaries to the terminal width."""
     file = file or sys.stdout
-    print(sec["title"], file=file)
+    total = terminal_width()
+    for ln in textwrap.wrap(sec["title"], total, break_long_words=False, break_on_hyphens=False,
+                            subsequent_indent="  "):
+        print(ln, file=file)
     rows = sec["rows"]
     width = min(max((len(r["label"]) for r in rows), default=0), 40)
-    total = terminal_width()
     for r in rows:
         label = r["label"]
         indent = 2 + width + 2
