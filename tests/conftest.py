@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 
 import jitkern.counters  # noqa: E402
 import jitkern.runtime  # noqa: E402
+import jitkern.strict  # noqa: E402
 
 
 def _has_gpu() -> bool:
@@ -37,5 +38,6 @@ def cache_dir(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     jitkern.runtime.clear_memory()
     jitkern.counters.reset()
+    monkeypatch.setattr(jitkern.strict, "_suspended", False)  # an in-process prebuild/tune suspends strict mode
     yield d
     jitkern.runtime.clear_memory()

@@ -106,7 +106,7 @@ def test_off_by_default_and_allocations_are_exact(monkeypatch):
     assert out.is_contiguous() and out.untyped_storage().nbytes() == 3 * 40 * 4
     bufs.finish("anything")  # no-op
     assert bufs.result("out") is out
-    monkeypatch.setenv("JITKERN_DEBUG", "sync, redzone")
+    monkeypatch.setenv("JITKERN_DEBUG", "checks, redzone")
     assert redzone.enabled()
 
 
