@@ -251,4 +251,5 @@ class EntryHold:
 
 def _cannot_hold(path: Path, e: OSError) -> None:
     warn_once(("entry-hold", e.errno), "jitkern: cannot lock cache entries in %s (%s); entries in use are not "
-              "protected from eviction by other processes (only their last-use stamps are)", Path(path).parent.parent, e)
+              "protected from eviction by other processes (only their last-use stamps are)",
+              Path(path).parent.parent, e)

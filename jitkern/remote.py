@@ -16,7 +16,8 @@ miss, ``build.get_entry`` asks the remote before compiling, and publishes what i
 ==============================  ==========================================================================
 
 **Integrity.** An entry travels as one Redis string: a SHA-256 of the whole (and of the cache key),
-an HMAC when signing, a header naming every file with its size and SHA-256, then the files.
+a signature when signing (Ed25519 or HMAC), a header naming every file with its size and SHA-256,
+then the files.
 Everything fetched is checked against these before it is stored in the local cache (which checks it
 again before each load); a failing entry is rejected, never stored.
 Checksums catch damage, not malice: anyone who can write to the Redis server can run code on its
@@ -25,7 +26,8 @@ readers, so fleets that share a server they do not fully control should sign: wi
 ``JITKERN_CACHE_VERIFY_KEY`` to the public one, so no reader can forge an entry), or, for small setups
 where every node may build, with the HMAC secret ``JITKERN_REMOTE_CACHE_KEY``. With a verify key set,
 anything but a valid Ed25519 signature by a trusted key is rejected. Either signature covers the
-cache key too, so an entry cannot be replayed under another key. A node that rejected an entry and then built the key overwrites the bad entry.
+cache key too, so an entry cannot be replayed under another key. A node that rejected an entry and
+then built the key overwrites the bad entry.
 
 **Cross-node builds.** A node that misses both caches takes the key's build lease (``SET NX PX``
 through redis-py's ``Lock``), renews it from a thread while it compiles, publishes, then releases it.

@@ -176,8 +176,9 @@ def check(public_keys: Sequence, domain: bytes, message: bytes, signature: bytes
             return key_id(pub)
         except InvalidSignature:
             continue
-    raise SignatureError(f"{what} is not signed by a trusted key (trusted: {', '.join(key_id(k) for k in public_keys)}):"
-                         " signed with another key, or changed after signing")
+    trusted = ", ".join(key_id(k) for k in public_keys)
+    raise SignatureError(f"{what} is not signed by a trusted key (trusted: {trusted}): signed with another key, "
+                         "or changed after signing")
 
 
 def signature_record(private_key, domain: bytes, message: bytes) -> bytes:

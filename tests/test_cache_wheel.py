@@ -87,6 +87,7 @@ def test_cache_wheel_installs_a_read_only_layer_and_a_fresh_venv_compiles_nothin
     assert installed["installed_from"] == "acme-kernels-sm90" and installed["entries"] == 2
     assert not installed["writable"] and mine["writable"]
     # never written: prune and clear act on the user's layer only
-    _run([str(venv / "bin" / "jitkern"), "cache", "prune", "--max-size", "0"], env={**env, "JITKERN_CACHE_DIR": str(user)})
+    _run([str(venv / "bin" / "jitkern"), "cache", "prune", "--max-size", "0"],
+         env={**env, "JITKERN_CACHE_DIR": str(user)})
     _run([str(venv / "bin" / "jitkern"), "cache", "clear"], env={**env, "JITKERN_CACHE_DIR": str(user)})
     assert _tree(site) == before

@@ -28,7 +28,8 @@ def keys(tmp_path):
 def fill(root: Path, n: int) -> list[str]:
     spec = registry.get("rms_norm")
     store = Store([root])
-    return [get_entry(plan(spec, cfg, arch.get("cpu")), store)[0].key for cfg in list(spec.configs(arch.get("cpu")))[:n]]
+    cpu = arch.get("cpu")
+    return [get_entry(plan(spec, cfg, cpu), store)[0].key for cfg in list(spec.configs(cpu))[:n]]
 
 
 def present(root: Path) -> set[str]:
