@@ -404,8 +404,7 @@ def _doctor_cache() -> dict[str, Any]:
         if info.get("prebuild"):
             rows.append(row(f"layer{i}_prebuild", "  last prebuild", info["prebuild"],
                             cachectl.describe_prebuild(info["prebuild"])))
-    return section("cache", "Cache layers (JITKERN_CACHE_DIR, then installed cache wheels; first writable one "
-                            "receives new entries)", rows,
+    return section("cache", "Cache layers (JITKERN_CACHE_DIR, then installed cache wheels)", rows,
                    {"layers": layers})
 
 
