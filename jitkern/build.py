@@ -228,24 +228,22 @@ def _checker(job: Job):
 
 
 def check_entry(job: Job, entry: Entry) -> None:
-    """Raise ``CorruptEntryError`` if a verified entry is not what ``job`` planned: its ``entry.json``
-    names another op, variant or arch, or its binary's ELF header or Triton metadata names another
-    target. Checksums cannot catch these (a copied entry carries a consistent manifest), and loading
-    another arch's binary faults at launch."""
+    """Raise ``CorruptEntryError`` if a verified entry is not what ``job`` planned. Checksums cannot
+    catch these (a copied or rewritten entry carries a consistent manifest), so everything the loader
+    trusts is compared with the job: ``entry.json``'s op, variant, arch, kernel name and parameters;
+    the stored source, byte for byte (the job's key is a hash of its source with the other key
+    parts, so this is the key recomputed from the entry's own source); and for Triton GPU binaries
+    the ELF header's target and the metadata's target and kernel name. All from the verified bytes."""
+    check_job_fields(job, entry)
     meta = entry.meta
-    for field_name, want in (("op", job.spec.name), ("variant", job.variant.name), ("arch", job.arch.name)):
-        if meta.get(field_name) != want:
-            raise CorruptEntryError(f"entry {entry.path} records {field_name}={meta.get(field_name)!r} but was "
-                                    f"looked up for {field_name}={want!r}")
     if meta.get("status") == "failed" or job.variant.kind != "triton" or job.arch.backend is None:
         return
     from .builders.triton import METADATA_FILE, binary_name
 
     name = binary_name(job.arch)
     try:
-        with open(entry.file(name), "rb") as f:
-            data = f.read(64)  # the ELF header is all that is compared
-        md = json.loads(entry.file(METADATA_FILE).read_bytes())
+        data = entry.read_bytes(name)[:64]  # the ELF header is all that is compared
+        md = json.loads(entry.read_bytes(METADATA_FILE))
     except (OSError, ValueError) as e:
         raise CorruptEntryError(f"entry {entry.path} lacks a readable {name} or {METADATA_FILE}: {e}") from None
     if not binaries.matches(job.arch, data):
@@ -254,6 +252,39 @@ def check_entry(job: Job, entry: Entry) -> None:
     if not isinstance(target, dict) or str(target.get("arch")) != str(job.arch.triton_arch) \
             or target.get("backend") != job.arch.backend:
         raise CorruptEntryError(f"{entry.file(METADATA_FILE)} names target {target!r}, not {job.arch.name}")
+    if md.get("name") != job.variant.kernel:
+        raise CorruptEntryError(f"{entry.file(METADATA_FILE)} is for kernel {md.get('name')!r}, not "
+                                f"{job.variant.kernel!r}")
+
+
+#: Where each kind of entry keeps the source it was built from (failure records: ``source.txt``).
+FAILURE_SOURCE = "source.txt"
+
+
+def source_file(job: Job, meta) -> str:
+    if meta.get("status") == "failed":
+        return FAILURE_SOURCE
+    builder = builders.get(job.variant.kind)
+    return getattr(builder, "source_name", None) or getattr(builder, "SOURCE_FILE", "kernel.py")
+
+
+def check_job_fields(job: Job, entry: Entry) -> None:
+    """The job-level half of ``check_entry``: metadata fields and the stored source."""
+    meta = entry.meta
+    want = {"op": job.spec.name, "variant": job.variant.name, "arch": job.arch.name, "kernel": job.variant.kernel,
+            "params": json.loads(json.dumps(job.config.p, default=str))}
+    for field_name, value in want.items():
+        if meta.get(field_name) != value:
+            raise CorruptEntryError(f"entry {entry.path} records {field_name}={meta.get(field_name)!r} but was "
+                                    f"looked up for {field_name}={value!r}")
+    name = source_file(job, meta)
+    try:
+        stored = entry.read_bytes(name)
+    except OSError:
+        raise CorruptEntryError(f"entry {entry.path} holds no {name}: the source it was built from") from None
+    if stored != job.source.encode():
+        raise CorruptEntryError(f"entry {entry.path}: {name} is not the source {job.describe()} renders to (its key "
+                                "recomputed from that source differs)")
 
 
 __all__ = ["Job", "plan", "get_entry", "BuildError"]

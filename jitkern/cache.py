@@ -392,6 +392,9 @@ class Layer:
             meta = json.loads(verified.get(ENTRY_META, b"{}"))
             if not isinstance(meta, dict):
                 raise TypeError(f"{ENTRY_META} holds a {type(meta).__name__}, not an object")
+            extra = sorted(set(os.listdir(path)) - set(files) - {MANIFEST})
+            if extra:  # e.g. a __pycache__ planted next to kernel.py: nothing outside the manifest is kept
+                raise CorruptEntryError(f"entry {path} holds {', '.join(extra)}, which its manifest does not cover")
         except FileNotFoundError as e:
             if not os.path.lexists(path):
                 raise

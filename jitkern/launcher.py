@@ -13,7 +13,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 from . import settings
-from .builders.triton import METADATA_FILE, SOURCE_FILE, binary_name, import_source, kernel_function
+from .builders.triton import METADATA_FILE, SOURCE_FILE, binary_name, kernel_function, module_from_source
 from .errors import LaunchError
 from .logs import warn_once
 
@@ -231,7 +231,8 @@ class GPUKernel(Kernel):
 class InterpretedKernel(Kernel):
     def __init__(self, entry, job):
         super().__init__(entry, job)
-        module = import_source(entry.file(SOURCE_FILE), f"jitkern_kernels.k{entry.key[:16]}")
+        module = module_from_source(entry.read_bytes(SOURCE_FILE), entry.file(SOURCE_FILE),
+                                    f"jitkern_kernels.k{entry.key[:16]}")
         self._fn = kernel_function(module, job.variant.kernel, entry.path)
         self._options = job.config.compile_options()
 

@@ -167,3 +167,106 @@ def test_a_second_user_cannot_rewrite_the_plan_index(other_user, monkeypatch):
         assert not marker.exists()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def _cpu_job(block=None, n=64):
+    from jitkern import build
+    from jitkern.library import rms_norm as rn
+
+    b, single = rn.block_for(n)
+    return build.plan(rn.SPEC, rn.config("fp32", False, n % 16 == 0, block or b, single), CPU)
+
+
+def test_an_index_record_cannot_supply_source_no_entry_was_built_from(cache_dir):
+    """A plan-index record only had to agree with itself (key recomputed from its own source), so a
+    rewritten record supplied any source, which the next build imported. Now a record's source is
+    used only for a key that some layer holds an entry for; otherwise the job is rendered."""
+    from jitkern import build, plan_index
+    from jitkern.cache import write_private
+
+    marker = cache_dir.parent / "pwned"
+    job = _cpu_job()
+    evil = f"open({str(marker)!r}, 'w').write('ran')\n" + job.source
+    forged = build.plan(job.spec, job.config, CPU, source=evil)  # a record consistent with its own source
+    layer = Layer(cache_dir)
+    layer.writable()
+    ih = plan_index.index_key(job.spec, job.config, CPU)
+    write_private(plan_index._path(layer, ih), json.dumps({"key": forged.key, "source": evil}).encode())
+    _op()
+    assert not marker.exists(), "the record's source was built and imported"
+    assert not layer.entry_dir(forged.key).exists() and layer.entry_dir(job.key).is_dir()
+
+
+@pytest.fixture
+def two_entries(cache_dir):
+    """Real CPU entries of two rms_norm configs and one gemm config, in this test's cache."""
+    from jitkern import build
+    from jitkern.library import gemm
+
+    a, b = _cpu_job(), _cpu_job(block=512)
+    g = build.plan(gemm.SPEC, next(iter(gemm.configs(CPU))), CPU)
+    for job in (a, b, g):
+        build.get_entry(job)
+    return a, b, g
+
+
+@pytest.mark.parametrize("tamper", ["another config's source", "params rewritten", "kernel name rewritten",
+                                    "a gemm entry rewritten as this one"])
+def test_an_intact_entry_of_another_kernel_is_refused(two_entries, cache_dir, tamper):
+    """The entry-versus-job check compared op, variant and arch only, so an entry with another
+    kernel's files, its entry.json and manifest rewritten to match, was loaded. Now the kernel
+    name, the parameters and the stored source (the key recomputed from it) must match the job."""
+    from jitkern import build
+    from jitkern.cache import ENTRY_META, Store
+
+    from test_reliability import _rewrite_manifest
+
+    a, b, g = two_entries
+    layer = Layer(cache_dir)
+    d = layer.entry_dir(a.key)
+    meta = json.loads((d / ENTRY_META).read_text())
+    if tamper == "another config's source":
+        shutil.copy(layer.entry_dir(b.key) / "kernel.py", d / "kernel.py")
+    elif tamper == "params rewritten":
+        meta["params"]["block_n"] = 512
+    elif tamper == "kernel name rewritten":
+        meta["kernel"] = "gemm_kernel"
+    else:
+        shutil.rmtree(d)
+        shutil.copytree(layer.entry_dir(g.key), d)
+        gmeta = json.loads((d / ENTRY_META).read_text())
+        meta = {**gmeta, **{k: meta[k] for k in ("op", "variant", "arch", "key")}}
+        m = json.loads((d / MANIFEST).read_text())
+        (d / MANIFEST).write_text(json.dumps({**m, "key": a.key}))
+    (d / ENTRY_META).write_text(json.dumps(meta))
+    _rewrite_manifest(d)
+    layer.verify(a.key)  # the checksums accept it ...
+    assert Store([cache_dir]).lookup(a.key, build._checker(a)) is None  # ... the job check does not
+    assert not d.exists()
+    entry, how = build.get_entry(a)  # rebuilt, right kernel
+    assert how == "built" and entry.read_bytes("kernel.py") == a.source.encode()
+
+
+def test_cpu_entries_load_from_verified_bytes_and_a_planted_pyc_never_runs(cache_dir, tmp_path):
+    """CPU entries were imported by path: Python wrote __pycache__/kernel.*.pyc into the entry, and a
+    planted .pyc (matching kernel.py's mtime and size) was executed while 'cache verify' said clean.
+    Now the module is executed from the verified bytes (nothing written, no .pyc read), and verify
+    and every lookup refuse an entry holding anything its manifest does not cover."""
+    import importlib._bootstrap_external as bx
+
+    _op()
+    _op()  # built, then loaded from the cache
+    (d,) = [p for p in Layer(cache_dir).root.glob("entries/*/*")]
+    assert sorted(os.listdir(d)) == ["entry.json", "kernel.py", MANIFEST], os.listdir(d)  # no __pycache__
+    marker = tmp_path / "pwned"
+    st = os.stat(d / "kernel.py")
+    code = compile(f"open({str(marker)!r}, 'w').write('ran')\n", str(d / "kernel.py"), "exec")
+    (d / "__pycache__").mkdir(mode=0o700)
+    (d / "__pycache__" / f"kernel.{sys.implementation.cache_tag}.pyc").write_bytes(
+        bx._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))
+    os.chmod(d / "__pycache__" / f"kernel.{sys.implementation.cache_tag}.pyc", 0o600)
+    r = subprocess.run([sys.executable, "-m", "jitkern", "cache", "verify", "--cache-dir", str(cache_dir)],
+                       env=_env(cache_dir), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "__pycache__" in r.stdout, r.stdout + r.stderr
+    _op()
+    assert not marker.exists(), "the planted .pyc ran"

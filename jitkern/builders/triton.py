@@ -41,6 +41,27 @@ def import_source(path: Path, module_name: str):
     return module
 
 
+def module_from_source(source: bytes | str, filename: str | os.PathLike, module_name: str):
+    """A module executed from ``source`` in memory (the cache's verified bytes), never imported from a
+    path: Python neither reads a ``__pycache__`` (a planted .pyc cannot run) nor writes one into the
+    entry. The source is registered with ``linecache`` under ``filename`` so tracebacks and
+    ``inspect.getsource`` (which Triton uses) see exactly these bytes."""
+    import linecache
+    import types
+
+    text = source.decode() if isinstance(source, (bytes, bytearray)) else source
+    filename = os.fspath(filename)
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)  # mtime None: never re-read
+    module = types.ModuleType(module_name)
+    module.__file__ = filename
+    try:
+        exec(compile(text, filename, "exec", dont_inherit=True), module.__dict__)  # noqa: S102 (verified source)
+    except Exception as e:
+        raise BuildError(f"kernel module {filename} failed to load: {type(e).__name__}: {e}",
+                         transient=is_transient(e)) from e
+    return module
+
+
 def kernel_function(module, name: str, where):
     fn = getattr(module, name, None)
     if fn is None:
