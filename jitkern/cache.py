@@ -392,8 +392,12 @@ class Layer:
             meta = json.loads(verified.get(ENTRY_META, b"{}"))
             if not isinstance(meta, dict):
                 raise TypeError(f"{ENTRY_META} holds a {type(meta).__name__}, not an object")
-            extra = sorted(set(os.listdir(path)) - set(files) - {MANIFEST})
-            if extra:  # e.g. a __pycache__ planted next to kernel.py: nothing outside the manifest is kept
+            # Nothing outside the manifest belongs in an entry. __pycache__ is let be: pip byte-compiles the
+            # kernel.py files of a cache installed as a wheel, and jitkern never reads one (CPU kernels run
+            # from the verified bytes, jitkern.builders.triton.module_from_source), so a planted .pyc is inert.
+            # The signature (jitkern.signing) covers the manifest, so it is checked on its own terms.
+            extra = sorted(set(os.listdir(path)) - set(files) - {MANIFEST, signing.ENTRY_SIGNATURE, "__pycache__"})
+            if extra:
                 raise CorruptEntryError(f"entry {path} holds {', '.join(extra)}, which its manifest does not cover")
         except FileNotFoundError as e:
             if not os.path.lexists(path):

@@ -250,8 +250,9 @@ def test_an_intact_entry_of_another_kernel_is_refused(two_entries, cache_dir, ta
 def test_cpu_entries_load_from_verified_bytes_and_a_planted_pyc_never_runs(cache_dir, tmp_path):
     """CPU entries were imported by path: Python wrote __pycache__/kernel.*.pyc into the entry, and a
     planted .pyc (matching kernel.py's mtime and size) was executed while 'cache verify' said clean.
-    Now the module is executed from the verified bytes (nothing written, no .pyc read), and verify
-    and every lookup refuse an entry holding anything its manifest does not cover."""
+    Now the module is executed from the verified bytes: nothing is written and no .pyc is read (one
+    is inert, as pip's byte-compiled copies in a cache installed as a wheel are). Any other file the
+    manifest does not cover makes the entry damaged."""
     import importlib._bootstrap_external as bx
 
     _op()  # built here, then loaded from the cache by a process that writes bytecode caches
@@ -266,8 +267,9 @@ def test_cpu_entries_load_from_verified_bytes_and_a_planted_pyc_never_runs(cache
     (d / "__pycache__" / f"kernel.{sys.implementation.cache_tag}.pyc").write_bytes(
         bx._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))
     os.chmod(d / "__pycache__" / f"kernel.{sys.implementation.cache_tag}.pyc", 0o600)
-    r = subprocess.run([sys.executable, "-m", "jitkern", "cache", "verify", "--cache-dir", str(cache_dir)],
-                       env=_env(cache_dir), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "__pycache__" in r.stdout, r.stdout + r.stderr
     _op()
     assert not marker.exists(), "the planted .pyc ran"
+    (d / "stray.so").write_bytes(b"\x7fELF")
+    r = subprocess.run([sys.executable, "-m", "jitkern", "cache", "verify", "--cache-dir", str(cache_dir)],
+                       env=_env(cache_dir), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "stray.so" in r.stdout, r.stdout + r.stderr
