@@ -630,6 +630,7 @@ def _run_cache(args) -> int:
         from . import remote
 
         r = remote.from_env(getattr(args, "remote", None))
+        remote.check_url(r.url)  # a malformed URL is the user's to fix: one line, exit 2
         t0 = time.perf_counter()
         counts = remote.push(r, store, overwrite=args.overwrite) if action == "push" else remote.pull(r, store)
         dt = time.perf_counter() - t0

@@ -597,7 +597,6 @@ def from_env(url: str | None = None) -> RedisRemote:
     url = url if url is not None else settings.get("remote_cache")
     if not url:
         raise ConfigError(f"no remote cache configured: set {ENV_URL}=redis://host:port/db or pass --remote")
-    check_url(url)
     return RedisRemote(url, settings.get("remote_cache_key"), settings.get("remote_timeout"),
                        settings.get("remote_lease_ttl"), settings.get("remote_lease_wait"),
                        settings.get("remote_deadline"), settings.get("remote_max_value"),

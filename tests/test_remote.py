@@ -218,12 +218,13 @@ def test_signed_entries_missing_or_wrong_signature_rejected(rds, monkeypatch, tm
     assert get_entry(job)[1] == "built" and _delta(before).get("remote_rejected") == 1
     assert len(_warnings(caplog, "wrong signature")) == 1
 
-    # without a secret, checksums alone are checked: the poisoned entry would be accepted (why to sign)
+    # without a secret the checksums pass it, but the stored source is not what the job renders (the
+    # entry-versus-job check compares it): refused too. A poisoned binary would pass: why to sign
     monkeypatch.delenv(remote.ENV_SECRET)
     rds.set(name, remote.encode(job.key, poisoned))
     _use_cache(monkeypatch, tmp_path / "e")
     entry, how = get_entry(job)
-    assert how == "fetched" and b"injected" in entry.file("kernel.py").read_bytes()
+    assert how == "built" and b"injected" not in entry.file("kernel.py").read_bytes()
 
 
 # ---- cross-node build lease --------------------------------------------------------------------
