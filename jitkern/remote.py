@@ -614,9 +614,11 @@ def active() -> RedisRemote | None:
             _active_env = env
             try:
                 _active = from_env(env[0])
-            except ConfigError as e:
+            except ConfigError as e:  # fails open like an unreachable server: one warning, counted
                 _active = None
-                warn_once(("remote-config", env), "jitkern: remote cache not used: %s", e)
+                counters.bump("remote_errors")
+                warn_once(("remote-config", env), "jitkern: remote cache not used, switching it off for this "
+                          "process: %s", e)
     return _active if _active is not None and _active.enabled else None
 
 
