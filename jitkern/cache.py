@@ -9,6 +9,7 @@ Layout of one layer (a directory)::
             kernel.cubin|.hsaco       the binary (GPU arches)
             metadata.json             Triton's kernel metadata
             manifest.json             size and SHA-256 of every other file, written last
+        index/<ih[:2]>/<ih>.json      plan-index records: the source a (spec, config, arch) renders to
         locks/<key>.lock              per-key build locks (filelock)
         tmp/                          entries being written; renamed into entries/ when complete
 
@@ -23,7 +24,12 @@ Safety (a loaded binary runs with the user's rights):
 - directories jitkern creates are private (0700) and its files 0600, whatever the umask;
 - a layer whose directories someone else can write (world-writable, writable by a group other than
   the user's own, or owned by another user than the user or root) is refused with
-  ``InsecureCacheError``, which says how to fix it;
+  ``InsecureCacheError``, which says how to fix it: the layer, ``v<N>/`` and ``entries/``,
+  ``index/``, ``locks/``, ``tmp/`` alike (``check_secure``);
+- what a loader trusts is the entry's manifest-covered bytes, compared with the job
+  (``build.check_entry``: op, variant, arch, kernel name, params, the stored source); an entry holding
+  a file its manifest does not cover is damaged; CPU kernels run from the verified bytes, never
+  imported by path; a plan-index record's source is used only for a key a layer holds an entry for;
 - nothing is followed out of a layer: ``v<N>/``, ``entries/`` and ``entries/<xx>/`` must be real
   directories (a symlink there is refused), and an entry that is a symlink, or holds one, or whose
   manifest names a path, is treated as damaged;
