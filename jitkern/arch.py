@@ -56,6 +56,11 @@ ARCHES: dict[str, Arch] = {
 GPU_ARCHES = tuple(n for n, a in ARCHES.items() if a.backend is not None)
 
 
+def interpreter_enabled() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET``): CPU tensors then run as arch ``cpu``."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 def get(name: str) -> Arch:
     """Look an arch up by name. Accepts ``sm90``/``sm_90a``/``gfx942:sramecc+:xnack-`` spellings."""
     canon = normalize(name)

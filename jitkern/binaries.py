@@ -14,6 +14,15 @@ from __future__ import annotations
 
 import struct
 
+#: The files of a Triton GPU entry: the rendered module, Triton's metadata, the binary.
+SOURCE_FILE = "kernel.py"
+METADATA_FILE = "metadata.json"
+
+
+def binary_name(arch) -> str:
+    return f"kernel.{arch.binary_ext}"
+
+
 EM_CUDA = 190
 EM_AMDGPU = 224
 #: EF_AMDGPU_MACH values (LLVM's ELF.h) for the AMD arches jitkern knows.

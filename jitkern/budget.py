@@ -39,11 +39,9 @@ from typing import Any, Mapping
 from . import binaries
 from .errors import OverBudgetError
 from .logs import warn_once
+from .status import OK, REJECTED
 
 log = logging.getLogger("jitkern")
-
-OK = "ok"
-REJECTED = "rejected_over_budget"
 
 #: Registers a single block may hold, by vendor. NVIDIA: 64 K 32-bit registers per block (sm_50 and
 #: later). AMD CDNA3/CDNA4: 512 VGPRs (incl. AGPRs) per lane of a SIMD; a workgroup's waves are
@@ -188,28 +186,6 @@ def enforce(job, entry) -> None:
     raise OverBudgetError(msg, figs)
 
 
-def status(job, store=None) -> dict[str, Any]:
-    """Build or load ``job`` and report it, for prebuild and tools.
+FIGURE_KEYS = ("shared_bytes", "budget_bytes", "regs", "regs_limit", "spills") + AMD_FIGURES
 
-    Returns ``{"status": "built"|"cached"|"rejected_over_budget", "shared_bytes", "budget_bytes",
-    "regs", "regs_limit", "spills", "reason"}``. Build failures raise (``BuildError``) as usual.
-    """
-    from .build import get_entry
-
-    try:
-        entry, how = get_entry(job, store)
-    except OverBudgetError as e:
-        f = e.figures
-        return {"status": REJECTED, "reason": str(e), **{k: f.get(k) for k in _FIGURE_KEYS}}
-    res = entry.meta.get("resources") or {}
-    figs = {k: res.get(k) for k in _FIGURE_KEYS}
-    if figs["shared_bytes"] is None:
-        figs["shared_bytes"] = entry.meta.get("shared_bytes")
-    if figs["budget_bytes"] is None and job.arch.backend is not None:
-        figs["budget_bytes"] = job.arch.shared_mem_per_block
-    return {"status": how, "reason": "", **figs}
-
-
-_FIGURE_KEYS = ("shared_bytes", "budget_bytes", "regs", "regs_limit", "spills") + AMD_FIGURES
-
-__all__ = ["OK", "REJECTED", "figures", "assess", "assess_build", "enforce", "status", "register_limit"]
+__all__ = ["OK", "REJECTED", "figures", "assess", "assess_build", "enforce", "register_limit", "FIGURE_KEYS"]

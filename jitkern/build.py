@@ -1,4 +1,5 @@
-"""Plan a job (render + key) and get its cache entry, building it under a per-key lock on a miss.
+"""Stage 2 of the pipeline: ``get_entry(job)`` — the cache entry of a planned job: lookup, then
+under the key's lock: lookup again, the remote cache, build, budget check, publish.
 
 What a process does when things go wrong (each case has a test in tests/test_reliability.py):
 
@@ -16,79 +17,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 from . import binaries, budget, builders, counters, remote, strict, triton_cache
-from .arch import Arch
 from .cache import Entry, Store, default_store
-from .errors import BuildError, CacheError, CorruptEntryError, is_transient
-from .key import FORMAT_VERSION, make_key, recorded
+from .errors import BuildError, CacheError, CorruptEntryError, OverBudgetError, is_transient
+from .failures import record_failure, recorded_failure
 from .logs import log, warn_once
-from .render import render
-from .spec import COMPILE_OPTIONS, Config, OpSpec, Variant
-
-
-@dataclass(frozen=True)
-class Job:
-    """One artifact to build: an op's config rendered for an arch, with its key."""
-
-    spec: OpSpec
-    variant: Variant
-    config: Config
-    arch: Arch
-    source: str
-    signature: dict[str, str]
-    parts: tuple[tuple[str, Any], ...] = field(repr=False)
-    key: str
-
-    def describe(self) -> str:
-        return f"{self.spec.name}/{self.config.describe()} for {self.arch.name}"
-
-
-def plan(spec: OpSpec, config: Config, arch: Arch, source: str | None = None, compiler: dict | None = None) -> Job:
-    """Render and key ``config`` for ``arch``. ``source``: the rendered source, already known (from
-    ``jitkern.plan_index``), so the template is not rendered; the key is computed from it as usual.
-    ``compiler``: the builder's fingerprint for ``arch``, where the caller has just computed it."""
-    variant = spec.variant(config.variant)
-    params = config.p
-    context = {
-        **{k: v for k, v in params.items() if k not in COMPILE_OPTIONS},
-        "arch": arch.name,
-        "vendor": arch.vendor,
-        "warp_size": arch.warp_size,
-    }
-    if source is None:
-        source = render(spec.template_dir, variant.template, context)
-    signature = {a.name: a.resolve(params) for a in variant.args}
-    builder = builders.get(variant.kind)
-    parts = (
-        ("format", FORMAT_VERSION),
-        ("op", spec.name),
-        ("variant", [variant.name, variant.kind, variant.kernel]),
-        ("source", source),
-        ("params", params),
-        ("signature", signature),
-        ("specialization", sorted(a.name for a in variant.args if a.is_pointer or params.get(a.divisible_if or ""))),
-        ("arch", [arch.name, arch.backend, arch.triton_arch, arch.warp_size]),
-        ("compile_options", config.compile_options()),
-        ("compiler", builder.fingerprint(arch) if compiler is None else compiler),
-    )
-    return Job(spec, variant, config, arch, source, signature, parts, make_key(parts))
-
-
-def job_meta(job: Job) -> dict[str, Any]:
-    """What every entry records about the job that made it (built artifacts and failure records)."""
-    return {
-        "op": job.spec.name,
-        "variant": job.variant.name,
-        "kind": job.variant.kind,
-        "kernel": job.variant.kernel,
-        "arch": job.arch.name,
-        "params": job.config.p,
-        **recorded(job.parts),  # key_parts and part_hashes: what explains a later miss (jitkern.strict)
-        "created": time.time(),
-    }
+from .plan import Job, job_meta
+from .status import BUILT, CACHED, FAILED, FETCHED, REJECTED
 
 
 def _build_files(job: Job, store: Store):
@@ -113,12 +49,10 @@ def _build_files(job: Job, store: Store):
 
 
 def _cached(entry: Entry) -> tuple[Entry, str]:
-    if entry.meta.get("status") == "failed":  # a recorded build failure (jitkern.fallback)
-        from .fallback import recorded_failure
-
+    if entry.meta.get("status") == FAILED:  # a recorded build failure (jitkern.failures)
         raise recorded_failure(entry)
     counters.bump("disk_hits")
-    return entry, "cached"
+    return entry, CACHED
 
 
 def get_entry(job: Job, store: Store | None = None, *, record_failures: bool = False) -> tuple[Entry, str]:
@@ -145,20 +79,20 @@ def _lookup_or_build(job: Job, store: Store | None = None, *, record_failures: b
     store = store or default_store()
     if job.arch.backend is not None and job.variant.kind == "triton":
         triton_cache.ensure_writable()  # Triton writes its cache while compiling and loading
-    check = _checker(job)
+    check = checker(job)
     entry = store.lookup(job.key, check)
     if entry is not None:
         return _cached(entry)
     try:
         lock = store.build_lock(job.key, job.describe())
     except CacheError:
-        return _build_in_memory(job, store), "built"
+        return _build_in_memory(job, store), BUILT
     with lock as held:
         if not held and not lock.unlockable:  # JITKERN_LOCK_TIMEOUT passed, or our parent holds it
             entry = store.lookup(job.key, check)
             if entry is not None:
                 return _cached(entry)
-            return _build_in_memory(job, store), "built"
+            return _build_in_memory(job, store), BUILT
         # held, or no locks on this filesystem: build and publish (atomic; a concurrent twin's entry wins)
         with remote.FleetBuild(job.key, store) as fleet:
             return _locked_lookup_or_build(job, store, fleet, check, record_failures)
@@ -176,21 +110,19 @@ def _locked_lookup_or_build(job: Job, store: Store, fleet, check, record_failure
         except CorruptEntryError as e:
             store._damaged(store.write_layer, job.key, e)
         else:
-            return entry, "fetched"
+            return entry, FETCHED
     try:
         files, meta = _build_files(job, store)
     except BuildError as e:
         if not record_failures:
             raise
-        from .fallback import record_failure
-
         raise record_failure(store, job, e) from e
     try:
-        return fleet.publish(store.publish(job.key, files, meta)), "built"
+        return fleet.publish(store.publish(job.key, files, meta)), BUILT
     except OSError as e:
         warn_once(("publish-failed", str(store)), "jitkern: could not write cache entry (%s); "
                   "keeping kernels in memory for this process", e)
-        return _memory_entry(job, files, meta), "built"
+        return _memory_entry(job, files, meta), BUILT
 
 
 def _build_in_memory(job: Job, store: Store) -> Entry:
@@ -223,7 +155,8 @@ def _memory_entry(job: Job, files, meta) -> Entry:
     return Entry(job.key, d, {**meta, "key": job.key}, dict(files))
 
 
-def _checker(job: Job):
+def checker(job: Job):
+    """``check(entry)`` for ``Store.lookup``: ``check_entry`` against ``job``."""
     return lambda entry: check_entry(job, entry)
 
 
@@ -235,26 +168,30 @@ def check_entry(job: Job, entry: Entry) -> None:
     parts, so this is the key recomputed from the entry's own source); and for Triton GPU binaries
     the ELF header's target and the metadata's target and kernel name. All from the verified bytes."""
     check_job_fields(job, entry)
-    meta = entry.meta
-    if meta.get("status") == "failed" or job.variant.kind != "triton" or job.arch.backend is None:
-        return
-    from .builders.triton import METADATA_FILE, binary_name
+    check_artifact(entry, job.arch, job.variant.kind, job.variant.kernel)
 
-    name = binary_name(job.arch)
+
+def check_artifact(entry: Entry, arch, kind: str, kernel: str | None = None) -> None:
+    """Raise ``CorruptEntryError`` if ``entry``'s Triton binary or metadata is not for ``arch`` (or,
+    given ``kernel``, names another kernel). ``jitkern cache verify`` runs this with the arch and
+    kernel the entry records."""
+    if entry.meta.get("status") == FAILED or kind != "triton" or arch.backend is None:
+        return
+    name = binaries.binary_name(arch)
     try:
         data = entry.read_bytes(name)[:64]  # the ELF header is all that is compared
-        md = json.loads(entry.read_bytes(METADATA_FILE))
+        md = json.loads(entry.read_bytes(binaries.METADATA_FILE))
     except (OSError, ValueError) as e:
-        raise CorruptEntryError(f"entry {entry.path} lacks a readable {name} or {METADATA_FILE}: {e}") from None
-    if not binaries.matches(job.arch, data):
-        raise CorruptEntryError(f"{entry.file(name)} is {binaries.describe(data)}, not a binary for {job.arch.name}")
+        raise CorruptEntryError(f"entry {entry.path} lacks a readable {name} or {binaries.METADATA_FILE}: {e}") from None
+    if not binaries.matches(arch, data):
+        raise CorruptEntryError(f"{entry.file(name)} is {binaries.describe(data)}, not a binary for {arch.name}")
     target = md.get("target") if isinstance(md, dict) else None
-    if not isinstance(target, dict) or str(target.get("arch")) != str(job.arch.triton_arch) \
-            or target.get("backend") != job.arch.backend:
-        raise CorruptEntryError(f"{entry.file(METADATA_FILE)} names target {target!r}, not {job.arch.name}")
-    if md.get("name") != job.variant.kernel:
-        raise CorruptEntryError(f"{entry.file(METADATA_FILE)} is for kernel {md.get('name')!r}, not "
-                                f"{job.variant.kernel!r}")
+    if not isinstance(target, dict) or str(target.get("arch")) != str(arch.triton_arch) \
+            or target.get("backend") != arch.backend:
+        raise CorruptEntryError(f"{entry.file(binaries.METADATA_FILE)} names target {target!r}, not {arch.name}")
+    if kernel is not None and md.get("name") != kernel:
+        raise CorruptEntryError(f"{entry.file(binaries.METADATA_FILE)} is for kernel {md.get('name')!r}, not "
+                                f"{kernel!r}")
 
 
 #: Where each kind of entry keeps the source it was built from (failure records: ``source.txt``).
@@ -262,10 +199,10 @@ FAILURE_SOURCE = "source.txt"
 
 
 def source_file(job: Job, meta) -> str:
-    if meta.get("status") == "failed":
+    if meta.get("status") == FAILED:
         return FAILURE_SOURCE
     builder = builders.get(job.variant.kind)
-    return getattr(builder, "source_name", None) or getattr(builder, "SOURCE_FILE", "kernel.py")
+    return getattr(builder, "source_name", None) or getattr(builder, "SOURCE_FILE", binaries.SOURCE_FILE)
 
 
 def check_job_fields(job: Job, entry: Entry) -> None:
@@ -287,4 +224,24 @@ def check_job_fields(job: Job, entry: Entry) -> None:
                                 "recomputed from that source differs)")
 
 
-__all__ = ["Job", "plan", "get_entry", "BuildError"]
+def report(job: Job, store: Store | None = None) -> dict:
+    """Build or load ``job`` and report it, for prebuild and tools.
+
+    Returns ``{"status": "built"|"cached"|"fetched"|"rejected_over_budget", "shared_bytes",
+    "budget_bytes", "regs", "regs_limit", "spills", "reason"}``. Build failures raise as usual.
+    """
+    try:
+        entry, how = get_entry(job, store)
+    except OverBudgetError as e:
+        f = e.figures
+        return {"status": REJECTED, "reason": str(e), **{k: f.get(k) for k in budget.FIGURE_KEYS}}
+    res = entry.meta.get("resources") or {}
+    figs = {k: res.get(k) for k in budget.FIGURE_KEYS}
+    if figs["shared_bytes"] is None:
+        figs["shared_bytes"] = entry.meta.get("shared_bytes")
+    if figs["budget_bytes"] is None and job.arch.backend is not None:
+        figs["budget_bytes"] = job.arch.shared_mem_per_block
+    return {"status": how, "reason": "", **figs}
+
+
+__all__ = ["get_entry", "check_entry", "check_artifact", "checker", "report"]

@@ -54,11 +54,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import counters, evict, settings, signing
+from . import counters, evict, settings, signing, state
 from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, SignatureError
 from .key import FORMAT_VERSION, differing
 from .locks import EntryHold
 from .logs import log, warn_once
+from .locks import BuildLock
 
 MANIFEST = "manifest.json"
 ENTRY_META = "entry.json"
@@ -524,8 +525,6 @@ class Layer:
 
     def build_lock(self, key: str, what: str = "", timeout: float | None = None):
         """The key's build lock with an owner file and a bounded, reported wait (``jitkern.locks``)."""
-        from .locks import BuildLock
-
         return BuildLock(self.root / "locks" / f"{_check_key(key)}.lock", what, timeout)
 
 
@@ -867,6 +866,13 @@ class Store:
 
 _default: Store | None = None
 _default_env: tuple | None = None
+
+
+@state.on_reset
+def _forget_default() -> None:
+    global _default, _default_env
+    _default, _default_env = None, None
+    _cleaned.clear()
 
 
 def default_store() -> Store:

@@ -33,10 +33,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from . import arch as _arch
 from . import evict, signing
+from .build import check_artifact
 from .cache import (Layer, Store, check_dirs, configured_layers, installed_layers, is_key, iter_entries,
                     layer_record, read_meta, sound_entries)
-from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, SignatureError
+from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, JitkernError, SignatureError
+from .status import FAILED
 from .key import FORMAT_VERSION
 
 EXPORT_META = "jitkern-export.json"
@@ -171,7 +174,8 @@ def verify(store: Store, discard: bool = False) -> tuple[int, list[dict[str, str
         for key, path in iter_entries(layer, links=True):  # a link where an entry belongs is reported
             checked += 1
             try:
-                layer.verify(key)
+                entry = layer.verify(key)
+                _check_claims(entry)
             except (CorruptEntryError, InsecureCacheError, FileNotFoundError) as e:
                 removed = False
                 if discard and layer is write:
@@ -180,6 +184,18 @@ def verify(store: Store, discard: bool = False) -> tuple[int, list[dict[str, str
                 damaged.append({"layer": str(layer.base), "key": key, "path": str(path), "error": str(e),
                                 "discarded": removed})
     return checked, damaged
+
+
+def _check_claims(entry) -> None:
+    """An intact entry must also be what its ``entry.json`` says: a binary for the arch it names."""
+    meta = entry.meta
+    if meta.get("status") == FAILED:
+        return
+    try:
+        a = _arch.get(str(meta.get("arch")))
+    except JitkernError:
+        raise CorruptEntryError(f"entry {entry.path} names an unknown arch {meta.get('arch')!r}") from None
+    check_artifact(entry, a, str(meta.get("kind") or "triton"), meta.get("kernel"))
 
 
 # ---- prune -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import math
+import operator
 
 from .errors import ArgumentError, DeviceError, DTypeError, LayoutError, ShapeError
 
@@ -58,6 +59,20 @@ def scalar(op: str, name: str, value, *, minimum: float | None = None) -> float:
     return v
 
 
+def integer(op: str, name: str, value, *, minimum: int | None = None) -> int:
+    """``value`` as an int (a whole number type, not a float or bool; at least ``minimum``), else
+    ArgumentError: ``num_kv_heads=1.5`` is an error, never truncated."""
+    if isinstance(value, bool):
+        raise ArgumentError(f"{op}: {name} must be an integer, got the bool {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ArgumentError(f"{op}: {name} must be an integer, got {type(value).__name__} {value!r:.60}") from None
+    if minimum is not None and v < minimum:
+        raise ArgumentError(f"{op}: {name} must be at least {minimum}, got {v}")
+    return v
+
+
 def fits_i32(op: str, what: str, value: int):
     """Sizes passed to kernels as 32-bit integers (row lengths, grid sizes) must fit."""
     if value > MAX_I32:
@@ -74,6 +89,11 @@ def same_dtype(op: str, name: str, t, ref, ref_name: str):
 def shape(op: str, name: str, t, expected: tuple):
     if tuple(t.shape) != tuple(expected):
         raise ShapeError(f"{op}: {name} has shape {tuple(t.shape)}; expected {tuple(expected)}")
+
+
+def contiguous(op: str, name: str, t):
+    if not t.is_contiguous():
+        raise LayoutError(f"{op}: {name} must be contiguous (strides {tuple(t.stride())}); pass {name}.contiguous()")
 
 
 def unit_last_stride(op: str, name: str, t):

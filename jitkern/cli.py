@@ -40,8 +40,13 @@ import sys
 import textwrap
 from typing import Any, Callable
 
-from . import settings
+from . import (__version__, arch, cachectl, cachewheel, doctor, evict, manifest, prebuild, registry, remote, settings,
+               signing, tuning)
+from .builders import hip
+from .cache import Store, check_dirs, configured_layers
+from .cachectl import check_output_file
 from .errors import ConfigError, JitkernError, SpecError, UnknownArchError
+from .tables import human_size, print_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -49,8 +54,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # ---- argument types ----------------------------------------------------------------------------
 def arch_list(text: str):
     """argparse type for ``--arch gfx942,gfx950,sm_90``: a list of ``jitkern.arch.Arch``."""
-    from . import arch
-
     try:
         return arch.parse_list(text)
     except UnknownArchError as e:
@@ -82,32 +85,10 @@ def positive_int(text: str) -> int:
 
 def report_file(text: str) -> str:
     """argparse type for a file jitkern writes (``--report``): checked before any work is done."""
-    from .cachectl import check_output_file
-
     try:
         return check_output_file(text, "report file", make_parents=True)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def print_table(rows: list[list], header: list[str], file=None) -> None:
-    """A plain, aligned text table."""
-    file = file or sys.stdout
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for j, r in enumerate(cells):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip(),
-              file=file)
-        if j == 0:
-            print("  ".join("-" * w for w in widths), file=file)
 
 
 def print_json(data: Any) -> None:
@@ -126,7 +107,6 @@ def plain(text: str) -> str:
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``jitkern cache prune: error: ... (see jitkern cache prune --help)``."""
-
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -193,11 +173,9 @@ def _run_prebuild(args) -> int:
     if args.manifest:
         if args.limit:
             raise ConfigError("--limit does not apply to --manifest (a manifest names exactly what to build)")
-        from . import coverage
+        from . import coverage  # lands with the manifest work; imported where used
 
         return coverage.prebuild_main(args)
-    from . import prebuild
-
     return prebuild.main(args)
 
 
@@ -215,8 +193,6 @@ def _add_record(sub) -> None:
 
 def _run_record(args) -> int:
     import subprocess
-
-    from . import manifest
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
@@ -257,8 +233,6 @@ def _value_order(v):
 
 def describe_ops() -> list[dict]:
     """Ops, variants, parameter values and configuration counts per arch (used by ``jitkern list``)."""
-    from . import arch, registry
-
     out = []
     for name in registry.names():
         try:
@@ -334,8 +308,6 @@ def section(key: str, title: str, rows: list[dict[str, Any]], data: Any = None) 
 
 
 def _doctor_gpu() -> dict[str, Any]:
-    from . import arch
-
     rows = [row("jitkern_arch", "JITKERN_ARCH", settings.get("arch"), settings.get("arch") or "(not set)")]
     try:
         a = arch.current()
@@ -387,8 +359,6 @@ def _doctor_toolchains() -> dict[str, Any]:
 
 
 def _doctor_cache() -> dict[str, Any]:
-    from . import cachectl
-
     rows, first, layers = [], True, []
     for i, info in enumerate(cachectl.layer_info()):
         role, receives = "read-only", False
@@ -409,14 +379,10 @@ def _doctor_cache() -> dict[str, Any]:
 
 
 def _doctor_cache_policy() -> dict[str, Any]:
-    from . import cachectl
-
     return section("cache_policy", "Cache size cap and signatures (docs/fleet-cache.md)", cachectl.policy_rows())
 
 
 def _doctor_ops() -> dict[str, Any]:
-    from . import doctor
-
     r = doctor.report()
     rows = []
     for op, recs in r["ops"].items():
@@ -436,20 +402,14 @@ def _doctor_ops() -> dict[str, Any]:
 
 
 def _doctor_remote() -> dict[str, Any]:
-    from . import remote
-
     return remote.doctor()
 
 
 def _doctor_tuning() -> dict[str, Any]:
-    from . import tuning
-
     return tuning.doctor()
 
 
 def _doctor_amd():
-    from .builders import hip
-
     return "AMD toolchain (HIP variants, offline builds for gfx942/gfx950; docs/amd.md)", hip.describe()
 
 
@@ -562,8 +522,6 @@ def _run_config(args) -> int:
 
 
 def _tile_overrides() -> dict[str, str]:
-    from . import registry
-
     out: dict[str, str] = {}
     for op in registry.names():
         out.update(settings.tile_overrides(op))
@@ -614,20 +572,15 @@ def _add_cache(sub) -> None:
 
 
 def _run_cache(args) -> int:
-    from . import cachectl
-    from .cache import Store, check_dirs, configured_layers
-
     action = args.cache_command
     if action in ("check", "explain"):
-        from . import coverage
+        from . import coverage  # lands with the manifest work; imported where used
 
         return coverage.check_main(args) if action == "check" else coverage.explain_main(args)
     store = Store(check_dirs(configured_layers(args.cache_dir)))
     say = (lambda *a, **k: None) if args.json else print
     if action in ("push", "pull"):
         import time
-
-        from . import remote
 
         r = remote.from_env(getattr(args, "remote", None))
         remote.check_url(r.url)  # a malformed URL is the user's to fix: one line, exit 2
@@ -640,8 +593,6 @@ def _run_cache(args) -> int:
         code = EXIT_FAILED if counts.get("damaged") or counts.get("rejected") else EXIT_OK
     elif action == "stats":
         import time
-
-        from . import evict
 
         result = cachectl.stats(store)
         for info in result["layers"]:
@@ -685,7 +636,6 @@ def _run_cache(args) -> int:
         result = _clear(store, args, say)
         code = EXIT_OK
     elif action == "export":
-        from . import cachewheel
 
         if args.wheel_version and not args.wheel:
             raise ConfigError("--version applies to --wheel DIST_NAME exports only")
@@ -712,7 +662,6 @@ def _run_cache(args) -> int:
             f"present, {len(result['refused'])} refused -> {result['layer']}{signed}")
         code = EXIT_FAILED if result["refused"] else EXIT_OK
     else:  # keygen
-        from . import signing
 
         priv, pub = signing.keygen(args.path)
         kid = signing.key_id(signing.load_public(pub))
@@ -727,8 +676,6 @@ def _run_cache(args) -> int:
 
 def _clear(store, args, say) -> dict[str, Any]:
     """``cache clear``: never creates a missing directory; ``--dry-run`` removes nothing."""
-    from . import cachectl
-
     layer, keys = cachectl.clear_targets(store, failures_only=args.failures)
     what = "recorded failures" if args.failures else "entries"
     result = {"layer": str(layer.base), "exists": layer.root.is_dir(), "failures_only": args.failures,
@@ -761,8 +708,6 @@ def _add_tune(sub) -> None:
 
 
 def _run_tune(args) -> int:
-    from . import tuning
-
     return tuning.main(args)
 
 
@@ -771,8 +716,6 @@ SUBCOMMANDS: list[Callable] = [_add_prebuild, _add_record, _add_list, _add_docto
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = Parser(prog="jitkern", description="JIT kernel compilation with an on-disk cache.",
                                      epilog="Global options go before or after the command. Reference: docs/cli.md")
     parser.add_argument("--version", action="version", version=f"jitkern {__version__}")

@@ -3,7 +3,7 @@
 Two kinds of facts decide which tile configurations an op may use on an arch:
 
 * **Tunables** (per op, arch-independent): the values a tile parameter can take at all, e.g. gemm's
-  ``block_m`` is a power of two from 16 to 256. An op declares them in ``OpSpec.extra["tunables"]``.
+  ``block_m`` is a power of two from 16 to 256. An op declares them in ``OpSpec.tunables``.
 * **Rules** (per arch and op, in ``RULES`` below, next to the arch table's budgets): caps, floors,
   pins, divisibility and dtype limits, each with the reason it exists. ``"*"`` matches any arch or op.
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from . import state
+
 #: compiles, disk_hits, memory_hits, corrupt_discarded, ... (see ``snapshot()``)
 COUNTERS: Counter = Counter()
 
@@ -25,14 +27,17 @@ def snapshot() -> dict[str, int]:
     ``compiler_runs`` (C++ compiler processes started to build a variant), ``toolchain_queries``
     (``--version`` runs for keys), ``failures_recorded`` / ``failures_cached`` (build failures written to /
     found in the cache), ``fallbacks`` (variants skipped after a failure), ``runtime_fallbacks``
-    (variants that raised at run time, inputs restored), ``inplace_backups``, ``guard_refusals``."""
+    (variants that raised at run time, inputs restored), ``inplace_backups``, ``guard_refusals``; dispatch: ``signatures`` (call signatures planned),
+    ``renders`` (templates rendered: 0 in a process over a warm cache or a prebuilt layer)."""
     base = dict.fromkeys(("compiles", "disk_hits", "memory_hits", "corrupt_discarded", "remote_hits",
                           "remote_misses", "remote_puts", "remote_errors", "remote_rejected", "remote_waits", "evictions", "signature_refused",
                           "compiler_runs", "toolchain_queries", "failures_recorded", "failures_cached",
-                          "fallbacks", "runtime_fallbacks", "inplace_backups", "guard_refusals"), 0)
+                          "fallbacks", "runtime_fallbacks", "inplace_backups", "guard_refusals", "signatures",
+                          "renders"), 0)
     base.update(COUNTERS)
     return base
 
 
+@state.on_reset
 def reset() -> None:
     COUNTERS.clear()

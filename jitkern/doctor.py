@@ -20,9 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 from . import arch as _arch
-from . import registry, settings
+from . import builders, registry, settings
 from .cache import Store, default_store
 from .errors import ArchError, CorruptEntryError, JitkernError
+from .failures import is_failure
+from .plan import make_job
 
 
 def doctor_arch():
@@ -56,9 +58,6 @@ def _first_configs(spec, a) -> dict[str, Any]:
 
 def variant_report(spec, a, store: Store | None = None) -> list[dict[str, Any]]:
     """One record per variant of ``spec`` in fallback order: status, why, guard; ``active`` marks one."""
-    from .build import plan
-    from .fallback import is_failure, probe
-
     store = store or default_store()
     cfgs = _first_configs(spec, a)
     guards = dict(spec.extra.get("guards", {})) if spec.extra else {}
@@ -71,7 +70,7 @@ def variant_report(spec, a, store: Store | None = None) -> list[dict[str, Any]]:
             out.append(rec)
             continue
         try:
-            job = plan(spec, cfg, a)
+            job = make_job(spec, cfg, a)  # doctor only looks: nothing written, not even an index record
             entry = _peek(store, job.key)
         except JitkernError as e:
             rec.update(status="failed", why=f"cannot be planned: {e}")
@@ -84,7 +83,7 @@ def variant_report(spec, a, store: Store | None = None) -> list[dict[str, Any]]:
         elif entry is not None:
             rec.update(status="ready", why=f"built (key {job.key[:16]})")
         else:
-            reason = probe(spec, v.name, a)
+            reason = builders.probe(v.kind, a)
             if reason:
                 rec.update(status="unavailable", why=reason)
             else:

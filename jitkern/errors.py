@@ -186,7 +186,7 @@ _TRANSIENT_TYPES = ("TimeoutError", "InterruptedError", "KeyboardInterrupt", "Me
 def is_transient(exc: BaseException) -> bool:
     """True if ``exc`` (a build failure) is about the machine, not the variant: a full disk or quota,
     a permission or read-only filesystem, a timeout, an interrupt, memory, a worker process that died.
-    Such failures are never recorded as failed builds (``jitkern.fallback.record_failure``) and
+    Such failures are never recorded as failed builds (``jitkern.failures.record_failure``) and
     prebuild reports them as transient; everything else (a compiler error, a template that does not
     import) is permanent for this key. Looks at ``exc`` and the exceptions it was raised from."""
     seen = 0

@@ -1,9 +1,9 @@
-"""Load a cache entry into something launchable, and launch it.
+"""Load a Triton GPU entry with Triton's own driver, and launch it through Triton's C launcher.
 
-GPU entries are loaded with Triton's own driver, straight from the bytes of jitkern's entry that the
-cache verified: no recompile, no lookup in Triton's JIT cache, and no second read of the files
-(``JITKERN_DIRECT_LAUNCH=0``: through Triton's ``CompiledKernel`` instead). CPU entries (Triton interpreter)
-import the rendered module from the entry and call the kernel through the interpreter.
+The binary goes to the driver straight from the bytes of jitkern's entry that the cache verified:
+no recompile, no lookup in Triton's JIT cache, and no second read of the files
+(``JITKERN_DIRECT_LAUNCH=0``: through Triton's ``CompiledKernel`` instead). Used by
+``jitkern.builders.triton.load``; CPU entries (Triton's interpreter) are loaded there.
 """
 from __future__ import annotations
 
@@ -13,44 +13,10 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 from . import settings
-from .builders.triton import METADATA_FILE, SOURCE_FILE, binary_name, kernel_function, module_from_source
+from .binaries import METADATA_FILE, binary_name
+from .builders.base import Kernel
 from .errors import LaunchError
 from .logs import warn_once
-
-
-class Kernel:
-    """A loaded kernel.
-
-    ``kernel[grid](*args)`` launches it; ``kernel.run(gx, gy, gz, *args)`` is the same launch without
-    building a grid tuple and a closure per call (op functions' hot path). A grid with a zero
-    dimension is a no-op, never a launch. ``takes_addresses``: pointer arguments may be passed as
-    integer device addresses (``t.data_ptr()``), which skips the driver's per-pointer query.
-    """
-
-    takes_addresses = False
-
-    def __init__(self, entry, job):
-        self.entry = entry
-        self.job = job
-        self.key = entry.key
-        self.name = job.describe()
-
-    def run(self, gx: int, gy: int, gz: int, *args):
-        if gx > 0 and gy > 0 and gz > 0:
-            self.launch((gx, gy, gz), *args)
-
-    def __getitem__(self, grid):
-        g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
-        if g[0] <= 0 or g[1] <= 0 or g[2] <= 0:
-            return _no_launch
-        return lambda *args: self.launch(g, *args)
-
-    def launch(self, grid3, *args):  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-def _no_launch(*args):
-    return None
 
 
 #: Triton launcher objects by what their generated C stub and Python wrapper depend on. Triton makes
@@ -226,19 +192,3 @@ class GPUKernel(Kernel):
     def launch(self, grid3, *args):
         self._run(grid3[0], grid3[1], grid3[2], self._stream(self._device), self._function, self._packed,
                   None, None, None, *args)
-
-
-class InterpretedKernel(Kernel):
-    def __init__(self, entry, job):
-        super().__init__(entry, job)
-        module = module_from_source(entry.read_bytes(SOURCE_FILE), entry.file(SOURCE_FILE),
-                                    f"jitkern_kernels.k{entry.key[:16]}")
-        self._fn = kernel_function(module, job.variant.kernel, entry.path)
-        self._options = job.config.compile_options()
-
-    def launch(self, grid3, *args):
-        self._fn[grid3](*args, **self._options)
-
-
-def load(entry, job) -> Kernel:
-    return InterpretedKernel(entry, job) if job.arch.backend is None else GPUKernel(entry, job)

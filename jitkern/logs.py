@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from . import state
+
 log = logging.getLogger("jitkern")
 
 _seen: set = set()
@@ -18,3 +20,10 @@ def warn_once(key, msg: str, *args) -> bool:
         _seen.add(key)
     log.warning(msg, *args)
     return True
+
+
+@state.on_reset
+def forget() -> None:
+    """Forget which warnings were logged (they are logged again once)."""
+    with _lock:
+        _seen.clear()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import settings
+from . import settings, state
 from .errors import ConfigError
 from .logs import log, warn_once
 
@@ -126,8 +126,9 @@ def append(path: str | os.PathLike, lines: list[str]) -> None:
         os.close(fd)  # closing releases the flock
 
 
+@state.on_reset
 def forget() -> None:
-    """Forget which signatures this process has written (tests)."""
+    """Forget which signatures this process has written."""
     with _lock:
         _written.clear()
 

@@ -17,9 +17,9 @@ def __getattr__(name: str):
         spec = registry.get(name)
     except UnknownOpError as e:
         raise AttributeError(str(e)) from None
-    from .torch_ops import dispatcher
+    from .torch_ops import op_function  # imports torch: on first op access, not at `import jitkern.ops`
 
-    fn = dispatcher(spec)
+    fn = op_function(spec)
     globals()[name] = fn
     return fn
 

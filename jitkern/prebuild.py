@@ -49,14 +49,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .tables import print_table
 from . import arch as _arch
 from . import registry, strict
 from .budget import AMD_FIGURES
-from .cache import Store, add_prebuild_record, check_dirs, configured_layers, write_probe
+from .build import checker, get_entry
+from .cache import Store, add_prebuild_record, check_dirs, configured_layers, default_store, write_probe
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
                      UnavailableError, UnknownOpError, is_transient)
 from .key import explain, recorded
 from .logs import log
+from .plan import plan
+from .spec import Config
+from . import __version__
 
 STATUSES = ("built", "cached", "rejected_over_budget", "unavailable", "failed")
 #: Entry-meta statuses that record a negative result instead of an artifact (written by the build path).
@@ -102,14 +107,14 @@ def resolve_arches(arches: Iterable[_arch.Arch] | None) -> list[_arch.Arch]:
 
 
 def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], limit: int | None = None,
-                    errors: list | None = None) -> list[Task]:
+                    errors: list | None = None, store: Store | None = None) -> list[Task]:
     """Every (op, config, arch) the runtime can select, planned and keyed, without duplicates.
 
     A configuration that cannot even be planned (its template does not render) is not a task: its
-    ``failed`` record is appended to ``errors`` (if given), and the rest goes on.
+    ``failed`` record is appended to ``errors`` (if given), and the rest goes on. Planning goes
+    through ``store``'s plan index and records every job there, so a process over the prebuilt
+    layer renders no template.
     """
-    from .build import plan
-
     arches = list(arches)
     if ops:
         specs = registry.specs(list(ops))  # named: an unknown op is the user's error (exit 2)
@@ -144,7 +149,7 @@ def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], lim
                 if limit is not None and i >= limit:
                     break
                 try:
-                    job = plan(spec, cfg, a)
+                    job = plan(spec, cfg, a, store)
                 except JitkernError as e:
                     if errors is not None:
                         errors.append(_record(Task(spec.name, module, cfg.variant, cfg.params, a.name, ""),
@@ -154,7 +159,12 @@ def enumerate_tasks(ops: Iterable[str] | None, arches: Iterable[_arch.Arch], lim
                     continue
                 seen.add(job.key)
                 tasks.append(Task(spec.name, module, cfg.variant, cfg.params, a.name, job.key, recorded(job.parts)))
+                _jobs[job.key] = job
     return tasks
+
+
+#: key -> Job of the tasks this process planned (for the entry-versus-job check of its lookups)
+_jobs: dict = {}
 
 
 def _record(task: Task, status: str, **extra) -> dict[str, Any]:
@@ -227,14 +237,10 @@ def _spec_for(task: Task):
 
 def build_task(task: Task) -> dict[str, Any]:
     """Build one task in this process (a worker) and return its report record."""
-    from .build import get_entry, plan
-    from .cache import default_store
-    from .spec import Config
-
     t0 = time.perf_counter()
     try:
         spec = _spec_for(task)
-        job = plan(spec, Config(task.variant, task.params), _arch.get(task.arch))
+        job = plan(spec, Config(task.variant, task.params), _arch.get(task.arch), default_store())
         if job.key != task.key:
             changed = "; ".join(explain(task.key_parts, job.parts)) if task.key_parts else "(parts not recorded)"
             raise BuildError(f"{task.describe()} plans to key {job.key[:16]} in the worker but {task.key[:16]} in "
@@ -326,7 +332,6 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def print_summary(summary: dict[str, dict[str, Any]], file=None) -> None:
-    from .cli import print_table
 
     rows = [[a, s["built"], s["cached"], s["rejected_over_budget"], s["unavailable"], s["failed"], s["total"],
              f"{s['seconds_per_built']:.2f}" if s["seconds_per_built"] is not None else "-"]
@@ -447,7 +452,8 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     records: list[dict[str, Any]] = []
     pending: list[Task] = []
     for t in tasks:
-        entry = store.lookup(t.key)
+        job = _jobs.get(t.key)
+        entry = store.lookup(t.key, checker(job) if job is not None else None)
         if entry is not None:
             records.append(_from_entry(t, entry, "cached"))
         else:
@@ -525,8 +531,6 @@ def layer_record(args, arches, records, summary, interrupted: bool, seconds: flo
     """What a full prebuild records in the layer it built (``jitkern.cache.add_prebuild_record``)."""
     import importlib.metadata as md
 
-    from . import __version__
-
     counts = {"artifacts": len(records), **{st: sum(s[st] for s in summary.values()) for st in STATUSES}}
     return {"manifest": None, "ops": list(args.op or ()) or "all", "arches": [a.name for a in arches],
             "counts": counts, "complete": not interrupted and counts["failed"] == 0,
@@ -536,8 +540,6 @@ def layer_record(args, arches, records, summary, interrupted: bool, seconds: flo
 def main(args) -> int:
     """``jitkern prebuild`` (``args`` from ``jitkern.cli``). With ``--json`` the report goes to stdout
     and everything a person reads to stderr."""
-    from . import __version__
-
     t0 = time.perf_counter()
     as_json = bool(getattr(args, "json", False))
     out = sys.stderr if as_json else sys.stdout
@@ -549,7 +551,7 @@ def main(args) -> int:
     print(f"jitkern prebuild: planning {ops_text} for {', '.join(a.name for a in arches)} "
           f"(rendering and keying every configuration; nothing is compiled yet)", file=out, flush=True)
     plan_errors: list[dict[str, Any]] = []
-    tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None), plan_errors)
+    tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None), plan_errors, store)
     write = store.write_layer
     where = str(write.base) if write is not None else "(no writable layer)"
     print(f"jitkern prebuild: {len(tasks)} artifacts for {', '.join(a.name for a in arches)} "

@@ -6,6 +6,7 @@ import importlib.resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import counters
 from .errors import TemplateError
 
 
@@ -45,6 +46,7 @@ def render(template_dir: Path, template: str, context: Mapping[str, Any]) -> str
     import jinja2
 
     env = _environment(str(template_dir))
+    counters.bump("renders")
     where = f"{Path(template_dir) / template}"
     try:
         return env.get_template(template).render(**context)

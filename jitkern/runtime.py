@@ -1,45 +1,40 @@
-"""What op functions call: pick the arch for a device, and get a loaded kernel for a config.
+"""Stage 4 of the pipeline: ``kernel(spec, config, device)`` — the per-process memo of loaded kernels.
 
-Kernels are memoised per process; the first request for a (config, arch, device) goes through the
-cache (load in milliseconds) or builds (once per key across processes, under the key's lock).
+The first request for a (config, arch, device) plans the job (through the plan index), gets its
+entry (cache, or a build under the key's lock) and loads it; the outcome is kept for the process,
+failures included, so routing never retries a variant that failed in this process. Every path that
+needs a kernel (the dispatcher, fallback routing, tuning) comes here.
+
+``select_arch(device)`` is the arch configurations are chosen for on ``device``: the GPU's (or
+``JITKERN_ARCH``), and for CPU tensors under Triton's interpreter ``JITKERN_ARCH`` if set (the
+kernel itself then runs interpreted, arch ``cpu``).
 """
 from __future__ import annotations
 
-import os
 import threading
 
 from . import arch as _arch
-from . import counters, settings
+from . import counters, settings, state
 from .build import get_entry
-from .errors import DeviceError
-from .launcher import Kernel, load
+from .builders.base import Kernel
+from .errors import BuildError, DeviceError, LaunchError
+from .load import load
+from .plan import plan
 from .spec import Config, OpSpec
 
-_kernels: dict = {}
-_plan_caches: list[dict] = []
-_lock = threading.Lock()
-
-
-def plan_cache() -> dict:
-    """A dict for an op function's per-signature decisions, emptied by ``clear_memory()``."""
-    d: dict = {}
-    _plan_caches.append(d)
-    return d
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+_kernels: dict = {}  # (op, config, build arch, device type, index) -> Kernel | BuildError | LaunchError
+_lock = threading.RLock()
 
 
 def arches_for(device) -> tuple[_arch.Arch, _arch.Arch]:
     """``(select_arch, build_arch)`` for tensors on ``device``.
 
-    ``select_arch`` decides tile constraints and budgets; ``build_arch`` is what the artifact is
-    built for. They differ only for CPU tensors in Triton's interpreter, where configs are chosen as
-    for ``JITKERN_ARCH`` (if set) and the kernel is interpreted.
+    ``select_arch`` decides tile rules and budgets; ``build_arch`` is what the artifact is built
+    for. They differ only for CPU tensors in Triton's interpreter, where configs are chosen as for
+    ``JITKERN_ARCH`` (if set) and the kernel is interpreted.
     """
     if device.type == "cpu":
-        if not interpreter_enabled():
+        if not _arch.interpreter_enabled():
             raise DeviceError(
                 "tensors are on the CPU; jitkern ops run on a GPU (cuda/hip tensors), or on the CPU "
                 "through Triton's interpreter when TRITON_INTERPRET=1 is set before triton is imported"
@@ -53,28 +48,54 @@ def arches_for(device) -> tuple[_arch.Arch, _arch.Arch]:
     return a, a
 
 
+def select_arch(device) -> _arch.Arch:
+    """The arch whose rules, tuned tables and budget choose configurations for tensors on ``device``."""
+    return arches_for(device)[0]
+
+
 def kernel(spec: OpSpec, config: Config, device) -> Kernel:
-    """The loaded kernel for ``config`` on ``device`` (memoised)."""
-    _, build_arch = arches_for(device)
+    """The loaded kernel for ``config`` on ``device`` (memoised, failures too).
+
+    Raises ``BuildError`` (``OverBudgetError``, ``RecordedBuildFailure``, ``UnavailableError``...)
+    or ``LaunchError``. Where configs are selected for another arch than the kernel runs on (CPU
+    tensors with ``JITKERN_ARCH``), the config must also fit the selection arch's budget: it is
+    compiled for that arch too, so the interpreter picks exactly what the GPU would.
+    """
+    select, build_arch = arches_for(device)
     memo = (spec.name, config, build_arch.name, device.type, device.index)
-    k = _kernels.get(memo)
-    if k is not None:
+    got = _kernels.get(memo)
+    if got is None:
+        with _lock:
+            got = _kernels.get(memo)
+            if got is None:
+                try:
+                    if select is not build_arch and select.backend is not None:
+                        get_entry(plan(spec, config, select), record_failures=True)  # its budget check
+                    job = plan(spec, config, build_arch)
+                    entry, _ = get_entry(job, record_failures=True)
+                    got = load(entry, job)
+                except (BuildError, LaunchError) as e:
+                    got = e
+                _kernels[memo] = got
+    else:
         counters.bump("memory_hits")
-        return k
+    if isinstance(got, Exception):
+        raise got
+    return got
+
+
+def remember_failure(spec: OpSpec, config: Config, device, err: Exception) -> None:
+    """Record that ``config`` failed at run time on ``device``: ``kernel()`` raises ``err`` from now on."""
+    _, build_arch = arches_for(device)
     with _lock:
-        k = _kernels.get(memo)
-        if k is None:
-            from .plan_index import planned  # warm processes: the recorded source, no Jinja
-
-            job = planned(spec, config, build_arch)
-            entry, _ = get_entry(job)
-            k = _kernels[memo] = load(entry, job)
-    return k
+        _kernels[(spec.name, config, build_arch.name, device.type, device.index)] = err
 
 
+@state.on_reset
 def clear_memory() -> None:
-    """Forget kernels loaded by this process (tests; switching cache directories)."""
+    """Forget kernels loaded by this process."""
     with _lock:
         _kernels.clear()
-        for d in _plan_caches:
-            d.clear()
+
+
+__all__ = ["arches_for", "select_arch", "kernel", "remember_failure", "clear_memory"]

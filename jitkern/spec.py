@@ -5,6 +5,11 @@ plus the runtime signature of the kernel it defines (``Arg``). A ``Config`` is o
 a variant and the values of its parameters (dtypes, feature flags, tile sizes, ``num_warps`` ...).
 Everything the runtime may select for an arch is enumerated by ``OpSpec.configs(arch)``; prebuild
 compiles exactly that list, so a warm cache covers every launch.
+
+How a call runs is declared too: ``OpSpec.plan(call)`` maps one call signature to ``Candidate``s in
+preference order, each a sequence of ``Launch``es (config, grid, kernel arguments, where ``In("x")``
+stands for the call's argument ``x``). ``jitkern.dispatch`` runs ``plan`` once per signature and
+launches the decision on every later call.
 """
 from __future__ import annotations
 
@@ -82,6 +87,88 @@ class Config:
 
 
 @dataclass(frozen=True)
+class In:
+    """In a ``Launch``'s arguments: the call's argument ``name``, read on every call. A tensor
+    becomes its device address (it must be 16-byte aligned: pointers are compiled so); a scalar
+    declared in ``OpSpec.scalars`` is passed after its per-call check."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """In a ``Launch``'s arguments: a temporary buffer the framework allocates for every call (on the
+    call's device, through torch's caching allocator, so under CUDA-graph capture it is the graph's
+    memory), for a workspace whose size only the plan knows (it follows the chosen tile). Launches
+    of one candidate that name the same ``name`` share one buffer (e.g. partial results written by
+    one kernel and reduced by the next)."""
+
+    shape: tuple
+    dtype: Any
+    name: str = "scratch"
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A scalar argument that may change between calls with the same tensors (``eps``, ``scale``):
+    it is not part of the call signature, so it is checked on every call (cheap): converted with
+    ``type`` and required to lie in ``[min, max]`` (NaN never does)."""
+
+    type: type = float
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the config to build, the grid (1 to 3 sizes; a zero size launches
+    nothing) and the kernel's arguments in its order: constants, ``In(name)`` for the call's
+    argument ``name``, or ``Scratch(shape, dtype)`` for a buffer allocated per call."""
+
+    config: Config
+    grid: tuple[int, ...]
+    args: tuple  # constants, In(name), Scratch(shape, dtype)
+
+    def __post_init__(self):
+        grid = tuple(int(g) for g in self.grid)
+        if not 1 <= len(grid) <= 3:
+            raise SpecError(f"a launch grid has 1 to 3 sizes, got {self.grid!r}")
+        object.__setattr__(self, "grid", grid + (1,) * (3 - len(grid)))
+        object.__setattr__(self, "args", tuple(self.args))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a call signature: its launches, in order, or a PyTorch function.
+
+    ``guard(*args) -> bool`` (cheap, no exceptions) runs on every call and says whether this
+    candidate takes the arguments; ``guard_doc`` says what it checks. ``torch``: a function taking
+    the op's arguments, used instead of kernels (nothing is built); ``name`` names it.
+    """
+
+    launches: tuple[Launch, ...] = ()
+    guard: Callable[..., bool] | None = None
+    guard_doc: str = ""
+    torch: Callable | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        launches = (self.launches,) if isinstance(self.launches, Launch) else tuple(self.launches)
+        object.__setattr__(self, "launches", launches)
+        if not launches and self.torch is None:
+            raise SpecError("a Candidate needs launches or a torch function")
+        if not self.name:
+            object.__setattr__(self, "name", launches[0].config.variant if launches else "torch")
+
+    @property
+    def variant(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """An op declared once.
 
@@ -92,6 +179,12 @@ class OpSpec:
     reference:    PyTorch reference with the same signature as ``fn`` (tests use it)
     configs:      ``configs(arch) -> iterable of Config``: everything the runtime can select on
                   that arch, in order of preference per signature. Prebuild compiles this list.
+    plan:         ``plan(call) -> Candidate | [Candidate, ...] | None``: what one call signature
+                  runs (``jitkern.dispatch.Call``: ``call.args``, ``call.arch``, ``call.tiles()``).
+                  Runs once per signature; validates the arguments; None launches nothing.
+    tunables:     parameter -> the values it may take; ``JITKERN_<OP>_<PARAM>`` overrides and
+                  ``call.tiles()`` are checked against them.
+    scalars:      parameter -> ``Scalar``: arguments checked per call, not part of the signature.
 
     How the op is registered with ``torch.library`` (``jitkern.torch_ops``), so that
     ``torch.compile(fullgraph=True)`` traces it without a graph break. ``fn``'s parameters must carry
@@ -118,6 +211,9 @@ class OpSpec:
     fn: Callable
     reference: Callable
     configs: Callable[[Any], Iterable[Config]]
+    plan: Callable | None = None
+    tunables: Mapping[str, tuple] = field(default_factory=dict)
+    scalars: Mapping[str, Scalar] = field(default_factory=dict)
     doc: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
     mutates: tuple[str, ...] = ()

@@ -12,7 +12,7 @@ asked: an entry fetched from the fleet's cache is not a compile. Tools that comp
 """
 from __future__ import annotations
 
-from . import settings
+from . import settings, state
 from .cache import Store, nearest
 from .errors import CacheMissError
 from .key import explain
@@ -33,6 +33,13 @@ def suspend() -> None:
     """This process compiles on purpose (prebuild, tune): never strict, whatever ``JITKERN_STRICT`` says."""
     global _suspended
     _suspended = True
+
+
+@state.on_reset
+def resume() -> None:
+    """Strict again as ``JITKERN_STRICT`` says (``jitkern.reset()``)."""
+    global _suspended
+    _suspended = False
 
 
 def explain_miss(job, store: Store, entries=None) -> tuple[list[str], object]:

@@ -11,7 +11,7 @@ from the annotations of ``spec.fn``, in-place arguments are annotated as mutated
 * ops returning new tensors register ``spec.fake``;
 * ops annotated ``-> None`` return nothing.
 
-``jitkern.ops.<name>`` is :func:`dispatcher`'s result: in eager mode the op's own function, called
+``jitkern.ops.<name>`` is :func:`op_function`'s result: in eager mode the op's own function, called
 with no trip through torch's dispatcher (on the H200 that trip, ``torch.ops.jitkern.rms_norm``,
 costs 15-20 us a call more: more than two whole small-kernel launches); under ``torch.compile``,
 Dynamo traces the custom-op call instead, which it puts in the graph as one node. Both run the same
@@ -37,11 +37,12 @@ import torch
 from .errors import SpecError
 from .logs import warn_once
 from .spec import OpSpec
+from . import registry
 
 NAMESPACE = "jitkern"
 
 _ops: dict[str, object] = {}
-_dispatchers: dict[str, tuple] = {}
+_functions: dict[str, tuple] = {}
 _lock = threading.Lock()
 
 
@@ -119,7 +120,7 @@ def registered(name: str):
     return _ops.get(name)
 
 
-def dispatcher(spec: OpSpec):
+def op_function(spec: OpSpec):
     """What ``jitkern.ops.<name>`` is: ``spec.fn`` in eager mode, the custom op under torch.compile.
 
     An op whose spec cannot be registered (unannotated parameters, no ``outputs``/``fake``) is
@@ -134,7 +135,7 @@ def dispatcher(spec: OpSpec):
         return spec.fn
     fn = spec.fn
     with _lock:
-        known = _dispatchers.get(spec.name)
+        known = _functions.get(spec.name)
         if known is not None and known[0] is spec:
             return known[1]
     sig = _signature(spec)
@@ -155,7 +156,7 @@ def dispatcher(spec: OpSpec):
         call.__wrapped__ = fn
         call.__signature__ = sig
     with _lock:
-        _dispatchers[spec.name] = (spec, call)
+        _functions[spec.name] = (spec, call)
     return call
 
 
@@ -202,6 +203,4 @@ def _traced(spec: OpSpec, sig: inspect.Signature, op):
 
 def register_all(names: typing.Iterable[str] | None = None) -> dict[str, object]:
     """Register every available op (or ``names``); returns ``{name: custom op}``."""
-    from . import registry
-
     return {s.name: register(s) for s in registry.specs(names)}

@@ -29,8 +29,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import settings, strict
-from .errors import BuildError, ConfigError, LaunchError, OverBudgetError
+from .errors import BuildError, ConfigError, LaunchError, NoDeviceError, OverBudgetError
+from .tables import print_table
 from .logs import warn_once
+from . import registry, runtime
+from .cache import default_store
+from .key import FORMAT_VERSION, triton_fingerprint
 
 log = logging.getLogger("jitkern")
 
@@ -46,8 +50,6 @@ def autotune_enabled() -> bool:
 # ---- fingerprint ---------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _template_hash(op: str) -> str:
-    from . import registry
-
     spec = registry.get(op)
     h = hashlib.sha256()
     for v in spec.variants:
@@ -59,8 +61,6 @@ def _template_hash(op: str) -> str:
 
 def fingerprint(arch: str, op: str) -> dict[str, Any]:
     """What a tuning result depends on besides the shape: toolchain, codegen env, template text."""
-    from .key import FORMAT_VERSION, triton_fingerprint
-
     return {"arch": arch, "op": op, "compiler": triton_fingerprint(), "template": _template_hash(op),
             "format": FORMAT_VERSION, "record": RECORD_VERSION}
 
@@ -72,8 +72,6 @@ def fingerprint_hash(arch: str, op: str) -> str:
 
 # ---- records -------------------------------------------------------------------------------------
 def _tuning_dirs() -> list[Path]:
-    from .cache import default_store
-
     return [layer.root / "tuning" for layer in default_store().layers]
 
 
@@ -83,8 +81,6 @@ def _record_name(dtype: str, bucket: str, fp: str) -> str:
 
 def record_path(arch: str, op: str, dtype: str, bucket: str) -> Path | None:
     """Where a new record for this key goes (first writable cache layer), or None."""
-    from .cache import default_store
-
     layer = default_store().write_layer
     if layer is None:
         return None
@@ -168,7 +164,7 @@ def tune(spec, arch, dtype: str, bucket: str, cfgs, run: Callable, info: Mapping
     bench = bench or _bench
     results = []
     for cfg in cfgs:
-        tile = {k: v for k, v in cfg.p.items() if k in spec.extra.get("tunables", {})}
+        tile = {k: v for k, v in cfg.p.items() if k in spec.tunables}
         try:
             fn = run(cfg)
             fn()  # compile/load and warm up outside the timing
@@ -242,9 +238,6 @@ def tune_op(op: str, shapes, dtype: str = "bf16", *, b_trans: bool = False, forc
     record for this toolchain are kept unless ``force``. Returns the records, in bucket order."""
     import torch
 
-    from . import registry, runtime
-    from .errors import NoDeviceError
-
     spec = registry.get(op)
     bucket_of, make = spec.extra.get("tuning_bucket"), spec.extra.get("tune_args")
     if bucket_of is None or make is None:
@@ -284,7 +277,6 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(records, indent=1, sort_keys=True, default=str))
         return 0
-    from .cli import print_table
 
     rows = [[r["bucket"], " ".join(f"{k}={v}" for k, v in sorted(r["params"].items())), f"{r['ms']:.4f}",
              sum("ms" in x for x in r["results"]), sum("rejected" in x for x in r["results"]), r.get("created", "")]
@@ -328,8 +320,6 @@ def doctor() -> dict:
 
 
 def _op_names() -> set[str]:
-    from . import registry
-
     return set(registry.names())
 
 

@@ -9,9 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-import jitkern.counters  # noqa: E402
-import jitkern.runtime  # noqa: E402
-import jitkern.strict  # noqa: E402
+import jitkern  # noqa: E402
 
 
 def _has_gpu() -> bool:
@@ -30,14 +28,12 @@ def requires_gpu(test):
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-    """A fresh, private JITKERN_CACHE_DIR, empty in-process kernel memo and zeroed counters."""
+    """A fresh, private JITKERN_CACHE_DIR and fresh process state (``jitkern.reset()``)."""
     d = tmp_path / "jitkern-cache"
     monkeypatch.setenv("JITKERN_CACHE_DIR", str(d))
     for name in ("JITKERN_REMOTE_CACHE", "JITKERN_REMOTE_CACHE_KEY", "JITKERN_CACHE_SIGN_KEY", "JITKERN_CACHE_VERIFY_KEY",
                  "JITKERN_CACHE_MAX_SIZE"):  # no developer's remote cache, keys or cap in tests
         monkeypatch.delenv(name, raising=False)
-    jitkern.runtime.clear_memory()
-    jitkern.counters.reset()
-    monkeypatch.setattr(jitkern.strict, "_suspended", False)  # an in-process prebuild/tune suspends strict mode
+    jitkern.reset()
     yield d
-    jitkern.runtime.clear_memory()
+    jitkern.reset()

@@ -183,3 +183,73 @@ def test_cache_dir_that_is_a_file_falls_back_to_memory(tmp_path, monkeypatch, ca
     assert "no writable jitkern cache layer" in caplog.text
     assert f.read_text() == ""
     assert os.path.isfile(f)
+
+
+# ---- the seed ops: bad input is rejected by their plans, before anything is built ----------------
+def _seed_bad_cases():
+    from jitkern.library import gather_kv_cache as gkv
+    from jitkern.library import moe_gemm_stage1 as moe
+    from jitkern.library import paged_attention_decode as pa
+    from jitkern.library import paged_mqa_logits as mqa
+
+    cache = torch.randn(4, 16, 8).bfloat16()
+    bt = torch.zeros(2, 2, dtype=torch.int32)
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    cu_strided = torch.tensor([0, 0, 5, 0, 9, 0], dtype=torch.int32)[::2]
+    q = torch.randn(2, 4, 64).bfloat16()
+    kc = torch.randn(4, 16, 2, 64).bfloat16()
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    lens_strided = torch.tensor([5, 0, 9, 0], dtype=torch.int32)[::2]
+    mq = torch.randn(2, 1, 16, 64).bfloat16()
+    mkv = torch.randn(4, 16, 64).bfloat16()
+    mw = torch.rand(2, 16)
+    x = torch.randn(3, 64).bfloat16()
+    w = torch.randn(4, 32, 64).bfloat16()
+    ids, eids, npad = moe.moe_align(torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=torch.int32), 4, 16)
+    ids_strided = torch.stack([ids, ids], 1).reshape(-1)[::2]
+    return {
+        "gather: cu_seq_lens strided": (lambda: gkv.gather_kv_cache(cache, bt, cu_strided, 9), LayoutError,
+                                        "cu_seq_lens must be contiguous"),
+        "gather: empty kv_cache": (lambda: gkv.gather_kv_cache(cache[:0], bt, cu, 9), ShapeError, "no elements"),
+        "gather: num_tokens 1.5": (lambda: gkv.gather_kv_cache(cache, bt, cu, 1.5), ArgumentError,
+                                   "num_tokens must be an integer"),
+        "gather: cu_seq_lens int64": (lambda: gkv.gather_kv_cache(cache, bt, cu.long(), 9), DTypeError, "cu_seq_lens"),
+        "pa: seq_lens strided": (lambda: pa.paged_attention_decode(q, kc, kc, bt, lens_strided), LayoutError,
+                                 "seq_lens must be contiguous"),
+        "pa: empty k_cache": (lambda: pa.paged_attention_decode(q, kc[:0], kc[:0], bt, lens), ShapeError, "no elements"),
+        "pa: max_context_len negative": (lambda: pa.paged_attention_decode(q, kc, kc, bt, lens, max_context_len=-1),
+                                         ArgumentError, "at least 0"),
+        "pa: max_context_len 1.5": (lambda: pa.paged_attention_decode(q, kc, kc, bt, lens, max_context_len=1.5),
+                                    ArgumentError, "must be an integer"),
+        "pa: scale nan": (lambda: pa.paged_attention_decode(q, kc, kc, bt, lens, scale=float("nan")), ArgumentError,
+                          "scale"),
+        "mqa: context_lens strided": (lambda: mqa.paged_mqa_logits(mq, mkv, mw, lens_strided, bt, 32), LayoutError,
+                                      "context_lens must be contiguous"),
+        "mqa: empty kv_cache": (lambda: mqa.paged_mqa_logits(mq, mkv[:0], mw, lens, bt, 32), ShapeError, "no elements"),
+        "mqa: max_model_len 1.5": (lambda: mqa.paged_mqa_logits(mq, mkv, mw, lens, bt, 1.5), ArgumentError,
+                                   "must be an integer"),
+        "moe: sorted_token_ids strided": (lambda: moe.moe_gemm_stage1(x, w, ids_strided, eids, npad, 2), LayoutError,
+                                          "sorted_token_ids must be contiguous"),
+        "moe: empty w1": (lambda: moe.moe_gemm_stage1(x, w[:0], ids, eids, npad, 2), ShapeError, "no elements"),
+        "moe: topk 1.5": (lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, 1.5), ArgumentError,
+                          "topk must be an integer"),
+        "moe: split_k 2.0": (lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, 2, split_k=2.0), ArgumentError,
+                             "split_k must be an integer"),
+        "moe: split_k over K // block_k": (lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, 2, split_k=3),
+                                           ArgumentError, "K // block_k"),
+        "moe: split_k over 64": (lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, 2, split_k=65), ArgumentError,
+                                 "more than 64"),
+        "moe: bad activation": (lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, 2, activation="relu"), ConfigError,
+                                "activation"),
+    }
+
+
+SEED_BAD = list(_seed_bad_cases())
+
+
+@pytest.mark.parametrize("case", SEED_BAD)
+def test_seed_op_bad_input_is_a_specific_error(case):
+    fn, kind, match = _seed_bad_cases()[case]
+    with pytest.raises(kind, match=match):
+        fn()
+    assert jitkern.stats()["compiles"] == 0  # rejected before anything is built

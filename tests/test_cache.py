@@ -17,6 +17,7 @@ import torch
 import jitkern
 from jitkern import arch, build, counters
 from jitkern.cache import MANIFEST, Layer, Store
+from jitkern.plan import plan as plan_job
 from jitkern.library import rms_norm as rn
 
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -102,12 +103,12 @@ def test_damaged_entry_is_rebuilt_with_one_warning(cache_dir, damage, caplog):
     jitkern.ops.rms_norm(x, w)
     (entry,) = entries(cache_dir)
     DAMAGE[damage](entry)
-    jitkern.runtime.clear_memory()
+    jitkern.dispatch.clear_memory()
     counters.reset()
     with caplog.at_level(logging.WARNING, logger="jitkern"):
         for _ in range(3):  # the first call rebuilds; later ones use the memo, then the sound entry
             y = jitkern.ops.rms_norm(x, w)
-            jitkern.runtime.clear_memory()
+            jitkern.dispatch.clear_memory()
     torch.testing.assert_close(y, rn.reference(x, w))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "damaged" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
@@ -120,7 +121,7 @@ def test_damaged_entry_is_rebuilt_with_one_warning(cache_dir, damage, caplog):
 def test_damaged_binary_is_never_loaded_and_is_rebuilt(cache_dir, caplog):
     """A flipped byte in a real sm_90 cubin: lookup refuses it; get_entry rebuilds a sound one."""
     run_worker(["build", "sm_90"], worker_env(cache_dir, interpret=False))
-    job = build.plan(rn.SPEC, rn.config("fp32", False, True, 256, True), arch.get("sm_90"))
+    job = plan_job(rn.SPEC, rn.config("fp32", False, True, 256, True), arch.get("sm_90"))
     d = Layer(cache_dir).entry_dir(job.key)
     good = (d / "kernel.cubin").read_bytes()
     _flip(d / "kernel.cubin")

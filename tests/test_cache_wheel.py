@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = textwrap.dedent("""
     import json, jitkern
     from jitkern import arch, cache, registry
-    from jitkern.build import get_entry, plan
+    from jitkern.build import get_entry
+    from jitkern.plan import plan
     from jitkern.cli import _doctor_cache
     spec, a = registry.get("rms_norm"), arch.get("sm_90")
     got = [get_entry(plan(spec, c, a)) for c in list(spec.configs(a))[:2]]

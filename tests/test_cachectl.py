@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from jitkern import arch, cachectl, registry
-from jitkern.build import get_entry, plan
+from jitkern.build import get_entry
+from jitkern.plan import plan
 from jitkern.cache import Layer, Store
 from jitkern.cli import main
 
@@ -114,12 +115,12 @@ def test_prune_never_removes_an_entry_another_process_holds(cache_dir):
 
 
 def test_prune_right_after_a_build_removes_entries_index_records_and_locks(cache_dir, capsys):
-    from jitkern import plan_index
+    from jitkern.plan import plan
 
     spec, cpu = registry.get("rms_norm"), arch.get("cpu")
     keys = []
     for cfg in list(spec.configs(cpu))[:4]:
-        job = plan_index.planned(spec, cfg, cpu)   # writes a plan-index record
+        job = plan(spec, cfg, cpu)   # writes a plan-index record
         keys.append(get_entry(job)[0].key)         # takes (and leaves) the key's build lock file
     root = Layer(cache_dir).root
     assert len(list((root / "index").rglob("*.json"))) == 4 and len(list((root / "locks").glob("*.lock"))) == 4

@@ -11,7 +11,8 @@ import torch
 
 import jitkern
 from jitkern import arch, registry
-from jitkern.build import get_entry, plan
+from jitkern.build import get_entry
+from jitkern.plan import plan
 from jitkern.errors import (DTypeError, LayoutError, NoDeviceError, ShapeError, TemplateError,
                             UnknownArchError, UnknownOpError)
 from jitkern.spec import Arg, Config, OpSpec, Variant

@@ -8,7 +8,8 @@ import torch
 
 import jitkern
 from jitkern import arch, budget, counters
-from jitkern.build import get_entry, plan
+from jitkern.build import get_entry, report
+from jitkern.plan import plan
 from jitkern.errors import DTypeError, LayoutError, OverBudgetError, ShapeError
 from jitkern.library import gemm
 
@@ -58,11 +59,12 @@ def test_hopper_tma_kernel_numerics(hopper, monkeypatch):
         b = torch.randn(n, k, dtype=dtype).t() if b_trans else torch.randn(k, n, dtype=dtype)
         out = torch.full((m, n), float("nan"), dtype=dtype)
         _check(jitkern.ops.gemm(a, b, out=out), a, b)
-    for cfg, _ in gemm._plans.values():
+    used = jitkern.dispatcher(gemm.SPEC).active_configs()
+    for cfg in used:
         assert cfg.p["tma"] == 1 and all(cfg.p[k_] == v for k_, v in hopper.items())
         seen.add(cfg.p["aligned"])
     assert seen == {True, False}
-    src = plan(gemm.SPEC, next(c for c, _ in gemm._plans.values() if c.p["aligned"]), arch.get("cpu")).source
+    src = plan(gemm.SPEC, next(c for c in used if c.p["aligned"]), arch.get("cpu")).source
     assert "tl.make_tensor_descriptor" in src and ("tl.num_programs(0)" in src) == bool(hopper.get("persistent"))
 
 
@@ -161,7 +163,7 @@ def test_choice_differs_across_arches_by_budget(caplog, monkeypatch):
     with pytest.raises(OverBudgetError) as e:
         get_entry(plan(gemm.SPEC, gemm.config("bf16", False, True, gemm.CANDIDATES["m128"][0]), arch.get("gfx942")))
     assert e.value.figures["shared_bytes"] > 65536 and e.value.figures["budget_bytes"] == 65536
-    status = budget.status(plan(gemm.SPEC, gemm.config("bf16", False, True, gemm.CANDIDATES["m128"][0]),
+    status = report(plan(gemm.SPEC, gemm.config("bf16", False, True, gemm.CANDIDATES["m128"][0]),
                                 arch.get("gfx950")))
     assert status["status"] == "rejected_over_budget" and status["budget_bytes"] == 160 * 1024
     assert counters.snapshot()["compiles"] == before
@@ -171,8 +173,9 @@ def test_choice_differs_across_arches_by_budget(caplog, monkeypatch):
     monkeypatch.setenv("JITKERN_ARCH", "gfx942")
     want, _ = gemm.choose(arch.get("gfx942"), "bf16", m, n, k)
     a_, b_ = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
-    _check(jitkern.ops.gemm(a_, b_), a_, b_)
-    (used, _), = [v for v in gemm._plans.values()]
+    c_ = jitkern.ops.gemm(a_, b_)
+    _check(c_, a_, b_)
+    used = jitkern.dispatcher(gemm.SPEC).route_for(a_, b_, c_).active_candidate.launches[0].config
     assert {p: used.p[p] for p in gemm.TILE_PARAMS} == {p: want.p[p] for p in gemm.TILE_PARAMS}
 
 

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import jitkern
-from jitkern import arch, binaries, budget, ck, counters, doctor, fallback, logs
-from jitkern.build import get_entry, plan
+from jitkern import arch, binaries, budget, ck, counters, doctor, failures
+from jitkern.build import get_entry, report
+from jitkern.plan import plan
 from jitkern.builders import hip
 from jitkern.cache import Store, default_store
 from jitkern.errors import OverBudgetError, RecordedBuildFailure, UnavailableError
@@ -184,7 +185,7 @@ def test_template_over_the_lds_budget_is_rejected_with_figures():
     with pytest.raises(OverBudgetError, match="98304 B .* budget 65536 B") as e:
         get_entry(job, store)
     assert e.value.figures["lds_bytes"] == 98304 and e.value.figures["budget_bytes"] == 65536
-    rec = budget.status(job, store)  # what prebuild reports
+    rec = report(job, store)  # what prebuild reports
     assert rec["status"] == budget.REJECTED and rec["lds_bytes"] == 98304 and rec["budget_bytes"] == 65536
     runs = counters.snapshot()["compiler_runs"]
     with pytest.raises(OverBudgetError):
@@ -216,7 +217,7 @@ def test_ck_absent_fails_for_the_real_reason_once_and_routes_to_triton(monkeypat
     assert counters.snapshot()["compiler_runs"] == 0
     with pytest.raises(RecordedBuildFailure, match="recorded earlier"):
         get_entry(job, store, record_failures=True)
-    recs = fallback.failures(store)
+    recs = failures.failures(store)
     assert len(recs) == 1 and "CK headers not found" in recs[0]["reason"]
     if not toolchain_missing():
         assert "no HIP compiler" not in recs[0]["reason"]  # the reason is CK, not the compiler
@@ -226,8 +227,7 @@ def test_ck_absent_fails_for_the_real_reason_once_and_routes_to_triton(monkeypat
 
     monkeypatch.setenv("JITKERN_ARCH", "gfx942")  # CPU tensors, configs chosen as for gfx942
     caplog.set_level(logging.WARNING, logger="jitkern")
-    fallback.reset_process_state()
-    logs._seen.discard(("fallback", "qk_norm_rope"))
+    jitkern.reset()
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         qkv = torch.randn(3, 4 * 64, generator=g)

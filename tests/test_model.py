@@ -15,7 +15,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import requires_gpu
@@ -106,9 +105,7 @@ def test_fresh_process_over_prebuilt_layer_compiles_and_renders_nothing(tmp_path
     assert second["checksum"] == first["checksum"]
     assert _tree(layer) == before  # the prebuilt layer was only read
     assert not list(user.rglob("entries/*/*")), "the user layer got entries"
-    if second["jinja2"]:  # main before the pipeline rework (issue 13): fallback.obtain plans without the index
-        pytest.xfail("a template was rendered in the warm process: qk_norm_rope's fallback route plans its "
-                     "hip/cuda candidates with build.plan, not through the plan index")
+    assert not second["jinja2"] and second["stats"]["renders"] == 0, second  # every plan came from the index
 
 
 # ---- GPU: full-size shapes ---------------------------------------------------------------------

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import jitkern
-from jitkern import arch, counters, fallback, logs
-from jitkern.build import get_entry, plan
+from jitkern import arch, counters, failures, logs, runtime
+from jitkern.build import get_entry
+from jitkern.plan import plan
 from jitkern.cache import default_store
 from jitkern.errors import DTypeError, RecordedBuildFailure, ShapeError
 from jitkern.library import qk_norm_rope as qnr
@@ -73,7 +74,7 @@ def test_cpu_machine_falls_back_to_triton_with_one_warning(caplog):
     """Seed 002 on the CI machine: no hipcc, no CK, no GPU: hip and cuda are recorded as unavailable,
     the op runs through Triton, and says so once."""
     caplog.set_level(logging.WARNING, logger="jitkern")
-    fallback.reset_process_state()
+    jitkern.reset()
     logs._seen.discard(("fallback", "qk_norm_rope"))  # earlier tests in this process already warned
     for is_neox in (True, False):
         for _ in range(2):
@@ -82,7 +83,7 @@ def test_cpu_machine_falls_back_to_triton_with_one_warning(caplog):
     assert len(warns) == 1
     assert "'triton'" in warns[0] and "'hip'" in warns[0] and "'cuda'" in warns[0] and "build.log" in warns[0]
     assert "CK headers" in warns[0] or "AMD GPU" in warns[0]
-    recs = fallback.failures(default_store())
+    recs = failures.failures(default_store())
     assert sorted(r["variant"] for r in recs) == ["cuda", "cuda", "hip", "hip"]  # one per style
     assert all(r["arch"] == "cpu" for r in recs)
 
@@ -148,14 +149,16 @@ def test_gpu_variants_match_reference(is_neox):
     qkv, qw, kw, cs, pos = make_inputs(257, 32, 8, 128, torch.bfloat16, device="cuda", max_pos=4096)
     want = qnr.reference(qkv.clone(), qw, kw, cs, pos, 32, 8, 128, 1e-6, is_neox)
     ran = []
-    for cand in qnr.candidates(a, "bf16", "fp32", "i64", 128, is_neox):
+    d = jitkern.dispatcher(qnr.SPEC)
+    args = (qkv, qw, kw, cs, pos, 32, 8, 128, 1e-6, is_neox)
+    for cand in d.candidates(args, a, qkv.device):
         try:
-            k = fallback.obtain(qnr.SPEC, cand.config, qkv.device)
+            kernels = [runtime.kernel(qnr.SPEC, la.config, qkv.device) for la in cand.launches]
         except jitkern.errors.BuildError:
             assert cand.variant != "triton" and not (cand.variant == "cuda" and shutil.which("nvcc"))
             continue
         x = qkv.clone()
-        cand.launch(k, x, qw, kw, cs, pos, 32, 40, cs.shape[0], 1e-6)
+        d.bind(cand, kernels)((x, *args[1:]))
         torch.cuda.synchronize()
         torch.testing.assert_close(x.float(), want.float(), atol=2e-2, rtol=2e-2)
         ran.append(cand.variant)

@@ -4,6 +4,7 @@ pass and give identical results; a caller's out= is shadowed and written back.""
 import pytest
 import torch
 
+import jitkern
 from conftest import requires_gpu
 from jitkern import redzone, runtime
 from jitkern.contracts import Buffer, Contract
@@ -122,6 +123,7 @@ def test_seed001_unmasked_logits_rows_caught_at_full_context(rz, monkeypatch):
     ok = mqa.paged_mqa_logits(q, kv, w, lens, bt, max_len)  # masked: passes
     assert torch.allclose(ok, mqa.reference(q.float(), kv.float(), w, lens, bt, max_len), rtol=1e-4, atol=1e-3)
     monkeypatch.setattr(mqa, "MASK_STORES", False)
+    jitkern.reset()  # the plan reads MASK_STORES once per signature
     with pytest.raises(RedzoneError) as e:
         mqa.paged_mqa_logits(q, kv, w, lens, bt, max_len)
     assert e.value.op == "paged_mqa_logits" and e.value.buffer == "out"
@@ -152,6 +154,7 @@ def test_seed001_unmasked_logits_caught_gpu(rz, monkeypatch):
     ok = mqa.paged_mqa_logits(q, kv, w, lens, bt, max_len)
     torch.testing.assert_close(ok, ref, rtol=2e-2, atol=2e-1)
     monkeypatch.setattr(mqa, "MASK_STORES", False)
+    jitkern.reset()  # the plan reads MASK_STORES once per signature
     with pytest.raises(RedzoneError) as e:
         mqa.paged_mqa_logits(q, kv, w, lens, bt, max_len)
     assert e.value.buffer == "out" and e.value.row is not None and e.value.offset == 0

@@ -24,6 +24,7 @@ import torch
 import jitkern
 from jitkern import arch, build, counters, locks
 from jitkern.cache import MANIFEST, Layer, Store, _host_tag, configured_layers
+from jitkern.plan import plan as plan_job
 from jitkern.errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError
 from jitkern.library import rms_norm as rn
 
@@ -34,7 +35,7 @@ CPU = arch.ARCHES["cpu"]
 
 def cpu_job(n=64, dtype="fp32"):
     block, single = rn.block_for(n)
-    return build.plan(rn.SPEC, rn.config(dtype, False, n % 16 == 0, block, single), CPU)
+    return plan_job(rn.SPEC, rn.config(dtype, False, n % 16 == 0, block, single), CPU)
 
 
 def assert_every_entry_sound(cache_dir):
@@ -230,7 +231,7 @@ def gpu_entries(tmp_path_factory):
 
 
 def _gpu_job(name):
-    return build.plan(rn.SPEC, rn.config("fp32", False, True, 256, True), arch.get(name))
+    return plan_job(rn.SPEC, rn.config("fp32", False, True, 256, True), arch.get(name))
 
 
 def _rewrite_manifest(d: Path):
@@ -291,7 +292,7 @@ def test_entry_for_another_job_is_refused(gpu_entries, cache_dir, tamper):
         shutil.rmtree(d)
         shutil.copytree(Layer(gpu_entries).entry_dir(gfx.key), d)
     store = Store([cache_dir])
-    assert store.lookup(sm90.key, build._checker(sm90)) is None
+    assert store.lookup(sm90.key, build.checker(sm90)) is None
     assert not d.exists()  # removed from the cache, never returned for a load
     assert jitkern.stats()["corrupt_discarded"] == 1
 
@@ -394,7 +395,7 @@ def test_cache_directories_are_created_private_whatever_the_umask(tmp_path):
 def test_cache_writable_by_others_is_refused_with_a_fix(cache_dir, where):
     x, w = torch.randn(2, 64), torch.randn(64)
     jitkern.ops.rms_norm(x, w)
-    jitkern.runtime.clear_memory()
+    jitkern.dispatch.clear_memory()
     d = {"base": cache_dir, "v1": cache_dir / "v1", "entries": cache_dir / "v1" / "entries"}[where]
     d.chmod(0o777)
     with pytest.raises(InsecureCacheError, match=r"another user.*world-writable.*chmod -R go-w"):

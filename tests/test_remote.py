@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-import jitkern.runtime
+import jitkern.dispatch
 from jitkern import arch, counters, registry, remote
-from jitkern.build import get_entry, plan
+from jitkern.build import get_entry
+from jitkern.plan import plan
 from jitkern.errors import UntrustedEntryError
 
 REDIS = shutil.which("redis-server")
@@ -83,7 +84,7 @@ def _job(arch_name="cpu", block_n=256):
 
 def _use_cache(monkeypatch, path):
     monkeypatch.setenv("JITKERN_CACHE_DIR", str(path))
-    jitkern.runtime.clear_memory()
+    jitkern.dispatch.clear_memory()
 
 
 def _delta(before):
@@ -231,6 +232,7 @@ def test_signed_entries_missing_or_wrong_signature_rejected(rds, monkeypatch, tm
 CHILD = textwrap.dedent("""
     import json, os, sys, time
     import jitkern.build as b
+    import jitkern.plan as jitkern_plan
     from jitkern import arch, counters, registry
     from jitkern.library import rms_norm
     arch_name, slow = sys.argv[1], float(sys.argv[2])
@@ -240,7 +242,7 @@ CHILD = textwrap.dedent("""
         time.sleep(slow)
         return real(job, *rest)
     b._build_files = slow_build
-    job = b.plan(registry.get("rms_norm"), rms_norm.config("fp32", False, True, 256, True), arch.get(arch_name))
+    job = jitkern_plan.plan(registry.get("rms_norm"), rms_norm.config("fp32", False, True, 256, True), arch.get(arch_name))
     print("ready", flush=True)
     sys.stdin.readline()  # the test's "go": every node starts at once
     t0 = time.time()
@@ -490,9 +492,10 @@ def test_ed25519_frames_verify_with_the_public_key_only(ed_keys):
 READER = textwrap.dedent("""
     import json, os, sys
     import jitkern.build as b
+    import jitkern.plan as jitkern_plan
     from jitkern import arch, counters, registry, remote, signing
     from jitkern.library import rms_norm
-    job = b.plan(registry.get("rms_norm"), rms_norm.config("fp32", False, True, 256, True), arch.get("cpu"))
+    job = jitkern_plan.plan(registry.get("rms_norm"), rms_norm.config("fp32", False, True, 256, True), arch.get("cpu"))
     for line in sys.stdin:                 # one node per line: its own empty cache and the key it trusts
         cache, verify_key = line.split()
         os.environ.update(JITKERN_CACHE_DIR=cache, JITKERN_CACHE_VERIFY_KEY=verify_key)

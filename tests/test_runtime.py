@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import jitkern
-from jitkern import plan_index, runtime
+from jitkern import plan as plan_mod, runtime
 from jitkern.arch import ARCHES
 from jitkern.errors import DTypeError, LayoutError, ShapeError
 from jitkern.library import rms_norm as rn
@@ -63,11 +63,11 @@ def test_plan_is_made_once_per_signature_and_results_match_reference():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 96, generator=g)
     w = torch.randn(96, generator=g)
-    plans = rn._plans
-    plans.clear()
+    d = jitkern.dispatcher(rn.SPEC)
+    assert d.signatures == 0
     for _ in range(3):
         torch.testing.assert_close(norm(x, w), rn.reference(x, w), atol=1e-5, rtol=1e-5)
-    assert len(plans) == 1
+    assert d.signatures == 1 and jitkern.stats()["signatures"] == 1
     # a new signature (row stride 128, 3-D, residual): a new plan each, and still right
     wide = torch.randn(5, 128, generator=g)[:, :96]
     torch.testing.assert_close(norm(wide, w), rn.reference(wide, w), atol=1e-5, rtol=1e-5)
@@ -76,7 +76,7 @@ def test_plan_is_made_once_per_signature_and_results_match_reference():
     r3_ref = r3.clone()
     torch.testing.assert_close(norm(x3, w, residual=r3), rn.reference(x3, w, residual=r3_ref), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r3, r3_ref)
-    assert len(plans) == 3
+    assert d.signatures == 3
 
 
 def test_validation_stays_on_for_a_planned_signature():
@@ -133,37 +133,38 @@ def _copied_spec(tmp_path) -> OpSpec:
     return OpSpec(**{**{f: getattr(rn.SPEC, f) for f in rn.SPEC.__dataclass_fields__}, "template_dir": tdir})
 
 
-def test_index_follows_template_changes_and_ignores_bad_records(tmp_path, monkeypatch):
+def test_index_follows_template_changes_and_ignores_bad_records(tmp_path):
+    from jitkern import counters
+
+    def renders():
+        return counters.snapshot()["renders"]
+
     spec = _copied_spec(tmp_path)
     cfg = rn.config("fp32", False, True, 256, True)
     cpu = ARCHES["cpu"]
-    first = plan_index.planned(spec, cfg, cpu)
-    assert plan_index.lookup(spec, cfg, cpu) is None  # a record is trusted only for a key the cache holds
+    first = plan_mod.plan(spec, cfg, cpu)
+    r0 = renders()
+    assert plan_mod.plan(spec, cfg, cpu).key == first.key and renders() == r0 + 1  # no entry: the record is not trusted
     from jitkern.build import get_entry
 
     get_entry(first)
-    assert plan_index.lookup(spec, cfg, cpu).key == first.key
-    # a record whose source does not give its key is ignored
+    r0 = renders()
+    assert plan_mod.plan(spec, cfg, cpu).key == first.key and renders() == r0  # a hit never renders
+    # a record whose source does not give its key is ignored: rendered again, re-recorded
     rec = next(Path(os.environ["JITKERN_CACHE_DIR"]).rglob("index/*/*.json"))
     data = json.loads(rec.read_text())
     rec.write_text(json.dumps({"key": data["key"], "source": data["source"] + "\n# tampered\n"}))
-    assert plan_index.lookup(spec, cfg, cpu) is None
+    assert plan_mod.plan(spec, cfg, cpu).key == first.key and renders() == r0 + 1
     rec.write_text("{not json")
-    assert plan_index.lookup(spec, cfg, cpu) is None
-    assert plan_index.planned(spec, cfg, cpu).key == first.key  # re-rendered, re-recorded
-    assert plan_index.lookup(spec, cfg, cpu).key == first.key
+    assert plan_mod.plan(spec, cfg, cpu).key == first.key and renders() == r0 + 2
+    assert plan_mod.plan(spec, cfg, cpu).key == first.key and renders() == r0 + 2
     # editing the template changes what rendering gives: the old record no longer applies
     t = spec.template_dir / "triton.py.j2"
     t.write_text(t.read_text() + "\n# edited\n")
-    assert plan_index.lookup(spec, cfg, cpu) is None
-    changed = plan_index.planned(spec, cfg, cpu)
-    assert changed.key != first.key and changed.source.endswith("# edited\n")
+    changed = plan_mod.plan(spec, cfg, cpu)
+    assert changed.key != first.key and changed.source.endswith("# edited\n") and renders() == r0 + 3
     get_entry(changed)
-    # and a hit never renders
-    import jitkern.build as build
-
-    monkeypatch.setattr(build, "render", lambda *a, **k: pytest.fail("rendered despite an index hit"))
-    assert plan_index.planned(spec, cfg, cpu).key == changed.key
+    assert plan_mod.plan(spec, cfg, cpu).key == changed.key and renders() == r0 + 3
 
 
 # ---- the direct launch matches Triton's own launcher call ---------------------------------------------
@@ -220,8 +221,9 @@ def test_direct_load_metadata_matches_compiled_kernel(arch_name):
     from triton.compiler.compiler import CompiledKernel
 
     from jitkern import arch
-    from jitkern.build import get_entry, plan
-    from jitkern.builders.triton import METADATA_FILE, binary_name
+    from jitkern.build import get_entry
+    from jitkern.plan import plan
+    from jitkern.binaries import METADATA_FILE, binary_name
     from jitkern.launcher import metadata_of
     from jitkern.library import rms_norm as rn
 

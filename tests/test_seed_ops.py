@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import requires_gpu
-from jitkern import arch, constraints, counters, launcher, runtime
-from jitkern.build import get_entry, plan
+from jitkern import arch, constraints, counters, launcher
+from jitkern.build import get_entry
+from jitkern.builders.triton import InterpretedKernel
+from jitkern.plan import plan
 from jitkern.errors import ConfigError
 from jitkern.library import gather_kv_cache as gkv
 from jitkern.library import moe_gemm_stage1 as moe
@@ -18,7 +20,7 @@ from jitkern.library import paged_mqa_logits as mqa
 def launches(monkeypatch):
     """Counts kernel launches (interpreted and GPU)."""
     n = []
-    for cls in (launcher.InterpretedKernel, launcher.GPUKernel):
+    for cls in (InterpretedKernel, launcher.GPUKernel):
         orig = cls.launch
 
         def counting(self, *a, _orig=orig):
@@ -124,7 +126,8 @@ def _moe_inputs(tokens=5, k=64, n=24, experts=6, topk=2, align_m=16, seed=0):
 
 @pytest.mark.parametrize("split_k, activation", [(1, "silu"), (3, "silu"), (2, "gelu")])
 def test_moe_gemm_stage1_matches_reference(split_k, activation):
-    x, w, ids, eids, npad, topk = _moe_inputs()
+    # K = 128 is 4 steps of the interpreter's block_k (32): split_k may be up to K // block_k
+    x, w, ids, eids, npad, topk = _moe_inputs(k=128)
     assert (ids[: int(npad)] == x.shape[0] * topk).any()  # sentinel padding is present
     y = moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, activation=activation, split_k=split_k)
     ref = moe.reference(x.float(), w.float(), ids, eids, npad, topk, activation=activation)
@@ -326,3 +329,39 @@ def test_moe_tensor_subclass_weight_runs_the_pytorch_path(caplog, launches):
     assert "QuantizedLike" in caplog.text
     moe.moe_gemm_stage1(x, torch.nn.Parameter(w, requires_grad=False), ids, eids, npad, topk, split_k=1)
     assert len(launches) == 1  # a plain Parameter still takes the kernel
+
+
+@pytest.mark.parametrize("a", ["sm_90", "gfx950", "gfx942", "cpu"])
+def test_plans_pick_configs_that_prebuild_builds(a):
+    """What each op's plan launches for typical signatures (meta tensors, no GPU) is in configs(arch),
+    so a prebuilt cache covers the runtime's calls."""
+    import jitkern
+
+    target = arch.get(a)
+    m = dict(device="meta")
+    bf = dict(dtype=torch.bfloat16, **m)
+    i32 = dict(dtype=torch.int32, **m)
+    calls = [
+        (gkv, (torch.empty(64, 16, 8, 128, **bf), torch.empty(4, 16, **i32), torch.empty(5, **i32), 300,
+               torch.empty(300, 8, 128, **bf))),
+        (pa, (torch.empty(4, 32, 128, **bf), torch.empty(256, 16, 8, 128, **bf), torch.empty(256, 16, 8, 128, **bf),
+              torch.empty(4, 64, **i32), torch.empty(4, **i32), 0.1, None, torch.empty(4, 32, 128, **bf),
+              torch.empty(4 * 32 * -(-1024 // pa.tiles(a)["partition"]) * 130, dtype=torch.float32, **m))),
+        (mqa, (torch.empty(4, 2, 64, 128, **bf), torch.empty(64, 64, 128, **bf), torch.empty(8, 64, dtype=torch.float32,
+                                                                                             **m),
+               torch.empty(4, **i32), torch.empty(4, 16, **i32), 1000,
+               torch.empty(8, 1000, dtype=torch.float32, **m))),
+    ]
+    for split in (1, 4):
+        size = 16 * 64
+        calls.append((moe, (torch.empty(8, 1024, **bf), torch.empty(16, 512, 1024, **bf), torch.empty(size, **i32),
+                            torch.empty(size // 16, **i32), torch.empty(1, **i32), 2, "silu", split,
+                            torch.empty(16, 256, **bf),
+                            torch.empty(split, size, 512, dtype=torch.float32, **m) if split > 1 else None)))
+    for mod, args in calls:
+        built = set(mod.SPEC.configs(target))
+        cands = jitkern.dispatcher(mod.SPEC).candidates(args, target, torch.device("meta"))
+        launched = [la.config for c in cands for la in c.launches]
+        assert launched, mod.OP
+        for cfg in launched:
+            assert cfg in built, (mod.OP, a, cfg.describe())

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from jitkern import arch, cachectl, counters, registry, signing
-from jitkern.build import get_entry, plan
+from jitkern.build import get_entry
+from jitkern.plan import plan
 from jitkern.cache import MANIFEST, Layer, Store
 from jitkern.cli import main
 

@@ -10,6 +10,7 @@ import torch
 
 import jitkern
 from jitkern import arch, build, counters, key, strict
+from jitkern import plan as plan_mod
 from jitkern.cache import default_store, nearest
 from jitkern.library import rms_norm as rn
 
@@ -17,7 +18,7 @@ CPU = arch.ARCHES["cpu"]
 
 
 def job(block=256, dtype="fp32"):
-    return build.plan(rn.SPEC, rn.config(dtype, False, True, block, True), CPU)
+    return plan_mod.plan(rn.SPEC, rn.config(dtype, False, True, block, True), CPU)
 
 
 def test_explain_names_each_changed_part_old_to_new():

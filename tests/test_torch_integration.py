@@ -58,7 +58,7 @@ def test_every_builtin_op_registers(name):
     mutable = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert mutable == set(spec.mutates)
     assert torch_ops.registered(name) is not None
-    eager = torch_ops.dispatcher(spec)
+    eager = torch_ops.op_function(spec)
     assert eager is spec.fn and eager._torchdynamo_inline.__name__ == f"{name}_traced"  # no wrapper in eager
 
 
@@ -97,8 +97,8 @@ def test_unregistrable_op_stays_callable_with_one_warning(caplog):
 
     spec = _toy(g)
     with caplog.at_level(logging.WARNING, logger="jitkern"):
-        fn = torch_ops.dispatcher(spec)
-        torch_ops.dispatcher(spec)
+        fn = torch_ops.op_function(spec)
+        torch_ops.op_function(spec)
     assert fn is g
     assert sum("not registered with torch.library" in r.getMessage() for r in caplog.records) == 1
 
@@ -132,7 +132,7 @@ def test_three_kinds_of_op_compile_without_graph_breaks(eager_path):
     specs = (_toy(scale_out, outputs=("out",), alloc=lambda x, s, out=None: {"out": torch.empty_like(x)}),
              _toy(bump_, outputs=("x",)), _toy(pair, fake=lambda x: (torch.empty_like(x), torch.empty_like(x))),
              _toy(zero_, mutates=("x",)))
-    a, b, c, d = (torch_ops.dispatcher(spec) for spec in specs)
+    a, b, c, d = (torch_ops.op_function(spec) for spec in specs)
     for spec, eager in zip(specs, (a, b, c, d)):
         assert (eager is spec.fn) == (eager_path == "inline-hook")
 

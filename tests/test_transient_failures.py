@@ -274,8 +274,9 @@ def test_full_home_on_the_gpu_build_path_is_detected_by_the_probe(small_disk, tm
     assert write_probe(disk) is not None
     code = textwrap.dedent("""
         from jitkern import arch, build
+        from jitkern import plan as plan_mod
         from jitkern.library import rms_norm as rn
-        job = build.plan(rn.SPEC, rn.config("bf16", False, True, 256, True), arch.get("sm_90"))
+        job = plan_mod.plan(rn.SPEC, rn.config("bf16", False, True, 256, True), arch.get("sm_90"))
         entry, how = build.get_entry(job)
         print(how, sorted(entry.verified))
     """)

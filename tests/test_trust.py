@@ -91,7 +91,7 @@ def _op():
 
     import jitkern
 
-    jitkern.runtime.clear_memory()
+    jitkern.dispatch.clear_memory()
     x, w = torch.randn(4, 64), torch.rand(64) + 0.5
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
     assert torch.allclose(jitkern.ops.rms_norm(x, w, 1e-6), ref, atol=1e-4, rtol=1e-4)

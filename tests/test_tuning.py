@@ -12,7 +12,8 @@ import torch
 
 import jitkern
 from jitkern import arch, budget, constraints, tuning
-from jitkern.build import plan
+from jitkern.build import report
+from jitkern.plan import plan
 from jitkern.errors import ConfigError
 from jitkern.library import gemm
 
@@ -60,7 +61,7 @@ def test_record_written_and_used_by_a_second_process(cache_dir):
         a, b = torch.randn({SHAPE[0]}, {SHAPE[2]}, dtype=torch.bfloat16), torch.randn({SHAPE[2]}, {SHAPE[1]}, dtype=torch.bfloat16)
         c = jitkern.ops.gemm(a, b)
         err = (c.float() - a.float() @ b.float()).abs().max().item()
-        (cfg, _), = gemm._plans.values()
+        cfg = jitkern.dispatcher(gemm.SPEC).route_for(a, b, c).active_candidate.launches[0].config
         print(json.dumps({{"tile": {{p: cfg.p[p] for p in gemm.TILE_PARAMS}}, "err": err,
                           "first": gemm.candidates("cpu", "bf16", "m64")[0]}}))
     """)
@@ -135,7 +136,7 @@ def test_shipped_table_fits_its_arch(name, monkeypatch):
         assert constraints.violations(name, "gemm", dict(tile, dtype="bf16")) == []
         assert gemm.candidates(name, "bf16", b, b_trans=b_trans)[0] == tile  # shipped winners come first
         if key in ("large", "m16"):  # two real compiles per arch keep this test short
-            st = budget.status(plan(gemm.SPEC, gemm.config("bf16", False, True, tile), a))
+            st = report(plan(gemm.SPEC, gemm.config("bf16", False, True, tile), a))
             assert st["status"] in ("built", "cached"), st
             assert st["shared_bytes"] <= a.shared_mem_per_block
 
@@ -151,7 +152,7 @@ def test_gpu_autotune_end_to_end(monkeypatch, cache_dir):
     rec = tuning.load_record(a_.name, "gemm", "bf16", "m64")
     assert rec is not None and any("ms" in r for r in rec["results"])
     assert min(r["ms"] for r in rec["results"] if "ms" in r) == rec["ms"]
-    (cfg, _), = gemm._plans.values()
+    (cfg,) = jitkern.dispatcher(gemm.SPEC).active_configs()
     assert {p: cfg.p[p] for p in gemm.TILE_PARAMS} == rec["params"]
 
 

@@ -82,9 +82,9 @@ def main(argv=None):
                                   return_mode="median")
         except Exception as e:  # the comparison must not hide the main figures
             tw = {"twin_error": f"{type(e).__name__}: {str(e)[:200]}"}
-        sig = [v for key, v in gemm._plans.items() if key[0] == dt and key[2] == gemm.bucket(m)
-               and key[3] == (layout == "nk")]
-        cfg = sig[-1][0].p if sig else {}
+        route = jitkern.dispatcher(gemm.SPEC).route_for(a, b, out)
+        chosen = route.active_candidate if route is not None else None
+        cfg = chosen.launches[0].config.p if chosen is not None else {}
         tile = (f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} g{cfg['group_m']} w{cfg['num_warps']} "
                 f"s{cfg['num_stages']}" + (f" tma{'/p' if cfg.get('persistent') else ''}"
                                          f"{'/ws' if cfg.get('warp_spec') else ''}/e{cfg.get('epi_split')}"

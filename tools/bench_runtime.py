@@ -1,4 +1,4 @@
-"""Runtime benchmark for jitkern's fast path (issue 6), with Triton's own anchors measured in the same run.
+"""Runtime benchmark for jitkern's fast path, with Triton's own anchors measured in the same run.
 
     python tools/bench_runtime.py [--runs 3] [--json-out FILE]
 
@@ -21,7 +21,9 @@ Prints one JSON object (also written to --json-out) and a table of the floors:
    20000 calls: back to back (triton_baseline.py's method) and CPU-only (``*_cpu``: batches of 200, GPU
    drained between; the floors are judged on these). Also the jitkern figure with
    JITKERN_DIRECT_LAUNCH=0 and the parts of a call, each timed alone.
-3. import: ``import jitkern`` in a fresh interpreter (best of 5), and whether it imported torch.
+3. every op: CPU time per call of each built-in op and the README's third-party example op on tiny
+   inputs, against torch.add(out=) per kernel the call launches (same clock, same process).
+4. import: ``import jitkern`` in a fresh interpreter (best of 5), and whether it imported torch.
 """
 from __future__ import annotations
 
@@ -247,9 +249,103 @@ def child_dispatch() -> dict:
     return res
 
 
+def op_cases(dev: str):
+    """``{name: call}`` for every built-in op and the README's third-party example op on tiny inputs
+    on ``dev`` (each call is a hot-path call: outputs given, no host sync), and their specs."""
+    import torch
+
+    import jitkern
+    from jitkern.library import moe_gemm_stage1 as moe
+
+    sys.path.insert(0, str(REPO / "tests" / "example_pkg"))
+    sys.path.insert(0, str(HERE))
+    import jitkern_example
+    from bench_seed_ops import paged_decode_inputs
+
+    bf = torch.bfloat16
+    torch.manual_seed(0)
+    ops = jitkern.ops
+    x, w = torch.randn(4, 256, device=dev, dtype=bf), torch.randn(256, device=dev, dtype=bf)
+    o = torch.empty_like(x)
+    a, wt = torch.randn(16, 256, device=dev, dtype=bf), torch.randn(256, 256, device=dev, dtype=bf)
+    c = torch.empty(16, 256, device=dev, dtype=bf)
+    hq, hkv, d = 4, 1, 128
+    qkv = torch.randn(2, (hq + 2 * hkv) * d, device=dev, dtype=bf)
+    qw, kw = torch.ones(d, device=dev, dtype=bf), torch.ones(d, device=dev, dtype=bf)
+    cs = torch.randn(64, d, device=dev, dtype=torch.float32)
+    pos = torch.arange(2, device=dev)
+    q, kc, vc, bt, lens = paged_decode_inputs(torch, dev, 2, 64, 4, 1, 128, 16)
+    pa_out = torch.empty_like(q)
+    cache = torch.randn(8, 16, 64, device=dev, dtype=bf)
+    gbt = torch.arange(8, device=dev, dtype=torch.int32).view(2, 4)
+    cu = torch.tensor([0, 30, 64], device=dev, dtype=torch.int32)
+    g_out = torch.empty(64, 64, device=dev, dtype=bf)
+    mq = torch.randn(2, 1, 16, 64, device=dev, dtype=bf)
+    mkv = torch.randn(8, 16, 64, device=dev, dtype=bf)
+    mw = torch.rand(2, 16, device=dev)
+    mlens = torch.tensor([40, 64], device=dev, dtype=torch.int32)
+    m_out = torch.empty(2, 64, device=dev, dtype=torch.float32)
+    experts, topk, hidden, n = 4, 2, 128, 64
+    mx = torch.randn(4, hidden, device=dev, dtype=bf)
+    mw1 = torch.randn(experts, 2 * n, hidden, device=dev, dtype=bf) / 16
+    tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(4)]).int()
+    ids, eids, npad = moe.moe_align(tid, experts, 16)
+    moe_out = moe.moe_gemm_stage1(mx, mw1, ids, eids, npad, topk)
+    xs = torch.randn(1024, device=dev, dtype=bf)
+    ys, ex_out = torch.randn_like(xs), torch.empty_like(xs)
+    cases = {
+        "rms_norm": lambda: ops.rms_norm(x, w, out=o),
+        "gemm": lambda: ops.gemm(a, wt.t(), out=c),
+        "qk_norm_rope": lambda: ops.qk_norm_rope(qkv, qw, kw, cs, pos, hq, hkv, d),
+        "paged_attention_decode": lambda: ops.paged_attention_decode(q, kc, vc, bt, lens, 0.1, 64, out=pa_out),
+        "gather_kv_cache": lambda: ops.gather_kv_cache(cache, gbt, cu, num_tokens=64, out=g_out),
+        "paged_mqa_logits": lambda: ops.paged_mqa_logits(mq, mkv, mw, mlens, gbt, 64, out=m_out),
+        "moe_gemm_stage1": lambda: ops.moe_gemm_stage1(mx, mw1, ids, eids, npad, topk, out=moe_out),
+        "example_scale_add": lambda: jitkern_example.scale_add(xs, ys, 0.5, out=ex_out),
+    }
+    specs = {name: (jitkern.get_op(name) if name in jitkern.registry.names() else jitkern_example.SPEC)
+             for name in cases}
+    return cases, specs
+
+
+def child_ops() -> dict:
+    """CPU time per call of every built-in op and the README's third-party example op on tiny inputs
+    (batches of BATCH calls, GPU drained between), with torch.add(out=) timed the same way in the same
+    process; ``kernels``: how many kernels the call launches (the floor scales with it)."""
+    import torch
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    import jitkern
+
+    cases, specs = op_cases("cuda")
+    xs = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    ys, outs = torch.randn_like(xs), torch.empty_like(xs)
+    res = {}
+    for name, fn in cases.items():  # first calls: plan, load (compiles on a cold cache)
+        fn()
+    torch.cuda.synchronize()
+    for name in cases:
+        routes = [r for r in jitkern.dispatcher(specs[name])._routes.values() if r is not None and r.active]
+        cand = routes[-1].active_candidate
+        res[name] = {"kernels": len(cand.launches), "variant": cand.name}
+    anchor = lambda: torch.add(xs, ys, out=outs)  # noqa: E731
+    for _ in range(2):
+        res["torch_add_out_cpu_us"] = min(res.get("torch_add_out_cpu_us", 1e9), _best_per_call(anchor, batch=BATCH))
+        for name, fn in cases.items():
+            us = _best_per_call(fn, iters=10000, reps=3, batch=BATCH)
+            res[name]["cpu_us"] = round(min(res[name].get("cpu_us", 1e9), us), 3)
+    for name in cases:
+        r = res[name]
+        r["ratio_per_kernel_vs_torch_add_out"] = round(r["cpu_us"] / (r["kernels"] * res["torch_add_out_cpu_us"]), 3)
+    res["torch_add_out_cpu_us"] = round(res["torch_add_out_cpu_us"], 3)
+    return res
+
+
 def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
     """Where a call's time goes: the parts of the op's hot path, each timed alone."""
     import torch
+
+    from jitkern import dispatcher as jitkern_dispatcher
 
     xp, wp, op = x.data_ptr(), w.data_ptr(), o.data_ptr()
     stream = torch._C._cuda_getCurrentRawStream
@@ -261,7 +357,6 @@ def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
         "kernel_run_int_pointers": lambda: k.run(rows, 1, 1, xp, wp, xp, op, n, n, 0, n, 1e-6),
         "kernel_run_tensors": lambda: k.run(rows, 1, 1, x, w, x, o, n, n, 0, n, 1e-6),
         "kernel_launch_via_triton_launcher": lambda: k.launch((rows, 1, 1), x, w, x, o, n, n, 0, n, 1e-6),
-        "op_function_without_dispatcher": lambda: rn.rms_norm(x, w, out=o),
         "jitkern_ops_rms_norm": lambda: f(x, w, out=o),
     }
     # Triton's generated C launch with every argument given (no Python wrapper), and with an empty grid
@@ -273,19 +368,23 @@ def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
                                                         n, 0, n, 1e-6)
     parts["c_launch_empty_grid"] = lambda: c_launch(0, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n, n,
                                                     0, n, 1e-6)
+    d = jitkern_dispatcher(rn.SPEC)
+    parts["dispatcher_signature"] = lambda: d.key((x, w, 1e-6, None, o))
     out = {name + "_us": round(_best_per_call(fn, iters=10000, reps=3), 3) for name, fn in parts.items()}
-    # the op's Python alone: its plan's launch swapped for a no-op builtin that takes any arguments
-    sig = (x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device, o.shape, o.stride(),
-           o.dtype, o.device, None)
-    plan = rn._plans[sig]
-    rn._plans[sig] = ("".format, *plan[1:])
+    # the op's Python alone: the kernel's launch swapped for a no-op builtin that takes any arguments
+    # (the dispatcher's decisions are forgotten so the next call binds the no-op)
+    from jitkern import dispatch
+
+    real = k.run
+    k.run = "".format
+    dispatch.clear_memory()
     try:
-        out["op_function_python_only_us"] = round(_best_per_call(lambda: rn.rms_norm(x, w, out=o), 10000, 3), 3)
         out["jitkern_ops_python_only_us"] = round(_best_per_call(lambda: f(x, w, out=o), 10000, 3), 3)
     finally:
-        rn._plans[sig] = plan
+        k.run = real
+        dispatch.clear_memory()
     out["takes_addresses"] = k.takes_addresses
-    out["plans"] = len(rn._plans)
+    out["signatures"] = d.signatures
     def calls():
         for _ in range(5000):
             f(x, w, out=o)
@@ -318,8 +417,8 @@ def child_warm_phases() -> dict:
     import triton
 
     from jitkern.build import get_entry
-    from jitkern.launcher import load
-    from jitkern.plan_index import planned
+    from jitkern.load import load
+    from jitkern.plan import plan
     from jitkern.runtime import arches_for
     from jitkern.spec import Config
 
@@ -344,7 +443,7 @@ def child_warm_phases() -> dict:
     def run():
         arch = timed("arch", lambda: arches_for(a.device)[1])
         for bm, bn, bk in TILES:
-            job = timed("plan", lambda: planned(spec, Config.make("triton", bm=bm, bn=bn, bk=bk, num_warps=4), arch))
+            job = timed("plan", lambda: plan(spec, Config.make("triton", bm=bm, bn=bn, bk=bk, num_warps=4), arch))
             entry = timed("lookup", lambda: get_entry(job)[0])
             k = timed("load", lambda: load(entry, job))
             timed("launch", lambda: k.run(triton.cdiv(M, bm) * triton.cdiv(N, bn), 1, 1, a, b, c, M, N, K,
@@ -369,7 +468,8 @@ def child_import() -> dict:
 
 
 CHILDREN = {"warm-triton": lambda: child_warmstart("triton"), "warm-jitkern": lambda: child_warmstart("jitkern"),
-            "dispatch": child_dispatch, "import": child_import, "warm-jitkern-phases": child_warm_phases}
+            "dispatch": child_dispatch, "import": child_import, "warm-jitkern-phases": child_warm_phases,
+            "ops": child_ops}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,6 +508,7 @@ def run_all(runs: int) -> dict:
         out["jitkern_warm_profile"] = _child("warm-jitkern-phases", {**env, "BENCH_PROFILE": "1"})["profile"]
         out["dispatch"] = _child("dispatch", env)
         out["dispatch_triton_launcher"] = _child("dispatch", {**env, **TRITON_LAUNCHER})
+        out["ops"] = _child("ops", env)
     out["import"] = [_child("import", {}) for _ in range(5)]
     return out
 
@@ -438,12 +539,15 @@ def summarize(res: dict) -> dict:
         "import_jitkern_ms_best": min(imp) * 1e3,
         "import_jitkern_ms_median": statistics.median(imp) * 1e3,
         "import_pulls_torch": any(r["torch_imported"] for r in res["import"]),
+        "ops_ratio_per_kernel": {k: v["ratio_per_kernel_vs_torch_add_out"] for k, v in res["ops"].items()
+                                 if isinstance(v, dict)},
     }
     s["floors"] = {
         "warm_start_le_0.1": s["warm_ratio_jitkern_over_triton"] <= 0.1,
         "dispatch_le_0.5_triton_jit": s["dispatch_ratio_vs_triton_jit"] <= 0.5,
         "dispatch_le_1.2_torch_add_out": s["dispatch_ratio_vs_torch_add_out"] <= 1.2,
         "import_le_50ms_no_torch": s["import_jitkern_ms_median"] <= 50 and not s["import_pulls_torch"],
+        "every_op_le_1.1_torch_add_out_per_kernel": all(v <= 1.1 for v in s["ops_ratio_per_kernel"].values()),
     }
     return s
 
@@ -476,6 +580,10 @@ def table(res: dict, s: dict) -> str:
         ("  jitkern / torch.add(out=), CPU-only", "", f"{s['dispatch_ratio_vs_torch_add_out']:.3f}x  (floor <= 1.2)"),
         ("  same two, back to back", "",
          f"{s['back_to_back_ratio_vs_triton_jit']:.3f}x, {s['back_to_back_ratio_vs_torch_add_out']:.3f}x"),
+        (f"every op, CPU us per call (torch.add(out=) {res['ops']['torch_add_out_cpu_us']:.2f} us per kernel)", "", ""),
+        *[(f"  {k} ({v['variant']}, {v['kernels']} kernel{'s' if v['kernels'] > 1 else ''})", f"{v['cpu_us']:9.2f} us",
+           f"{v['ratio_per_kernel_vs_torch_add_out']:.3f}x per kernel  (floor <= 1.1)")
+          for k, v in res["ops"].items() if isinstance(v, dict)],
         ("import jitkern (best / median of 5)", f"{s['import_jitkern_ms_best']:.1f} / {s['import_jitkern_ms_median']:.1f} ms",
          f"torch imported: {s['import_pulls_torch']}  (floor <= 50 ms, no torch)"),
     ]

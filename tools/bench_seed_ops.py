@@ -125,8 +125,9 @@ def main() -> int:
         q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, hq, hkv, d, page)
         nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2 + bt.numel() * 4
         bench("paged_attention_decode", f"b={bsz} ctx={ctx} h={hq}/{hkv} d={d}", nbytes,
-              lambda: pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=131072),
-              lambda: pa.reference(q, k, v, bt, lens), close)
+              lambda q=q, k=k, v=v, bt=bt, lens=lens: pa.paged_attention_decode(q, k, v, bt, lens,
+                                                                                 max_context_len=131072),
+              lambda q=q, k=k, v=v, bt=bt, lens=lens: pa.reference(q, k, v, bt, lens), close)
         del k, v
         torch.cuda.empty_cache()
 
@@ -142,8 +143,9 @@ def main() -> int:
         total = int(cu[-1])
         nbytes = 2 * total * e * 2
         bench("gather_kv_cache", f"b={bsz} ctx<={ctx} page={pg} entry={e}", nbytes,
-              lambda: gkv.gather_kv_cache(cache, bt, cu, num_tokens=total),
-              lambda: gkv.reference(cache, bt, cu, num_tokens=total), lambda y, r: close(y, r))
+              lambda cache=cache, bt=bt, cu=cu, total=total: gkv.gather_kv_cache(cache, bt, cu, num_tokens=total),
+              lambda cache=cache, bt=bt, cu=cu, total=total: gkv.reference(cache, bt, cu, num_tokens=total),
+              lambda y, r: close(y, r))
         del cache
         torch.cuda.empty_cache()
 
@@ -157,8 +159,8 @@ def main() -> int:
         used = int(torch.unique(tid).numel())
         nbytes = used * 2 * n * hidden * 2 + x.numel() * 2 + t * topk * n * 2
         bench("moe_gemm_stage1", f"tokens={t} E={experts} top{topk} {hidden}->2x{n} ({used} hit)", nbytes,
-              lambda: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk),
-              lambda: moe.reference(x, w, ids, eids, npad, topk), close)
+              lambda x=x, w=w, ids=ids, eids=eids, npad=npad: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk),
+              lambda x=x, w=w, ids=ids, eids=eids, npad=npad: moe.reference(x, w, ids, eids, npad, topk), close)
     del w
     torch.cuda.empty_cache()
 
@@ -174,8 +176,8 @@ def main() -> int:
         wt = torch.rand(bsz * nn, h, device=dev)
         nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
         bench("paged_mqa_logits", f"b={bsz} next_n={nn} ctx=max_len={ctx} h={h} d={d}", nbytes,
-              lambda: mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx),
-              lambda: mqa.reference(q, kv, wt, lens, bt, ctx), close)
+              lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx: mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx),
+              lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx: mqa.reference(q, kv, wt, lens, bt, ctx), close)
         del kv
         torch.cuda.empty_cache()
 
@@ -194,7 +196,7 @@ def main() -> int:
 def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
     import itertools
 
-    from jitkern import runtime
+    import jitkern
 
     dev = "cuda"
     sops = set(args.sweep_ops.split(","))
@@ -213,7 +215,7 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
             del os.environ[k]
         for k, v in params.items():
             os.environ[f"{prefix}{k.upper()}"] = str(v)
-        runtime.clear_memory()
+        jitkern.reset()  # tiles are chosen once per call signature: decide every signature again
 
     def run_grid(name, prefix, grid, cases):
         out[name] = []
@@ -291,8 +293,8 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
         ids, eids, npad = moe.moe_align(tid, experts, 16)
         nbytes = int(torch.unique(tid).numel()) * 2 * n * hidden * 2
         grid = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=ns) for bn, bk, ns in
-                itertools.product((32, 64, 128), (128, 256), (3, 4))]
-        grid += [dict(block_n=128, block_k=bk, num_warps=8, num_stages=ns) for bk, ns in itertools.product((128, 256), (3, 4))]
+                itertools.product((32, 64, 128), (64, 128), (3, 4))]
+        grid += [dict(block_n=128, block_k=bk, num_warps=8, num_stages=ns) for bk, ns in itertools.product((64, 128), (3, 4))]
         out["moe_gemm_stage1"] = []
         for params in grid:
             with_env("JITKERN_MOE_GEMM_STAGE1_", params)

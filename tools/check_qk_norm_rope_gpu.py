@@ -51,7 +51,7 @@ def main() -> int:
     from triton.testing import do_bench
 
     import jitkern
-    from jitkern import arch, counters, fallback
+    from jitkern import arch, counters, runtime
     from jitkern.errors import BuildError
     from jitkern.library import qk_norm_rope as qnr
 
@@ -95,18 +95,21 @@ def main() -> int:
         report["results"].append({"style": style, "variant": "torch reference (anchor)", "ms": round(anchor_ms, 5),
                                   "gbps": round(moved / anchor_ms / 1e6, 1)})
         outs = {}
-        for cand in qnr.candidates(a, "bf16", "fp32", "i64", d, is_neox):
+        disp = jitkern.dispatcher(qnr.SPEC)
+        call_args = (qkv0, qw, kw, cs, pos, hq, hkv, d, 1e-6, is_neox)
+        for cand in disp.candidates(call_args, a, qkv0.device):
             row = {"style": style, "variant": cand.variant}
             t0 = time.perf_counter()
             try:
-                k = fallback.obtain(qnr.SPEC, cand.config, qkv0.device)
+                kernels = [runtime.kernel(qnr.SPEC, la.config, qkv0.device) for la in cand.launches]
+                fire = disp.bind(cand, kernels)
             except BuildError as e:
                 row.update(status="unavailable", reason=str(e))
                 report["results"].append(row)
                 continue
             row["build_or_load_s"] = round(time.perf_counter() - t0, 3)
             x = qkv0.clone()
-            cand.launch(k, x, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6)
+            fire((x, *call_args[1:]))
             torch.cuda.synchronize()
             outs[cand.variant] = x
             err = (x.float() - want.float()).abs().max().item()
@@ -114,14 +117,15 @@ def main() -> int:
             row["matches_reference"] = bool(torch.allclose(x.float(), want.float(), atol=2e-2, rtol=2e-2))
             ok &= row["matches_reference"]
             y = qkv0.clone()
-            ms = do_bench(lambda: cand.launch(k, y, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6))
+            y_args = (y, *call_args[1:])
+            ms = do_bench(lambda: fire(y_args))
             row.update(ms=round(ms, 5), gbps=round(moved / ms / 1e6, 1), speedup_vs_anchor=round(anchor_ms / ms, 2),
                        frac_peak=round(gpu_peaks.frac(moved / ms * 1e3, peak), 3) if peak else None,
-                       frac_copy=round(moved / ms * 1e3 / gpu["copy_bytes_per_s"], 3), config=cand.config.describe())
+                       frac_copy=round(moved / ms * 1e3 / gpu["copy_bytes_per_s"], 3), config=cand.launches[0].config.describe())
             if cand.variant == "triton":
                 try:
-                    tw = jit_twin.compare(lambda: cand.launch(k, y, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6),
-                                          do_bench)
+                    # bound on each call, so the twin's recording sees the kernels' (patched) launch
+                    tw = jit_twin.compare(lambda: disp.bind(cand, kernels)(y_args), do_bench)
                     row.update(triton_jit_ms=round(tw["triton_jit_ms"], 5), jitkern_ms_same_pass=round(tw["jitkern_ms"], 5),
                                jit_over_jitkern=round(tw["jit_over_jitkern"], 3))
                 except Exception as e:  # the comparison must not hide the main figures
@@ -146,8 +150,8 @@ def main() -> int:
         per = (time.perf_counter() - t0) / n * 1e3
         report["results"].append({"style": style, "variant": "jitkern.ops.qk_norm_rope (routed)",
                                   "ms_back_to_back": round(per, 5),
-                                  "routed_to": qnr._routes[(torch.bfloat16, torch.float32, torch.int64, d, is_neox,
-                                                             y.device)].active})
+                                  "routed_to": jitkern.dispatcher(qnr.SPEC).route_for(
+                                      y, qw, kw, cs, pos, hq, hkv, d, 1e-6, is_neox).active})
     # host-side cost per call: one token (the GPU work is negligible), back to back; the anchor is
     # torch.add(out=) on the same small tensors, timed the same way in the same run
     one = qkv0[:1].clone()
@@ -192,7 +196,8 @@ def main() -> int:
 
 def sweep(torch, do_bench, qnr, a, qkv0, qw, kw, cs, pos, hq, hkv, moved) -> list:
     """Triton variant, both styles, over tile x num_warps (through the env overrides)."""
-    from jitkern import fallback, runtime
+    import jitkern
+    from jitkern import runtime
 
     out = []
     for tile in (256, 512, 1024, 2048):
@@ -200,14 +205,15 @@ def sweep(torch, do_bench, qnr, a, qkv0, qw, kw, cs, pos, hq, hkv, moved) -> lis
             os.environ["JITKERN_QK_NORM_ROPE_TILE"], os.environ["JITKERN_QK_NORM_ROPE_NUM_WARPS"] = str(tile), str(nw)
             runtime.clear_memory()
             rec = {"tile": tile, "num_warps": nw}
+            jitkern.reset()  # forget the decisions made under the previous overrides
             for is_neox in (True, False):
-                cand = [c for c in qnr.candidates(a, "bf16", "fp32", "i64", qkv0.shape[1] // (hq + 2 * hkv), is_neox)
-                        if c.variant == "triton"][0]
                 try:
-                    k = fallback.obtain(qnr.SPEC, cand.config, qkv0.device)
                     y = qkv0.clone()
-                    ms = do_bench(lambda: cand.launch(k, y, qw, kw, cs, pos, hq, hq + hkv, cs.shape[0], 1e-6),
-                                  warmup=10, rep=40, return_mode="median")
+                    args = (y, qw, kw, cs, pos, hq, hkv, qkv0.shape[1] // (hq + 2 * hkv), 1e-6, is_neox)
+                    disp = jitkern.dispatcher(qnr.SPEC)
+                    cand = [c for c in disp.candidates(args, a, qkv0.device) if c.variant == "triton"][0]
+                    fire = disp.bind(cand, [runtime.kernel(qnr.SPEC, la.config, qkv0.device) for la in cand.launches])
+                    ms = do_bench(lambda: fire(args), warmup=10, rep=40, return_mode="median")
                     rec["neox" if is_neox else "gptj"] = ms
                     rec[("neox" if is_neox else "gptj") + " TB/s"] = moved / ms / 1e9
                 except Exception as e:  # a tile that does not build: record and go on
@@ -216,9 +222,7 @@ def sweep(torch, do_bench, qnr, a, qkv0, qw, kw, cs, pos, hq, hkv, moved) -> lis
             out.append(rec)
     for var in ("JITKERN_QK_NORM_ROPE_TILE", "JITKERN_QK_NORM_ROPE_NUM_WARPS"):
         os.environ.pop(var, None)
-    runtime.clear_memory()
-    for d in (qnr._routes, qnr._plans):
-        d.clear()
+    jitkern.reset()
     return out
 
 

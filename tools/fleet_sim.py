@@ -42,7 +42,7 @@ ARCHES = ("sm_90", "gfx942")
 def jobs(count: int):
     """The first ``count`` rms_norm configurations over ARCHES, planned (rendered + keyed)."""
     from jitkern import arch, registry
-    from jitkern.build import plan
+    from jitkern.plan import plan
 
     spec = registry.get("rms_norm")
     out = []

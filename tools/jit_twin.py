@@ -58,6 +58,9 @@ def record(fn):
 
         patched.append((k, run, launch))
         k.run, k.launch = make_run(), make_launch()
+    from jitkern import dispatch
+
+    dispatch.clear_memory()  # the dispatcher binds a kernel's run when it decides: decide again, patched
     try:
         fn()
     finally:
@@ -67,6 +70,7 @@ def record(fn):
                     k.__dict__.pop(name, None)
                 else:
                     setattr(k, name, old)
+        dispatch.clear_memory()
     # a launch through kernel[grid] reaches launch() (and on the direct path run()): keep one of each
     out, last = [], None
     for item in launches:

@@ -42,15 +42,16 @@ CONFIGS = (("fp32", False, True, 256, True), ("bf16", True, True, 256, True), ("
 
 # ---- the worker (a separate process) ----------------------------------------------------------
 def _jobs(mode):
-    from jitkern import arch, build
+    from jitkern import arch
+    from jitkern.plan import plan as plan_job
     from jitkern.library import rms_norm as rn
 
     if mode == "sm90":
-        return [build.plan(rn.SPEC, rn.config(*c), arch.get("sm_90")) for c in CONFIGS]
+        return [plan_job(rn.SPEC, rn.config(*c), arch.get("sm_90")) for c in CONFIGS]
     jobs = []
     for _, n in SHAPES:
         block, single = rn.block_for(n)
-        jobs.append(build.plan(rn.SPEC, rn.config("fp32", False, n % 16 == 0, block, single), arch.ARCHES["cpu"]))
+        jobs.append(plan_job(rn.SPEC, rn.config("fp32", False, n % 16 == 0, block, single), arch.ARCHES["cpu"]))
     return jobs
 
 

@@ -45,14 +45,15 @@ def tile_text(p):
 def offline(arches, dtype):
     os.environ.pop("TRITON_INTERPRET", None)
     from jitkern import arch as _arch, budget
-    from jitkern.build import plan
+    from jitkern.build import report
+    from jitkern.plan import plan
     from jitkern.library import gemm
 
     out, rows = [], []
     for a in _arch.parse_list(arches):
         for b, _ in gemm.BUCKETS:
             for tile in gemm.candidates(a.name, dtype, b, tuned=False):
-                st = budget.status(plan(gemm.SPEC, gemm.config(dtype, False, True, tile), a))
+                st = report(plan(gemm.SPEC, gemm.config(dtype, False, True, tile), a))
                 out.append({"arch": a.name, "bucket": b, "params": tile, **st})
                 rows.append([a.name, b, tile_text(tile), st["shared_bytes"], st["budget_bytes"], st["regs"],
                              st["spills"], st["status"]])

@@ -1,7 +1,5 @@
-"""Builders turn a planned job (rendered source + config + arch) into the files of a cache entry.
-
-Each builder module offers ``fingerprint(arch) -> dict`` (what identifies its toolchain; part of
-every key it builds) and ``build(job) -> (files, meta)``.
+"""Builders turn a planned job (rendered source + config + arch) into the files of a cache entry,
+and load what they built. The interface every builder offers is ``jitkern.builders.base.Builder``.
 """
 from __future__ import annotations
 
@@ -27,3 +25,9 @@ def get(kind: str):
         raise SpecError(f"unknown variant kind {kind!r}; known kinds: {', '.join(KINDS)}") from None
     mod = importlib.import_module(module)
     return mod if attr is None else getattr(mod, attr)
+
+
+def probe(kind: str, arch) -> str | None:
+    """Why a ``kind`` variant cannot be built for ``arch`` on this machine (None: it can try)."""
+    fn = getattr(get(kind), "probe", None)
+    return fn(arch) if fn is not None else None

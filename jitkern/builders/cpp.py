@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from .. import counters, settings
 from ..errors import BuildError, LaunchError, UnavailableError
-from ..launcher import Kernel
+from .base import Kernel
 
 LOG_FILE = "build.log"
 DEFAULT_TIMEOUT = settings.setting("build_timeout").default

@@ -18,11 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..arch import interpreter_enabled
+from ..binaries import METADATA_FILE, SOURCE_FILE, binary_name
 from ..errors import BuildError, is_transient
 from ..key import triton_fingerprint
-
-SOURCE_FILE = "kernel.py"
-METADATA_FILE = "metadata.json"
+from ..launcher import GPUKernel
+from .base import Kernel
 
 
 def fingerprint(arch) -> dict[str, Any]:
@@ -77,10 +78,6 @@ def attrs_for(job) -> dict:
         if a.is_pointer or (a.divisible_if and params.get(a.divisible_if)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
-
-
-def binary_name(arch) -> str:
-    return f"kernel.{arch.binary_ext}"
 
 
 def _summary(e: Exception) -> str:
@@ -151,8 +148,6 @@ def build(job) -> tuple[dict[str, bytes], dict[str, Any]]:
             path.write_text(job.source)
             kernel_function(import_source(path, f"jitkern_check_{job.key[:16]}"), job.variant.kernel, job.describe())
         return files, {}
-    from ..runtime import interpreter_enabled
-
     args = (job.source, job.variant.kernel, job.signature, attrs_for(job),
             (job.arch.backend, job.arch.triton_arch, job.arch.warp_size), job.config.compile_options(),
             job.describe())
@@ -166,3 +161,23 @@ def build(job) -> tuple[dict[str, bytes], dict[str, Any]]:
         "num_stages": md.get("num_stages"),
     }
     return files, meta
+
+
+class InterpretedKernel(Kernel):
+    """A CPU entry: the rendered module, run through Triton's interpreter."""
+
+    def __init__(self, entry, job):
+        super().__init__(entry, job)
+        module = module_from_source(entry.read_bytes(SOURCE_FILE), entry.file(SOURCE_FILE),
+                                    f"jitkern_kernels.k{entry.key[:16]}")  # the verified bytes, never a path
+        self._fn = kernel_function(module, job.variant.kernel, entry.path)
+        self._options = job.config.compile_options()
+
+    def launch(self, grid3, *args):
+        self._fn[grid3](*args, **self._options)
+
+
+def load(entry, job) -> Kernel:
+    if job.arch.backend is None:
+        return InterpretedKernel(entry, job)
+    return GPUKernel(entry, job)

@@ -13,10 +13,11 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, registry, runtime
+from .. import checks, constraints, redzone, registry
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
-from ..spec import Arg, Config, OpSpec, Variant
+from ..dispatch import dispatcher
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Variant
 
 OP = "gather_kv_cache"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.int8)
@@ -53,13 +54,17 @@ def reference(kv_cache, block_table, cu_seq_lens, num_tokens=None, out=None):
 
 
 def tiles(arch_name: str) -> dict:
-    """block_t, block_e, num_warps, max_splits for an arch, after rules and env overrides."""
+    """block_t, block_e, num_warps, max_splits for an arch, after rules and env overrides (what
+    ``call.tiles`` gives the plan; prebuild and tools use this)."""
     return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
 
 
-def config(dtype: str, page_size: int, aligned: bool, arch_name: str = "", flat: bool = False) -> Config:
-    """``flat``: token rows contiguous in the cache and in ``out`` (copies whole page runs)."""
-    t = tiles(arch_name)
+def config(dtype: str, page_size: int, aligned: bool, arch_name: str = "", flat: bool = False,
+           tile: dict | None = None) -> Config:
+    """``flat``: token rows contiguous in the cache and in ``out`` (copies whole page runs). ``tile``:
+    the chosen tile (``max_splits`` is a grid bound, not a build parameter); default:
+    ``tiles(arch_name)``."""
+    t = tiles(arch_name) if tile is None else tile
     extra = {"flat": True} if flat else {}  # only flat configs carry the flag (others keep their keys)
     return Config.make("triton", dtype=dtype, page_size=page_size, aligned=aligned, block_t=t["block_t"],
                        block_e=t["block_e"], num_warps=t["num_warps"], **extra)
@@ -73,54 +78,79 @@ def configs(arch):
                 yield config(dtype, page, aligned, arch.name, flat=True)
 
 
-_plans = runtime.plan_cache()
+def plan(call):
+    """Validate one call signature and decide its launch (runs once per signature)."""
+    kv_cache, block_table, cu_seq_lens, num_tokens, out = call.args
+    checks.tensor(OP, "kv_cache", kv_cache, dtypes=DTYPES)
+    if kv_cache.dim() < 3:
+        raise checks.ShapeError(f"{OP}: kv_cache must be [num_blocks, page_size, *entry], got {tuple(kv_cache.shape)}")
+    if kv_cache.numel() == 0:
+        raise checks.ShapeError(f"{OP}: kv_cache has no elements (shape {tuple(kv_cache.shape)}); it needs at least "
+                                f"one block of one token with a non-empty entry")
+    checks.tensor(OP, "block_table", block_table, dtypes=(torch.int32,), ndim=2, like=kv_cache)
+    checks.tensor(OP, "cu_seq_lens", cu_seq_lens, dtypes=(torch.int32,), ndim=1, like=kv_cache)
+    batch = block_table.shape[0]
+    checks.shape(OP, "cu_seq_lens", cu_seq_lens, (batch + 1,))
+    checks.contiguous(OP, "cu_seq_lens", cu_seq_lens)
+    checks.unit_last_stride(OP, "block_table", block_table)
+    page = kv_cache.shape[1]
+    if page not in PAGE_SIZES:
+        raise checks.ShapeError(f"{OP}: page size {page} is not supported; supported: {PAGE_SIZES}")
+    entry = tuple(kv_cache.shape[2:])
+    e = math.prod(entry)
+    if not kv_cache[0, 0].is_contiguous():
+        raise checks.LayoutError(f"{OP}: each token's entry of kv_cache must be contiguous (strides "
+                                 f"{tuple(kv_cache.stride())}); pass kv_cache.contiguous()")
+    n_tok = checks.integer(OP, "num_tokens", num_tokens, minimum=0)
+    checks.tensor(OP, "out", out, like=kv_cache)
+    checks.same_dtype(OP, "out", out, kv_cache, "kv_cache")
+    checks.shape(OP, "out", out, (n_tok, *entry))
+    if n_tok and not out[0].is_contiguous():
+        raise checks.LayoutError(f"{OP}: each row of out must be contiguous (strides {tuple(out.stride())})")
+    if n_tok == 0 or batch == 0:
+        return None  # empty work: nothing to launch
+    for what, v in (("the entry size", e), ("num_tokens", n_tok), ("the batch", batch)):
+        checks.fits_i32(OP, what, v)
+    strides = (kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), out.stride(0) if n_tok > 1 else e)
+    aligned = e % 16 == 0 and all(s % 16 == 0 for s in strides)
+    flat = strides[1] == e and strides[3] == e  # whole page runs are contiguous: copy them as one
+    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)])[0]
+    cfg = config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned, flat=flat, tile=tile)
+    per_program = page if flat else tile["block_t"]  # tokens one step of a program covers
+    splits = max(1, min(tile["max_splits"], -(-n_tok // (batch * per_program))))
+    return Candidate(Launch(cfg, (batch, splits), (In("kv_cache"), In("block_table"), In("cu_seq_lens"), In("out"),
+                                                    *strides, e)))
 
 
 def gather_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
                     num_tokens: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gather committed tokens; ``num_tokens`` (= ``cu_seq_lens[-1]``) avoids a device sync when given
     (and is needed under torch.compile unless ``out`` is passed)."""
-    checks.tensor(OP, "kv_cache", kv_cache, dtypes=DTYPES)
-    if kv_cache.dim() < 3:
-        raise checks.ShapeError(f"{OP}: kv_cache must be [num_blocks, page_size, *entry], got {tuple(kv_cache.shape)}")
-    checks.tensor(OP, "block_table", block_table, dtypes=(torch.int32,), ndim=2, like=kv_cache)
-    checks.tensor(OP, "cu_seq_lens", cu_seq_lens, dtypes=(torch.int32,), ndim=1, like=kv_cache)
-    batch = block_table.shape[0]
-    checks.shape(OP, "cu_seq_lens", cu_seq_lens, (batch + 1,))
-    page = kv_cache.shape[1]
-    if page not in PAGE_SIZES:
-        raise checks.ShapeError(f"{OP}: page size {page} is not supported; supported: {PAGE_SIZES}")
-    entry = tuple(kv_cache.shape[2:])
-    e = math.prod(entry)
-    tok = kv_cache[0, 0] if kv_cache.shape[0] and page else None
-    if tok is not None and not tok.is_contiguous():
-        raise checks.LayoutError(f"{OP}: each token's entry of kv_cache must be contiguous (strides "
-                                 f"{tuple(kv_cache.stride())}); pass kv_cache.contiguous()")
     if num_tokens is None:
-        num_tokens = out.shape[0] if out is not None else int(cu_seq_lens[-1])
-    bufs = CONTRACT.prepare(kv_cache.device, dict(num_tokens=num_tokens, entry=entry, dtype=kv_cache.dtype), out=out)
-    if num_tokens == 0 or batch == 0 or e == 0:
-        return bufs.result("out")  # empty work: nothing to launch
-    o = bufs["out"]
-    if block_table.stride(1) != 1:
-        raise checks.LayoutError(f"{OP}: block_table must be contiguous in its last dimension")
-    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cu_seq_lens", cu_seq_lens), ("out", o)):
-        checks.aligned(OP, name, t)
-    strides = (kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), o.stride(0))
-    aligned = e % 16 == 0 and all(s % 16 == 0 for s in strides)
-    flat = strides[1] == e and strides[3] == e
-    sig = (kv_cache.dtype, kv_cache.device, page, aligned, flat)
-    k = _plans.get(sig)
-    if k is None:
-        select_arch, _ = runtime.arches_for(kv_cache.device)
-        cfg = config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned, select_arch.name, flat)
-        k = _plans[sig] = (runtime.kernel(SPEC, cfg, kv_cache.device), tiles(select_arch.name)["max_splits"])
-    k, max_splits = k
-    per_program = page if flat else k.job.config.p["block_t"]  # tokens one step of a program covers
-    splits = max(1, min(max_splits, -(-num_tokens // (batch * per_program))))
-    k[(batch, splits)](kv_cache, block_table, cu_seq_lens, o, *strides, e)
-    bufs.finish(k)
-    return bufs.result("out")
+        if isinstance(out, torch.Tensor) and out.dim():
+            num_tokens = out.shape[0]
+        elif isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.dim() == 1 and cu_seq_lens.numel():
+            num_tokens = int(cu_seq_lens[-1])
+        else:
+            num_tokens = 0  # the plan names what is wrong with cu_seq_lens
+    num_tokens = checks.integer(OP, "num_tokens", num_tokens, minimum=0)
+    if isinstance(kv_cache, torch.Tensor):
+        bufs = CONTRACT.prepare(kv_cache.device, dict(num_tokens=num_tokens, entry=tuple(kv_cache.shape[2:]),
+                                                      dtype=kv_cache.dtype), out=out)
+        args = (kv_cache, block_table, cu_seq_lens, num_tokens, bufs["out"])
+        ran = _dispatch(*args)
+        bufs.finish(_ran(ran, args) if redzone.enabled() else ran)
+        return bufs.result("out")
+    _dispatch(kv_cache, block_table, cu_seq_lens, num_tokens, out)  # raises: the plan says why
+
+
+def _ran(name, args) -> str:
+    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
+    route = _dispatch.route_for(*args)
+    for c in getattr(route, "candidates", ()):
+        if c.name == name:
+            return " + ".join(la.config.describe() for la in c.launches) or name
+    return name
 
 
 def alloc(kv_cache, block_table, cu_seq_lens, num_tokens=None, out=None):
@@ -146,8 +176,11 @@ SPEC = registry.register(OpSpec(
     fn=gather_kv_cache,
     reference=reference,
     configs=configs,
+    plan=plan,
+    tunables=TUNABLES,
     doc=__doc__,
-    extra={"contract": CONTRACT, "tunables": TUNABLES},
+    extra={"contract": CONTRACT},
     outputs=("out",),
     alloc=alloc,
 ))
+_dispatch = dispatcher(SPEC)

@@ -19,10 +19,13 @@ from typing import Optional
 import torch
 
 from .. import checks, constraints, counters, registry, runtime, tuning
+from ..build import get_entry
+from ..dispatch import dispatcher
 from ..errors import ConfigError, OverBudgetError, ShapeError
 from ..logs import warn_once
+from ..plan import plan as plan_job
 from ..render import builtin_template_dir
-from ..spec import Arg, Config, OpSpec, Variant
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Variant
 
 OP = "gemm"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -155,21 +158,23 @@ def tile_aligned(tile: dict, n: int, k: int, strides=()) -> bool:
     return k % tile["block_k"] == 0 and n % 16 == 0 and k % 16 == 0 and all(s % 16 == 0 for s in strides)
 
 
-def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, strides=None, tuned: bool = True):
-    """The config ``gemm`` uses on ``arch`` for this shape: the first candidate that passes the rules
-    and whose compiled artifact fits the arch's budget. Compiles (or loads) candidates for ``arch``,
-    so it works offline for any arch. Returns ``(Config, rejected)`` with ``rejected`` a list of
-    ``OverBudgetError.figures`` of the candidates skipped."""
-    from ..build import get_entry, plan
-
-    strides = (k, n if not b_trans else k, n) if strides is None else strides
+def choose(arch, dtype: str, m: int, n: int, k: int, b_trans: bool = False, *, tuned: bool = True):
+    """The config ``gemm`` uses on ``arch`` for this shape, found offline (no GPU): the op's own plan
+    on meta tensors, then the first candidate whose compiled artifact fits the arch's budget.
+    Returns ``(Config, rejected)`` with ``rejected`` the ``OverBudgetError.figures`` of the
+    candidates skipped."""
+    tdt = checks.TORCH_DTYPE[dtype]
+    a = torch.empty(m, k, dtype=tdt, device="meta")
+    b = torch.empty(n, k, dtype=tdt, device="meta").t() if b_trans else torch.empty(k, n, dtype=tdt, device="meta")
+    out = torch.empty(m, n, dtype=tdt, device="meta")
+    cands = _dispatch.candidates((a, b, out), arch, a.device, tuned=tuned)
     rejected = []
-    for tile in candidates(arch, dtype, bucket(m), tuned, b_trans):
-        cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
+    for c in cands:
+        cfg = c.launches[0].config
         if arch.backend is None:
             return cfg, rejected
         try:
-            get_entry(plan(SPEC, cfg, arch))
+            get_entry(plan_job(SPEC, cfg, arch))
         except OverBudgetError as e:
             rejected.append(e.figures)
             continue
@@ -209,35 +214,6 @@ def configs(arch):
                         if cfg not in seen:
                             seen.add(cfg)
                             yield cfg
-
-
-_plans = runtime.plan_cache()
-
-
-def _launchable(cfg: Config, device):
-    """The loaded kernel for ``cfg``, or None if it is over the budget of the device's arch."""
-    try:
-        return runtime.kernel(SPEC, cfg, device)
-    except OverBudgetError:
-        return None
-
-
-def _select(dtype: str, device, m: int, n: int, k: int, b_trans: bool, strides):
-    select_arch, build_arch = runtime.arches_for(device)
-    b_name = bucket(m)
-    if tuning.autotune_enabled() and build_arch.backend is not None:
-        tuning.ensure_tuned(SPEC, build_arch, dtype, tuning_bucket(b_name, b_trans),
-                            lambda: tune_args(dtype, [(m, n, k)], b_trans, device))
-    if select_arch is not build_arch and select_arch.backend is not None:
-        cfg, _ = choose(select_arch, dtype, m, n, k, b_trans, strides=strides)  # as it would run there
-        tile = tile_of(cfg.p)
-        return cfg, runtime.kernel(SPEC, config(dtype, b_trans, cfg.p["aligned"], tile), device)
-    for tile in candidates(select_arch, dtype, b_name, b_trans=b_trans):
-        cfg = config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile)
-        k_ = _launchable(cfg, device)
-        if k_ is not None:
-            return cfg, k_
-    raise OverBudgetError(f"{OP}: no {dtype} candidate for M bucket {b_name} fits the budget of {build_arch.name}")
 
 
 def tune_args(dtype: str, shapes, b_trans: bool, device):
@@ -323,17 +299,9 @@ def _torch_gemm(a, b, out, why: str):
     return out
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``a @ b`` for 2-D bf16/fp16 ``a`` [M, K] and ``b`` [K, N] (fp32 accumulation).
-
-    ``a`` needs unit stride along K; ``b`` unit stride along N or along K (e.g. ``w.t()`` for a
-    row-major weight ``w`` [N, K]). ``out``: [M, N], same dtype, unit stride along N; allocated if
-    not given. Returns ``out``. Tensor subclasses and fp32/fp64 inputs go to ``torch.matmul``
-    (``torch_route``), with one warning per reason.
-    """
-    why = torch_route(a, b, out)
-    if why is not None:
-        return _torch_gemm(a, b, out, why)
+def plan(call):
+    """Validate one call signature; candidates are the bucket's tiles as they apply on the arch."""
+    a, b, out = call.args
     checks.tensor(OP, "a", a, dtypes=DTYPES, ndim=2)
     checks.tensor(OP, "b", b, dtypes=DTYPES, ndim=2, like=a)
     checks.same_dtype(OP, "b", b, a, "a")
@@ -348,29 +316,51 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -
         raise checks.LayoutError(f"{OP}: b must have unit stride along N (row-major [K, N]) or along K (the "
                                  f"transpose of a row-major [N, K]), got strides {tuple(b.stride())}; "
                                  f"pass b.contiguous()")
-    if out is None:
-        out = torch.empty((m, n), device=a.device, dtype=a.dtype)
-    else:
-        checks.tensor(OP, "out", out, ndim=2, like=a)
-        checks.same_dtype(OP, "out", out, a, "a")
-        checks.shape(OP, "out", out, (m, n))
-        checks.unit_last_stride(OP, "out", out)
+    checks.tensor(OP, "out", out, ndim=2, like=a)
+    checks.same_dtype(OP, "out", out, a, "a")
+    checks.shape(OP, "out", out, (m, n))
+    checks.unit_last_stride(OP, "out", out)
     if m == 0 or n == 0:
-        return out
+        return None
     if k == 0:
-        return out.zero_()
-    for name, t in (("a", a), ("b", b), ("out", out)):
-        checks.aligned(OP, name, t)
+        return Candidate(torch=lambda a, b, out: out.zero_(), name="zeros")
+    for what, size in (("M", m), ("N", n), ("K", k)):
+        checks.fits_i32(OP, what, size)
     stride_b = b.stride(1) if b_trans else b.stride(0)
     strides = (a.stride(0) if m > 1 else k, stride_b if (n > 1 if b_trans else k > 1) else (k if b_trans else n),
                out.stride(0) if m > 1 else n)
     dtype = checks.TRITON_TYPE[a.dtype]
-    sig = (a.dtype, a.device, bucket(m), b_trans, n % 16, k % 512, tuple(s % 16 for s in strides))
-    plan = _plans.get(sig)
-    if plan is None:
-        plan = _plans[sig] = _select(dtype, a.device, m, n, k, b_trans, strides)
-    cfg, kern = plan
-    kern[(_grid(cfg.p, m, n, a.device),)](a, b, out, m, n, k, *strides)
+    b_name = bucket(m)
+    if tuning.autotune_enabled() and call.arch.backend is not None and call.device.type == "cuda":
+        tuning.ensure_tuned(SPEC, call.arch, dtype, tuning_bucket(b_name, b_trans),
+                            lambda: tune_args(dtype, [(m, n, k)], b_trans, call.device))
+    tiles = call.tiles([dict(t, dtype=dtype) for t in HOPPER_CANDIDATES[b_name] + CANDIDATES[b_name]], dtype=dtype,
+                       bucket=(tuning_bucket(b_name, b_trans), b_name))
+    out = []
+    for t in tiles:
+        tile = tile_of(t)
+        aligned = tile_aligned(tile, n, k, strides)
+        grid = _grid(dict(tile, aligned=aligned), m, n, call.device)
+        out.append(Candidate(Launch(config(dtype, b_trans, aligned, tile), (grid,),
+                                    (In("a"), In("b"), In("out"), m, n, k, *strides))))
+    return out
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b`` for 2-D bf16/fp16 ``a`` [M, K] and ``b`` [K, N] (fp32 accumulation).
+
+    ``a`` needs unit stride along K; ``b`` unit stride along N or along K (e.g. ``w.t()`` for a
+    row-major weight ``w`` [N, K]). ``out``: [M, N], same dtype, unit stride along N; allocated if
+    not given. Returns ``out``. Tensor subclasses and fp32/fp64 inputs go to ``torch.matmul``
+    (``torch_route``), with one warning per reason.
+    """
+    why = torch_route(a, b, out)
+    if why is not None:
+        return _torch_gemm(a, b, out, why)
+    if out is None and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 \
+            and b.dim() == 2:
+        out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
+    _dispatch(a, b, out)
     return out
 
 
@@ -396,9 +386,12 @@ SPEC = registry.register(OpSpec(
     fn=gemm,
     reference=reference,
     configs=configs,
+    plan=plan,
+    tunables=TUNABLES,
     doc=__doc__,
-    extra={"tunables": TUNABLES, "buckets": BUCKETS, "tune_args": tune_args,
+    extra={"buckets": BUCKETS, "tune_args": tune_args,
            "tuning_bucket": lambda shape, b_trans=False: tuning_bucket(bucket(shape[0]), b_trans)},
     outputs=("out",),
     alloc=alloc,
 ))
+_dispatch = dispatcher(SPEC)

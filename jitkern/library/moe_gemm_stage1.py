@@ -20,16 +20,19 @@ seed 003) and ``JITKERN_MOE_GEMM_STAGE1_BLOCK_N=...``-style overrides.
 """
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from .. import checks, constraints, counters, registry, runtime
+from .. import checks, constraints, contracts, redzone, registry
 from ..contracts import Buffer, Contract
 from ..errors import ConfigError
 from ..logs import warn_once
 from ..render import builtin_template_dir
-from ..spec import Arg, Config, OpSpec, Variant
+from ..dispatch import dispatcher
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scratch, Variant
 
 OP = "moe_gemm_stage1"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -125,18 +128,28 @@ def _candidates(arch_name: str, block_m: int) -> list[dict]:
              "num_stages": 2 if amd else 3} for bn in (32, 64)]
 
 
-def tiles(arch_name: str, align_m: int) -> dict:
-    """The tile for runs aligned to ``align_m``, after the arch's rules and env overrides; block_m
-    must divide ``align_m`` (a run block may span several kernel blocks of the same expert)."""
+def tile_candidates(arch_name: str, align_m: int) -> list[dict]:
+    """The tiles for runs aligned to ``align_m``, before the arch's rules and env overrides: largest
+    block_m first (block_m must divide ``align_m``: a run block may span several kernel blocks of
+    the same expert)."""
     cands = [c for bm in TUNABLES["block_m"][::-1] if bm <= min(align_m, 64) and align_m % bm == 0
              for c in _candidates(arch_name, bm)]
     if not cands:
         raise checks.ShapeError(f"{OP}: the sorting block {align_m} must be a multiple of 16")
-    params = constraints.apply(arch_name, OP, cands, TUNABLES)[0]
+    return cands
+
+
+def _check_tile(params: dict, align_m: int) -> dict:
     if align_m % params["block_m"]:
         raise ConfigError(f"{OP}: block_m={params['block_m']} must divide the sorting block {align_m}; "
                           f"check JITKERN_MOE_GEMM_STAGE1_BLOCK_M")
     return params
+
+
+def tiles(arch_name: str, align_m: int) -> dict:
+    """The tile for runs aligned to ``align_m``, after the arch's rules and env overrides (what the
+    plan gets from ``call.tiles``; prebuild and tools use this)."""
+    return _check_tile(constraints.apply(arch_name, OP, tile_candidates(arch_name, align_m), TUNABLES)[0], align_m)
 
 
 def configs(arch):
@@ -155,37 +168,52 @@ def configs(arch):
                     yield reduce_config(dtype, act, params, aligned)
 
 
-_plans = runtime.plan_cache()
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: The most K splits a call may ask for (grid z; scratch grows with it).
+MAX_SPLIT_K = 64
+PLAIN_DOC = "plain torch.Tensor / nn.Parameter x and w1 (a tensor subclass, e.g. a quantized weight, is not read " \
+            "through its data pointer)"
 
 
-def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
-                    num_tokens_post_padded: torch.Tensor, topk: int, activation: str = "silu",
-                    split_k: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                    scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gate-up GEMM + activation for every (token, slot) pair. ``split_k``: None = automatic.
+def _plain(x, w1, *rest) -> bool:
+    return type(x) in _PLAIN and type(w1) in _PLAIN
 
-    Guard (seed 000): a weight or input that is a tensor subclass (e.g. a torchao quantized weight)
-    cannot be read by the kernel through its data pointer; such calls run the PyTorch path instead,
-    with one warning."""
-    if type(w1) not in _PLAIN or type(x) not in _PLAIN:
-        counters.bump("guard_refusals")
-        warn_once((OP, "subclass", type(w1), type(x)), "jitkern: %s: x is %s and w1 is %s, tensor subclasses "
-                  "the Triton kernel cannot read; running the PyTorch path for them", OP, type(x).__name__,
-                  type(w1).__name__)
-        return reference(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, out=out)
+
+def _torch_path(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, out, scratch):
+    """Seed 000: what the kernel cannot read (tensor subclasses) runs the PyTorch path, with one warning."""
+    warn_once((OP, "subclass", type(w1), type(x)), "jitkern: %s: x is %s and w1 is %s, tensor subclasses "
+              "the Triton kernel cannot read; running the PyTorch path for them", OP, type(x).__name__,
+              type(w1).__name__)
+    reference(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, out=out)
+
+
+def _with_split(split, x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, out,
+                scratch):
+    """``split_k=None`` where the plan chose split-K: the scratch it needs is sized by that choice, so the
+    call runs again with it explicit (the op allocates the scratch from the contract)."""
+    moe_gemm_stage1(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split, out, scratch)
+
+
+def plan(call):
+    """Validate one call signature; decide the tile (``call.tiles``), split-K and the launches."""
+    x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, out, scratch = call.args
     checks.tensor(OP, "x", x, dtypes=DTYPES, ndim=2)
     checks.tensor(OP, "w1", w1, ndim=3, like=x)
     checks.same_dtype(OP, "w1", w1, x, "x")
     for name, t in (("sorted_token_ids", sorted_token_ids), ("expert_ids", expert_ids),
                     ("num_tokens_post_padded", num_tokens_post_padded)):
         checks.tensor(OP, name, t, dtypes=(torch.int32,), ndim=1, like=x)
+        checks.contiguous(OP, name, t)
     if activation not in ACTIVATIONS:
         raise ConfigError(f"{OP}: activation {activation!r} is not one of {ACTIVATIONS}")
+    topk = checks.integer(OP, "topk", topk, minimum=1)
     tokens, k = x.shape
     experts, two_n, kw = w1.shape
     if kw != k or two_n % 2:
         raise checks.ShapeError(f"{OP}: w1 must be [experts, 2N, {k}], got {tuple(w1.shape)}")
+    if w1.numel() == 0:
+        raise checks.ShapeError(f"{OP}: w1 has no elements (shape {tuple(w1.shape)}); it needs at least one "
+                                f"expert, N >= 1 and K >= 1")
     n = two_n // 2
     size = sorted_token_ids.shape[0]
     nblocks = expert_ids.shape[0]
@@ -196,53 +224,102 @@ def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.T
         raise checks.ShapeError(f"{OP}: num_tokens_post_padded must hold one value")
     for name, t in (("x", x), ("w1", w1)):
         checks.unit_last_stride(OP, name, t)
-    pairs = tokens * int(topk)
-    select_arch, _ = runtime.arches_for(x.device)
-    empty = pairs == 0 or n == 0 or size == 0
-    aligned = all(v % 16 == 0 for v in (x.stride(0), w1.stride(0), w1.stride(1), n, k))
-    sig = (x.dtype, x.device, align_m, activation, aligned)
-    plan = _plans.get(sig)
-    if plan is None and not empty:
-        params = tiles(select_arch.name, align_m)
-        dt = checks.TRITON_TYPE[x.dtype]
-        plan = _plans[sig] = (params, gemm_config(dt, activation, False, params, aligned),
-                              gemm_config(dt, activation, True, params, aligned),
-                              reduce_config(dt, activation, params, aligned))
+    if split_k is not None:
+        split_k = checks.integer(OP, "split_k", split_k, minimum=1)
+        if split_k > MAX_SPLIT_K:
+            raise checks.ArgumentError(f"{OP}: split_k={split_k} is more than {MAX_SPLIT_K}")
+    pairs = tokens * topk
+    checks.tensor(OP, "out", out, like=x)
+    checks.same_dtype(OP, "out", out, x, "x")
+    checks.shape(OP, "out", out, (pairs, n))
+    checks.unit_last_stride(OP, "out", out)
+    if scratch is not None:
+        checks.tensor(OP, "scratch", scratch, dtypes=(torch.float32,), like=x)
+        checks.contiguous(OP, "scratch", scratch)  # its size is the contract's (checked by the op)
+    if pairs == 0 or size == 0:
+        return None  # empty work (seed 003: an empty prefill): nothing to launch
+    for what, v in (("num_pairs", pairs), ("sorted_size", size), ("N", n), ("K", k)):
+        checks.fits_i32(OP, what, v)
+    params = _check_tile(call.tiles(tile_candidates(call.arch.name, align_m))[0], align_m)
+    bm, bn, bk = params["block_m"], params["block_n"], params["block_k"]
+    fallback = Candidate(torch=_torch_path, name="torch")
+    scratch_arg = None
     if split_k is None:
-        split_k = 1
-        if not empty and select_arch.backend is not None:
-            tiles_mn = (size // plan[0]["block_m"]) * -(-n // plan[0]["block_n"])
-            want = (2 * select_arch.num_cus) // max(1, tiles_mn)
-            split_k = max(1, min(8, want, k // (4 * plan[0]["block_k"])))
-    split_k = max(1, int(split_k))
-    bufs = CONTRACT.prepare(x.device, dict(num_pairs=pairs, n=n, dtype=x.dtype, split_k=split_k, sorted_size=size),
-                            out=out, scratch=scratch)
-    if empty or k == 0:
-        o = bufs["out"]
-        if k == 0 and o.numel():
-            o.zero_()  # an empty reduction: act(0) * 0
-        bufs.finish(None)
-        return bufs.result("out")  # empty work: nothing to launch
-    params, c_plain, c_split, c_reduce = plan
-    o, sc = bufs["out"], bufs["scratch"]
-    for name, t in (("x", x), ("w1", w1), ("sorted_token_ids", sorted_token_ids), ("out", o)):
-        checks.aligned(OP, name, t)
-    bk = params["block_k"]
-    k_per = -(-k // split_k)
-    k_per = -(-k_per // bk) * bk
-    grid = (size // params["block_m"], -(-n // params["block_n"]), split_k)
-    args = (x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded)
-    tail = (x.stride(0), w1.stride(0), w1.stride(1), o.stride(0), pairs, int(topk), size, n, k, k_per, align_m)
-    if split_k == 1:
-        kern = runtime.kernel(SPEC, c_plain, x.device)
-        kern[grid](*args, o, o, *tail)
+        split = 1
+        if call.arch.backend is not None:  # enough tiles to fill the GPU twice, else split K
+            tiles_mn = (size // bm) * -(-n // bn)
+            split = max(1, min(8, (2 * call.arch.num_cus) // max(1, tiles_mn), k // (4 * bk)))
+        if split > 1:
+            shape, dtype = CONTRACT.buffers[1].resolve(SimpleNamespace(split_k=split, sorted_size=size, n=n))
+            if scratch is not None:  # the caller's: the contract's check for the split chosen
+                contracts.check(OP, CONTRACT.buffers[1], scratch, shape, dtype, x.device)
+            elif not redzone.enabled():  # the framework allocates it for each call
+                scratch_arg = Scratch(shape, dtype, "scratch")
+            else:  # redzone mode pads every buffer: the op allocates it from the contract
+                return [Candidate(torch=functools.partial(_with_split, split), guard=_plain, guard_doc=PLAIN_DOC,
+                                  name=f"split_k={split}"), fallback]
     else:
-        kern = runtime.kernel(SPEC, c_split, x.device)
-        kern[grid](*args, o, sc, *tail)
-        red = runtime.kernel(SPEC, c_reduce, x.device)
-        red[grid[:2]](sorted_token_ids, num_tokens_post_padded, sc, o, o.stride(0), pairs, size, n, split_k)
-    bufs.finish(kern)
+        split = split_k
+        if split > max(1, k // bk):
+            raise checks.ArgumentError(f"{OP}: split_k={split} is more than K // block_k = {k} // {bk}; every split "
+                                       f"needs at least one block_k step")
+        if split > 1 and scratch is None:
+            raise checks.ArgumentError(f"{OP}: split_k={split} needs a scratch buffer (the op allocates it)")
+    if scratch_arg is None:
+        scratch_arg = In("scratch")
+    dt = checks.TRITON_TYPE[x.dtype]
+    aligned = all(v % 16 == 0 for v in (x.stride(0), w1.stride(0), w1.stride(1), out.stride(0), n, k))
+    k_per = -(-k // split)
+    k_per = -(-k_per // bk) * bk
+    grid = (size // bm, -(-n // bn), split)
+    head = (In("x"), In("w1"), In("sorted_token_ids"), In("expert_ids"), In("num_tokens_post_padded"), In("out"))
+    tail = (x.stride(0), w1.stride(0), w1.stride(1), out.stride(0), pairs, topk, size, n, k, k_per, align_m)
+    if split == 1:
+        launches = (Launch(gemm_config(dt, activation, False, params, aligned), grid, (*head, In("out"), *tail)),)
+    else:
+        launches = (Launch(gemm_config(dt, activation, True, params, aligned), grid, (*head, scratch_arg, *tail)),
+                    Launch(reduce_config(dt, activation, params, aligned), grid[:2],
+                           (In("sorted_token_ids"), In("num_tokens_post_padded"), scratch_arg, In("out"),
+                            out.stride(0), pairs, size, n, split)))
+    return [Candidate(launches, guard=_plain, guard_doc=PLAIN_DOC), fallback]
+
+
+def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
+                    num_tokens_post_padded: torch.Tensor, topk: int, activation: str = "silu",
+                    split_k: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                    scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gate-up GEMM + activation for every (token, slot) pair. ``split_k``: None = automatic (1 to 8),
+    else 1 to ``min(64, K // block_k)``. ``scratch``: fp32, sized by the contract for the split used.
+
+    Guard (seed 000): a weight or input that is a tensor subclass (e.g. a torchao quantized weight)
+    cannot be read by the kernel through its data pointer; such calls run the PyTorch path instead,
+    with one warning."""
+    topk = checks.integer(OP, "topk", topk, minimum=1)
+    if split_k is not None:
+        split_k = checks.integer(OP, "split_k", split_k, minimum=1)
+    try:
+        dims = dict(num_pairs=x.shape[0] * topk, n=w1.shape[1] // 2, dtype=x.dtype, split_k=split_k or 1,
+                    sorted_size=sorted_token_ids.shape[0])
+    except (AttributeError, TypeError, IndexError):  # not tensors of the right rank: the plan says why
+        _dispatch(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, out,
+                  scratch)
+        return out
+    # split_k=None: the plan decides the split, and asks for the scratch it needs (see _with_split)
+    bufs = CONTRACT.prepare(x.device, dims, out=out, scratch=scratch if split_k is not None else None)
+    args = (x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, bufs["out"],
+            bufs["scratch"] if split_k is not None else scratch)
+    ran = _dispatch(*args)
+    bufs.finish(_ran(ran, args) if redzone.enabled() else ran)
     return bufs.result("out")
+
+
+def _ran(name, args) -> str:
+    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
+    route = _dispatch.route_for(*args)
+    for c in getattr(route, "candidates", ()):
+        if c.name == name:
+            return " + ".join(la.config.describe() for la in c.launches) or name
+    return name
 
 
 def alloc(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation="silu", split_k=None,
@@ -275,9 +352,12 @@ SPEC = registry.register(OpSpec(
     fn=moe_gemm_stage1,
     reference=reference,
     configs=configs,
+    plan=plan,
+    tunables=TUNABLES,
     doc=__doc__,
-    extra={"contract": CONTRACT, "stages": ("gemm", "splitk_reduce"), "tunables": TUNABLES},
+    extra={"contract": CONTRACT, "stages": ("gemm", "splitk_reduce")},
     mutates=("scratch",),
     outputs=("out",),
     alloc=alloc,
 ))
+_dispatch = dispatcher(SPEC)

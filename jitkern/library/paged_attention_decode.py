@@ -18,15 +18,17 @@ past it are not read (the grid ends there), so the kernel never reads past ``blo
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 
-from .. import checks, constraints, registry, runtime
+from .. import checks, constraints, contracts, redzone, registry
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
-from ..spec import Arg, Config, OpSpec, Variant
+from ..dispatch import dispatcher
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scalar, Scratch, Variant
 
 OP = "paged_attention_decode"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -101,16 +103,17 @@ def reference(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_conte
     return y
 
 
-def partition_config(dtype, page_size, head_dim, group, arch_name, aligned=True) -> Config:
+def partition_config(dtype, page_size, head_dim, group, arch_name, aligned=True, tile: dict | None = None) -> Config:
     """``aligned``: every stride is a multiple of 16 elements, so Triton may use 16-byte vector loads
-    for the gathered K/V rows (without it every load is scalar: ~4x slower on the H100)."""
-    t = tiles(arch_name)
+    for the gathered K/V rows (without it every load is scalar: ~4x slower on the H100).
+    ``tile``: the chosen tile; default ``tiles(arch_name)``."""
+    t = tiles(arch_name) if tile is None else tile
     return Config.make("partition", dtype=dtype, page_size=page_size, head_dim=head_dim, group=group,
                        group_pad=max(16, 1 << (group - 1).bit_length()), aligned=aligned, **t)
 
 
-def combine_config(dtype, head_dim, arch_name) -> Config:
-    part = tiles(arch_name)["partition"]
+def combine_config(dtype, head_dim, arch_name, tile: dict | None = None) -> Config:
+    part = (tiles(arch_name) if tile is None else tile)["partition"]
     return Config.make("combine", dtype=dtype, head_dim=head_dim, partition=part, block_p=BLOCK_P, num_warps=4)
 
 
@@ -124,32 +127,29 @@ def configs(arch):
                         yield partition_config(dtype, page, head_dim, group, arch.name, aligned)
 
 
-_plans = runtime.plan_cache()
+def _zeros(q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace):
+    out.zero_()  # nothing can be attended (capacity 0): every sequence is empty
 
 
-class _Plan:
-    """Per-signature decisions: the tiles (read once, env overrides included) and, on first launch,
-    the two kernels."""
-
-    __slots__ = ("configs", "device", "partition", "_kernels")
-
-    def __init__(self, arch_name, dtype, page, head_dim, group, device, aligned):
-        self.configs = (partition_config(dtype, page, head_dim, group, arch_name, aligned),
-                        combine_config(dtype, head_dim, arch_name))
-        self.partition = self.configs[0].p["partition"]
-        self.device = device
-        self._kernels = None
-
-    def kernels(self):
-        if self._kernels is None:
-            self._kernels = tuple(runtime.kernel(SPEC, c, self.device) for c in self.configs)
-        return self._kernels
+def _with_workspace(parts, q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace):
+    """The workspace is sized by the plan's partition (an arch tile): allocate it from the contract (or
+    take the caller's, checked and cut to size) and run the two kernels on it."""
+    b, h, d = q.shape
+    bufs = CONTRACT.prepare(q.device, dict(batch=b, heads=h, head_dim=d, parts=parts, dtype=q.dtype),
+                            out=out, workspace=workspace)
+    args = (q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, bufs["out"], bufs["workspace"])
+    ran = _dispatch(*args)
+    bufs.finish(_ran(ran, args) if redzone.enabled() else ran)  # redzone: shadows written back to out
 
 
-def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: Optional[float] = None, max_context_len: Optional[int] = None,
-                           out: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Decode attention over a paged KV cache. ``workspace``: fp32, at least ``workspace_nbytes`` bytes."""
+def plan(call):
+    """Validate one call signature; decide the partition (a tile), the capacity and the two launches.
+
+    The workspace's size follows the partition, which only the plan knows: with no workspace given
+    the framework allocates it per call (``Scratch``); a caller's workspace of exactly the contract's
+    size is used as it is; a larger one (or any call in redzone mode, whose guards pad every buffer)
+    runs ``_with_workspace``, which cuts it to size (or allocates it padded) and dispatches again."""
+    q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace = call.args
     checks.tensor(OP, "q", q, dtypes=DTYPES, ndim=3)
     checks.tensor(OP, "k_cache", k_cache, ndim=4, like=q)
     checks.tensor(OP, "v_cache", v_cache, ndim=4, like=q)
@@ -160,6 +160,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     checks.tensor(OP, "seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, like=q)
     b, h, d = q.shape
     nb, page, hkv, dk = k_cache.shape
+    if k_cache.numel() == 0:
+        raise checks.ShapeError(f"{OP}: k_cache has no elements (shape {tuple(k_cache.shape)})")
     if dk != d:
         raise checks.ShapeError(f"{OP}: k_cache head_dim {dk} != q head_dim {d}")
     if d not in HEAD_DIMS:
@@ -169,43 +171,71 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if hkv == 0 or h % hkv or h // hkv not in GROUPS:
         raise checks.ShapeError(f"{OP}: num_heads {h} must be num_kv_heads {hkv} times one of {GROUPS}")
     checks.shape(OP, "seq_lens", seq_lens, (b,))
+    checks.contiguous(OP, "seq_lens", seq_lens)
     if block_tables.shape[0] != b:
         raise checks.ShapeError(f"{OP}: block_tables has {block_tables.shape[0]} rows for a batch of {b}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
         checks.unit_last_stride(OP, name, t)
+    if max_context_len is not None:
+        max_context_len = checks.integer(OP, "max_context_len", max_context_len, minimum=0)
+    checks.tensor(OP, "out", out, like=q)
+    checks.same_dtype(OP, "out", out, q, "q")
+    checks.shape(OP, "out", out, (b, h, d))
+    checks.unit_last_stride(OP, "out", out)
+    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)])[0]
+    part = tile["partition"]
+    parts = -(-capacity(max_context_len, nb * page, block_tables.shape[1] * page) // part)
+    need = b * h * parts * (d + 2)
+    if workspace is not None:  # the caller's: the contract's check (BufferError naming the sizes)
+        contracts.check(OP, CONTRACT.buffers[1], workspace, (need,), torch.float32, q.device)
+    if b == 0:
+        return None  # empty work: nothing to launch
+    if parts == 0:
+        return Candidate(torch=_zeros, name="zeros")
+    if workspace is None and not redzone.enabled():
+        ws = Scratch((need,), torch.float32, "workspace")  # allocated by the framework for each call
+    elif workspace is None or workspace.dim() != 1 or workspace.shape[0] != need:
+        return Candidate(torch=functools.partial(_with_workspace, parts), name="workspace")
+    else:
+        ws = In("workspace")
+    for what, v in (("the batch", b), ("num_heads", h), ("the partition count", parts)):
+        checks.fits_i32(OP, what, v)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0))
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
-    sig = (q.dtype, q.device, page, d, h // hkv, aligned)
-    plan = _plans.get(sig)
-    if plan is None:
-        select_arch, _ = runtime.arches_for(q.device)
-        plan = _plans[sig] = _Plan(select_arch.name, checks.TRITON_TYPE[q.dtype], page, d, h // hkv, q.device,
-                                   aligned)
-    part = plan.partition
-    cap = capacity(max_context_len, nb * page, block_tables.shape[1] * page)
-    parts = -(-cap // part)
-    bufs = CONTRACT.prepare(q.device, dict(batch=b, heads=h, head_dim=d, parts=parts, dtype=q.dtype),
-                            out=out, workspace=workspace)
-    o = bufs["out"]
-    if b == 0 or h == 0:
-        return bufs.result("out")  # empty work: nothing to launch
-    if parts == 0:  # nothing can be attended: every sequence is empty
-        o.zero_()
-        bufs.finish(None)
-        return bufs.result("out")
-    ws = bufs["workspace"]
-    ws_o = ws[: b * h * parts * d]
-    ws_ml = ws[b * h * parts * d:]
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("seq_lens", seq_lens), ("out", o), ("workspace", ws_o), ("workspace", ws_ml)):
-        checks.aligned(OP, name, t)
-    k1, k2 = plan.kernels()
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    k1[(b, hkv, parts)](q, k_cache, v_cache, block_tables, seq_lens, ws_o, ws_ml, *strides, h, parts, scale)
-    k2[(b, h)](seq_lens, ws_o, ws_ml, o, o.stride(0), o.stride(1), h, parts)
-    bufs.finish(k1)
-    return bufs.result("out")
+    dt, group = checks.TRITON_TYPE[q.dtype], h // hkv
+    ml_offset = b * h * parts * d  # the (max, sum) pairs follow the partial outputs
+    stage1 = Launch(partition_config(dt, page, d, group, call.arch.name, aligned, tile=tile), (b, hkv, parts),
+                    (In("q"), In("k_cache"), In("v_cache"), In("block_tables"), In("seq_lens"), ws,
+                     ml_offset, *strides, h, parts, In("scale")))
+    stage2 = Launch(combine_config(dt, d, call.arch.name, tile=tile), (b, h),
+                    (In("seq_lens"), ws, ml_offset, In("out"), out.stride(0), out.stride(1), h, parts))
+    return Candidate((stage1, stage2))
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: Optional[float] = None, max_context_len: Optional[int] = None,
+                           out: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode attention over a paged KV cache. ``scale``: default ``1/sqrt(head_dim)``.
+    ``workspace``: fp32, at least ``workspace_nbytes`` bytes (allocated per call if not given)."""
+    q_ok = isinstance(q, torch.Tensor) and q.dim() == 3
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q_ok and q.shape[-1] else 1.0
+    else:  # checked here too: a bad value must not reach the per-call check inside _with_workspace
+        scale = checks.scalar(OP, "scale", scale, minimum=0.0)
+    if out is None and q_ok:
+        out = torch.empty_like(q)
+    _dispatch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace)
+    return out
+
+
+def _ran(name, args) -> str:
+    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
+    route = _dispatch.route_for(*args)
+    for c in getattr(route, "candidates", ()):
+        if c.name == name:
+            return " + ".join(la.config.describe() for la in c.launches) or name
+    return name
 
 
 def alloc(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context_len=None, out=None, workspace=None):
@@ -215,14 +245,14 @@ def alloc(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context_l
 
 _PARTITION_ARGS = (
     Arg("q_ptr", "*{dtype}"), Arg("k_ptr", "*{dtype}"), Arg("v_ptr", "*{dtype}"), Arg("bt_ptr", "*i32"),
-    Arg("lens_ptr", "*i32"), Arg("ws_o_ptr", "*fp32"), Arg("ws_ml_ptr", "*fp32"),
+    Arg("lens_ptr", "*i32"), Arg("ws_ptr", "*fp32"), Arg("ml_offset", "i64"),
     *(Arg(n, "i64", divisible_if="aligned") for n in ("stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
                                                        "stride_vb", "stride_vt", "stride_vh")),
     Arg("stride_bt", "i64"),
     Arg("n_heads", "i32"), Arg("n_parts", "i32"), Arg("scale", "fp32"),
 )
 _COMBINE_ARGS = (
-    Arg("lens_ptr", "*i32"), Arg("ws_o_ptr", "*fp32"), Arg("ws_ml_ptr", "*fp32"), Arg("out_ptr", "*{dtype}"),
+    Arg("lens_ptr", "*i32"), Arg("ws_ptr", "*fp32"), Arg("ml_offset", "i64"), Arg("out_ptr", "*{dtype}"),
     Arg("stride_ob", "i64"), Arg("stride_oh", "i64"), Arg("n_heads", "i32"), Arg("n_parts", "i32"),
 )
 
@@ -236,9 +266,13 @@ SPEC = registry.register(OpSpec(
     fn=paged_attention_decode,
     reference=reference,
     configs=configs,
+    plan=plan,
+    tunables=TUNABLES,
+    scalars={"scale": Scalar(float, min=0.0)},
     doc=__doc__,
-    extra={"contract": CONTRACT, "stages": ("partition", "combine"), "tunables": TUNABLES},
+    extra={"contract": CONTRACT, "stages": ("partition", "combine")},
     mutates=("workspace",),
     outputs=("out",),
     alloc=alloc,
 ))
+_dispatch = dispatcher(SPEC)

@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, registry, runtime
+from .. import checks, constraints, redzone, registry
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
-from ..spec import Arg, Config, OpSpec, Variant
+from ..dispatch import dispatcher
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Variant
 
 OP = "paged_mqa_logits"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -62,14 +63,17 @@ def reference(q, kv_cache, weights, context_lens, block_tables, max_model_len: i
     return y
 
 
-def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=True, aligned=True) -> Config:
-    """``aligned``: every stride is a multiple of 16 elements (16-byte vector loads and stores)."""
+def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=True, aligned=True,
+           tile: dict | None = None) -> Config:
+    """``aligned``: every stride is a multiple of 16 elements (16-byte vector loads and stores).
+    ``tile``: the chosen tile; default ``tiles(arch_name)``."""
     return Config.make("triton", dtype=dtype, page_size=page_size, heads=heads, head_dim=head_dim, next_n=next_n,
-                       mask_stores=mask_stores, aligned=aligned, **tiles(arch_name))
+                       mask_stores=mask_stores, aligned=aligned, **(tiles(arch_name) if tile is None else tile))
 
 
 def tiles(arch_name: str) -> dict:
-    """block_t, span, num_warps, num_stages for an arch, after rules and env overrides."""
+    """block_t, span, num_warps, num_stages for an arch, after rules and env overrides (what
+    ``call.tiles`` gives the plan; prebuild and tools use this)."""
     return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
 
 
@@ -83,12 +87,10 @@ def configs(arch):
                             yield config(dtype, page, heads, d, nn, arch.name, aligned=aligned)
 
 
-_plans = runtime.plan_cache()
-
-
-def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
-                     block_tables: torch.Tensor, max_model_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Indexer logits into ``out`` [batch * next_n, max_model_len] fp32 (allocated if not given)."""
+def plan(call):
+    """Validate one call signature and decide its launch (runs once per signature). ``MASK_STORES`` is
+    read here, so a change applies to signatures decided after it (``jitkern.reset()``)."""
+    q, kv_cache, weights, context_lens, block_tables, max_model_len, out = call.args
     checks.tensor(OP, "q", q, dtypes=DTYPES, ndim=4)
     checks.tensor(OP, "kv_cache", kv_cache, ndim=3, like=q)
     checks.same_dtype(OP, "kv_cache", kv_cache, q, "q")
@@ -96,6 +98,8 @@ def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Ten
     checks.tensor(OP, "context_lens", context_lens, dtypes=(torch.int32,), ndim=1, like=q)
     checks.tensor(OP, "block_tables", block_tables, dtypes=(torch.int32,), ndim=2, like=q)
     b, nn, h, d = q.shape
+    if kv_cache.numel() == 0:
+        raise checks.ShapeError(f"{OP}: kv_cache has no elements (shape {tuple(kv_cache.shape)})")
     page = kv_cache.shape[1]
     for what, v, ok in (("next_n", nn, NEXT_N), ("heads", h, HEADS), ("head_dim", d, HEAD_DIMS),
                         ("page size", page, PAGE_SIZES)):
@@ -105,33 +109,52 @@ def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Ten
         raise checks.ShapeError(f"{OP}: kv_cache head_dim {kv_cache.shape[2]} != q head_dim {d}")
     checks.shape(OP, "weights", weights, (b * nn, h))
     checks.shape(OP, "context_lens", context_lens, (b,))
+    checks.contiguous(OP, "context_lens", context_lens)
     if block_tables.shape[0] != b:
         raise checks.ShapeError(f"{OP}: block_tables has {block_tables.shape[0]} rows for a batch of {b}")
-    max_model_len = int(max_model_len)
-    if max_model_len > block_tables.shape[1] * page:
-        raise checks.ShapeError(f"{OP}: max_model_len {max_model_len} exceeds what block_tables can address "
+    max_len = checks.integer(OP, "max_model_len", max_model_len, minimum=0)
+    if max_len > block_tables.shape[1] * page:
+        raise checks.ShapeError(f"{OP}: max_model_len {max_len} exceeds what block_tables can address "
                                 f"({block_tables.shape[1]} blocks x {page} tokens)")
     for name, t in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("block_tables", block_tables)):
         checks.unit_last_stride(OP, name, t)
-    bufs = CONTRACT.prepare(q.device, dict(rows=b * nn, max_model_len=max_model_len), out=out)
-    if b == 0 or max_model_len == 0:
-        return bufs.result("out")  # empty work: nothing to launch
-    o = bufs["out"]
-    for name, t in (("q", q), ("kv_cache", kv_cache), ("weights", weights), ("out", o)):
-        checks.aligned(OP, name, t)
+    checks.tensor(OP, "out", out, dtypes=(torch.float32,), ndim=2, like=q)
+    checks.shape(OP, "out", out, (b * nn, max_len))
+    checks.unit_last_stride(OP, "out", out)
+    if b == 0 or max_len == 0:
+        return None  # empty work: nothing to launch
+    checks.fits_i32(OP, "max_model_len", max_len)
     strides = (q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), weights.stride(0),
-               o.stride(0), block_tables.stride(0))
+               out.stride(0), block_tables.stride(0))
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
-    sig = (q.dtype, q.device, page, h, d, nn, MASK_STORES, aligned)
-    k = _plans.get(sig)
-    if k is None:
-        select_arch, _ = runtime.arches_for(q.device)
-        cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, select_arch.name, MASK_STORES, aligned)
-        k = _plans[sig] = runtime.kernel(SPEC, cfg, q.device)
-    span = k.job.config.p["block_t"] * k.job.config.p["span"]
-    k[(b, -(-max_model_len // span))](q, kv_cache, weights, context_lens, block_tables, o, *strides, max_model_len)
-    bufs.finish(k)
-    return bufs.result("out")
+    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)])[0]
+    cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, call.arch.name, MASK_STORES, aligned, tile=tile)
+    span = tile["block_t"] * tile["span"]
+    return Candidate(Launch(cfg, (b, -(-max_len // span)),
+                            (In("q"), In("kv_cache"), In("weights"), In("context_lens"), In("block_tables"),
+                             In("out"), *strides, max_len)))
+
+
+def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                     block_tables: torch.Tensor, max_model_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Indexer logits into ``out`` [batch * next_n, max_model_len] fp32 (allocated if not given)."""
+    max_model_len = checks.integer(OP, "max_model_len", max_model_len, minimum=0)
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        bufs = CONTRACT.prepare(q.device, dict(rows=q.shape[0] * q.shape[1], max_model_len=max_model_len), out=out)
+        args = (q, kv_cache, weights, context_lens, block_tables, max_model_len, bufs["out"])
+        ran = _dispatch(*args)
+        bufs.finish(_ran(ran, args) if redzone.enabled() else ran)
+        return bufs.result("out")
+    _dispatch(q, kv_cache, weights, context_lens, block_tables, max_model_len, out)  # raises: the plan says why
+
+
+def _ran(name, args) -> str:
+    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
+    route = _dispatch.route_for(*args)
+    for c in getattr(route, "candidates", ()):
+        if c.name == name:
+            return " + ".join(la.config.describe() for la in c.launches) or name
+    return name
 
 
 def alloc(q, kv_cache, weights, context_lens, block_tables, max_model_len, out=None):
@@ -157,8 +180,11 @@ SPEC = registry.register(OpSpec(
     fn=paged_mqa_logits,
     reference=reference,
     configs=configs,
+    plan=plan,
+    tunables=TUNABLES,
     doc=__doc__,
-    extra={"contract": CONTRACT, "tunables": TUNABLES},
+    extra={"contract": CONTRACT},
     outputs=("out",),
     alloc=alloc,
 ))
+_dispatch = dispatcher(SPEC)

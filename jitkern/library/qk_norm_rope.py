@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks, constraints, fallback, registry, runtime
+from .. import checks, constraints, registry
+from ..dispatch import dispatcher
 from ..errors import ShapeError
 from ..render import builtin_template_dir
-from ..spec import Arg, Config, OpSpec, Variant
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scalar, Variant
 
 OP = "qk_norm_rope"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -87,9 +88,9 @@ def triton_tiles(arch_name: str) -> dict:
 
 
 def triton_config(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool,
-                  arch_name: str = "") -> Config:
+                  arch_name: str = "", tile: dict | None = None) -> Config:
     block_d = _pow2(head_dim // 2)
-    t = triton_tiles(arch_name)
+    t = tile or triton_tiles(arch_name)
     return Config.make("triton", dtype=dtype, cache_dtype=cache_dtype, pos_dtype=pos_dtype, head_dim=head_dim,
                        is_neox=is_neox, block_d=block_d, block_h=max(1, t["tile"] // block_d), num_warps=t["num_warps"])
 
@@ -100,14 +101,16 @@ def cpp_config(variant: str, warp: int, dtype: str, cache_dtype: str, pos_dtype:
                        is_neox=is_neox, block_x=warp, block_y=HEADS_PER_BLOCK)
 
 
-def configs_for(arch, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool) -> list[Config]:
-    """One config per variant that applies to ``arch``, in fallback order."""
+def configs_for(arch, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool,
+                tile: dict | None = None) -> list[Config]:
+    """One config per variant that applies to ``arch``, in fallback order (``tile``: the Triton
+    variant's tile, as the arch's rules and overrides give it)."""
     out = []
     if arch.vendor == "amd" or arch.vendor == "cpu":
         out.append(cpp_config("hip", 64, dtype, cache_dtype, pos_dtype, head_dim, is_neox))
     if arch.vendor == "nvidia" or arch.vendor == "cpu":
         out.append(cpp_config("cuda", 32, dtype, cache_dtype, pos_dtype, head_dim, is_neox))
-    out.append(triton_config(dtype, cache_dtype, pos_dtype, head_dim, is_neox, arch.name))
+    out.append(triton_config(dtype, cache_dtype, pos_dtype, head_dim, is_neox, arch.name, tile))
     return out
 
 
@@ -119,84 +122,24 @@ def configs(arch):
                     yield from configs_for(arch, dtype, cache_dtype, "i64", head_dim, is_neox)
 
 
-# ---- launches ------------------------------------------------------------------------------------
+# ---- plan ----------------------------------------------------------------------------------------
 def _plain(qkv, qw, kw, cs, pos, *rest) -> bool:
     t = torch.Tensor
     return type(qkv) is t and type(qw) is t and type(kw) is t and type(cs) is t and type(pos) is t
 
 
-def _launcher(heads_per_program: int):
-    def launch(k, qkv, qw, kw, cs, pos, n_q, n_heads, max_pos, eps):
-        k.run(qkv.shape[0], -(-n_heads // heads_per_program), 1,
-              qkv, qw, kw, cs, pos, qkv.stride(0), cs.stride(0), n_q, n_heads, max_pos, eps)
-    return launch
+PLAIN_DOC = "plain torch.Tensor arguments only (no subclasses)"
 
 
-def candidates(arch, dtype, cache_dtype, pos_dtype, head_dim, is_neox) -> list[fallback.Candidate]:
-    out = []
-    for cfg in configs_for(arch, dtype, cache_dtype, pos_dtype, head_dim, is_neox):
-        p = cfg.p
-        if cfg.variant == "triton":
-            out.append(fallback.Candidate(cfg, _launcher(p["block_h"])))
-        else:
-            out.append(fallback.Candidate(cfg, _launcher(p["block_y"]), guard=_plain,
-                                          guard_doc="plain torch.Tensor arguments only (no subclasses)"))
-    return out
-
-
-_routes = runtime.plan_cache()  # (dtypes, head_dim, style, device) -> fallback.Route
-_plans = runtime.plan_cache()  # full call signature -> (route, n_q, n_heads, max_pos) | None (empty)
-
-
-def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin_cache: torch.Tensor,
-                 positions: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6,
-                 is_neox: bool = True) -> torch.Tensor:
-    """RMSNorm each q and k head of packed ``qkv`` and rotate it by its token's position, in place.
-
-    qkv: [tokens, (Hq + 2*Hkv) * head_dim], bf16/fp16/fp32, rows contiguous.
-    q_weight, k_weight: [head_dim], qkv's dtype. cos_sin_cache: [max_pos, head_dim], qkv's dtype or
-    fp32 (see the module doc). positions: [tokens], int64 or int32. Returns ``qkv``.
-
-    Validation runs in full once per signature (shapes, strides, dtypes, devices); later calls with
-    the same signature check only the addresses' alignment.
-    """
-    try:
-        sig = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, q_weight.shape, q_weight.stride(), q_weight.dtype,
-               q_weight.device, k_weight.shape, k_weight.stride(), k_weight.dtype, k_weight.device,
-               cos_sin_cache.shape, cos_sin_cache.stride(), cos_sin_cache.dtype, cos_sin_cache.device,
-               positions.shape, positions.stride(), positions.dtype, positions.device,
-               num_q_heads, num_kv_heads, head_dim, bool(is_neox))
-        plan = _plans.get(sig, False)
-    except (AttributeError, TypeError):  # not tensors: the full checks say what is wrong
-        sig, plan = None, False
-    if plan is False:
-        plan = _plan(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
-                     is_neox)
-        if sig is not None:
-            _plans[sig] = plan
-    if plan is None:
-        return qkv
-    if (qkv.data_ptr() | q_weight.data_ptr() | k_weight.data_ptr() | cos_sin_cache.data_ptr()
-            | positions.data_ptr()) & 15:
-        _check_aligned(qkv, q_weight, k_weight, cos_sin_cache, positions)
-    route, n_q, n_heads, max_pos = plan
-    route(qkv, q_weight, k_weight, cos_sin_cache, positions, n_q, n_heads, max_pos, float(eps))
-    return qkv
-
-
-def _check_aligned(qkv, q_weight, k_weight, cos_sin_cache, positions):
-    for name, x in (("qkv", qkv), ("q_weight", q_weight), ("k_weight", k_weight),
-                    ("cos_sin_cache", cos_sin_cache), ("positions", positions)):
-        checks.aligned(OP, name, x)
-
-
-def _plan(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, is_neox):
-    """Validate a call signature in full; return (route, n_q, n_heads, max_pos), or None for no tokens."""
+def plan(call):
+    """Validate one call signature; one candidate per variant that applies to the arch, in order."""
+    qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, eps, is_neox = call.args
     checks.tensor(OP, "qkv", qkv, dtypes=DTYPES, ndim=2)
-    n_q, n_kv, d = int(num_q_heads), int(num_kv_heads), int(head_dim)
-    if n_q < 1 or n_kv < 1 or d < 2 or d % 2:
-        raise ShapeError(f"{OP}: need num_q_heads >= 1, num_kv_heads >= 1 and an even head_dim >= 2; got "
-                         f"{n_q}, {n_kv}, {d}")
+    n_q = checks.integer(OP, "num_q_heads", num_q_heads, minimum=1)
+    n_kv = checks.integer(OP, "num_kv_heads", num_kv_heads, minimum=1)
+    d = checks.integer(OP, "head_dim", head_dim, minimum=2)
+    if d % 2:
+        raise ShapeError(f"{OP}: need an even head_dim (elements pair up for the rotation), got {d}")
     t = qkv.shape[0]
     checks.shape(OP, "qkv", qkv, (t, (n_q + 2 * n_kv) * d))
     checks.unit_last_stride(OP, "qkv", qkv)
@@ -216,16 +159,36 @@ def _plan(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv
         raise checks.LayoutError(f"{OP}: positions must be contiguous; pass positions.contiguous()")
     if t == 0:
         return None
-    _check_aligned(qkv, q_weight, k_weight, cos_sin_cache, positions)
+    n_heads, max_pos = n_q + n_kv, cos_sin_cache.shape[0]
+    for what, v in (("qkv's row stride", qkv.stride(0)), ("cos_sin_cache's rows", max_pos)):
+        checks.fits_i32(OP, what, v)
     tt = checks.TRITON_TYPE
-    key = (qkv.dtype, cos_sin_cache.dtype, positions.dtype, d, bool(is_neox), qkv.device)
-    r = _routes.get(key)
-    if r is None:
-        select_arch, _ = runtime.arches_for(qkv.device)
-        cands = candidates(select_arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], d,
-                           bool(is_neox))
-        r = _routes[key] = fallback.route(SPEC, cands, qkv.device, inplace=(0,))
-    return r, n_q, n_q + n_kv, cos_sin_cache.shape[0]
+    args = (In("qkv"), In("q_weight"), In("k_weight"), In("cos_sin_cache"), In("positions"), qkv.stride(0),
+            cos_sin_cache.stride(0), n_q, n_heads, max_pos, In("eps"))
+    out = []
+    tile = call.tiles([TRITON_TILES.get(call.arch.name, DEFAULT_TRITON_TILES)])[0]
+    for cfg in configs_for(call.arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], d, bool(is_neox),
+                           tile):
+        per_program = cfg.p["block_h"] if cfg.variant == "triton" else cfg.p["block_y"]
+        launch = Launch(cfg, (t, -(-n_heads // per_program)), args)
+        if cfg.variant == "triton":
+            out.append(Candidate(launch))
+        else:
+            out.append(Candidate(launch, guard=_plain, guard_doc=PLAIN_DOC))
+    return out
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 positions: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int, eps: float = 1e-6,
+                 is_neox: bool = True) -> torch.Tensor:
+    """RMSNorm each q and k head of packed ``qkv`` and rotate it by its token's position, in place.
+
+    qkv: [tokens, (Hq + 2*Hkv) * head_dim], bf16/fp16/fp32, rows contiguous.
+    q_weight, k_weight: [head_dim], qkv's dtype. cos_sin_cache: [max_pos, head_dim], qkv's dtype or
+    fp32 (see the module doc). positions: [tokens], int64 or int32. Returns ``qkv``.
+    """
+    _dispatch(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, eps, is_neox)
+    return qkv
 
 
 _ARGS = (
@@ -246,10 +209,12 @@ SPEC = registry.register(OpSpec(
     fn=qk_norm_rope,
     reference=reference,
     configs=configs,
+    plan=plan,
+    scalars={"eps": Scalar(float, min=0.0)},
     doc=__doc__,
-    extra={"guards": {"hip": "plain torch.Tensor arguments only (no subclasses)",
-                      "cuda": "plain torch.Tensor arguments only (no subclasses)"},
-           "inplace": ("qkv",), "fallback": True, "tunables": TUNABLES},
+    tunables=TUNABLES,
+    extra={"guards": {"hip": PLAIN_DOC, "cuda": PLAIN_DOC}, "fallback": True},
     mutates=("qkv",),
     outputs=("qkv",),
 ))
+_dispatch = dispatcher(SPEC)

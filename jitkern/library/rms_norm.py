@@ -9,9 +9,10 @@ from typing import Optional
 
 import torch
 
-from .. import checks, registry, runtime
+from .. import checks, registry
+from ..dispatch import dispatcher
 from ..render import builtin_template_dir
-from ..spec import Arg, Config, OpSpec, Variant
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scalar, Variant
 
 OP = "rms_norm"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -58,16 +59,12 @@ def configs(arch):
                 yield config(dtype, residual, aligned, LOOP_BLOCK, False)
 
 
-_plans = runtime.plan_cache()
-
-
-def _plan(x, weight, eps, residual, out):
-    """Validate one (shapes, dtypes, strides, devices) signature and decide everything that follows
-    from it: ``(run, rows, n, strides, addresses)``, or None when there is nothing to launch."""
+def plan(call):
+    """Validate one call signature and decide its launch (runs once per signature)."""
+    x, weight, eps, residual, out = call.args
     checks.tensor(OP, "x", x, dtypes=DTYPES)
     if x.dim() == 0:
         raise checks.ShapeError(f"{OP}: x must have at least 1 dimension, got a scalar")
-    checks.scalar(OP, "eps", eps, minimum=0.0)
     n = x.shape[-1]
     checks.tensor(OP, "weight", weight, ndim=1, like=x)
     checks.same_dtype(OP, "weight", weight, x, "x")
@@ -89,19 +86,14 @@ def _plan(x, weight, eps, residual, out):
         return None
     checks.fits_i32(OP, "the row length (x.shape[-1])", n)
     checks.fits_i32(OP, "the number of rows (x.numel() // x.shape[-1])", m)
-    rs = r2.stride(0) if r2 is not None else 0
-    strides = (x2.stride(0), rs, o2.stride(0))
+    strides = (x2.stride(0), r2.stride(0) if r2 is not None else 0, o2.stride(0))
     aligned = n % 16 == 0 and all(s % 16 == 0 for s in strides)
     block_n, single = block_for(n)
-    cfg = config(checks.TRITON_TYPE[x.dtype], residual is not None, aligned, block_n, single)
-    k = runtime.kernel(SPEC, cfg, x.device)
-    return k.run, m, n, strides, k.takes_addresses
-
-
-def _check_aligned(x, weight, residual, out):
-    for name, t in (("x", x), ("weight", weight), ("residual", residual), ("out", out)):
-        if t is not None:
-            checks.aligned(OP, name, t)
+    tile = call.tiles([{"num_warps": num_warps_for(block_n)}])[0]
+    cfg = Config.make("triton", dtype=checks.TRITON_TYPE[x.dtype], residual=residual is not None, aligned=aligned,
+                      block_n=block_n, single_pass=single, **tile)
+    res = In("x") if residual is None else In("residual")
+    return Candidate(Launch(cfg, (m,), (In("x"), In("weight"), res, In("out"), n, *strides, In("eps"))))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
@@ -110,41 +102,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
 
     ``weight``: [N], same dtype as ``x``. ``residual``: like ``x``; updated in place to ``x + residual``.
     ``out``: like ``x``; allocated if not given. Returns ``out``.
-
-    Validation runs in full once per signature (shapes, strides, dtypes, devices of every tensor);
-    later calls with the same signature check only what can change between them: the addresses.
     """
-    try:
-        if out is None:
-            out = torch.empty_like(x)
-        sig = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
-               out.shape, out.stride(), out.dtype, out.device,
-               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
-        plan = _plans.get(sig, False)
-    except (AttributeError, TypeError):  # not tensors: the full checks below say what is wrong
-        sig, plan = None, False
-    if plan is False:
-        plan = _plan(x, weight, eps, residual, out)
-        if sig is not None:
-            _plans[sig] = plan
-    if plan is None:
-        return out
-    run, m, n, strides, addresses = plan
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):  # the plan was made with a good eps; this call's is not
-        checks.scalar(OP, "eps", eps, minimum=0.0)
-    if addresses:
-        xp, wp, op = x.data_ptr(), weight.data_ptr(), out.data_ptr()
-        rp = xp if residual is None else residual.data_ptr()
-        if (xp | wp | rp | op) & 15:
-            _check_aligned(x, weight, residual, out)
-        run(m, 1, 1, xp, wp, rp, op, n, *strides, eps)
-    else:
-        _check_aligned(x, weight, residual, out)
-        x2 = x.view(m, n)
-        run(m, 1, 1, x2, weight, x2 if residual is None else residual.view(m, n), out.view(m, n), n, *strides,
-            eps)
+    if out is None:
+        out = torch.empty_like(x) if isinstance(x, torch.Tensor) else None
+    _dispatch(x, weight, eps, residual, out)
     return out
 
 
@@ -170,8 +131,12 @@ SPEC = registry.register(OpSpec(
     fn=rms_norm,
     reference=reference,
     configs=configs,
+    plan=plan,
+    tunables={"num_warps": (1, 2, 4, 8, 16)},
+    scalars={"eps": Scalar(float, min=0.0)},
     doc=__doc__,
     mutates=("residual",),
     outputs=("out",),
     alloc=alloc,
 ))
+_dispatch = dispatcher(SPEC)

@@ -1,0 +1,443 @@
+"""Stage 5 of the pipeline: the framework's fast path from an op call to its kernel launches.
+
+An op function calls its dispatcher with its arguments in parameter order::
+
+    _dispatch = jitkern.dispatcher(SPEC)        # once, next to the spec
+
+    def my_op(x: torch.Tensor, eps: float = 1e-6, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = torch.empty_like(x) if out is None else out
+        _dispatch(x, eps, out)
+        return out
+
+The first call with a new *signature* — the shape, strides, dtype and device of every tensor
+argument and the value of every other argument, except the per-call ``OpSpec.scalars`` — runs the
+op's ``plan(call)`` (validation and the decision: candidates, each a list of ``Launch``es), applies
+the selection arch's rules to it, loads the kernels (``jitkern.runtime.kernel``, through the cache)
+and routes over the candidates (``jitkern.fallback``). The decision is kept per signature, so a
+later call costs: computing the signature, one dict lookup, reading the tensors' addresses, checking
+their 16-byte alignment and the per-call scalars, and Triton's C launch with integer addresses.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+import threading
+import typing
+from dataclasses import replace
+from typing import Sequence
+
+from . import constraints, counters, manifest, state, tuning
+from .arch import ARCHES, Arch
+from .errors import ArgumentError, ConfigError, DeviceError, LayoutError, SpecError
+from .fallback import Route
+from . import runtime
+from .runtime import arches_for
+from .spec import Candidate, In, Launch, OpSpec, Scalar, Scratch
+
+
+class Call:
+    """What ``OpSpec.plan`` receives for one call signature.
+
+    ``args``: the op's arguments in parameter order (also by name: ``call["x"]``). ``arch``: the
+    arch configurations are chosen for (``jitkern.runtime.select_arch``). ``device``: where the
+    tensors are. ``tiles(candidates)``: the tile candidates as they apply on ``arch``.
+    """
+
+    __slots__ = ("spec", "args", "arch", "device", "_names", "tiled", "tuned")
+
+    def __init__(self, spec: OpSpec, args: tuple, arch: Arch, device, names: Sequence[str], tuned: bool = True):
+        self.spec, self.args, self.arch, self.device, self._names = spec, args, arch, device, names
+        self.tiled = False
+        self.tuned = tuned  # False: tuned winners are not put first (tools comparing the untuned order)
+
+    def __getitem__(self, name: str):
+        return self.args[self._names.index(name)]
+
+    def tiles(self, candidates: Sequence[dict], *, dtype: str | None = None,
+              bucket: str | Sequence[str] | None = None) -> list[dict]:
+        """``candidates`` (tile parameter dicts, preferred first) as they apply on ``self.arch``:
+        the tuned winner for ``(dtype, bucket)`` first if one is recorded (``jitkern.tuning``; with
+        several buckets, the first that has one), then arch pins and ``JITKERN_<OP>_<PARAM>``
+        overrides set, rule breakers dropped, duplicates removed (``jitkern.constraints.apply``).
+        Raises ``ConfigError`` for a bad override or when nothing is left."""
+        self.tiled = True
+        listed = [dict(c) for c in candidates]
+        if self.tuned and dtype is not None and bucket is not None and listed:
+            for b in ((bucket,) if isinstance(bucket, str) else bucket):
+                won = tuning.lookup(self.arch.name, self.spec.name, dtype, b)
+                if won:  # the winner's tile, with the candidates' other keys (e.g. the dtype rules check)
+                    rest = {k: v for k, v in listed[0].items() if k not in self.spec.tunables}
+                    listed.insert(0, {**rest, **won})
+                    break
+        return constraints.apply(self.arch.name, self.spec.name, listed, self.spec.tunables)
+
+
+def _tensor_annotation(annotation) -> str | None:
+    """``"required"`` for ``torch.Tensor``, ``"optional"`` for ``Optional[torch.Tensor]``, else None."""
+    import torch
+
+    if annotation is torch.Tensor:
+        return "required"
+    if typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if rest == [torch.Tensor]:
+            return "optional"
+    return None
+
+
+def _misaligned(spec: OpSpec, names, args, positions):
+    for i in positions:
+        t = args[i]
+        if t.data_ptr() % 16:
+            raise LayoutError(f"{spec.name}: {names[i]} is not 16-byte aligned (address {t.data_ptr():#x}, "
+                              f"storage offset {t.storage_offset()}); pass {names[i]}.clone() or a tensor "
+                              f"that starts at an aligned address")
+
+
+_NEW = object()  # a signature not decided yet
+
+
+class Dispatcher:
+    """Runs ``spec``'s calls: per signature, the op's plan once; then the decided launches."""
+
+    def __init__(self, spec: OpSpec):
+        if spec.plan is None:
+            raise SpecError(f"op {spec.name!r} declares no plan: give OpSpec(plan=...) a function mapping a "
+                            f"call signature to candidates (see jitkern.dispatch)")
+        self.spec = spec
+        try:
+            sig = inspect.signature(spec.fn, eval_str=True)
+        except Exception as e:
+            raise SpecError(f"op {spec.name!r}: the annotations of {spec.fn.__qualname__} cannot be resolved "
+                            f"({type(e).__name__}: {e}); annotate tensors with torch.Tensor or "
+                            f"Optional[torch.Tensor]") from e
+        self.names = tuple(sig.parameters)
+        unknown = [n for n in spec.scalars if n not in self.names]
+        if unknown:
+            raise SpecError(f"op {spec.name!r}: scalars names {unknown}, which are not parameters of "
+                            f"{spec.fn.__qualname__}{sig}")
+        kinds = [_tensor_annotation(p.annotation) for p in sig.parameters.values()]
+        self.tensors = tuple(i for i, k in enumerate(kinds) if k)
+        self.inplace = tuple(i for i, n in enumerate(self.names) if n in spec.mutates)
+        self._required = tuple(i for i, k in enumerate(kinds) if k == "required")
+        self._optional = tuple(i for i, k in enumerate(kinds) if k == "optional")
+        self._static = tuple(i for i, k in enumerate(kinds) if not k and self.names[i] not in spec.scalars)
+        self._scalars = tuple((self.names.index(n), s) for n, s in spec.scalars.items())
+        self._check_scalars = _scalar_checker(spec.name, self.names, self._scalars)
+        self._memo: dict = {}  # signature -> Route, or once it has settled its fast path; None: no launch
+        self._routes: dict = {}  # signature -> Route
+        self._lock = threading.Lock()
+        self.key = self._key_function()
+
+    # ---- the signature -------------------------------------------------------------------------
+    def _key_function(self):
+        """``key(args)``: the call signature (a per-tensor tuple in a list comprehension is the
+        cheapest way CPython has to read four attributes of several tensors)."""
+        tpos, static = self.tensors, self._static
+        get_t = operator.itemgetter(*tpos) if len(tpos) > 1 else (lambda a, i=tpos[0]: (a[i],)) if tpos else None
+        if get_t is None:
+            return lambda args: tuple(args[i] for i in static)
+        if not static:
+            return lambda args: tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+                                       for t in get_t(args)])
+        get_s = operator.itemgetter(*static) if len(static) > 1 else (lambda a, i=static[0]: (a[i],))
+        return lambda args: (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in get_t(args)],
+                             *get_s(args))
+
+    # ---- the call ------------------------------------------------------------------------------
+    def __call__(self, *args):
+        """Run the op's decision for these arguments; returns the name of the candidate that ran
+        (None: nothing to launch)."""
+        try:
+            route = self._memo.get(self.key(args), _NEW)
+        except (AttributeError, TypeError, IndexError):  # not tensors where tensors go: the plan says why
+            route = _NEW
+        if route is _NEW:
+            route = self._decide(args)
+        if route is not None:
+            return route(args)
+        return None
+
+    @property
+    def signatures(self) -> int:
+        """How many call signatures this process has decided for the op."""
+        return len(self._memo)
+
+    def active_configs(self) -> list:
+        """The configs each decided signature runs (its active candidate's launches), in decision order."""
+        out = []
+        for r in list(self._routes.values()):
+            c = r.active_candidate if r is not None else None
+            if c is not None:
+                out.extend(la.config for la in c.launches)
+        return out
+
+    def route_for(self, *args) -> Route | None:
+        """The route these arguments' signature runs on (deciding it if new); None: nothing to launch."""
+        try:
+            key = self.key(args)
+            if key in self._routes:
+                return self._routes[key]
+        except (AttributeError, TypeError, IndexError):
+            pass
+        return self._decide(args)
+
+    def _decide(self, args: tuple):
+        """The slow path: a new signature (or arguments that cannot be keyed: the plan says why)."""
+        if len(args) != len(self.names):
+            raise SpecError(f"{self.spec.name}: the dispatcher takes all {len(self.names)} arguments of "
+                            f"{self.spec.fn.__qualname__} in order ({', '.join(self.names)}), got {len(args)}")
+        try:
+            key = self.key(args)
+            hash(key)
+        except (AttributeError, TypeError):
+            key = None
+        with self._lock:
+            if key is not None and key in self._routes:
+                return self._routes[key]
+            device = self._device(args)
+            try:
+                select, _ = arches_for(device)
+            except DeviceError:
+                if getattr(device, "type", None) == "meta":  # never runs; but bad arguments are said first
+                    self.candidates(args, ARCHES["cpu"], device)
+                raise
+            manifest.seen(self, args)  # JITKERN_RECORD: what was called (arch-independent)
+            candidates = self.candidates(args, select, device)
+            route = None
+            if candidates is not None:
+                route = Route(self.spec, candidates, device, self.bind, self.inplace)
+                if key is not None:  # once the route has settled, the memo holds its fast path itself
+                    route.on_fast = functools.partial(self._memo.__setitem__, key)
+            if key is not None:
+                self._memo[key] = self._routes[key] = route
+            counters.bump("signatures")
+        return route
+
+    def _device(self, args):
+        for i in self.tensors:
+            t = args[i]
+            if t is not None and hasattr(t, "device"):
+                return t.device
+        raise SpecError(f"{self.spec.name}: no tensor argument to take the device from")
+
+    def candidates(self, args: tuple, arch: Arch, device=None, *, tuned: bool = True) -> list[Candidate] | None:
+        """The op's plan for these arguments on ``arch``, with the arch's rules applied: candidates
+        whose configs break a rule are dropped. None: nothing to launch. Used by the dispatcher,
+        and by prebuild (a recorded signature as meta tensors, any arch, no GPU)."""
+        spec = self.spec
+        self._check_scalars(args)  # before anything is planned or built, as on every later call
+        call = Call(spec, args, arch, device, self.names, tuned)
+        got = spec.plan(call)
+        if got is None:
+            return None
+        cands = [got] if isinstance(got, Candidate) else list(got)
+        if not call.tiled and spec.tunables and constraints.env_overrides(arch.name, spec.name, spec.tunables):
+            raise ConfigError(f"{spec.name}: JITKERN_{spec.name.upper()}_* overrides are set, but the op's plan "
+                              f"does not choose its tiles through call.tiles(), so they cannot apply")
+        kept, dropped = [], []
+        for c in cands:
+            if not isinstance(c, Candidate):
+                raise SpecError(f"{spec.name}: plan() returned {type(c).__name__}; it returns Candidate objects")
+            c = replace(c, launches=tuple(self._resolve(la, args) for la in c.launches))
+            bad = [v for la in c.launches for v in constraints.violations(arch.name, spec.name, la.config.p)]
+            (dropped if bad else kept).append((c, bad))
+        if not kept:
+            why = dropped[0][1][0] if dropped else "the plan returned no candidate"
+            raise ConfigError(f"{spec.name}: no candidate is allowed on {arch.name} ({why})")
+        return [c for c, _ in kept]
+
+    def _resolve(self, launch: Launch, args: tuple) -> Launch:
+        """``launch`` with ``In`` references to arguments that are part of the signature (not tensors,
+        not per-call scalars) replaced by their values, which cannot change for this signature."""
+        out = []
+        for a in launch.args:
+            if isinstance(a, In):
+                if a.name not in self.names:
+                    raise SpecError(f"{self.spec.name}: a launch of {launch.config.describe()} passes In({a.name!r}), "
+                                    f"which is not a parameter ({', '.join(self.names)})")
+                i = self.names.index(a.name)
+                if i in self.tensors and args[i] is None:
+                    raise SpecError(f"{self.spec.name}: a launch of {launch.config.describe()} passes "
+                                    f"In({a.name!r}), which is None in this call; pass another argument or a constant")
+                if i not in self.tensors and a.name not in self.spec.scalars:
+                    a = args[i]
+            out.append(a)
+        return replace(launch, args=tuple(out))
+
+    # ---- from loaded kernels to a launch function -----------------------------------------------
+    def bind(self, cand: Candidate, kernels: list, device=None):
+        """``fire(args) -> cand.name``: the candidate's launches (or its torch function) run.
+        ``Scratch`` buffers are allocated on ``device`` for each call and passed after ``args``."""
+        name = cand.name
+        if cand.torch is not None:
+            fn = cand.torch
+
+            def fire_torch(args):
+                fn(*args)
+                return name
+            return fire_torch
+        scratch = {}  # name -> (position after the op's arguments, Scratch)
+        for la in cand.launches:
+            for a in la.args:
+                if isinstance(a, Scratch) and a.name not in scratch:
+                    scratch[a.name] = (len(self.names) + len(scratch), a)
+        fires = [self._fire(la, k, name, scratch) for la, k in zip(cand.launches, kernels)]
+        if scratch:
+            import torch
+
+            made = tuple((s.shape, s.dtype) for _, s in scratch.values())
+            empty = torch.empty
+
+            def fire_scratch(args):
+                full = (*args, *[empty(shape, dtype=dtype, device=device) for shape, dtype in made])
+                for f in fires:
+                    f(full)
+                return name
+            return fire_scratch
+        if len(fires) == 1:
+            return fires[0]
+
+        def fire_all(args):
+            for f in fires:
+                f(args)
+            return name
+        return fire_all
+
+    def _fire(self, launch: Launch, kernel, name: str, scratch: dict | None = None):
+        """``fire(args)`` for one launch: its constants bound, its ``In`` arguments read per call
+        (tensors: their addresses, checked for 16-byte alignment; scalars: checked)."""
+        spec, names = self.spec, self.names
+        gx, gy, gz = launch.grid
+        if gx <= 0 or gy <= 0 or gz <= 0:
+            return lambda args: name
+        scalars = dict(self._scalars)
+        slots = []  # per kernel argument: ("t", position) | ("s", position) | ("c", value)
+        for a in launch.args:
+            if isinstance(a, In):
+                i = names.index(a.name)
+                slots.append(("s", i) if i in scalars else ("t", i))
+            elif isinstance(a, Scratch):
+                slots.append(("t", scratch[a.name][0]))
+            else:
+                slots.append(("c", a))
+        tpos = tuple(v for k, v in slots if k == "t")
+        spos = tuple((v, scalars[v]) for k, v in slots if k == "s")
+        consts = tuple(v for k, v in slots if k == "c")
+        # values are gathered as (tensors, constants, scalars): the usual kernel order needs no permutation
+        base, seen, order = {"t": 0, "c": len(tpos), "s": len(tpos) + len(consts)}, {"t": 0, "c": 0, "s": 0}, []
+        for k, _ in slots:
+            order.append(base[k] + seen[k])
+            seen[k] += 1
+        in_order = order == list(range(len(order)))
+        permute = operator.itemgetter(*order) if len(order) > 1 else (lambda v: (v[0],))
+        run = kernel.run
+        get_t = operator.itemgetter(*tpos) if len(tpos) > 1 else (lambda a, i=tpos[0]: (a[i],)) if tpos else \
+            (lambda a: ())
+        check = _scalar_checker(spec.name, names, spos)
+        reduce, or_ = functools.reduce, operator.or_
+
+        def misaligned(args):
+            _misaligned(spec, names, args, tpos)
+
+        if not kernel.takes_addresses:  # the interpreter, Triton's own launcher, C++ kernels: tensors
+            def fire(args):
+                ts = get_t(args)
+                if ts and reduce(or_, [t.data_ptr() for t in ts]) & 15:
+                    misaligned(args)
+                run(gx, gy, gz, *permute((*ts, *consts, *check(args))))
+                return name
+        elif not in_order:
+            def fire(args):
+                ptrs = [t.data_ptr() for t in get_t(args)]
+                if ptrs and reduce(or_, ptrs) & 15:
+                    misaligned(args)
+                run(gx, gy, gz, *permute((*ptrs, *consts, *check(args))))
+                return name
+        elif spos:
+            def fire(args):
+                ptrs = [t.data_ptr() for t in get_t(args)]
+                if reduce(or_, ptrs) & 15:
+                    misaligned(args)
+                run(gx, gy, gz, *ptrs, *consts, *check(args))
+                return name
+        else:
+            def fire(args):
+                ptrs = [t.data_ptr() for t in get_t(args)]
+                if reduce(or_, ptrs) & 15:
+                    misaligned(args)
+                run(gx, gy, gz, *ptrs, *consts)
+                return name
+        return fire
+
+
+def _scalar_checker(op: str, names, spos):
+    """``check(args) -> tuple``: the per-call scalars, converted and range-checked."""
+    if not spos:
+        return lambda args: ()
+    items = tuple((i, sc.type, -float("inf") if sc.min is None else sc.min,
+                   float("inf") if sc.max is None else sc.max) for i, sc in spos)
+
+    def bad(i, v):
+        sc = dict(spos)[i]
+        bounds = "".join(f" and at {w} {b:g}" for w, b in (("least", sc.min), ("most", sc.max)) if b is not None)
+        raise ArgumentError(f"{op}: {names[i]} must be finite{bounds}, got {v!r}")
+
+    def convert(i, conv, v):
+        try:
+            return operator.index(v) if conv is int else conv(v)  # an int scalar is never truncated
+        except (TypeError, ValueError):
+            raise ArgumentError(f"{op}: {names[i]} must be a real number, got {type(v).__name__} {v!r:.60}") from None
+
+    if len(items) == 1:
+        ((i, conv, lo, hi),) = items
+
+        def check_one(args):
+            v = args[i]
+            c = v if type(v) is conv else convert(i, conv, v)
+            if not lo <= c <= hi or c - c:  # c - c is NaN (true) for NaN and infinities
+                bad(i, v)
+            return (c,)
+        return check_one
+
+    def check(args):
+        out = []
+        for i, conv, lo, hi in items:
+            v = args[i]
+            c = v if type(v) is conv else convert(i, conv, v)
+            if not lo <= c <= hi or c - c:
+                bad(i, v)
+            out.append(c)
+        return out
+
+    return check
+
+
+_dispatchers: dict = {}
+_lock = threading.Lock()
+
+
+def dispatcher(spec: OpSpec) -> Dispatcher:
+    """The dispatcher of ``spec`` (one per spec object)."""
+    d = _dispatchers.get(spec.name)
+    if d is None or d.spec is not spec:
+        with _lock:
+            d = _dispatchers.get(spec.name)
+            if d is None or d.spec is not spec:
+                d = _dispatchers[spec.name] = Dispatcher(spec)
+    return d
+
+
+@state.on_reset
+def clear_memory() -> None:
+    """Forget every per-signature decision and loaded kernel: the next calls decide and load afresh
+    (from the cache). ``jitkern.reset()`` also forgets counters and log-once keys."""
+    for d in list(_dispatchers.values()):
+        with d._lock:
+            d._memo.clear()
+            d._routes.clear()
+    runtime.clear_memory()
+
+
+__all__ = ["Call", "Dispatcher", "dispatcher", "In", "Launch", "Candidate", "Scalar", "Scratch"]
