@@ -46,6 +46,7 @@ from .builders import hip
 from .cache import Store, check_dirs, configured_layers
 from .cachectl import check_output_file
 from .errors import ConfigError, JitkernError, SpecError, UnknownArchError
+from .logs import quiet_third_party_warnings
 from .tables import human_size, print_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -724,14 +725,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         add(sub)
     return parser
-
-
-def quiet_third_party_warnings() -> None:
-    """Warnings a CLI user cannot act on (torch's "Failed to initialize NumPy" where numpy is absent
-    or mismatched) stay out of the output; prebuild's workers call this too."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"Failed to initialize NumPy", category=UserWarning)
 
 
 def _setup_logging(verbosity: int) -> None:

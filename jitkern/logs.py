@@ -27,3 +27,11 @@ def forget() -> None:
     """Forget which warnings were logged (they are logged again once)."""
     with _lock:
         _seen.clear()
+
+
+def quiet_third_party_warnings() -> None:
+    """Warnings a CLI user cannot act on (torch's "Failed to initialize NumPy" where numpy is absent
+    or mismatched) stay out of the output; prebuild's workers call this too."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Failed to initialize NumPy", category=UserWarning)

@@ -58,7 +58,7 @@ from .cache import Store, add_prebuild_record, check_dirs, configured_layers, de
 from .errors import (BuildError, CacheError, ConfigError, JitkernError, NoDeviceError, OverBudgetError,
                      UnavailableError, UnknownOpError, is_transient)
 from .key import explain, recorded
-from .logs import log
+from .logs import log, quiet_third_party_warnings
 from .plan import plan
 from .spec import Config
 from . import __version__
@@ -204,8 +204,6 @@ def _amd_figures(res) -> dict[str, Any]:
 def _worker_init(layers: str, level: int, triton_cache: str | None = None, log_queue=None) -> None:
     # Ctrl-C goes to the whole foreground process group; only the parent decides what to do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from .cli import quiet_third_party_warnings
-
     quiet_third_party_warnings()
     strict.suspend()  # prebuild compiles on purpose: JITKERN_STRICT applies to the processes it warms
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported in this process

@@ -12,19 +12,22 @@ from .errors import TemplateError
 
 @functools.lru_cache(maxsize=None)
 def builtin_template_dir() -> Path:
-    """jitkern's built-in templates: the package ``jitkern._templates`` (an install maps the
-    repository's ``templates/`` there, see pyproject's package-dir), found with ``importlib.resources``;
-    in a source checkout run without installing (``PYTHONPATH=.``), the checkout's ``templates/``.
-    Nothing else: a stray ``templates`` directory in site-packages is never picked up."""
+    """jitkern's built-in templates: where this ``jitkern`` package is a source checkout (its parent
+    holds ``pyproject.toml`` and ``templates/__init__.py``), the checkout's ``templates/``, so the
+    templates always belong to the code that runs (an editable install elsewhere maps
+    ``jitkern._templates`` to its own tree); otherwise the package ``jitkern._templates`` (an install
+    maps the repository's ``templates/`` there, see pyproject's package-dir), found with
+    ``importlib.resources``. Nothing else: a stray ``templates`` directory in site-packages is never
+    picked up."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "templates" / "__init__.py").is_file():
+        return checkout / "templates"
     try:
         root = importlib.resources.files("jitkern._templates")
     except ModuleNotFoundError:
         root = None
     if isinstance(root, Path) and root.is_dir():
         return root
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "templates" / "__init__.py").is_file():
-        return checkout / "templates"
     raise TemplateError("jitkern's built-in templates are missing (no package jitkern._templates); "
                         "reinstall jitkern (pip install --force-reinstall jitkern)")
 

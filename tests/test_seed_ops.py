@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import requires_gpu
+import jitkern
 from jitkern import arch, constraints, counters, launcher
 from jitkern.build import get_entry
 from jitkern.builders.triton import InterpretedKernel
@@ -44,7 +45,7 @@ def test_gather_kv_cache_matches_reference_with_empty_sequence():
     y = gkv.gather_kv_cache(cache, bt, cu)
     assert y.shape == (53, 2, 8)
     assert torch.equal(y, gkv.reference(cache, bt, cu))
-    assert [k.job.config.p.get("flat") for k, _ in gkv._plans.values()] == [True]  # contiguous rows: page runs
+    assert [c.p.get("flat") for c in jitkern.dispatcher(gkv.SPEC).active_configs()] == [True]  # page runs
 
 
 def test_gather_kv_cache_strided_token_rows_take_the_per_token_kernel():
@@ -55,7 +56,7 @@ def test_gather_kv_cache_strided_token_rows_take_the_per_token_kernel():
     cu = torch.tensor([0, 33, 33, 80], dtype=torch.int32)
     y = gkv.gather_kv_cache(cache, bt, cu)
     assert torch.equal(y, gkv.reference(cache, bt, cu))
-    assert [k.job.config.p.get("flat") for k, _ in gkv._plans.values()] == [None]
+    assert [c.p.get("flat") for c in jitkern.dispatcher(gkv.SPEC).active_configs()] == [None]
 
 
 def test_gather_kv_cache_zero_tokens_is_valid_and_launches_nothing(launches):
