@@ -170,28 +170,28 @@ def test_a_second_user_cannot_rewrite_the_plan_index(other_user, monkeypatch):
 
 
 def _cpu_job(block=None, n=64):
-    from jitkern import build
+    from jitkern import plan
     from jitkern.library import rms_norm as rn
 
     b, single = rn.block_for(n)
-    return build.plan(rn.SPEC, rn.config("fp32", False, n % 16 == 0, block or b, single), CPU)
+    return plan.plan(rn.SPEC, rn.config("fp32", False, n % 16 == 0, block or b, single), CPU)
 
 
 def test_an_index_record_cannot_supply_source_no_entry_was_built_from(cache_dir):
     """A plan-index record only had to agree with itself (key recomputed from its own source), so a
     rewritten record supplied any source, which the next build imported. Now a record's source is
     used only for a key that some layer holds an entry for; otherwise the job is rendered."""
-    from jitkern import build, plan_index
+    from jitkern import plan
     from jitkern.cache import write_private
 
     marker = cache_dir.parent / "pwned"
     job = _cpu_job()
     evil = f"open({str(marker)!r}, 'w').write('ran')\n" + job.source
-    forged = build.plan(job.spec, job.config, CPU, source=evil)  # a record consistent with its own source
+    forged = plan.make_job(job.spec, job.config, CPU, source=evil)  # a record consistent with its own source
     layer = Layer(cache_dir)
     layer.writable()
-    ih = plan_index.index_key(job.spec, job.config, CPU)
-    write_private(plan_index._path(layer, ih), json.dumps({"key": forged.key, "source": evil}).encode())
+    ih = plan.index_key(job.spec, job.config, CPU, job.parts[-1][1])
+    write_private(plan._index_path(layer, ih), json.dumps({"key": forged.key, "source": evil}).encode())
     _op()
     assert not marker.exists(), "the record's source was built and imported"
     assert not layer.entry_dir(forged.key).exists() and layer.entry_dir(job.key).is_dir()
@@ -200,11 +200,11 @@ def test_an_index_record_cannot_supply_source_no_entry_was_built_from(cache_dir)
 @pytest.fixture
 def two_entries(cache_dir):
     """Real CPU entries of two rms_norm configs and one gemm config, in this test's cache."""
-    from jitkern import build
+    from jitkern import build, plan
     from jitkern.library import gemm
 
     a, b = _cpu_job(), _cpu_job(block=512)
-    g = build.plan(gemm.SPEC, next(iter(gemm.configs(CPU))), CPU)
+    g = plan.plan(gemm.SPEC, next(iter(gemm.configs(CPU))), CPU)
     for job in (a, b, g):
         build.get_entry(job)
     return a, b, g
@@ -241,7 +241,7 @@ def test_an_intact_entry_of_another_kernel_is_refused(two_entries, cache_dir, ta
     (d / ENTRY_META).write_text(json.dumps(meta))
     _rewrite_manifest(d)
     layer.verify(a.key)  # the checksums accept it ...
-    assert Store([cache_dir]).lookup(a.key, build._checker(a)) is None  # ... the job check does not
+    assert Store([cache_dir]).lookup(a.key, build.checker(a)) is None  # ... the job check does not
     assert not d.exists()
     entry, how = build.get_entry(a)  # rebuilt, right kernel
     assert how == "built" and entry.read_bytes("kernel.py") == a.source.encode()
