@@ -27,6 +27,7 @@ BUILTIN = {
     "gather_kv_cache": "jitkern.library.gather_kv_cache",
     "paged_mqa_logits": "jitkern.library.paged_mqa_logits",
     "qk_norm_rope": "jitkern.library.qk_norm_rope",
+    "qk_norm_rope_cache": "jitkern.library.qk_norm_rope_cache",
     "gemm": "jitkern.library.gemm",
 }
 
