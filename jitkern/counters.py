@@ -28,12 +28,14 @@ def snapshot() -> dict[str, int]:
     (``--version`` runs for keys), ``failures_recorded`` / ``failures_cached`` (build failures written to /
     found in the cache), ``fallbacks`` (variants skipped after a failure), ``runtime_fallbacks``
     (variants that raised at run time, inputs restored), ``inplace_backups``, ``guard_refusals``; dispatch: ``signatures`` (call signatures planned),
-    ``renders`` (templates rendered: 0 in a process over a warm cache or a prebuilt layer)."""
+    ``renders`` (templates rendered: 0 in a process over a warm cache or a prebuilt layer); serve while
+    compiling (``jitkern.background``): ``background_builds`` (builds handed to the worker process),
+    ``background_switches`` (routes that moved to a candidate built in the background)."""
     base = dict.fromkeys(("compiles", "disk_hits", "memory_hits", "corrupt_discarded", "remote_hits",
                           "remote_misses", "remote_puts", "remote_errors", "remote_rejected", "remote_waits", "evictions", "signature_refused",
                           "compiler_runs", "toolchain_queries", "failures_recorded", "failures_cached",
                           "fallbacks", "runtime_fallbacks", "inplace_backups", "guard_refusals", "signatures",
-                          "renders"), 0)
+                          "renders", "background_builds", "background_switches"), 0)
     base.update(COUNTERS)
     return base
 

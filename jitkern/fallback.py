@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from . import counters, runtime, state
+from . import background, counters, runtime, state
 from .errors import BuildError, InputError, LaunchError, NoVariantError, OverBudgetError, RedzoneError
 from .logs import log, warn_once
 from .spec import Candidate, OpSpec
@@ -44,6 +44,7 @@ class _Slot:
     keys: tuple = ()
     error: Exception | None = None
     proven: bool = False
+    deferred: bool = False  # its build was handed to the background worker (jitkern.background)
 
 
 _proven_keys: set = set()  # kernel keys (or torch candidates' names) that completed once in this process
@@ -107,7 +108,7 @@ class Route:
         return True
 
     def _route(self, args: tuple):
-        for s in self._slots:
+        for i, s in enumerate(self._slots):
             c = s.cand
             if s.error is not None:
                 continue
@@ -115,8 +116,13 @@ class Route:
                 counters.bump("guard_refusals")
                 log.debug("jitkern: %s: guard of %r refused the arguments (%s)", self.spec.name, c.name, c.guard_doc)
                 continue
-            if s.fire is None and not self._acquire(s):
-                continue
+            if s.fire is None:
+                if self._defer(i, s, args):
+                    continue
+                if not self._acquire(s):
+                    continue
+                if s.deferred:
+                    self._switched(s)
             if not s.proven:
                 backups = [(args[i], args[i].clone()) for i in self.inplace if args[i] is not None]
                 counters.bump("inplace_backups", len(backups))
@@ -149,6 +155,38 @@ class Route:
                             for s in self._slots)
         raise NoVariantError(f"{self.spec.name}: no variant can run these arguments ({reasons})")
 
+    # -- serve while compiling (JITKERN_BACKGROUND_BUILD=1; jitkern.background) -----------------
+    def _defer(self, i: int, s: _Slot, args: tuple) -> bool:
+        """Skip slot ``i`` for now if its build can run in the background while a later slot serves."""
+        if s.cand.torch is not None or not background.enabled():
+            return False
+        configs = [la.config for la in s.cand.launches]
+        if s.deferred:  # handed over earlier: skip it while it builds
+            return background.pending(self.spec, configs, self.device)
+        if not self._ready_after(i, args):
+            return False
+        s.deferred = background.defer(self.spec, configs, self.device)
+        return s.deferred
+
+    def _ready_after(self, i: int, args: tuple) -> bool:
+        """Whether a slot after ``i`` can run these arguments without a build."""
+        for s in self._slots[i + 1:]:
+            c = s.cand
+            if s.error is not None or (c.guard is not None and not c.guard(*args)):
+                continue
+            if s.fire is not None or c.torch is not None:
+                return True
+            if all(background.cached(self.spec, la.config, self.device) for la in c.launches):
+                return True
+        return False
+
+    def _switched(self, s: _Slot) -> None:
+        waited = background.waited(self.spec, [la.config for la in s.cand.launches], self.device)
+        counters.bump("background_switches")
+        log.info("jitkern: %s: switching to %r, built in the background (ready %.1f s after it was handed over)",
+                 self.spec.name, s.cand.name, waited or 0.0)
+        s.deferred = False
+
     def _fail(self, slot: _Slot, err: Exception, quiet: bool = False) -> None:
         slot.error = err
         slot.fire = None
@@ -173,8 +211,12 @@ class Route:
         """The hot path, valid while every usable slot up to the first unguarded one is proven:
         with one unguarded slot, its fire function itself; with guards, the first that accepts."""
         chain = []
+        watch = False
         for s in self._slots:
             if s.error is not None:
+                continue
+            if s.deferred and s.fire is None:  # building in the background: served by a later slot
+                watch = True
                 continue
             if not s.proven:
                 break
@@ -186,16 +228,29 @@ class Route:
         if not chain:
             return None
         if chain[0][0] is None:
-            return chain[0][1]
-        if chain[-1][0] is not None:
-            chain.append((None, self._route))
-        chain = tuple(chain)
+            fast = chain[0][1]
+        else:
+            if chain[-1][0] is not None:
+                chain.append((None, self._route))
+            chain = tuple(chain)
 
-        def guarded(args):
-            for guard, fire in chain:
-                if guard is None or guard(*args):
-                    return fire(args)
-        return guarded
+            def fast(args):
+                for guard, fire in chain:
+                    if guard is None or guard(*args):
+                        return fire(args)
+        return self._watching(fast) if watch else fast
+
+    def _watching(self, fast):
+        """``fast`` that goes back to routing once a background build has finished (and the process is
+        not capturing a CUDA graph or tracing): one integer comparison per call until then."""
+        seen = background.generation
+
+        def watching(args):
+            if background.generation != seen and background.switch_allowed():
+                self.fast = None
+                return self._route(args)
+            return fast(args)
+        return watching
 
 
 def _reason(err: Exception) -> str:

@@ -224,6 +224,11 @@ declare("redzone_bytes", "size", 1024,
 declare("direct_launch", "bool", True,
         "Launch GPU kernels through Triton's C launcher directly with integer addresses; 0: through "
         "Triton's CompiledKernel.", _bool)
+declare("background_build", "bool", False,
+        "Serve while compiling: a call whose preferred candidate is not cached runs on a cached later one "
+        "(next variant, smaller tile, PyTorch path) while a worker process builds the preferred one; later "
+        "calls switch to it (never during CUDA-graph capture or a torch.compile trace). See jitkern.background.",
+        _bool)
 declare("autotune", "bool", False,
         "Time every candidate tile of a bucket on first use and record the winner (default: recorded and "
         "shipped winners only).", _bool)
