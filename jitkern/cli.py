@@ -41,8 +41,7 @@ import textwrap
 from typing import Any, Callable
 
 from . import (__version__, arch, cachectl, cachewheel, doctor, evict, manifest, prebuild, registry, remote, settings,
-               signing, tuning)
-from .builders import hip
+               signing, strict, tuning)
 from .cache import Store, check_dirs, configured_layers
 from .cachectl import check_output_file
 from .errors import ConfigError, JitkernError, SpecError, UnknownArchError
@@ -295,151 +294,9 @@ def _run_list(args) -> int:
 
 
 # ---- doctor ------------------------------------------------------------------------------------
-def row(key: str, label: str, value: Any, text: str | None = None) -> dict[str, Any]:
-    """One doctor row: ``value`` for --json, ``text`` (default: ``str(value)``) for people."""
-    return {"key": key, "label": label, "value": value, "text": str(value) if text is None else text}
-
-
-def section(key: str, title: str, rows: list[dict[str, Any]], data: Any = None) -> dict[str, Any]:
-    """A doctor section; ``data`` (default: ``{row key: row value}``) is what ``--json`` shows for it."""
-    sec = {"key": key, "title": title, "rows": rows}
-    if data is not None:
-        sec["data"] = data
-    return sec
-
-
-def _doctor_gpu() -> dict[str, Any]:
-    rows = [row("jitkern_arch", "JITKERN_ARCH", settings.get("arch"), settings.get("arch") or "(not set)")]
-    try:
-        a = arch.current()
-        rows.append(row("arch", "arch", {"name": a.name, "product": a.product, "vendor": a.vendor,
-                                         "shared_bytes_per_block": a.shared_mem_per_block},
-                        f"{a.name} ({a.product}); LDS/shared per block {a.shared_mem_per_block // 1024} KiB"))
-    except JitkernError as e:
-        rows.append(row("arch", "arch", {"name": None, "error": str(e)}, f"none: {e}"))
-    return section("gpu", "GPU", rows)
-
-
-#: How to find the version line in ``<tool> --version``'s output.
-_VERSION_LINE = {"nvcc": r"release"}
-
-
-def tool_version(tool: str, output: str) -> str | None:
-    """The line of ``output`` that states ``tool``'s version (nvcc: the "release" line; others: the first).
-    hipcc and clang are reported by the AMD section (``jitkern.builders.hip.describe``)."""
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    want = re.compile(_VERSION_LINE.get(tool, "."), re.IGNORECASE)
-    return next((ln for ln in lines if want.search(ln)), lines[0] if lines else None)
-
-
-def _doctor_toolchains() -> dict[str, Any]:
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    rows = []
-    for pkg in ("jitkern", "triton", "torch", "numpy"):
-        try:
-            v = version(pkg)
-            rows.append(row(pkg, pkg, v))
-        except PackageNotFoundError:
-            rows.append(row(pkg, pkg, None, "not installed"))
-    for tool in ("nvcc", "ninja", "c++"):  # HIP: its own section
-        path = shutil.which(tool)
-        if not path:
-            rows.append(row(tool, tool, None, "not found"))
-            continue
-        try:
-            r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
-            ver = tool_version(tool, r.stdout + "\n" + r.stderr) or "version not reported"
-            rows.append(row(tool, tool, {"path": path, "version": ver}, f"{ver} ({path})"))
-        except (OSError, subprocess.SubprocessError) as e:
-            rows.append(row(tool, tool, {"path": path, "version": None, "error": str(e)}, f"fails to run: {e}"))
-    interp = os.environ.get("TRITON_INTERPRET", "")
-    rows.append(row("triton_interpret", "TRITON_INTERPRET", interp or None, interp or "(not set)"))
-    return section("toolchains", "Toolchains", rows)
-
-
-def _doctor_cache() -> dict[str, Any]:
-    rows, first, layers = [], True, []
-    for i, info in enumerate(cachectl.layer_info()):
-        role, receives = "read-only", False
-        if info.get("installed_from"):
-            role = f"installed by {info['installed_from']} (entry point jitkern.cache_layers), read-only"
-        elif info["writable"]:
-            role = "writable (new entries go here)" if first else "writable, but only read (new entries go to an earlier layer)"
-            receives, first = first, False
-        value = {**info, "receives_new_entries": receives}
-        layers.append(value)
-        rows.append(row(f"layer{i}", info["path"], value,
-                        f"{role}, {info['entries']} entries, {human_size(info['bytes'])}"))
-        if info.get("prebuild"):
-            rows.append(row(f"layer{i}_prebuild", "  last prebuild", info["prebuild"],
-                            cachectl.describe_prebuild(info["prebuild"])))
-    return section("cache", "Cache layers (JITKERN_CACHE_DIR, then installed cache wheels)", rows,
-                   {"layers": layers})
-
-
-def _doctor_cache_policy() -> dict[str, Any]:
-    return section("cache_policy", "Cache size cap and signatures (docs/fleet-cache.md)", cachectl.policy_rows())
-
-
-def _doctor_ops() -> dict[str, Any]:
-    r = doctor.report()
-    rows = []
-    for op, recs in r["ops"].items():
-        for rec in recs:
-            mark = "ACTIVE " if rec.get("active") else ""
-            text = f"{mark}{rec['status']}: {rec['why']}"
-            if rec.get("log"):
-                text += f" (log: {rec['log']})"
-            if rec.get("guard") and rec["status"] in ("ready", "buildable"):
-                text += f"; guard: {rec['guard']}, other calls go to the next variant"
-            rows.append(row(f"{op}/{rec['variant']}", f"{op}/{rec['variant']}", rec, text))
-    # the no-GPU reason is the GPU section's; here only which route is shown
-    title = f"Ops: active variant for {r['arch']}" + (" (no GPU: the CPU interpreter route)" if r["note"] else "")
-    if settings.get("arch"):
-        title += " [JITKERN_ARCH]"
-    return section("ops", title, rows, {"arch": r["arch"], "cpu_route": bool(r["note"]), "ops": r["ops"]})
-
-
-def _doctor_remote() -> dict[str, Any]:
-    return remote.doctor()
-
-
-def _doctor_tuning() -> dict[str, Any]:
-    return tuning.doctor()
-
-
-def _doctor_amd():
-    return "AMD toolchain (HIP variants, offline builds for gfx942/gfx950; docs/amd.md)", hip.describe()
-
-
-def _doctor_settings() -> dict[str, Any]:
-    described = settings.describe()
-    rows = [row(r["name"], r["env"], r, _setting_text(r)) for r in described if r["source"] != "default"]
-    return section("settings", "Settings not at their default (all: jitkern config)", rows,
-                   {r["name"]: {"value": r["value"], "source": r["source"]} for r in described})
-
-
-#: ``jitkern doctor`` prints each of these sections; append yours.
-DOCTOR_SECTIONS: list[Callable[[], dict[str, Any]]] = [
-    _doctor_gpu, _doctor_toolchains, _doctor_amd, _doctor_cache, _doctor_cache_policy, _doctor_ops, _doctor_remote,
-    _doctor_tuning, _doctor_settings,
-]
-
-
 def _add_doctor(sub) -> None:
     p = _parser(sub, "doctor", help="detected arch, toolchains and versions, cache layers, op routes")
     p.set_defaults(func=_run_doctor)
-
-
-def _normalise_section(fn, result) -> dict[str, Any]:
-    """A section in the old ``(title, [(label, text)])`` form becomes the dict form (text values)."""
-    if isinstance(result, dict):
-        return result
-    title, pairs = result
-    key = re.sub(r"[^a-z0-9]+", "_", getattr(fn, "__name__", title).lower().replace("_doctor_", "")).strip("_")
-    return section(key, title, [row(re.sub(r"[^a-z0-9]+", "_", k.lower()).strip("_"), k, v, v) for k, v in pairs])
 
 
 def print_section(sec: dict[str, Any], file=None) -> None:
@@ -469,12 +326,7 @@ def print_section(sec: dict[str, Any], file=None) -> None:
 
 def _run_doctor(args) -> int:
     report: dict[str, Any] = {}
-    for fn in DOCTOR_SECTIONS:
-        try:
-            sec = _normalise_section(fn, fn())
-        except Exception as e:  # a broken section must not hide the others
-            name = getattr(fn, "__name__", "section").replace("_doctor_", "")
-            sec = section(name, name, [row("error", "error", f"{type(e).__name__}: {e}")])
+    for sec in doctor.collect():
         report[sec["key"]] = sec["data"] if "data" in sec else {r["key"]: r["value"] for r in sec["rows"]}
         if not args.json:
             print_section(sec)
@@ -484,21 +336,6 @@ def _run_doctor(args) -> int:
 
 
 # ---- config ------------------------------------------------------------------------------------
-def _setting_text(r: dict[str, Any]) -> str:
-    v = r["value"]
-    if isinstance(v, dict) and "error" in v:
-        return f"error: {v['error']}"
-    if v is None or v == [] or v == "":
-        text = "(not set)" if not r["default"] or r["default"] == v else f"(not set: {r['default']})"
-    elif isinstance(v, bool):
-        text = "1 (on)" if v else "0 (off)"
-    elif isinstance(v, list):
-        text = (os.pathsep if r["type"] == "paths" else ",").join(map(str, v)) if r["type"] != "flags" else " ".join(v)
-    else:
-        text = str(v)
-    return f"{text}  [{r['source']}]"
-
-
 def _add_config(sub) -> None:
     p = _parser(sub, "config", help="every JITKERN_* setting: effective value and where it came from",
                 description="Print every setting of the registry (jitkern.settings) with its effective value "
@@ -514,7 +351,7 @@ def _run_config(args) -> int:
         return EXIT_OK
     width = max(len(r["env"]) for r in rows)
     for r in rows:
-        print(f"{r['env'].ljust(width)}  {_setting_text(r)}")
+        print(f"{r['env'].ljust(width)}  {doctor.setting_text(r)}")
     tiles = _tile_overrides()
     print(f"{'JITKERN_<OP>_<PARAM>'.ljust(width)}  "
           + (", ".join(f"{k}={v}" for k, v in tiles.items()) + "  [env]" if tiles else "(none set)"))
@@ -709,7 +546,20 @@ def _add_tune(sub) -> None:
 
 
 def _run_tune(args) -> int:
-    return tuning.main(args)
+    """Tune, then print one line (or the JSON records) per bucket."""
+    strict.suspend()  # tuning compiles its candidates on purpose
+    cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) is not None else {}
+    with settings.override(**cache):
+        records = tuning.tune_op(args.op, tuning.parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans,
+                                 force=args.force)
+    if args.json:
+        print(json.dumps(records, indent=1, sort_keys=True, default=str))
+        return 0
+    rows = [[r["bucket"], " ".join(f"{k}={v}" for k, v in sorted(r["params"].items())), f"{r['ms']:.4f}",
+             sum("ms" in x for x in r["results"]), sum("rejected" in x for x in r["results"]), r.get("created", "")]
+            for r in records]
+    print_table(rows, ["bucket", "winner", "ms", "timed", "over budget", "tuned"])
+    return 0
 
 
 #: Subcommand registrars, in the order ``jitkern --help`` lists them.

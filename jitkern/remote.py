@@ -667,49 +667,6 @@ def reset() -> None:
         _active, _active_env = None, None
 
 
-def doctor() -> dict:
-    """``jitkern doctor`` section (see ``jitkern.cli``): the configured remote, whether it answers, how
-    many entries it holds."""
-    def row(key, label, value, text):
-        return {"key": key, "label": label, "value": value, "text": text}
-
-    url = settings.get("remote_cache")
-    if not url:
-        return {"key": "remote", "title": "Remote cache",
-                "rows": [row("url", ENV_URL, None, "(not set: no remote cache)")]}
-    try:
-        signed = bool(settings.get("remote_cache_key"))
-        secret = ("set (entries signed and checked)" if signed else
-                  "(not set: checksums only; anyone who can write to the server can run code on its readers)")
-    except ConfigError as e:
-        signed, secret = None, f"error: {e}"
-    rows = [row("url", ENV_URL, redact(url), redact(url)), row("signed", ENV_SECRET, signed, secret)]
-    try:
-        pub = signing.verify_keys()
-        priv = signing.sign_key()
-        value = {"verify_keys": [signing.key_id(k) for k in pub or ()],
-                 "sign_key": signing.key_id(priv.public_key()) if priv is not None else None}
-        rows.append(row("ed25519", "Ed25519", value,
-                        (f"entries must be signed by {', '.join(value['verify_keys'])}" if pub else
-                         "entries are not checked for an Ed25519 signature (JITKERN_CACHE_VERIFY_KEY not set)")
-                        + (f"; publishing signed by {value['sign_key']}" if priv is not None else "")))
-    except ConfigError as e:
-        rows.append(row("ed25519", "Ed25519", {"error": str(e)}, f"error: {e}"))
-    try:
-        r = from_env(url)
-        t0 = time.perf_counter()
-        r.client.ping()
-        ms = 1000 * (time.perf_counter() - t0)
-        n = sum(1 for _ in r.client.scan_iter(match=f"{PREFIX}entry:*", count=1000))
-        rows.append(row("server", "server", {"reachable": True, "ping_ms": round(ms, 3), "entries": n,
-                                             "format": FORMAT_VERSION},
-                        f"answers in {ms:.1f} ms; {n} jitkern entries (format v{FORMAT_VERSION})"))
-    except Exception as e:
-        rows.append(row("server", "server", {"reachable": False, "error": f"{type(e).__name__}: {e}"},
-                        f"not usable: {type(e).__name__}: {e} (builds go on without it)"))
-    return {"key": "remote", "title": "Remote cache", "rows": rows}
-
-
 # ---- push / pull (``jitkern cache push|pull``) ---------------------------------------------------
 def _local_keys(store: Store) -> Iterator[tuple[object, str]]:
     for layer in store.layers:
@@ -788,5 +745,5 @@ def pull(remote: RedisRemote, store: Store | None = None) -> dict[str, int]:
     return counts
 
 
-__all__ = ["RedisRemote", "FleetBuild", "active", "doctor", "push", "pull", "encode", "decode", "seal", "reset",
+__all__ = ["RedisRemote", "FleetBuild", "active", "push", "pull", "encode", "decode", "seal", "reset",
            "from_env"]

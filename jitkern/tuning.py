@@ -28,9 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import settings, strict
+from . import settings
 from .errors import BuildError, ConfigError, LaunchError, NoDeviceError, OverBudgetError
-from .tables import print_table
 from .logs import warn_once
 from . import registry, runtime
 from .cache import default_store
@@ -266,57 +265,6 @@ def table_entry(record: Mapping[str, Any]) -> dict:
     return {"params": dict(record["params"]), "ms": record.get("ms"), "shapes": record.get("shapes"),
             "device": record.get("device"), "triton": record.get("fingerprint", {}).get("compiler", {}).get("triton"),
             "tuned": record.get("created")}
-
-
-def main(args) -> int:
-    """``jitkern tune`` (see ``jitkern.cli``): tune, then print one line (or JSON record) per bucket."""
-    strict.suspend()  # tuning compiles its candidates on purpose
-    cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) is not None else {}
-    with settings.override(**cache):
-        records = tune_op(args.op, parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans, force=args.force)
-    if args.json:
-        print(json.dumps(records, indent=1, sort_keys=True, default=str))
-        return 0
-
-    rows = [[r["bucket"], " ".join(f"{k}={v}" for k, v in sorted(r["params"].items())), f"{r['ms']:.4f}",
-             sum("ms" in x for x in r["results"]), sum("rejected" in x for x in r["results"]), r.get("created", "")]
-            for r in records]
-    print_table(rows, ["bucket", "winner", "ms", "timed", "over budget", "tuned"])
-    return 0
-
-
-def doctor() -> dict:
-    """The ``jitkern doctor`` section (see ``jitkern.cli``): autotune switch, tile overrides in the
-    environment, tuning records in the cache layers, shipped tables."""
-    def row(key, label, value, text):
-        return {"key": key, "label": label, "value": value, "text": text}
-
-    on = settings.get("autotune")
-    rows = [row("autotune", "JITKERN_AUTOTUNE", on, ("1 (tune on first use)" if on else "0")
-                if settings.source("autotune") != "default" else "(not set: recorded and shipped winners only)")]
-    overrides = {k: v for op in sorted(_op_names()) for k, v in sorted(settings.tile_overrides(op).items())}
-    rows.append(row("tile_overrides", "tile overrides", overrides,
-                    ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)"))
-    records, shipped = {}, {}
-    for d in _tuning_dirs():
-        files = sorted(d.glob("*/*/*.json")) if d.is_dir() else []
-        per: dict[str, int] = {}
-        for f in files:
-            k = f"{f.parent.parent.name}/{f.parent.name}"
-            per[k] = per.get(k, 0) + 1
-        records[str(d)] = per
-        rows.append(row(f"records:{d}", f"records in {d}", per,
-                        ", ".join(f"{k}: {v}" for k, v in sorted(per.items())) or "(none)"))
-    for path in sorted(TUNED_DIR.glob("*.json")):
-        table = shipped_table(path.stem)
-        n = sum(len(b) for dt in table.get("ops", {}).values() for b in dt.values())
-        source = table.get("source", "")
-        shipped[path.stem] = {"entries": n, "source": source}
-        rows.append(row(f"shipped:{path.stem}", f"shipped {path.stem}", {"entries": n, "source": source},
-                        f"{n} entries; {source}"))
-    return {"key": "tuning", "title": "Tuning (tile winners: records in the cache, then shipped tables)",
-            "rows": rows, "data": {"autotune": on, "tile_overrides": overrides, "records": records,
-                                   "shipped": shipped}}
 
 
 def _op_names() -> set[str]:

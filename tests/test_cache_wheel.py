@@ -21,7 +21,7 @@ PROBE = textwrap.dedent("""
     from jitkern import arch, cache, registry
     from jitkern.build import get_entry
     from jitkern.plan import plan
-    from jitkern.cli import _doctor_cache
+    from jitkern.doctor import _doctor_cache
     spec, a = registry.get("rms_norm"), arch.get("sm_90")
     got = [get_entry(plan(spec, c, a)) for c in list(spec.configs(a))[:2]]
     print(json.dumps({"jitkern": jitkern.__file__, "how": [h for _, h in got], "paths": [str(e.path) for e, _ in got],

@@ -149,7 +149,7 @@ def test_doctor_text_says_no_gpu_once_and_wraps_at_word_boundaries(tmp_path):
 def test_doctor_toolchains_never_show_nvcc_release_as_hipcc(tmp_path):
     """hipcc on a CUDA machine prints nvcc's "release" line too: the HIP compiler is reported by the
     AMD section only, the toolchains section's version picker is for nvcc/ninja/c++."""
-    from jitkern.cli import tool_version
+    from jitkern.doctor import tool_version
 
     out = ("nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131\n")
     assert tool_version("nvcc", out) == "Cuda compilation tools, release 12.4, V12.4.131"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import jitkern.dispatch
-from jitkern import arch, counters, registry, remote
+from jitkern import arch, counters, doctor, registry, remote
 from jitkern.build import get_entry
 from jitkern.plan import plan
 from jitkern.errors import UntrustedEntryError
@@ -448,7 +448,7 @@ def test_cli_push_then_pull_mirrors_a_local_cache(redis_server, monkeypatch, tmp
         assert how == "cached" and entry.path.is_relative_to(dst)
 
     monkeypatch.setenv(remote.ENV_URL, redis_server)
-    rows = {r["key"]: r for r in remote.doctor()["rows"]}  # the `jitkern doctor` section
+    rows = {r["key"]: r for r in doctor._doctor_remote()["rows"]}  # the `jitkern doctor` section
     assert "answers in" in rows["server"]["text"] and "2 jitkern entries" in rows["server"]["text"]
     assert rows["server"]["value"]["reachable"] is True and rows["server"]["value"]["entries"] == 2
     monkeypatch.delenv(remote.ENV_URL)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import jitkern
-from jitkern import arch, budget, constraints, tuning
+from jitkern import arch, budget, constraints, doctor, tuning
 from jitkern.build import report
 from jitkern.plan import plan
 from jitkern.errors import ConfigError
@@ -178,7 +178,9 @@ def test_tune_op_on_cpu_times_for_real_and_cli_prints_the_winner(monkeypatch, ca
     monkeypatch.setattr(tuning, "tune_op", lambda *a, **k: recs)
     args = argparse.Namespace(op="gemm", shapes="40x96x64", dtype="fp16", b_trans=False, force=False, cache_dir=None,
                               json=False)
-    assert tuning.main(args) == 0
+    from jitkern import cli
+
+    assert cli._run_tune(args) == 0
     out = capsys.readouterr().out
     assert "m64" in out and f"block_m={rec['params']['block_m']}" in out
 
@@ -215,7 +217,7 @@ def test_two_processes_tune_a_bucket_once(cache_dir):
 def test_doctor_section_lists_records_overrides_and_tables(monkeypatch):
     _tune_on_cpu(winner_index=0)
     monkeypatch.setenv("JITKERN_GEMM_BLOCK_M", "64")
-    rows = {r["label"]: r["text"] for r in tuning.doctor()["rows"]}
+    rows = {r["label"]: r["text"] for r in doctor._doctor_tuning()["rows"]}
     assert rows["tile overrides"] == "JITKERN_GEMM_BLOCK_M=64"
     assert any(k.startswith("records in") and v == "cpu/gemm: 1" for k, v in rows.items())
     assert rows["shipped sm_90"].startswith("16 entries")
