@@ -140,11 +140,11 @@ def test_prebuild_on_a_filling_cache_disk_reports_only_what_it_saved(small_disk,
     prebuild reported all of them 'built', exit 0. Now every 'built' is on disk, the rest are
     failed (transient), exit 1; after freeing space the rerun builds exactly the missing ones. A disk
     that is full from the start is one line, exit 1, before any worker starts."""
-    disk = small_disk(PROBE_BYTES // 1024 + 160)
-    filler = _fill(disk, PROBE_BYTES + 48 * 1024)
+    disk = small_disk(PROBE_BYTES // 1024 + 128)
+    filler = _fill(disk, PROBE_BYTES + 32 * 1024)
     env = _env(disk / "cache")
     report = tmp_path / "r.json"
-    args = ["--arch", "cpu", "--op", "rms_norm", "--limit", "10", "--jobs", "2", "--progress", "none",
+    args = ["--arch", "cpu", "--op", "rms_norm", "--limit", "6", "--jobs", "1", "--progress", "none",
             "--report", str(report)]
     rc, out, err = _prebuild(*args, env=env)
     recs = json.loads(report.read_text())["artifacts"]
@@ -160,7 +160,7 @@ def test_prebuild_on_a_filling_cache_disk_reports_only_what_it_saved(small_disk,
     assert rc == 0, out + err
     again = {r["key"]: r["status"] for r in json.loads(report.read_text())["artifacts"]}
     assert {k for k, s in again.items() if s == "built"} == {r["key"] for r in lost}
-    assert len(_entries(disk / "cache")) == 10
+    assert len(_entries(disk / "cache")) == 6
     # full from the start: refused up front, one line
     disk2 = small_disk(PROBE_BYTES // 1024 + 64)
     _fill(disk2, 0)
