@@ -184,15 +184,17 @@ def read(path: str | os.PathLike) -> Manifest:
 
 
 def describe(record: Mapping[str, Any]) -> str:
-    """A short human form of a signature: ``rms_norm(x=bfloat16[16,4096], residual=None, ...)``."""
+    """A short human form of a signature: ``rms_norm(x=bfloat16[16,4096], residual=None, ...)``; strides
+    are shown where they are not the contiguous ones: ``b=float16[64,32]@(1,64)``."""
     parts = []
     for name, v in record["args"].items():
         if isinstance(v, dict) and "shape" in v:
             shape = ",".join(map(str, v["shape"]))
             contiguous = v["stride"] == _contiguous(v["shape"])
-            parts.append(f"{name}={v['dtype']}[{shape}]" + ("" if contiguous else f"@{v['stride']}"))
+            stride = "" if contiguous else "@(" + ",".join(map(str, v["stride"])) + ")"
+            parts.append(f"{name}={v['dtype']}[{shape}]{stride}")
         else:
-            parts.append(f"{name}={json.dumps(v, separators=(',', ':'))}")
+            parts.append(f"{name}={_decode_value(v)!r}")
     return f"{record['op']}(" + ", ".join(parts) + ")"
 
 
