@@ -220,6 +220,20 @@ def _decode_value(v):
     return v
 
 
+def _scalar_value(sc, default):
+    """A value for a per-call scalar: its default if that is a number in range, else one in its range."""
+    lo = -float("inf") if sc.min is None else sc.min
+    hi = float("inf") if sc.max is None else sc.max
+    for v in (default, 1, sc.min, sc.max, 0):
+        try:
+            c = sc.type(v)
+        except (TypeError, ValueError):
+            continue
+        if lo <= c <= hi:
+            return c
+    return sc.type(lo)
+
+
 def meta_args(spec, names, tensors, record: Mapping[str, Any], device: str = "meta") -> tuple:
     """The recorded call as arguments in parameter order: tensors on ``device`` (default ``meta``: no
     memory, no GPU) with the recorded dtype, shape and strides; per-call scalars take their default
@@ -236,10 +250,8 @@ def meta_args(spec, names, tensors, record: Mapping[str, Any], device: str = "me
                           f"(was the manifest recorded with another version of the op?)")
     out = []
     for i, name in enumerate(names):
-        if name in spec.scalars:
-            default = params[name].default
-            sc = spec.scalars[name]
-            out.append(default if default is not inspect.Parameter.empty else sc.type(sc.min or 0))
+        if name in spec.scalars:  # not in the signature: any value the op accepts plans the same
+            out.append(_scalar_value(spec.scalars[name], params[name].default))
             continue
         if name not in given:
             raise ConfigError(f"manifest signature {describe(record)} lacks argument {name!r} of {spec.name}")
