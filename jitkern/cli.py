@@ -40,8 +40,8 @@ import sys
 import textwrap
 from typing import Any, Callable
 
-from . import (__version__, arch, cachectl, cachewheel, doctor, evict, manifest, prebuild, registry, remote, settings,
-               signing, strict, tuning)
+from . import (__version__, arch, cachectl, cachewheel, coverage, doctor, evict, manifest, prebuild, registry, remote,
+               settings, signing, strict, tuning)
 from .cache import Store, check_dirs, configured_layers
 from .cachectl import check_output_file
 from .errors import ConfigError, JitkernError, SpecError, UnknownArchError
@@ -173,8 +173,6 @@ def _run_prebuild(args) -> int:
     if args.manifest:
         if args.limit:
             raise ConfigError("--limit does not apply to --manifest (a manifest names exactly what to build)")
-        from . import coverage  # lands with the manifest work; imported where used
-
         return coverage.prebuild_main(args)
     return prebuild.main(args)
 
@@ -412,8 +410,6 @@ def _add_cache(sub) -> None:
 def _run_cache(args) -> int:
     action = args.cache_command
     if action in ("check", "explain"):
-        from . import coverage  # lands with the manifest work; imported where used
-
         return coverage.check_main(args) if action == "check" else coverage.explain_main(args)
     store = Store(check_dirs(configured_layers(args.cache_dir)))
     say = (lambda *a, **k: None) if args.json else print
