@@ -173,6 +173,14 @@ class Dispatcher:
                 out.extend(la.config for la in c.launches)
         return out
 
+    def describe_ran(self, name: str | None, *args) -> str:
+        """The configs candidate ``name`` of these arguments' route launches, in words (redzone reports)."""
+        route = self.route_for(*args)
+        for c in getattr(route, "candidates", ()):
+            if c.name == name:
+                return " + ".join(la.config.describe() for la in c.launches) or name
+        return str(name)
+
     def route_for(self, *args) -> Route | None:
         """The route these arguments' signature runs on (deciding it if new); None: nothing to launch."""
         try:

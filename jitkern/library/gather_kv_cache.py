@@ -139,18 +139,9 @@ def gather_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_le
                                                       dtype=kv_cache.dtype), out=out)
         args = (kv_cache, block_table, cu_seq_lens, num_tokens, bufs["out"])
         ran = _dispatch(*args)
-        bufs.finish(_ran(ran, args) if redzone.enabled() else ran)
+        bufs.finish(_dispatch.describe_ran(ran, *args) if redzone.enabled() else ran)
         return bufs.result("out")
     _dispatch(kv_cache, block_table, cu_seq_lens, num_tokens, out)  # raises: the plan says why
-
-
-def _ran(name, args) -> str:
-    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
-    route = _dispatch.route_for(*args)
-    for c in getattr(route, "candidates", ()):
-        if c.name == name:
-            return " + ".join(la.config.describe() for la in c.launches) or name
-    return name
 
 
 def alloc(kv_cache, block_table, cu_seq_lens, num_tokens=None, out=None):

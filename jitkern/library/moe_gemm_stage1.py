@@ -309,17 +309,8 @@ def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.T
     args = (x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, bufs["out"],
             bufs["scratch"] if split_k is not None else scratch)
     ran = _dispatch(*args)
-    bufs.finish(_ran(ran, args) if redzone.enabled() else ran)
+    bufs.finish(_dispatch.describe_ran(ran, *args) if redzone.enabled() else ran)
     return bufs.result("out")
-
-
-def _ran(name, args) -> str:
-    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
-    route = _dispatch.route_for(*args)
-    for c in getattr(route, "candidates", ()):
-        if c.name == name:
-            return " + ".join(la.config.describe() for la in c.launches) or name
-    return name
 
 
 def alloc(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation="silu", split_k=None,

@@ -139,7 +139,7 @@ def _with_workspace(parts, q, k_cache, v_cache, block_tables, seq_lens, scale, m
                             out=out, workspace=workspace)
     args = (q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, bufs["out"], bufs["workspace"])
     ran = _dispatch(*args)
-    bufs.finish(_ran(ran, args) if redzone.enabled() else ran)  # redzone: shadows written back to out
+    bufs.finish(_dispatch.describe_ran(ran, *args) if redzone.enabled() else ran)  # redzone: shadows written back to out
 
 
 def plan(call):
@@ -227,15 +227,6 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q)
     _dispatch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace)
     return out
-
-
-def _ran(name, args) -> str:
-    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
-    route = _dispatch.route_for(*args)
-    for c in getattr(route, "candidates", ()):
-        if c.name == name:
-            return " + ".join(la.config.describe() for la in c.launches) or name
-    return name
 
 
 def alloc(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context_len=None, out=None, workspace=None):

@@ -143,18 +143,9 @@ def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Ten
         bufs = CONTRACT.prepare(q.device, dict(rows=q.shape[0] * q.shape[1], max_model_len=max_model_len), out=out)
         args = (q, kv_cache, weights, context_lens, block_tables, max_model_len, bufs["out"])
         ran = _dispatch(*args)
-        bufs.finish(_ran(ran, args) if redzone.enabled() else ran)
+        bufs.finish(_dispatch.describe_ran(ran, *args) if redzone.enabled() else ran)
         return bufs.result("out")
     _dispatch(q, kv_cache, weights, context_lens, block_tables, max_model_len, out)  # raises: the plan says why
-
-
-def _ran(name, args) -> str:
-    """What ran, for redzone reports: the configs of candidate ``name`` of these arguments' route."""
-    route = _dispatch.route_for(*args)
-    for c in getattr(route, "candidates", ()):
-        if c.name == name:
-            return " + ".join(la.config.describe() for la in c.launches) or name
-    return name
 
 
 def alloc(q, kv_cache, weights, context_lens, block_tables, max_model_len, out=None):

@@ -131,32 +131,39 @@ def _plain(qkv, qw, kw, cs, pos, *rest) -> bool:
 PLAIN_DOC = "plain torch.Tensor arguments only (no subclasses)"
 
 
+def check_qkv(op: str, qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim):
+    """The checks of packed ``qkv`` and its norm weights, rotary table and positions (shared with
+    ``qk_norm_rope_cache``); returns ``(num_q_heads, num_kv_heads, head_dim, tokens)`` as ints."""
+    checks.tensor(op, "qkv", qkv, dtypes=DTYPES, ndim=2)
+    n_q = checks.integer(op, "num_q_heads", num_q_heads, minimum=1)
+    n_kv = checks.integer(op, "num_kv_heads", num_kv_heads, minimum=1)
+    d = checks.integer(op, "head_dim", head_dim, minimum=2)
+    if d % 2:
+        raise ShapeError(f"{op}: need an even head_dim (elements pair up for the rotation), got {d}")
+    t = qkv.shape[0]
+    checks.shape(op, "qkv", qkv, (t, (n_q + 2 * n_kv) * d))
+    checks.unit_last_stride(op, "qkv", qkv)
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        checks.tensor(op, name, w, ndim=1, like=qkv)
+        checks.same_dtype(op, name, w, qkv, "qkv")
+        checks.shape(op, name, w, (d,))
+        checks.unit_last_stride(op, name, w)
+    checks.tensor(op, "cos_sin_cache", cos_sin_cache, dtypes=(qkv.dtype, torch.float32), ndim=2, like=qkv)
+    if cos_sin_cache.shape[1] != d:
+        raise ShapeError(f"{op}: cos_sin_cache has shape {tuple(cos_sin_cache.shape)}; expected [max_pos, {d}] "
+                         f"(cos for the {d // 2} frequencies, then sin)")
+    checks.unit_last_stride(op, "cos_sin_cache", cos_sin_cache)
+    checks.tensor(op, "positions", positions, dtypes=POS_DTYPES, ndim=1, like=qkv)
+    checks.shape(op, "positions", positions, (t,))
+    checks.contiguous(op, "positions", positions)
+    return n_q, n_kv, d, t
+
+
 def plan(call):
     """Validate one call signature; one candidate per variant that applies to the arch, in order."""
     qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, eps, is_neox = call.args
-    checks.tensor(OP, "qkv", qkv, dtypes=DTYPES, ndim=2)
-    n_q = checks.integer(OP, "num_q_heads", num_q_heads, minimum=1)
-    n_kv = checks.integer(OP, "num_kv_heads", num_kv_heads, minimum=1)
-    d = checks.integer(OP, "head_dim", head_dim, minimum=2)
-    if d % 2:
-        raise ShapeError(f"{OP}: need an even head_dim (elements pair up for the rotation), got {d}")
-    t = qkv.shape[0]
-    checks.shape(OP, "qkv", qkv, (t, (n_q + 2 * n_kv) * d))
-    checks.unit_last_stride(OP, "qkv", qkv)
-    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-        checks.tensor(OP, name, w, ndim=1, like=qkv)
-        checks.same_dtype(OP, name, w, qkv, "qkv")
-        checks.shape(OP, name, w, (d,))
-        checks.unit_last_stride(OP, name, w)
-    checks.tensor(OP, "cos_sin_cache", cos_sin_cache, dtypes=(qkv.dtype, torch.float32), ndim=2, like=qkv)
-    if cos_sin_cache.shape[1] != d:
-        raise ShapeError(f"{OP}: cos_sin_cache has shape {tuple(cos_sin_cache.shape)}; expected [max_pos, {d}] "
-                         f"(cos for the {d // 2} frequencies, then sin)")
-    checks.unit_last_stride(OP, "cos_sin_cache", cos_sin_cache)
-    checks.tensor(OP, "positions", positions, dtypes=POS_DTYPES, ndim=1, like=qkv)
-    checks.shape(OP, "positions", positions, (t,))
-    if positions.shape[0] > 1 and positions.stride(0) != 1:
-        raise checks.LayoutError(f"{OP}: positions must be contiguous; pass positions.contiguous()")
+    n_q, n_kv, d, t = check_qkv(OP, qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads,
+                                head_dim)
     if t == 0:
         return None
     n_heads, max_pos = n_q + n_kv, cos_sin_cache.shape[0]

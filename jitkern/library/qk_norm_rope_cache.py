@@ -26,6 +26,7 @@ import torch
 from .. import checks, registry
 from ..dispatch import dispatcher
 from ..errors import DTypeError, ShapeError
+from .qk_norm_rope import check_qkv
 from ..render import builtin_template_dir
 from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scalar, Variant
 
@@ -129,27 +130,11 @@ def plan(call):
     """Validate one call signature; one candidate per variant that applies to the arch, in order."""
     (qkv, q_weight, k_weight, cos_sin_cache, positions, slot_mapping, k_cache, v_cache, num_q_heads, num_kv_heads,
      head_dim, eps, is_neox, k_scale, v_scale) = call.args
-    checks.tensor(OP, "qkv", qkv, dtypes=DTYPES, ndim=2)
-    n_q = checks.integer(OP, "num_q_heads", num_q_heads, minimum=1)
-    n_kv = checks.integer(OP, "num_kv_heads", num_kv_heads, minimum=1)
-    d = checks.integer(OP, "head_dim", head_dim, minimum=2)
-    if d % 2:
-        raise ShapeError(f"{OP}: head_dim must be even (elements pair up for the rotation), got {d}")
-    t = qkv.shape[0]
-    checks.shape(OP, "qkv", qkv, (t, (n_q + 2 * n_kv) * d))
-    checks.unit_last_stride(OP, "qkv", qkv)
-    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-        checks.tensor(OP, name, w, ndim=1, like=qkv)
-        checks.same_dtype(OP, name, w, qkv, "qkv")
-        checks.shape(OP, name, w, (d,))
-    checks.tensor(OP, "cos_sin_cache", cos_sin_cache, dtypes=(qkv.dtype, torch.float32), ndim=2, like=qkv)
-    if cos_sin_cache.shape[1] != d:
-        raise ShapeError(f"{OP}: cos_sin_cache has shape {tuple(cos_sin_cache.shape)}; expected [max_pos, {d}]")
-    checks.unit_last_stride(OP, "cos_sin_cache", cos_sin_cache)
-    for name, x, dtypes in (("positions", positions, POS_DTYPES), ("slot_mapping", slot_mapping, (torch.int64,))):
-        checks.tensor(OP, name, x, dtypes=dtypes, ndim=1, like=qkv)
-        checks.shape(OP, name, x, (t,))
-        checks.contiguous(OP, name, x)
+    n_q, n_kv, d, t = check_qkv(OP, qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads,
+                                head_dim)
+    checks.tensor(OP, "slot_mapping", slot_mapping, dtypes=(torch.int64,), ndim=1, like=qkv)
+    checks.shape(OP, "slot_mapping", slot_mapping, (t,))
+    checks.contiguous(OP, "slot_mapping", slot_mapping)
     # the op function passes fp8 caches as their uint8 bits (see qk_norm_rope_cache)
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         checks.tensor(OP, name, c, dtypes=(qkv.dtype, torch.uint8), ndim=4, like=qkv)
