@@ -28,7 +28,7 @@ from typing import Any, Iterable
 from . import arch as _arch
 from . import manifest as _manifest
 from . import prebuild as _prebuild
-from . import registry, strict
+from . import registry, settings, strict
 from .cache import Store, add_prebuild_record, catalog, configured_layers
 from .dispatch import dispatcher
 from .errors import ConfigError, JitkernError
@@ -43,7 +43,7 @@ def select_arch(a: _arch.Arch) -> _arch.Arch:
     """The arch whose rules choose configs for kernels built for ``a`` (``jitkern.runtime.arches_for``)."""
     if a.backend is not None:
         return a
-    named = os.environ.get("JITKERN_ARCH", "").strip()
+    named = settings.get("arch")
     return _arch.get(named) if named else a
 
 

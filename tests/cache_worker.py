@@ -52,12 +52,13 @@ def run_ops(shapes=SHAPES) -> dict:
 def build(arch_names) -> dict:
     import jitkern
     from jitkern import arch, build as b
+    from jitkern.plan import plan
     from jitkern.library import rms_norm as r
 
     statuses = {}
     for a in arch_names:
         for cfg in SM90_CONFIGS:
-            job = b.plan(r.SPEC, r.config(*cfg), arch.get(a))
+            job = plan(r.SPEC, r.config(*cfg), arch.get(a))
             entry, how = b.get_entry(job)
             statuses[f"{a}:{job.key[:12]}"] = {"how": how, "path": str(entry.path)}
     return {"pid": os.getpid(), "stats": jitkern.stats(), "statuses": statuses, "ok": True, "errors": []}
