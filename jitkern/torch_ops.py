@@ -185,14 +185,16 @@ def _traced(spec: OpSpec, sig: inspect.Signature, op):
         bound = dict(defaults)
         bound.update(zip(names, args))
         bound.update(kwargs)
-        if not outputs:
-            return op(**bound)
-        if any(bound[n] is None for n in outputs):
+        if outputs and any(bound[n] is None for n in outputs):
             made = alloc(**bound)
             for n in outputs:
                 if bound[n] is None:
                     bound[n] = made[n]
-        op(**bound)
+        # positionally, in schema order: torch 2.11's in-place kernel of a mutating custom op finds the
+        # mutated arguments by position (``args[i]``) and fails on a call made with keywords
+        result = op(*(bound[n] for n in names))
+        if not outputs:
+            return result
         if len(outputs) == 1:
             return bound[outputs[0]]
         return tuple(bound[n] for n in outputs)

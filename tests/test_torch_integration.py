@@ -71,6 +71,24 @@ def test_opcheck_rms_norm_cpu():
         torch.library.opcheck(op, args)  # schema (mutations), fake tensors, autograd registration, AOT dispatch
 
 
+def test_traced_call_passes_arguments_positionally_in_schema_order():
+    """torch 2.11's in-place kernel of a mutating custom op reads the mutated arguments as ``args[i]``:
+    a call made with keywords fails there under torch.compile (seen with paged_attention_decode on
+    the H200). The traced function must call the op positionally, in schema order, outputs filled."""
+    spec = registry.get("paged_attention_decode")
+    sig = torch_ops._signature(spec)
+    seen = []
+    traced = torch_ops._traced(spec, sig, lambda *a, **kw: seen.append((a, kw)))
+    q, kc, bt, sl = torch.zeros(1, 8, 64), torch.zeros(2, 16, 1, 64), torch.zeros(1, 2, dtype=torch.int32), \
+        torch.ones(1, dtype=torch.int32)
+    out = traced(q, kc, kc, bt, seq_lens=sl, scale=0.5)
+    (args, kwargs), = seen
+    assert kwargs == {} and len(args) == len(sig.parameters)
+    assert args[:4] == (q, kc, kc, bt) and args[4] is sl and args[5] == 0.5
+    named = dict(zip(sig.parameters, args))
+    assert named["out"] is out and out.shape == q.shape and named["workspace"] is None
+
+
 def test_declarations_are_checked():
     def f(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         return x if out is None else out.copy_(x)
