@@ -155,9 +155,23 @@ def child_ttft(args) -> dict:
         model = JitkernDecoder(cfg, w, args.ttft_batch)
     prompt = torch.randint(0, cfg.vocab, (args.ttft_batch, args.prompt), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(dev)
+    if args.prewarm_torch:  # torch's own first-use costs (cuBLAS, SDPA, softmax, topk...) paid before the clock
+        ReferenceDecoder(cfg, w, args.ttft_batch, torch.bfloat16).prefill(prompt).float().cpu()
     _sync(dev)
     t_weights = time.time()
-    logits = model.prefill(prompt).float().cpu()
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        logits = prof.runcall(lambda: model.prefill(prompt).float().cpu())
+        text = io.StringIO()
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+        Path(args.profile).write_text(text.getvalue())
+    else:
+        logits = model.prefill(prompt).float().cpu()
     t_first = time.time()
     logits2 = model.prefill(prompt).float().cpu()
     t_second = time.time()
@@ -171,6 +185,7 @@ def child_ttft(args) -> dict:
         logits3 = logits2
     out = {
         "impl": args.impl,
+        "prewarm_torch": args.prewarm_torch,
         "python_start_s": t_up - t0,
         "import_torch_s": t_torch - t_up,
         "cuda_init_s": t_cuda - t_torch,
@@ -340,12 +355,14 @@ class Bench:
                 "--ttft-batch", str(a.ttft_batch), "--iters", str(a.iters)]
         return argv + (["--tiny"] if a.tiny else [])
 
-    def ttft(self, case: str, impl: str, env: dict, need_s: float, keep: bool = True):
+    def ttft(self, case: str, impl: str, env: dict, need_s: float, keep: bool = True, extra_argv=()):
         if self.left() < need_s:
             self.res["skipped"].append(f"ttft {case}: {self.left():.0f} s left, needs ~{need_s:.0f} s")
             self.save()
             return None
-        argv = [sys.executable, __file__, "--child", "ttft", "--impl", impl, *self.common_argv()]
+        argv = [sys.executable, __file__, "--child", "ttft", "--impl", impl, *self.common_argv(), *extra_argv]
+        if case.endswith(PREWARMED):
+            argv.append("--prewarm-torch")
         env = {**env, "BENCH_T0": repr(time.time())}
         p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=max(30, self.left()))
         if p.returncode != 0:
@@ -459,6 +476,11 @@ class Bench:
         for _ in range(a.runs):
             self.ttft("b_warm", "jitkern", self.env(warm, warm_tc), small)
         for _ in range(a.runs):
+            self.ttft("b_warm" + PREWARMED, "jitkern", self.env(warm, warm_tc), small)
+        if a.profile_warm:  # one more warm run (not counted) under cProfile: where jitkern's time goes
+            self.ttft("b_warm_profiled" + PREWARMED, "jitkern", self.env(warm, warm_tc), small, keep=False,
+                      extra_argv=["--profile", str(self.path.with_name(self.path.stem + "_warm_profile.txt"))])
+        for _ in range(a.runs):
             self.ttft("e_pytorch_eager", "eager", self.env(t / "jk-none", t / "tc-none"), small)
         jit_tc = t / "tc-jit"
         self.ttft("d_triton_jit_warmup", "triton-jit", self.env(warm, jit_tc), big, keep=False)
@@ -470,6 +492,10 @@ class Bench:
             n_err = len(self.res["errors"])
             r = self.ttft("c_prebuilt_strict", "jitkern",
                           self.env(os.pathsep.join([str(t / f"jk-user{i}"), str(layer)]), warm_tc, JITKERN_STRICT="1"),
+                          small)
+            if r is not None:
+                self.ttft("c_prebuilt_strict" + PREWARMED, "jitkern",
+                          self.env(os.pathsep.join([str(t / f"jk-user{i}p"), str(layer)]), warm_tc, JITKERN_STRICT="1"),
                           small)
             failed = r is None and len(self.res["errors"]) > n_err
             if failed and i == 0 and self.res["layer_source"].startswith("jitkern prebuild"):
@@ -507,7 +533,7 @@ class Bench:
     def floors_ttft(self):
         m = {k: v.get("median") for k, v in self.res["ttft"].items()}
         f = self.res.setdefault("floors", {})
-        for case in ("b_warm", "c_prebuilt_strict"):
+        for case in ("b_warm", "c_prebuilt_strict", "b_warm" + PREWARMED, "c_prebuilt_strict" + PREWARMED):
             if m.get(case):
                 f[f"{case}_jitkern_s"] = m[case]["jitkern_s"]
                 f[f"{case}_jitkern_le_50ms"] = m[case]["jitkern_s"] <= 0.050
@@ -516,6 +542,8 @@ class Bench:
             f["b_over_d_from_cuda_ready"] = r
             f["b_over_d_le_0.5"] = r <= 0.5
             f["b_over_d_first_forward"] = m["b_warm"]["first_forward_s"] / m["d_triton_jit_warm"]["first_forward_s"]
+        if m.get("b_warm" + PREWARMED) and m.get("e_pytorch_eager"):  # torch's share of case (b)'s jitkern time
+            f["torch_first_use_s"] = m["b_warm"]["jitkern_s"] - m["b_warm" + PREWARMED]["jitkern_s"]
         self.save()
 
     def floors_decode(self):
@@ -526,6 +554,13 @@ class Bench:
                 f[f"decode_b{b}_graph_over_compiled_ref"] = r
                 f[f"decode_b{b}_graph_le_1.0x"] = r <= 1.0
         self.save()
+
+
+#: Cases whose child first runs the PyTorch reference model's prefill (same weights, same prompt) before
+#: the clock starts, so torch's own first-use costs of the kernels both models call (SDPA, softmax,
+#: topk, indexing; cuBLAS for the reference) are paid outside jitkern's time: ``jitkern_s`` of these is
+#: jitkern's alone (cache lookups, loads, first launches, Triton's driver).
+PREWARMED = "_torch_prewarmed"
 
 
 def _git_head() -> str | None:
@@ -594,6 +629,10 @@ def main(argv=None):
     ap.add_argument("--background", action="store_true", help="also (a) with JITKERN_BACKGROUND_BUILD=1")
     ap.add_argument("--budget-s", type=float, default=330.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--prewarm-torch", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-warm", action="store_true",
+                    help="also one warm run under cProfile, written beside the JSON (*_warm_profile.txt)")
+    ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # a child: cProfile its first forward
     args = ap.parse_args(argv)
     if args.child == "ttft":
         print(json.dumps(child_ttft(args)))
