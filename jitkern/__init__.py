@@ -16,7 +16,7 @@ from .errors import (  # noqa: E402  (errors has no dependencies)
     ArchError, ArgumentError, BufferError, BuildError, CacheError, ConfigError, CorruptEntryError, DeviceError,
     CacheMissError, DTypeError, InputError, InsecureCacheError, JitkernError, LaunchError, LayoutError, NoDeviceError,
     NoVariantError, OverBudgetError, RecordedBuildFailure, RedzoneError, RemoteCacheError, ShapeError, SpecError,
-    TemplateError, UnavailableError, UnknownArchError, UnknownOpError, UntrustedEntryError,
+    TableError, TemplateError, UnavailableError, UnknownArchError, UnknownOpError, UntrustedEntryError,
 )
 
 from . import state  # noqa: E402  (imports nothing)

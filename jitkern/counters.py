@@ -30,12 +30,13 @@ def snapshot() -> dict[str, int]:
     (variants that raised at run time, inputs restored), ``inplace_backups``, ``guard_refusals``; dispatch: ``signatures`` (call signatures planned),
     ``renders`` (templates rendered: 0 in a process over a warm cache or a prebuilt layer); serve while
     compiling (``jitkern.background``): ``background_builds`` (builds handed to the worker process),
-    ``background_switches`` (routes that moved to a candidate built in the background)."""
+    ``background_switches`` (routes that moved to a candidate built in the background); debug
+    (``jitkern.table_checks``): ``table_checks`` (calls whose tables were checked before the launch)."""
     base = dict.fromkeys(("compiles", "disk_hits", "memory_hits", "corrupt_discarded", "remote_hits",
                           "remote_misses", "remote_puts", "remote_errors", "remote_rejected", "remote_waits", "evictions", "signature_refused",
                           "compiler_runs", "toolchain_queries", "failures_recorded", "failures_cached",
                           "fallbacks", "runtime_fallbacks", "inplace_backups", "guard_refusals", "signatures",
-                          "renders", "background_builds", "background_switches"), 0)
+                          "renders", "background_builds", "background_switches", "table_checks"), 0)
     base.update(COUNTERS)
     return base
 

@@ -16,6 +16,11 @@ the selection arch's rules to it, loads the kernels (``jitkern.runtime.kernel``,
 and routes over the candidates (``jitkern.fallback``). The decision is kept per signature, so a
 later call costs: computing the signature, one dict lookup, reading the tensors' addresses, checking
 their 16-byte alignment and the per-call scalars, and Triton's C launch with integer addresses.
+
+Under ``JITKERN_DEBUG=checks`` (or ``redzone``) every call of an op that declares
+``OpSpec.debug_checks`` first runs that check of its tables' contents (``jitkern.table_checks``).
+The mode is read when a signature is decided: the memo then holds the checking function in front of
+the route, so with the mode off the hot path has no extra step.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import typing
 from dataclasses import replace
 from typing import Sequence
 
-from . import constraints, counters, manifest, state, tuning
+from . import constraints, counters, manifest, state, table_checks, tuning
 from .arch import ARCHES, Arch
 from .errors import ArgumentError, ConfigError, DeviceError, LayoutError, SpecError
 from .fallback import Route
@@ -189,10 +194,15 @@ class Dispatcher:
                 return self._routes[key]
         except (AttributeError, TypeError, IndexError):
             pass
-        return self._decide(args)
+        return self._settle(args)[0]
 
     def _decide(self, args: tuple):
-        """The slow path: a new signature (or arguments that cannot be keyed: the plan says why)."""
+        """The slow path: a new signature (or arguments that cannot be keyed: the plan says why).
+        Returns what runs the call: the route, behind the op's table checks in debug-checks mode."""
+        return self._settle(args)[1]
+
+    def _settle(self, args: tuple):
+        """``(route, run)`` for these arguments' signature, decided and memoised if new."""
         if len(args) != len(self.names):
             raise SpecError(f"{self.spec.name}: the dispatcher takes all {len(self.names)} arguments of "
                             f"{self.spec.fn.__qualname__} in order ({', '.join(self.names)}), got {len(args)}")
@@ -203,7 +213,7 @@ class Dispatcher:
             key = None
         with self._lock:
             if key is not None and key in self._routes:
-                return self._routes[key]
+                return self._routes[key], self._memo[key]
             device = self._device(args)
             try:
                 select, _ = arches_for(device)
@@ -213,15 +223,31 @@ class Dispatcher:
                 raise
             manifest.seen(self, args)  # JITKERN_RECORD: what was called (arch-independent)
             candidates = self.candidates(args, select, device)
-            route = None
+            route = run = None
             if candidates is not None:
-                route = Route(self.spec, candidates, device, self.bind, self.inplace)
-                if key is not None:  # once the route has settled, the memo holds its fast path itself
+                route = run = Route(self.spec, candidates, device, self.bind, self.inplace)
+                if self.spec.debug_checks is not None and table_checks.enabled():  # read once per signature
+                    run = self._checked(route, select, device)
+                    if key is not None:  # the memo holds the settled fast path behind the checks
+                        route.on_fast = lambda fast: self._memo.__setitem__(key, self._checked(fast, select, device))
+                elif key is not None:  # once the route has settled, the memo holds its fast path itself
                     route.on_fast = functools.partial(self._memo.__setitem__, key)
             if key is not None:
-                self._memo[key] = self._routes[key] = route
+                self._routes[key] = route
+                self._memo[key] = run
             counters.bump("signatures")
-        return route
+        return route, run
+
+    def _checked(self, run, arch: Arch, device):
+        """``run`` behind the op's ``debug_checks`` (JITKERN_DEBUG=checks): the tables are checked on
+        every call, before anything is launched."""
+        spec, names, check = self.spec, self.names, self.spec.debug_checks
+
+        def checked(args):
+            counters.bump("table_checks")
+            check(Call(spec, args, arch, device, names))
+            return run(args)
+        return checked
 
     def _device(self, args):
         for i in self.tensors:

@@ -161,6 +161,17 @@ class BufferError(InputError, ValueError):
     wrong dtype, wrong device or layout). The message names the buffer, the expected and given size."""
 
 
+class TableError(InputError, ValueError):
+    """JITKERN_DEBUG=checks (or redzone): a table's contents break the op's contract, which is the
+    caller's on the hot path (an index outside the KV cache, ``cu_seq_lens`` inconsistent with
+    ``num_tokens``, a sentinel that is not the op's). Raised before any launch. Attributes: ``op``,
+    ``argument``, ``index`` (the first bad position, a tuple), ``value`` and ``allowed`` (in words)."""
+
+    def __init__(self, message, *, op=None, argument=None, index=None, value=None, allowed=None):
+        super().__init__(message)
+        self.op, self.argument, self.index, self.value, self.allowed = op, argument, index, value, allowed
+
+
 class RedzoneError(JitkernError, RuntimeError):
     """JITKERN_DEBUG=redzone: a launch wrote outside a buffer it was given (into the guard band).
     Attributes: ``op``, ``variant``, ``buffer``, ``offset`` (bytes past the end of the buffer, or

@@ -186,7 +186,9 @@ declare("arch", "str", None,
         "whose configs CPU tensors use under TRITON_INTERPRET=1.", _text)
 declare("debug", "switches", frozenset(),
         "Comma-separated debug switches: redzone (guard bands around every buffer, checked after each "
-        "launch), checks (host-side checks of table contents before launch).",
+        "launch), checks (host-side checks of index-table contents before every launch: block tables, "
+        "cu_seq_lens, sorted ids; a bad table raises TableError; implied by redzone). Read when a call signature "
+        "is decided.",
         _switches(("redzone", "checks")))
 def _strict(text, what):
     low = text.strip().lower()

@@ -185,6 +185,11 @@ class OpSpec:
     tunables:     parameter -> the values it may take; ``JITKERN_<OP>_<PARAM>`` overrides and
                   ``call.tiles()`` are checked against them.
     scalars:      parameter -> ``Scalar``: arguments checked per call, not part of the signature.
+    debug_checks: ``debug_checks(call) -> None``: checks of table *contents* (indices in range,
+                  offsets consistent with sizes), the caller's contract on the hot path. The
+                  dispatcher runs it on every call before the launch only under
+                  ``JITKERN_DEBUG=checks`` (or ``redzone``); it reads the tables on the host and
+                  raises ``TableError`` (helpers: ``jitkern.table_checks``). Off: never called.
 
     How the op is registered with ``torch.library`` (``jitkern.torch_ops``), so that
     ``torch.compile(fullgraph=True)`` traces it without a graph break. ``fn``'s parameters must carry
@@ -220,6 +225,7 @@ class OpSpec:
     outputs: tuple[str, ...] = ()
     alloc: Callable | None = None
     fake: Callable | None = None
+    debug_checks: Callable | None = None
 
     def __post_init__(self):
         if not self.name.isidentifier():

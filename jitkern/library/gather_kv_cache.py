@@ -5,6 +5,11 @@
 sequences' token counts). Returns ``out`` [num_tokens, *entry] with sequence b's tokens at rows
 ``cu_seq_lens[b] : cu_seq_lens[b+1]``. Zero tokens (an empty prefill, as in seed 003) is valid input
 and returns an empty tensor without a launch.
+
+Table contract (the caller's; checked before the launch under ``JITKERN_DEBUG=checks``):
+``cu_seq_lens`` starts at 0, never decreases and ends at ``num_tokens``; no sequence is longer than
+``block_table`` addresses (``max_blocks * page_size``); the block-table entries a sequence reads
+(its first ``ceil(len / page_size)``) lie in ``[0, num_blocks)``.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, redzone, registry
+from .. import checks, constraints, redzone, registry, table_checks
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..dispatch import dispatcher
@@ -122,6 +127,30 @@ def plan(call):
                                                     *strides, e)))
 
 
+def check_tables(call):
+    """JITKERN_DEBUG=checks: the table contract of the module docstring, on the host (``TableError``)."""
+    kv_cache, block_table, cu_seq_lens, num_tokens, out = call.args
+    cu = table_checks.host(cu_seq_lens)
+    if int(cu[0]) != 0:
+        table_checks.fail(OP, "cu_seq_lens", (0,), int(cu[0]), "0 (cu_seq_lens are prefix sums of the lengths)")
+    table_checks.nondecreasing(OP, "cu_seq_lens", cu)
+    if int(cu[-1]) != num_tokens:
+        table_checks.fail(OP, "cu_seq_lens", (len(cu) - 1,), int(cu[-1]),
+                          f"num_tokens = {num_tokens} (the rows of out)")
+    nb, page = kv_cache.shape[0], kv_cache.shape[1]
+    max_blocks = block_table.shape[1]
+    lens = cu[1:] - cu[:-1]
+    long = (lens > max_blocks * page).nonzero()
+    if long.numel():
+        b = int(long[0])
+        table_checks.fail(OP, "cu_seq_lens", (b + 1,), int(cu[b + 1]),
+                          f"at most cu_seq_lens[{b}] + {max_blocks * page} (sequence {b} can address "
+                          f"block_table.shape[1] = {max_blocks} blocks of {page} tokens)")
+    table_checks.within(OP, "block_table", table_checks.host(block_table), 0, nb,
+                        used=table_checks.used_blocks(lens, page, max_blocks),
+                        what="kv_cache.shape[0], the number of blocks; entries past a sequence's length are not read")
+
+
 def gather_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
                     num_tokens: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gather committed tokens; ``num_tokens`` (= ``cu_seq_lens[-1]``) avoids a device sync when given
@@ -173,5 +202,6 @@ SPEC = registry.register(OpSpec(
     extra={"contract": CONTRACT},
     outputs=("out",),
     alloc=alloc,
+    debug_checks=check_tables,
 ))
 _dispatch = dispatcher(SPEC)

@@ -6,6 +6,11 @@ expert's run padded to a multiple of ``align_m`` with the sentinel ``tokens * to
 ``expert_ids`` [sorted_size // align_m] int32: the expert of each run block;
 ``num_tokens_post_padded`` [1] int32: how many leading entries of ``sorted_token_ids`` are in use.
 ``moe_align()`` builds the three from router ``topk_ids`` (the layout of vLLM's moe_align_block_size).
+Table contract (the caller's; checked before the launch under ``JITKERN_DEBUG=checks``):
+``num_tokens_post_padded[0]`` in ``[0, sorted_size]``; in the run blocks it covers (the first
+``ceil(num_tokens_post_padded / align_m)``), every ``sorted_token_ids`` entry is a pair id in
+``[0, tokens * topk)`` or the sentinel ``tokens * topk``, and every ``expert_ids`` entry lies in
+``[0, experts)``.
 Returns ``out`` [tokens * topk, N] = act(x[t] @ gate[e].T) * (x[t] @ up[e].T) per pair;
 ``activation`` is ``"silu"`` (SiLU-and-mul) or ``"gelu"`` (erf GELU-and-mul).
 
@@ -26,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, contracts, redzone, registry
+from .. import checks, constraints, contracts, redzone, registry, table_checks
 from ..contracts import Buffer, Contract
 from ..errors import ConfigError
 from ..logs import warn_once
@@ -284,6 +289,26 @@ def plan(call):
     return [Candidate(launches, guard=_plain, guard_doc=PLAIN_DOC), fallback]
 
 
+def check_tables(call):
+    """JITKERN_DEBUG=checks: the table contract of the module docstring, on the host (``TableError``)."""
+    x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, *_ = call.args
+    size, nblocks = sorted_token_ids.shape[0], expert_ids.shape[0]
+    if not nblocks:
+        return
+    align_m = size // nblocks
+    used = table_checks.host(num_tokens_post_padded[:1])
+    table_checks.within(OP, "num_tokens_post_padded", used, 0, size, inclusive=True,
+                        what="sorted_token_ids.shape[0], the sorted size")
+    blocks = -(-int(used[0]) // align_m)  # the run blocks the kernel reads
+    pairs = x.shape[0] * topk
+    table_checks.within(OP, "sorted_token_ids", table_checks.host(sorted_token_ids[:blocks * align_m]), 0, pairs,
+                        inclusive=True, what=f"pair ids token * topk + slot below {pairs}, or the padding sentinel "
+                                             f"tokens * topk = {pairs}; entries past num_tokens_post_padded's run "
+                                             f"blocks are not read")
+    table_checks.within(OP, "expert_ids", table_checks.host(expert_ids[:blocks]), 0, w1.shape[0],
+                        what="w1.shape[0], the number of experts")
+
+
 def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                     num_tokens_post_padded: torch.Tensor, topk: int, activation: str = "silu",
                     split_k: Optional[int] = None, out: Optional[torch.Tensor] = None,
@@ -350,5 +375,6 @@ SPEC = registry.register(OpSpec(
     mutates=("scratch",),
     outputs=("out",),
     alloc=alloc,
+    debug_checks=check_tables,
 ))
 _dispatch = dispatcher(SPEC)

@@ -15,6 +15,10 @@ address)``. Seed 000 sized it from the model's theoretical maximum context (131K
 KV cache could hold (25K): 16 GiB instead of 3 GiB. Engines that pre-allocate call
 ``workspace_nbytes(...)`` with the same numbers. ``seq_lens`` must not exceed the capacity; tokens
 past it are not read (the grid ends there), so the kernel never reads past ``block_tables``.
+
+Table contract (the caller's; checked before the launch under ``JITKERN_DEBUG=checks``):
+``seq_lens`` in ``[0, capacity]``; the block-table entries a sequence reads (its first
+``ceil(seq_len / page_size)``) lie in ``[0, num_blocks)``.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, contracts, redzone, registry
+from .. import checks, constraints, contracts, redzone, registry, table_checks
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..dispatch import dispatcher
@@ -213,6 +217,21 @@ def plan(call):
     return Candidate((stage1, stage2))
 
 
+def check_tables(call):
+    """JITKERN_DEBUG=checks: the table contract of the module docstring, on the host (``TableError``)."""
+    q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace = call.args
+    nb, page = k_cache.shape[0], k_cache.shape[1]
+    max_blocks = block_tables.shape[1]
+    cap = capacity(max_context_len, nb * page, max_blocks * page)
+    lens = table_checks.host(seq_lens)
+    table_checks.within(OP, "seq_lens", lens, 0, cap, inclusive=True,
+                        what=f"the capacity: min(max_context_len = {max_context_len}, the KV cache's {nb} x {page} "
+                             f"tokens, block_tables.shape[1] x page_size = {max_blocks} x {page})")
+    table_checks.within(OP, "block_tables", table_checks.host(block_tables), 0, nb,
+                        used=table_checks.used_blocks(lens, page, max_blocks),
+                        what="k_cache.shape[0], the number of blocks; entries past a sequence's length are not read")
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: Optional[float] = None, max_context_len: Optional[int] = None,
                            out: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -265,5 +284,6 @@ SPEC = registry.register(OpSpec(
     mutates=("workspace",),
     outputs=("out",),
     alloc=alloc,
+    debug_checks=check_tables,
 ))
 _dispatch = dispatcher(SPEC)

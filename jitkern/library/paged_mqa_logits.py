@@ -8,6 +8,10 @@ vector per token, e.g. the indexer keys); ``weights`` [batch * next_n, heads] fp
 i-th of next_n speculative tokens sees one more position than the one before it) and ``-inf``
 elsewhere. Every element of ``out`` is written, none outside it: at ``context_len == max_model_len``
 the last tile of a row runs past the row end and its stores are masked (seed 001).
+
+Table contract (the caller's; checked before the launch under ``JITKERN_DEBUG=checks``):
+``context_lens`` in ``[0, max_model_len]``; the block-table entries a sequence reads (its first
+``ceil(context_len / page_size)``) lie in ``[0, num_blocks)``.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, redzone, registry
+from .. import checks, constraints, redzone, registry, table_checks
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..dispatch import dispatcher
@@ -135,6 +139,17 @@ def plan(call):
                              In("out"), *strides, max_len)))
 
 
+def check_tables(call):
+    """JITKERN_DEBUG=checks: the table contract of the module docstring, on the host (``TableError``)."""
+    q, kv_cache, weights, context_lens, block_tables, max_model_len, out = call.args
+    nb, page = kv_cache.shape[0], kv_cache.shape[1]
+    lens = table_checks.host(context_lens)
+    table_checks.within(OP, "context_lens", lens, 0, max_model_len, inclusive=True, what="max_model_len")
+    table_checks.within(OP, "block_tables", table_checks.host(block_tables), 0, nb,
+                        used=table_checks.used_blocks(lens, page, block_tables.shape[1]),
+                        what="kv_cache.shape[0], the number of blocks; entries past a sequence's length are not read")
+
+
 def paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, max_model_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indexer logits into ``out`` [batch * next_n, max_model_len] fp32 (allocated if not given)."""
@@ -177,5 +192,6 @@ SPEC = registry.register(OpSpec(
     extra={"contract": CONTRACT},
     outputs=("out",),
     alloc=alloc,
+    debug_checks=check_tables,
 ))
 _dispatch = dispatcher(SPEC)
