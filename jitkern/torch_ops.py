@@ -97,11 +97,11 @@ def register(spec: OpSpec):
         if returns:
             def impl(*args, **kwargs):
                 return fn(*args, **kwargs)
-            impl.__signature__ = sig
         else:
             def impl(*args, **kwargs):
                 fn(*args, **kwargs)
-            impl.__signature__ = sig.replace(return_annotation=None)
+            sig = sig.replace(return_annotation=None)
+        impl.__signature__ = _schema_signature(spec, sig)
         impl.__name__ = spec.name
         impl.__doc__ = fn.__doc__
         op = torch.library.custom_op(f"{NAMESPACE}::{spec.name}", impl, mutates_args=spec.mutates)
@@ -113,6 +113,21 @@ def register(spec: OpSpec):
             op.register_fake(fake)
         _ops[spec.name] = op
         return op
+
+
+def _schema_signature(spec: OpSpec, sig: inspect.Signature) -> inspect.Signature:
+    """``sig`` without defaults up to the last in-place argument that defaults to None.
+
+    torch's dispatcher drops trailing arguments equal to their defaults before the in-place kernel of a
+    mutating custom op runs, and torch 2.11's kernel then reads the mutated ones by position
+    (``args[i]``): an op whose last parameter is an optional in-place buffer passed as None
+    (paged_attention_decode's ``workspace``) failed under torch.compile on the H200. Without a default,
+    nothing is dropped. Calls through ``jitkern.ops`` pass every argument; a direct
+    ``torch.ops.jitkern.<name>(...)`` call passes those up to that one too."""
+    params = list(sig.parameters.values())
+    last = max((i for i, p in enumerate(params) if p.name in spec.mutates and p.default is None), default=-1)
+    return sig.replace(parameters=[p.replace(default=inspect.Parameter.empty) if i <= last else p
+                                   for i, p in enumerate(params)])
 
 
 def registered(name: str):

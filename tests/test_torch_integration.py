@@ -71,6 +71,19 @@ def test_opcheck_rms_norm_cpu():
         torch.library.opcheck(op, args)  # schema (mutations), fake tensors, autograd registration, AOT dispatch
 
 
+@pytest.mark.parametrize("name", sorted(registry.BUILTIN))
+def test_no_in_place_argument_can_be_dropped_as_a_default(name):
+    """The dispatcher drops trailing arguments equal to their defaults; torch 2.11 then indexes the
+    mutated ones by position and fails (paged_attention_decode's trailing ``workspace=None`` on the
+    H200). No mutated argument, nor any before it, may carry a default in the schema."""
+    spec = registry.get(name)
+    torch_ops.register(spec)
+    args = getattr(torch.ops.jitkern, name).default._schema.arguments
+    mutated = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated
+    assert not [a.name for a in args[:max(mutated) + 1] if a.has_default_value()]
+
+
 def test_traced_call_passes_arguments_positionally_in_schema_order():
     """torch 2.11's in-place kernel of a mutating custom op reads the mutated arguments as ``args[i]``:
     a call made with keywords fails there under torch.compile (seen with paged_attention_decode on
