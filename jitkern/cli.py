@@ -173,8 +173,193 @@ def _run_prebuild(args) -> int:
     if args.manifest:
         if args.limit:
             raise ConfigError("--limit does not apply to --manifest (a manifest names exactly what to build)")
-        return coverage.prebuild_main(args)
-    return prebuild.main(args)
+        return _run_prebuild_manifest(args)
+    return _run_prebuild_all(args)
+
+
+class PrebuildDisplay(prebuild.Progress):
+    """What ``jitkern prebuild`` prints while it runs: the planning lines, then a tqdm bar on a
+    terminal, else one plain line per artifact (``mode``: auto, bar, lines, none)."""
+
+    def __init__(self, mode: str, file=None, announce: bool = True):
+        self.mode, self._file, self.announce = mode, file, announce
+        self.total, self.done, self.bar = 0, 0, None
+
+    @property
+    def file(self):
+        return self._file if self._file is not None else sys.stdout
+
+    def planning(self, ops, arches) -> None:
+        if self.announce:
+            print(f"jitkern prebuild: planning {_ops_text(ops)} for {', '.join(a.name for a in arches)} "
+                  f"(rendering and keying every configuration; nothing is compiled yet)", file=self.file, flush=True)
+
+    def planned(self, tasks, ops, arches, where) -> None:
+        if self.announce:
+            print(f"jitkern prebuild: {len(tasks)} artifacts for {', '.join(a.name for a in arches)} "
+                  f"({_ops_text(ops)}) into {where}", file=self.file, flush=True)
+
+    def start(self, total: int) -> None:
+        mode = self.mode
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.total, self.done, self.bar = mode, total, 0, None
+        if mode == "bar" and total:
+            from tqdm import tqdm
+
+            # a pseudo-terminal of size 0x0 (some CI runners and containers) makes tqdm draw nothing (no
+            # width, and a bar at row 0 of a 0-row screen is "hidden"): give it a size of its own
+            try:
+                cols, rows = os.get_terminal_size(sys.stderr.fileno())
+            except (OSError, ValueError):
+                cols, rows = 0, 0
+            self.bar = tqdm(total=total, unit="artifact", desc="jitkern prebuild", file=sys.stderr,
+                            ncols=None if cols >= 40 else 80, nrows=None if rows >= 1 else 24, mininterval=0.5)
+
+    def update(self, rec: dict[str, Any]) -> None:
+        self.done += 1
+        line = prebuild_line(rec)
+        if self.bar is not None:
+            self.bar.update(1)
+            if rec["status"] == "failed":
+                self.bar.write(line, file=sys.stderr)
+        elif self.mode == "lines":
+            width = len(str(self.total))
+            print(f"[{self.done:>{width}}/{self.total}] {line}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _ops_text(ops) -> str:
+    return ", ".join(ops) if ops else "all ops"
+
+
+def prebuild_line(rec: dict[str, Any]) -> str:
+    """One artifact's record as the line ``jitkern prebuild`` prints for it."""
+    params = ",".join(f"{k}={v}" for k, v in rec["params"].items())
+    s = f"{rec['status']:<8} {rec['arch']:<7} {rec['op']}/{rec['variant']}({params})"
+    if rec.get("seconds") is not None:
+        s += f" {rec['seconds']:.2f}s"
+    if rec.get("shared_bytes") is not None:
+        s += f" shared={rec['shared_bytes']}"
+    if rec.get("error"):
+        s += f"  error{' (transient: not recorded, run again)' if rec.get('transient') else ''}: " \
+             f"{rec['error'].splitlines()[0]}"
+        if rec.get("log_path"):
+            s += f" (log: {rec['log_path']})"
+    return s
+
+
+def print_prebuild_summary(summary: dict[str, dict[str, Any]], file=None) -> None:
+    """The per-arch table of statuses (``jitkern.prebuild.summarize``)."""
+    rows = [[a, s["built"], s["cached"], s["rejected_over_budget"], s["unavailable"], s["failed"], s["total"],
+             f"{s['seconds_per_built']:.2f}" if s["seconds_per_built"] is not None else "-"]
+            for a, s in summary.items()]
+    print_table(rows, ["arch", "built", "cached", "rejected", "unavailable", "failed", "total", "s/built"],
+                file=file)
+
+
+def _write_report(path, data) -> None:
+    """``--report FILE``: the JSON report, replaced atomically (its directory was made by ``report_file``)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _run_prebuild_all(args) -> int:
+    """``jitkern prebuild`` over every op's configurations (``jitkern.prebuild.prebuild``). With
+    ``--json`` the report goes to stdout and everything a person reads to stderr."""
+    as_json = bool(getattr(args, "json", False))
+    out = sys.stderr if as_json else sys.stdout
+    res = prebuild.prebuild(args.op, args.arch, args.cache_dir, args.jobs, getattr(args, "limit", None),
+                            PrebuildDisplay(args.progress, out))
+    seconds, summary, records = res.seconds, res.summary, res.records
+    built, failed = res.built, res.failed
+    if args.report or as_json:
+        report = res.report()
+        if args.report:
+            _write_report(args.report, report)
+        if as_json:
+            print(json.dumps(report, indent=1, sort_keys=True, default=str))
+    print_prebuild_summary(summary, file=out)
+    if res.interrupted:
+        print(f"jitkern prebuild: interrupted after {seconds:.1f} s; {built} built, "
+              f"{res.not_built} not built (no partial entries were left; run again to finish)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    transient = res.transient
+    if built == 0 and failed == 0:
+        print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache "
+              f"({seconds:.1f} s)", file=out)
+    else:
+        print(f"jitkern prebuild: {built} built, {len(records) - built - failed} already cached or recorded, "
+              f"{failed} failed" + (f" ({transient} transient: not recorded, run again)" if transient else "")
+              + f" in {seconds:.1f} s", file=out)
+    unavailable: dict[tuple, int] = {}
+    for r in records:
+        if r["status"] == "unavailable":
+            why = (r["error"] or "").splitlines()[0] if r["error"] else ""
+            k = (r["op"], r["variant"], r["arch"], why)
+            unavailable[k] = unavailable.get(k, 0) + 1
+    for (op, variant, a, why), n in sorted(unavailable.items()):
+        print(f"jitkern prebuild: {n} {op}/{variant} artifacts for {a} are unavailable on this machine (the runtime "
+              f"falls back to the next variant): {why}", file=sys.stderr)
+    if failed:
+        first = next(r for r in records if r["status"] == "failed")
+        print(f"jitkern prebuild: {failed} artifacts failed; first: {first['op']}/{first['variant']} for "
+              f"{first['arch']}: {(first['error'] or '').splitlines()[0] if first['error'] else ''}"
+              + ("" if args.keep_going else " (use --keep-going to exit 0 anyway)"), file=sys.stderr)
+        return EXIT_OK if args.keep_going else EXIT_FAILED
+    return EXIT_OK
+
+
+def _print_items(items, file=None) -> None:
+    """Per signature and arch: its status and what covers it (or what is missing)."""
+    for it in items:
+        what = ", ".join(it.covered_by) or (f"{it.missing[0].config.describe()} is not in the cache" if it.missing
+                                            else it.error or "-")
+        print(f"{it.arch.name:<7} {it.status:<9} {it.signature}\n{'':<17} -> {what}", file=file)
+
+
+def _run_prebuild_manifest(args) -> int:
+    """``jitkern prebuild --manifest FILE --arch LIST``: build exactly what the manifest's signatures
+    run on each arch (``jitkern.coverage.prebuild_manifest``); report per signature and arch which
+    config covers it. Exit 0 when every signature is covered, 1 if any is not, 130 if interrupted."""
+    as_json = getattr(args, "json", False)
+    out = sys.stderr if as_json else sys.stdout  # with --json, stdout holds only the report
+    progress = "none" if as_json and args.progress in ("auto", "lines") else args.progress
+
+    def started(man, arches, where) -> None:
+        print(f"jitkern prebuild: {len(man)} signatures of {', '.join(man.ops())} from {man.path} for "
+              f"{', '.join(a.name for a in arches)} into {where}", flush=True, file=out)
+
+    res = coverage.prebuild_manifest(args.manifest, args.arch, args.op, args.cache_dir, args.jobs,
+                                     PrebuildDisplay(progress, announce=False), started)
+    items, artifacts, rec, seconds = res.items, res.artifacts, res.record, res.seconds
+    if args.report or as_json:
+        report = res.report()
+        if args.report:
+            _write_report(args.report, report)
+        if as_json:
+            print(json.dumps(report, indent=1, default=str))
+    if not as_json:
+        _print_items(items)
+        print_prebuild_summary(prebuild.summarize(artifacts))
+    c = rec["counts"]
+    built = sum(1 for r in artifacts if r["status"] == "built")
+    if res.interrupted:
+        print(f"jitkern prebuild: interrupted after {seconds:.1f} s; {built} built (no partial entries were left; "
+              "run again to finish)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"jitkern prebuild: {len(artifacts)} artifacts ({built} built) cover {c['covered'] + c['empty']} of "
+          f"{len(items)} signature x arch pairs in {seconds:.1f} s"
+          + ("" if rec["complete"] else f"; {c['uncovered'] + c['error']} NOT covered (listed above)"), file=out)
+    return EXIT_OK if rec["complete"] or args.keep_going else EXIT_FAILED
 
 
 # ---- record ------------------------------------------------------------------------------------

@@ -204,8 +204,8 @@ def explain(items: list[Item], store: Store) -> list[dict[str, Any]]:
 
 
 # ---- prebuild: build rounds ----------------------------------------------------------------------
-def prebuild(items: list[Item], store: Store, jobs: int | None, progress: str, layers_env: str
-             ) -> tuple[list[dict[str, Any]], bool, float]:
+def prebuild(items: list[Item], store: Store, jobs: int | None, progress: _prebuild.Progress | None,
+             layers_env: str) -> tuple[list[dict[str, Any]], bool, float]:
     """Build what every pending item's current candidate needs, round after round (a round moves
     items whose candidate was rejected on to the next one). Returns (artifact records, interrupted,
     build seconds)."""
@@ -273,77 +273,51 @@ def load_manifest(path) -> _manifest.Manifest:
     return man
 
 
-# ---- command-line entry points (``jitkern.cli`` parses the arguments) -----------------------------
-def _table(items: list[Item], file=None) -> None:
-    """Per signature and arch: its status and what covers it (or what is missing)."""
-    for it in items:
-        what = ", ".join(it.covered_by) or (f"{it.missing[0].config.describe()} is not in the cache" if it.missing
-                                            else it.error or "-")
-        print(f"{it.arch.name:<7} {it.status:<9} {it.signature}\n{'':<17} -> {what}", file=file)
+@dataclass
+class ManifestPrebuild:
+    """What ``prebuild_manifest`` did."""
+
+    items: list[Item]
+    artifacts: list[dict[str, Any]]
+    record: dict[str, Any]  # what it recorded in the layer (``layer_prebuild_record``)
+    interrupted: bool
+    seconds: float
+    build_seconds: float
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report (``jitkern prebuild --manifest ... --json`` / ``--report``)."""
+        return {**self.record, "build_seconds": round(self.build_seconds, 3),
+                "summary": _prebuild.summarize(self.artifacts), "signatures": [it.report() for it in self.items],
+                "artifacts": sorted(self.artifacts, key=lambda r: (r["arch"], r["op"], r["key"]))}
 
 
-def _write_json(path, data) -> None:
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def prebuild_main(args) -> int:
-    """``jitkern prebuild --manifest FILE --arch LIST``: build exactly what the manifest's signatures
-    run on each arch; report per signature and arch which config covers it; record the prebuild in
-    the layer it built. Exit 0 when every signature is covered, 1 if any is not, 130 if interrupted."""
-    import json
-    import sys
-
+def prebuild_manifest(path, arches: Iterable[_arch.Arch] | None = None, ops: Iterable[str] | None = None,
+                      cache_dir=None, jobs: int | None = None, progress: _prebuild.Progress | None = None,
+                      started=None) -> ManifestPrebuild:
+    """Build exactly what the signatures of the manifest at ``path`` run on each arch, and record the
+    prebuild in the layer it built. ``started(manifest, arches, where)``, if given, is called once
+    the signatures are resolved, before anything is built. Never prints (``jitkern.cli`` does)."""
     strict.suspend()  # building is the point (plans may compile budget probes in this process)
     t0 = time.perf_counter()
-    man = load_manifest(args.manifest)
-    arches = _prebuild.resolve_arches(args.arch)
-    layers = configured_layers(args.cache_dir)
+    man = load_manifest(path)
+    arches = _prebuild.resolve_arches(arches)
+    layers = configured_layers(cache_dir)
     store = Store(layers)
-    items = resolve(man, arches, args.op)
+    items = resolve(man, arches, ops)
     write = store.write_layer
-    as_json = getattr(args, "json", False)
-    out = sys.stderr if as_json else sys.stdout  # with --json, stdout holds only the report
-    print(f"jitkern prebuild: {len(man)} signatures of {', '.join(man.ops())} from {man.path} for "
-          f"{', '.join(a.name for a in arches)} into {write.base if write else '(no writable layer)'}", flush=True,
-          file=out)
-    progress = "none" if as_json and args.progress in ("auto", "lines") else args.progress
-    artifacts, interrupted, build_seconds = prebuild(items, store, args.jobs, progress,
+    if started is not None:
+        started(man, arches, write.base if write else "(no writable layer)")
+    artifacts, interrupted, build_seconds = prebuild(items, store, jobs, progress,
                                                      os.pathsep.join(str(p) for p in layers))
     seconds = time.perf_counter() - t0
     rec = layer_prebuild_record(man, arches, items, artifacts, interrupted)
     rec["seconds"] = round(seconds, 3)
     if write is not None:
         add_prebuild_record(write, rec)
-    if args.report or as_json:
-        report = {**rec, "build_seconds": round(build_seconds, 3), "summary": _prebuild.summarize(artifacts),
-                  "signatures": [it.report() for it in items],
-                  "artifacts": sorted(artifacts, key=lambda r: (r["arch"], r["op"], r["key"]))}
-        if args.report:
-            _write_json(args.report, report)
-        if as_json:
-            print(json.dumps(report, indent=1, default=str))
-    if not as_json:
-        _table(items)
-        _prebuild.print_summary(_prebuild.summarize(artifacts))
-    c = rec["counts"]
-    built = sum(1 for r in artifacts if r["status"] == "built")
-    if interrupted:
-        print(f"jitkern prebuild: interrupted after {seconds:.1f} s; {built} built (no partial entries were left; "
-              "run again to finish)", file=sys.stderr)
-        return 130
-    print(f"jitkern prebuild: {len(artifacts)} artifacts ({built} built) cover {c['covered'] + c['empty']} of "
-          f"{len(items)} signature x arch pairs in {seconds:.1f} s"
-          + ("" if rec["complete"] else f"; {c['uncovered'] + c['error']} NOT covered (listed above)"), file=out)
-    return 0 if rec["complete"] or args.keep_going else 1
+    return ManifestPrebuild(items, artifacts, rec, interrupted, seconds, build_seconds)
 
 
+# ---- command-line entry points (``jitkern.cli`` parses the arguments) -----------------------------
 def _check_items(args) -> tuple[list[Item], Store]:
     man = load_manifest(args.manifest)
     arches = _prebuild.resolve_arches(args.arch)
@@ -392,4 +366,4 @@ def explain_main(args) -> int:
 
 
 __all__ = ["Item", "resolve", "check", "explain", "prebuild", "counts", "layer_prebuild_record", "select_arch",
-           "prebuild_main", "check_main", "explain_main"]
+           "prebuild_manifest", "ManifestPrebuild", "check_main", "explain_main"]

@@ -1,8 +1,11 @@
-"""``jitkern prebuild``: build every artifact the runtime can select, for named arches, in parallel.
+"""Prebuild: build every artifact the runtime can select, for named arches, in parallel.
 
 The job list is ``op x variant x config`` from each op's ``OpSpec.configs(arch)``, which is by
 contract everything the runtime may pick on that arch, so a prebuilt cache means the first request
 on a fresh node compiles nothing.
+
+The library entry point is ``prebuild()`` (it returns a ``PrebuildResult`` and never prints);
+``jitkern prebuild`` (``jitkern.cli``) prints its progress and report and sets the exit status.
 
 How it runs:
 
@@ -40,16 +43,13 @@ with exit status 2.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .tables import print_table
 from . import arch as _arch
 from . import registry, strict
 from .budget import AMD_FIGURES
@@ -263,56 +263,24 @@ def build_task(task: Task) -> dict[str, Any]:
 
 
 # ---- parent side -------------------------------------------------------------------------------
-class _Progress:
-    """A tqdm bar on a terminal, else one plain line per artifact."""
+class Progress:
+    """What a caller is told while prebuild runs; every method does nothing here. ``jitkern.cli``
+    subclasses it to print (a bar on a terminal, else one line per artifact)."""
 
-    def __init__(self, total: int, mode: str):
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode, self.total, self.done, self.bar = mode, total, 0, None
-        if mode == "bar" and total:
-            from tqdm import tqdm
+    def planning(self, ops: list[str] | None, arches: list[_arch.Arch]) -> None:
+        """Before the jobs are planned (rendered and keyed)."""
 
-            # a pseudo-terminal of size 0x0 (some CI runners and containers) makes tqdm draw nothing (no
-            # width, and a bar at row 0 of a 0-row screen is "hidden"): give it a size of its own
-            try:
-                cols, rows = os.get_terminal_size(sys.stderr.fileno())
-            except (OSError, ValueError):
-                cols, rows = 0, 0
-            self.bar = tqdm(total=total, unit="artifact", desc="jitkern prebuild", file=sys.stderr,
-                            ncols=None if cols >= 40 else 80, nrows=None if rows >= 1 else 24, mininterval=0.5)
+    def planned(self, tasks: list[Task], ops: list[str] | None, arches: list[_arch.Arch], where: str) -> None:
+        """The jobs are planned; ``where``: the writable layer they go to."""
 
-    file = sys.stdout
+    def start(self, total: int) -> None:
+        """``total`` artifacts are not in the cache and go to the workers."""
 
     def update(self, rec: dict[str, Any]) -> None:
-        self.done += 1
-        line = _line(rec)
-        if self.bar is not None:
-            self.bar.update(1)
-            if rec["status"] == "failed":
-                self.bar.write(line, file=sys.stderr)
-        elif self.mode == "lines":
-            width = len(str(self.total))
-            print(f"[{self.done:>{width}}/{self.total}] {line}", file=self.file, flush=True)
+        """One artifact's record (as in the report), as soon as it is known."""
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _line(rec: dict[str, Any]) -> str:
-    params = ",".join(f"{k}={v}" for k, v in rec["params"].items())
-    s = f"{rec['status']:<8} {rec['arch']:<7} {rec['op']}/{rec['variant']}({params})"
-    if rec.get("seconds") is not None:
-        s += f" {rec['seconds']:.2f}s"
-    if rec.get("shared_bytes") is not None:
-        s += f" shared={rec['shared_bytes']}"
-    if rec.get("error"):
-        s += f"  error{' (transient: not recorded, run again)' if rec.get('transient') else ''}: " \
-             f"{rec['error'].splitlines()[0]}"
-        if rec.get("log_path"):
-            s += f" (log: {rec['log_path']})"
-    return s
+        """The workers are done (or were stopped)."""
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -327,15 +295,6 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         s["compile_seconds"] = round(s["compile_seconds"], 3)
         s["seconds_per_built"] = round(s["compile_seconds"] / s["built"], 3) if s["built"] else None
     return out
-
-
-def print_summary(summary: dict[str, dict[str, Any]], file=None) -> None:
-
-    rows = [[a, s["built"], s["cached"], s["rejected_over_budget"], s["unavailable"], s["failed"], s["total"],
-             f"{s['seconds_per_built']:.2f}" if s["seconds_per_built"] is not None else "-"]
-            for a, s in summary.items()]
-    print_table(rows, ["arch", "built", "cached", "rejected", "unavailable", "failed", "total", "s/built"],
-                file=file)
 
 
 def _sweep_tmp(store: Store, pids: set[int]) -> int:
@@ -442,9 +401,9 @@ class _WorkerLogs:
         self.listener.stop()
 
 
-def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str = "auto",
-        layers_env: str | None = None, progress_file=None) -> tuple[list[dict[str, Any]], bool, float]:
-    """Build ``tasks`` (cached ones are only looked up).
+def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: Progress | None = None,
+        layers_env: str | None = None) -> tuple[list[dict[str, Any]], bool, float]:
+    """Build ``tasks`` (cached ones are only looked up); ``progress`` hears of each artifact built.
 
     Returns (records, interrupted, build seconds: from starting the workers to the last result)."""
     records: list[dict[str, Any]] = []
@@ -476,9 +435,8 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     triton_cache = None
     if not os.environ.get("TRITON_CACHE_DIR"):
         triton_cache = tempfile.mkdtemp(prefix="jitkern-prebuild-triton-")
-    bar = _Progress(len(pending), progress)
-    if progress_file is not None:
-        bar.file = progress_file
+    bar = progress or Progress()
+    bar.start(len(pending))
 
     def done(task: Task, rec: dict[str, Any]) -> None:
         if rec["status"] == "built" and store.lookup(task.key) is None:  # what is on disk is the result
@@ -525,88 +483,97 @@ def run(tasks: list[Task], store: Store, jobs: int | None = None, progress: str 
     return records, interrupted, time.perf_counter() - t0
 
 
-def layer_record(args, arches, records, summary, interrupted: bool, seconds: float) -> dict[str, Any]:
+def layer_record(ops: list[str] | None, arches, records, summary, interrupted: bool, seconds: float) -> dict[str, Any]:
     """What a full prebuild records in the layer it built (``jitkern.cache.add_prebuild_record``)."""
     import importlib.metadata as md
 
     counts = {"artifacts": len(records), **{st: sum(s[st] for s in summary.values()) for st in STATUSES}}
-    return {"manifest": None, "ops": list(args.op or ()) or "all", "arches": [a.name for a in arches],
+    return {"manifest": None, "ops": list(ops or ()) or "all", "arches": [a.name for a in arches],
             "counts": counts, "complete": not interrupted and counts["failed"] == 0,
             "created": time.time(), "seconds": round(seconds, 3), "jitkern": __version__, "triton": md.version("triton")}
 
 
-def main(args) -> int:
-    """``jitkern prebuild`` (``args`` from ``jitkern.cli``). With ``--json`` the report goes to stdout
-    and everything a person reads to stderr."""
+@dataclass
+class PrebuildResult:
+    """What ``prebuild`` did: every artifact's record, per-arch counts, and the JSON report."""
+
+    arches: list[_arch.Arch]
+    layers: list[Path]
+    ops: list[str] | None  # as asked (None: all registered ops)
+    tasks: int  # artifacts planned (those that could not be planned are in ``records`` as ``failed``)
+    records: list[dict[str, Any]]
+    summary: dict[str, dict[str, Any]]
+    interrupted: bool
+    seconds: float
+    build_seconds: float
+    jobs: int
+    write_layer: str | None  # the layer built into (None: no writable layer)
+
+    def count(self, status: str) -> int:
+        return sum(s.get(status, 0) for s in self.summary.values())
+
+    @property
+    def built(self) -> int:
+        return self.count("built")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    @property
+    def transient(self) -> int:
+        return sum(1 for r in self.records if r["status"] == "failed" and r.get("transient"))
+
+    @property
+    def not_built(self) -> int:
+        """Artifacts that have no record: an interrupted run did not get to them."""
+        return self.tasks - (len(self.records) - self._plan_errors)
+
+    _plan_errors: int = 0
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report (``jitkern prebuild --json`` / ``--report``; keys: docs/cli.md)."""
+        import importlib.metadata as md
+
+        return {
+            "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in self.arches],
+            "ops": list(self.ops or registry.names()), "cache_layers": [str(p) for p in self.layers],
+            "jobs": self.jobs, "seconds": round(self.seconds, 3),
+            "build_seconds": round(self.build_seconds, 3), "interrupted": self.interrupted,
+            "summary": self.summary, "artifacts": sorted(self.records, key=lambda r: (r["arch"], r["op"], r["key"])),
+        }
+
+
+def prebuild(ops: Iterable[str] | None = None, arches: Iterable[_arch.Arch] | None = None,
+             cache_dir: str | os.PathLike | None = None, jobs: int | None = None, limit: int | None = None,
+             progress: Progress | None = None) -> PrebuildResult:
+    """Build every artifact the runtime can select for ``ops`` (default: all) on ``arches``
+    (default: the detected GPU) into the first writable layer of ``cache_dir`` (default:
+    ``JITKERN_CACHE_DIR``, else the user cache dir), and record the prebuild in that layer.
+
+    Never prints; ``progress`` hears of each stage and artifact. An interrupted run (Ctrl-C) returns
+    with ``interrupted`` set. Raises ``ConfigError`` for a bad setting or no arch to build for, and
+    ``CacheError`` when there is something to build but no writable layer."""
     t0 = time.perf_counter()
-    as_json = bool(getattr(args, "json", False))
-    out = sys.stderr if as_json else sys.stdout
+    progress = progress or Progress()
+    ops = list(ops) if ops else None
     strict.suspend()  # building is the point here (selection may compile budget probes in this process)
-    arches = resolve_arches(args.arch)
-    layers = check_dirs(configured_layers(args.cache_dir))
+    arches = resolve_arches(arches)
+    layers = check_dirs(configured_layers(cache_dir))
     store = Store(layers)
-    ops_text = ", ".join(args.op) if args.op else "all ops"
-    print(f"jitkern prebuild: planning {ops_text} for {', '.join(a.name for a in arches)} "
-          f"(rendering and keying every configuration; nothing is compiled yet)", file=out, flush=True)
+    progress.planning(ops, arches)
     plan_errors: list[dict[str, Any]] = []
-    tasks = enumerate_tasks(args.op, arches, getattr(args, "limit", None), plan_errors, store)
+    tasks = enumerate_tasks(ops, arches, limit, plan_errors, store)
     write = store.write_layer
     where = str(write.base) if write is not None else "(no writable layer)"
-    print(f"jitkern prebuild: {len(tasks)} artifacts for {', '.join(a.name for a in arches)} "
-          f"({ops_text}) into {where}", file=out, flush=True)
-    records, interrupted, build_seconds = run(tasks, store, args.jobs, args.progress,
-                                              os.pathsep.join(str(p) for p in layers), progress_file=out)
+    progress.planned(tasks, ops, arches, where)
+    records, interrupted, build_seconds = run(tasks, store, jobs, progress, os.pathsep.join(str(p) for p in layers))
     records += plan_errors
     seconds = time.perf_counter() - t0
     summary = summarize(records)
-    built = sum(s["built"] for s in summary.values())
-    failed = sum(s["failed"] for s in summary.values())
-    import importlib.metadata as md
-
-    report = {
-        "jitkern": __version__, "triton": md.version("triton"), "arches": [a.name for a in arches],
-        "ops": list(args.op or registry.names()), "cache_layers": [str(p) for p in layers],
-        "jobs": min(args.jobs or default_jobs(), default_jobs()), "seconds": round(seconds, 3),
-        "build_seconds": round(build_seconds, 3), "interrupted": interrupted,
-        "summary": summary, "artifacts": sorted(records, key=lambda r: (r["arch"], r["op"], r["key"])),
-    }
-    if args.report:
-        path = Path(args.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, path)
-    if as_json:
-        print(json.dumps(report, indent=1, sort_keys=True, default=str))
-    print_summary(summary, file=out)
+    result = PrebuildResult(arches, layers, ops, len(tasks), records, summary, interrupted, seconds, build_seconds,
+                            min(jobs or default_jobs(), default_jobs()), str(write.base) if write is not None else None,
+                            len(plan_errors))
     if write is not None:
-        add_prebuild_record(write, layer_record(args, arches, records, summary, interrupted, seconds))
-    if interrupted:
-        print(f"jitkern prebuild: interrupted after {seconds:.1f} s; {built} built, "
-              f"{len(tasks) + len(plan_errors) - len(records)} not built (no partial entries were left; run again to finish)",
-              file=sys.stderr)
-        return 130
-    transient = sum(1 for r in records if r["status"] == "failed" and r.get("transient"))
-    if built == 0 and failed == 0:
-        print(f"jitkern prebuild: nothing to build: all {len(records)} artifacts are already in the cache "
-              f"({seconds:.1f} s)", file=out)
-    else:
-        print(f"jitkern prebuild: {built} built, {len(records) - built - failed} already cached or recorded, "
-              f"{failed} failed" + (f" ({transient} transient: not recorded, run again)" if transient else "")
-              + f" in {seconds:.1f} s", file=out)
-    unavailable: dict[tuple, int] = {}
-    for r in records:
-        if r["status"] == "unavailable":
-            why = (r["error"] or "").splitlines()[0] if r["error"] else ""
-            k = (r["op"], r["variant"], r["arch"], why)
-            unavailable[k] = unavailable.get(k, 0) + 1
-    for (op, variant, a, why), n in sorted(unavailable.items()):
-        print(f"jitkern prebuild: {n} {op}/{variant} artifacts for {a} are unavailable on this machine (the runtime "
-              f"falls back to the next variant): {why}", file=sys.stderr)
-    if failed:
-        first = next(r for r in records if r["status"] == "failed")
-        print(f"jitkern prebuild: {failed} artifacts failed; first: {first['op']}/{first['variant']} for "
-              f"{first['arch']}: {(first['error'] or '').splitlines()[0] if first['error'] else ''}"
-              + ("" if args.keep_going else " (use --keep-going to exit 0 anyway)"), file=sys.stderr)
-        return 0 if args.keep_going else 1
-    return 0
+        add_prebuild_record(write, layer_record(ops, arches, records, summary, interrupted, seconds))
+    return result
