@@ -10,6 +10,7 @@ Layout of one layer (a directory)::
             metadata.json             Triton's kernel metadata
             manifest.json             size and SHA-256 of every other file, written last
         index/<ih[:2]>/<ih>.json      plan-index records: the source a (spec, config, arch) renders to
+        toolchains/<id[:2]>/<id>.json a compiler's --version text, per binary (``jitkern.toolversions``)
         locks/<key>.lock              per-key build locks (filelock)
         tmp/                          entries being written; renamed into entries/ when complete
 
@@ -25,7 +26,7 @@ Safety (a loaded binary runs with the user's rights):
 - a layer whose directories someone else can write (world-writable, writable by a group other than
   the user's own, or owned by another user than the user or root) is refused with
   ``InsecureCacheError``, which says how to fix it: the layer, ``v<N>/`` and ``entries/``,
-  ``index/``, ``locks/``, ``tmp/`` alike (``check_secure``);
+  ``index/``, ``toolchains/``, ``locks/``, ``tmp/`` alike (``check_secure``);
 - what a loader trusts is the entry's manifest-covered bytes, compared with the job
   (``build.check_entry``: op, variant, arch, kernel name, params, the stored source); an entry holding
   a file its manifest does not cover is damaged; CPU kernels run from the verified bytes, never
@@ -201,7 +202,7 @@ class Entry:
 
 
 #: Directories of a layer held to the ownership and mode rules of ``entries/`` (``Layer.check_secure``).
-_PRIVATE_SUBDIRS = ("entries", "index", "locks", "tmp")
+_PRIVATE_SUBDIRS = ("entries", "index", "toolchains", "locks", "tmp")
 
 
 def private_path(path: Path) -> str | None:
@@ -291,6 +292,7 @@ class Layer:
 
         Checks the layer directory, ``v<N>/`` and the directories under it that jitkern reads or
         writes through: ``entries/``, ``index/`` (plan-index records hand source to the planner),
+        ``toolchains/`` (compiler versions that go into keys),
         ``locks/`` (a planted link there would be opened and truncated) and ``tmp/`` (entries are
         written there before the rename): the same ownership and mode rule for all, one ``lstat``
         each, on every lookup (lookups happen once per kernel and process), so a change is seen."""

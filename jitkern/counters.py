@@ -25,7 +25,8 @@ def snapshot() -> dict[str, int]:
     ``signature_refused`` (read-only layer entries not loaded: unsigned or not signed by a
     ``JITKERN_CACHE_VERIFY_KEY``); fallback table (``jitkern.fallback``):
     ``compiler_runs`` (C++ compiler processes started to build a variant), ``toolchain_queries``
-    (``--version`` runs for keys), ``failures_recorded`` / ``failures_cached`` (build failures written to /
+    (``--version`` runs for keys), ``toolchain_cache_hits`` (versions read from the cache layer instead,
+    ``jitkern.toolversions``), ``failures_recorded`` / ``failures_cached`` (build failures written to /
     found in the cache), ``fallbacks`` (variants skipped after a failure), ``runtime_fallbacks``
     (variants that raised at run time, inputs restored), ``inplace_backups``, ``guard_refusals``; dispatch: ``signatures`` (call signatures planned),
     ``renders`` (templates rendered: 0 in a process over a warm cache or a prebuilt layer); serve while
@@ -34,7 +35,7 @@ def snapshot() -> dict[str, int]:
     (``jitkern.table_checks``): ``table_checks`` (calls whose tables were checked before the launch)."""
     base = dict.fromkeys(("compiles", "disk_hits", "memory_hits", "corrupt_discarded", "remote_hits",
                           "remote_misses", "remote_puts", "remote_errors", "remote_rejected", "remote_waits", "evictions", "signature_refused",
-                          "compiler_runs", "toolchain_queries", "failures_recorded", "failures_cached",
+                          "compiler_runs", "toolchain_queries", "toolchain_cache_hits", "failures_recorded", "failures_cached",
                           "fallbacks", "runtime_fallbacks", "inplace_backups", "guard_refusals", "signatures",
                           "renders", "background_builds", "background_switches", "table_checks"), 0)
     base.update(COUNTERS)

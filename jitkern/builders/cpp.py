@@ -21,7 +21,8 @@ How the binary is loaded, and why:
   compiler failures and real run-time failures.
 
 The key (``fingerprint``) holds the compiler path and ``--version`` text, the flags and the include
-directories.
+directories. The ``--version`` text is remembered across processes in the user's cache layer
+(``jitkern.toolversions``), so a warm process does not run the compiler at all.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import counters, settings
+from ..toolversions import tool_version  # noqa: F401  (hip and doctor take it from here)
 from ..errors import BuildError, LaunchError, UnavailableError
 from .base import Kernel
 
@@ -57,26 +59,6 @@ def first_error_line(log_text: str) -> str:
         if re.search(r"\b(fatal )?error\b", ln, re.IGNORECASE):
             return ln
     return lines[0] if lines else "(no compiler output)"
-
-
-@functools.lru_cache(maxsize=None)
-def _version(path: str, mtime_ns: int) -> str:
-    counters.bump("toolchain_queries")
-    try:
-        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
-        return (r.stdout + r.stderr).strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"unrunnable: {e}"
-
-
-def tool_version(path: str | None) -> str | None:
-    if not path:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _version(os.path.realpath(path), st.st_mtime_ns)
 
 
 _TIMED_OUT = -9999

@@ -1,0 +1,160 @@
+"""A compiler's ``--version`` text (part of a C++ variant's key), remembered across processes.
+
+Keys of C++ variants (``jitkern.builders.cpp``, ``jitkern.builders.hip``) hold the toolchain's
+``--version`` output, so a process that plans a CUDA kernel needs it even when the kernel is in the
+cache. Running ``nvcc --version`` costs tens of milliseconds (88 ms on the H200 box), once per
+process. The answer is therefore kept in the user's writable cache layer::
+
+    <layer>/v<N>/toolchains/<id[:2]>/<id>.json   {"path", "mtime_ns", "size", "ino", "dev", "runs", "version"}
+
+``id`` is the SHA-256 of the tool's real path, ``st_mtime_ns``, ``st_size``, ``st_ino`` and
+``st_dev``: a rebuilt, replaced or touched binary has another id and is asked again. A small ``#!``
+wrapper script (``/usr/local/bin/nvcc`` holding ``exec /usr/local/cuda-13.0/bin/nvcc "$@"``) adds the
+same figures of every existing file it names by absolute path (``runs``), so an upgrade behind an
+unchanged wrapper is seen too; a wrapper that finds its compiler some other way (``$PATH``, a
+variable) is only re-asked when the wrapper itself changes. The record is
+held to the rules of the layer's ``entries/`` and ``index/`` (``toolchains/`` is one of
+``jitkern.cache``'s private subdirectories: ``Layer.check_secure``), written with
+``cache.write_private`` (0600, atomic rename) and read with ``cache.read_private`` (refused if the
+file or its directory is a link, or could be written by another user). A record that is refused,
+unreadable, corrupt or about another file is ignored and the tool is run; read-only layers are
+never consulted nor written (the ids hold inode numbers of this machine). Counters: a real run is
+``toolchain_queries``, a record used is ``toolchain_cache_hits`` (``jitkern.stats()``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+
+from . import counters, state
+from .cache import default_store, read_private, write_private
+from .logs import log
+
+SUBDIR = "toolchains"
+
+#: (realpath, mtime_ns, size, ino, dev) -> version text, for this process
+_memo: dict[tuple, str] = {}
+
+
+@state.on_reset
+def _forget() -> None:
+    _memo.clear()
+
+
+def tool_version(path: str | None) -> str | None:
+    """``path --version`` (stdout and stderr, stripped), or None if there is no such file; from
+    this process's memory, else the cache layer's record, else by running the tool."""
+    if not path:
+        return None
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    ident = (real, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, _script_targets(real, st))
+    text = _memo.get(ident)
+    if text is None:
+        text = _recorded(ident)
+        if text is None:
+            text = _run(real)
+            _record(ident, text)
+        _memo[ident] = text
+    return text
+
+
+def _run(path: str) -> str:
+    counters.bump("toolchain_queries")
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        return (r.stdout + r.stderr).strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unrunnable: {e}"
+
+
+#: Largest wrapper script whose targets are looked for (a compiler binary is far larger and not a script).
+_SCRIPT_MAX = 64 * 1024
+_ABS_PATH = re.compile(r"""(?<![\w.$])(/[^\s"'`;|&<>()$]+)""")
+
+
+def _script_targets(real: str, st: os.stat_result) -> tuple:
+    """For a small ``#!`` wrapper (``exec /usr/local/cuda-13.0/bin/nvcc "$@"``): the identity of
+    every existing file it names by absolute path, so that upgrading what the wrapper runs is seen
+    although the wrapper itself is unchanged. Empty for a binary."""
+    if st.st_size > _SCRIPT_MAX:
+        return ()
+    try:
+        with open(real, "rb") as f:
+            head = f.read(_SCRIPT_MAX)
+    except OSError:
+        return ()
+    if not head.startswith(b"#!"):
+        return ()
+    out = []
+    for p in sorted(set(_ABS_PATH.findall(head.decode("utf-8", "replace"))))[:32]:
+        try:
+            t = os.stat(p)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(t.st_mode):
+            out.append((os.path.realpath(p), t.st_mtime_ns, t.st_size, t.st_ino, t.st_dev))
+    return tuple(out)
+
+
+def _fields(ident: tuple) -> dict:
+    """The record's identity fields, as JSON gives them back (tuples as lists)."""
+    return json.loads(json.dumps(dict(zip(("path", "mtime_ns", "size", "ino", "dev", "runs"), ident))))
+
+
+def record_path(layer, ident: tuple):
+    """Where ``layer`` keeps the record of the tool ``ident`` (realpath, mtime_ns, size, ino, dev)."""
+    h = hashlib.sha256(json.dumps(list(ident)).encode()).hexdigest()
+    return layer.root / SUBDIR / h[:2] / f"{h}.json"
+
+
+def _layer():
+    """The user's writable layer (the one new entries go to), or None."""
+    try:
+        return default_store().write_layer
+    except Exception as e:  # a bad JITKERN_CACHE_DIR etc.: the version is never worth failing a plan for
+        log.debug("jitkern: no cache layer for toolchain versions: %s", e)
+        return None
+
+
+def _recorded(ident: tuple) -> str | None:
+    layer = _layer()
+    if layer is None:
+        return None
+    path = record_path(layer, ident)
+    try:
+        layer.check_secure()
+        rec = json.loads(read_private(path))
+        if not isinstance(rec, dict) or {k: rec.get(k) for k in _fields(ident)} != _fields(ident):
+            raise ValueError("the record is about another file")
+        text = rec["version"]
+        if not isinstance(text, str):
+            raise ValueError("no version text")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # CorruptEntryError/InsecureCacheError too
+        if not isinstance(e, FileNotFoundError):
+            log.debug("jitkern: toolchain record %s not used (%s); running %s --version", path, e, ident[0])
+        return None
+    counters.bump("toolchain_cache_hits")
+    return text
+
+
+def _record(ident: tuple, text: str) -> None:
+    """Remember ``text`` in the writable layer (best effort: a failure only costs the next process a run)."""
+    if text.startswith("unrunnable: "):
+        return  # maybe a transient failure; ask again next time
+    layer = _layer()
+    if layer is None:
+        return
+    path = record_path(layer, ident)
+    try:
+        layer.check_secure()
+        write_private(path, json.dumps({**_fields(ident), "version": text}).encode())
+    except (OSError, ValueError) as e:  # InsecureCacheError: never write into a layer others can change
+        log.debug("jitkern: could not record toolchain version in %s: %s", path, e)
