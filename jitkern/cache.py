@@ -791,6 +791,16 @@ class Store:
     def write_layer(self) -> Layer | None:
         return self._find_write_layer()
 
+    def existing_write_layer(self) -> Layer | None:
+        """``write_layer`` once every configured layer exists, else None, and no directory created
+        (for small side records, e.g. ``jitkern.toolversions``, that must not make reporting
+        commands such as ``jitkern doctor`` create a cache)."""
+        if self._writable is not False:
+            return self._writable
+        if not all(layer.root.is_dir() for layer in self.layers if layer.installed_from is None):
+            return None
+        return self._find_write_layer()
+
     def lookup(self, key: str, check=None) -> Entry | None:
         """A verified entry for ``key`` from the first layer that has a sound one, else None.
 

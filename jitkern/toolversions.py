@@ -18,7 +18,9 @@ held to the rules of the layer's ``entries/`` and ``index/`` (``toolchains/`` is
 ``cache.write_private`` (0600, atomic rename) and read with ``cache.read_private`` (refused if the
 file or its directory is a link, or could be written by another user). A record that is refused,
 unreadable, corrupt or about another file is ignored and the tool is run; read-only layers are
-never consulted nor written (the ids hold inode numbers of this machine). Counters: a real run is
+never consulted nor written (the ids hold inode numbers of this machine), and no cache is created
+for a record (``Store.existing_write_layer``): a version asked for before the layer exists is
+recorded by a later call of the same process once it does (a build creates it), or at its exit. Counters: a real run is
 ``toolchain_queries``, a record used is ``toolchain_cache_hits`` (``jitkern.stats()``).
 """
 from __future__ import annotations
@@ -36,13 +38,16 @@ from .logs import log
 
 SUBDIR = "toolchains"
 
-#: (realpath, mtime_ns, size, ino, dev) -> version text, for this process
+#: (realpath, mtime_ns, size, ino, dev, runs) -> version text, for this process
 _memo: dict[tuple, str] = {}
+#: identities run in this process but not recorded yet (the cache layer did not exist then)
+_pending: set[tuple] = set()
 
 
 @state.on_reset
 def _forget() -> None:
     _memo.clear()
+    _pending.clear()
 
 
 def tool_version(path: str | None) -> str | None:
@@ -61,9 +66,32 @@ def tool_version(path: str | None) -> str | None:
         text = _recorded(ident)
         if text is None:
             text = _run(real)
-            _record(ident, text)
+            _pending.add(ident)
         _memo[ident] = text
+    if ident in _pending and _record(ident, text):
+        _pending.discard(ident)
+    if _pending and not _flush_registered:
+        _register_flush()
     return text
+
+
+_flush_registered = False
+
+
+def _register_flush() -> None:
+    """Record at exit what is still pending (a process that plans, then builds: the build made the layer)."""
+    global _flush_registered
+    import atexit
+
+    _flush_registered = True
+    atexit.register(flush)
+
+
+def flush() -> None:
+    """Record every version asked for in this process and not recorded yet, where the layer now exists."""
+    for ident in list(_pending):
+        if _record(ident, _memo.get(ident, "unrunnable: ")):
+            _pending.discard(ident)
 
 
 def _run(path: str) -> str:
@@ -116,9 +144,11 @@ def record_path(layer, ident: tuple):
 
 
 def _layer():
-    """The user's writable layer (the one new entries go to), or None."""
+    """The user's writable layer (the one new entries go to) if it exists; None (and nothing
+    created) before the first entry or plan-index record makes it, so ``jitkern doctor`` creates no
+    cache. A version asked for before then is recorded by the next call once the layer exists."""
     try:
-        return default_store().write_layer
+        return default_store().existing_write_layer()
     except Exception as e:  # a bad JITKERN_CACHE_DIR etc.: the version is never worth failing a plan for
         log.debug("jitkern: no cache layer for toolchain versions: %s", e)
         return None
@@ -145,16 +175,18 @@ def _recorded(ident: tuple) -> str | None:
     return text
 
 
-def _record(ident: tuple, text: str) -> None:
-    """Remember ``text`` in the writable layer (best effort: a failure only costs the next process a run)."""
+def _record(ident: tuple, text: str) -> bool:
+    """Remember ``text`` in the writable layer; False: not now (no layer yet), try on the next call.
+    Best effort: a failure only costs the next process a run."""
     if text.startswith("unrunnable: "):
-        return  # maybe a transient failure; ask again next time
+        return True  # maybe a transient failure: never recorded, asked again by the next process
     layer = _layer()
     if layer is None:
-        return
+        return False
     path = record_path(layer, ident)
     try:
         layer.check_secure()
         write_private(path, json.dumps({**_fields(ident), "version": text}).encode())
     except (OSError, ValueError) as e:  # InsecureCacheError: never write into a layer others can change
         log.debug("jitkern: could not record toolchain version in %s: %s", path, e)
+    return True

@@ -13,24 +13,30 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: A fresh process plans the CUDA fingerprint for sm_90 (what planning a cached CUDA kernel does).
+#: A fresh process takes the CUDA fingerprint for sm_90 (what planning a CUDA kernel does), then,
+#: unless told to only look, opens the cache's write layer (as a lookup or build does, creating it
+#: if missing) and plans again.
 PROBE = textwrap.dedent("""
-    import json, jitkern
+    import json, sys, jitkern
     from jitkern import arch
     from jitkern.builders import cpp
+    from jitkern.cache import default_store
     fp = cpp.CUDA.fingerprint(arch.get("sm_90"))
+    if sys.argv[1:] != ["look"]:
+        default_store().write_layer
+        assert cpp.CUDA.fingerprint(arch.get("sm_90")) == fp
     s = jitkern.stats()
     print(json.dumps({"version": fp["version"], "queries": s["toolchain_queries"],
                       "hits": s["toolchain_cache_hits"]}))
 """)
 
 
-def fresh_process(cache: Path, nvcc: str | None = None) -> dict:
+def fresh_process(cache: Path, nvcc: str | None = None, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JITKERN_")}
     env.update(PYTHONPATH=str(ROOT), JITKERN_CACHE_DIR=str(cache))
     if nvcc:
         env["JITKERN_NVCC"] = nvcc
-    r = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -147,6 +153,20 @@ def test_corrupt_record_is_ignored_and_replaced(tmp_path, tool, content):
     assert runs(ran) == 2
 
 
+def test_a_process_that_only_looks_creates_no_cache(tmp_path, tool):
+    """``jitkern doctor`` and friends create nothing: no record is written into a cache that does
+    not exist yet (a later call in a process that builds, once the layer exists, records it)."""
+    nvcc, ran = tool
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        assert fresh_process(cache, str(nvcc), "look")["queries"] == 1
+    assert not cache.exists() and runs(ran) == 2
+    assert fresh_process(cache, str(nvcc))["queries"] == 1  # asked before the layer existed, recorded after
+    assert fresh_process(cache, str(nvcc), "look") == {"version": "Cuda compilation tools, release 12.8",
+                                                       "queries": 0, "hits": 1}
+    assert runs(ran) == 3
+
+
 def test_no_writable_layer_just_runs_the_tool(tmp_path, tool):
     nvcc, ran = tool
     blocker = tmp_path / "a-file"
@@ -162,8 +182,10 @@ def test_one_process_asks_once(tool):
     """In a process, the answer is memoised (and the record is read once)."""
     import jitkern
     from jitkern.builders import cpp
+    from jitkern.cache import default_store
 
     nvcc, ran = tool
+    default_store().write_layer  # the cache exists (conftest's private JITKERN_CACHE_DIR)
     assert cpp.tool_version(str(nvcc)) == cpp.tool_version(str(nvcc)) == "Cuda compilation tools, release 12.8"
     assert jitkern.stats()["toolchain_queries"] == 1 and runs(ran) == 1
     jitkern.reset()  # process state gone: the record in the cache answers
