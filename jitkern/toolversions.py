@@ -25,6 +25,7 @@ recorded by a later call of the same process once it does (a build creates it), 
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -81,8 +82,6 @@ _flush_registered = False
 def _register_flush() -> None:
     """Record at exit what is still pending (a process that plans, then builds: the build made the layer)."""
     global _flush_registered
-    import atexit
-
     _flush_registered = True
     atexit.register(flush)
 

@@ -260,3 +260,25 @@ def test_over_budget_artifacts_are_reported_rejected_not_failed(tmp_path):
     assert r.returncode == 0 and "nothing to build" in r.stdout, r.stdout + r.stderr
     again = {x["params"]["bm"]: x["status"] for x in json.loads((tmp_path / "r.json").read_text())["artifacts"]}
     assert again == {32: "cached", 128: "rejected_over_budget"}  # remembered, not recompiled
+
+
+def test_programmatic_prebuild_returns_a_result_and_prints_nothing(tmp_path, capsys):
+    """``jitkern.prebuild.prebuild`` is the library entry point (the CLI's printing lives in jitkern.cli)."""
+    from jitkern import arch, prebuild
+
+    class Seen(prebuild.Progress):
+        def __init__(self):
+            self.recs = []
+
+        def update(self, rec):
+            self.recs.append(rec["status"])
+
+    cache = tmp_path / "cache"
+    seen = Seen()
+    res = prebuild.prebuild(["rms_norm"], [arch.get("cpu")], cache, jobs=1, limit=1, progress=seen)
+    assert (res.built, res.failed, res.interrupted, seen.recs) == (1, 0, False, ["built"])
+    assert res.report()["summary"]["cpu"]["built"] == 1 and res.write_layer == str(cache)
+    assert len(entries(cache)) == 1
+    again = prebuild.prebuild(["rms_norm"], [arch.get("cpu")], cache, limit=1)
+    assert (again.built, again.count("cached")) == (0, 1)
+    assert capsys.readouterr().out == ""

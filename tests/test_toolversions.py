@@ -116,7 +116,8 @@ def test_upgrade_behind_an_unchanged_wrapper_script_is_seen(tmp_path):
     assert runs(ran) == 2
 
 
-@pytest.mark.parametrize("how", ["world_writable_file", "world_writable_dir", "other_owner"])
+@pytest.mark.parametrize("how", ["world_writable_file", "world_writable_dir", "group_writable_other_group",
+                                 "other_owner"])
 def test_record_others_could_write_is_ignored(tmp_path, tool, how):
     nvcc, ran = tool
     cache = tmp_path / "cache"
@@ -128,6 +129,11 @@ def test_record_others_could_write_is_ignored(tmp_path, tool, how):
         rec.chmod(0o666)
     elif how == "world_writable_dir":
         rec.parent.chmod(0o777)
+    elif how == "group_writable_other_group":  # (group-writable by the user's own group is the cache's rule's "ok")
+        if os.getuid() != 0:
+            pytest.skip("needs root to chgrp a record to a group the user is not in")
+        os.chown(rec, -1, 65534)
+        rec.chmod(0o660)
     else:
         if os.getuid() != 0:
             pytest.skip("needs root to chown a record to another user")
