@@ -77,6 +77,27 @@ def test_given_output_checked_before_launch(monkeypatch):
         gkv.CONTRACT.prepare("cpu", dims, out=[0] * 80)
 
 
+def test_a_passed_output_is_not_checked_again_and_every_other_still_is(monkeypatch):
+    """Off redzone mode the verdict on a caller's output is remembered per (dims, device, shape, strides,
+    dtype, tensor device): the same kind of tensor again skips check(); anything else is checked."""
+    c = Contract("toy_memo", (Buffer("out", lambda d: (d.n, 8), torch.bfloat16),))
+    calls = []
+    real = contracts.check
+    monkeypatch.setattr(contracts, "check", lambda *a: calls.append(a[2]) or real(*a))
+    good = torch.empty(4, 8, dtype=torch.bfloat16)
+    assert c.prepare("cpu", dict(n=4), out=good)["out"] is good
+    other = torch.empty(4, 8, dtype=torch.bfloat16)
+    assert c.prepare("cpu", dict(n=4), out=other).result("out") is other
+    assert len(calls) == 1  # the second output has the first one's metadata
+    for bad, why in ((torch.empty(4, 8), "dtype float32"), (torch.empty(8, 4, dtype=torch.bfloat16).t(), "contiguous"),
+                     (torch.empty(3, 8, dtype=torch.bfloat16), "too small")):
+        with pytest.raises(BufferError, match=why):
+            c.prepare("cpu", dict(n=4), out=bad)
+    with pytest.raises(BufferError, match="expected \\(5, 8\\)"):  # the dims are part of the verdict
+        c.prepare("cpu", dict(n=5), out=good)
+    assert len(calls) == 5
+
+
 def test_op_rejects_bad_out_before_any_compile(cache_dir):
     from jitkern import counters
 
