@@ -516,10 +516,14 @@ class Bench:
         for i in range(1, a.runs):
             self.ttft("a_cold", "jitkern", self.env(cold[i][0], cold[i][1]), big)
         if a.background:
-            # the warm cache without qk_norm_rope's CUDA C++ entries (a layer built where no nvcc was): its
-            # Triton variant is cached, the preferred CUDA one is not
+            # a layer built where no nvcc was: qk_norm_rope's Triton variant is cached, the preferred CUDA one
+            # is not. A warm run only caches what it ran (the CUDA variant), so one run with nvcc pointed
+            # nowhere (a toolchain that is not there is never recorded as a failure, and the key of a CUDA
+            # build names its nvcc) fills in the Triton one before the CUDA entries are dropped.
             partial = t / "jk-partial"
             shutil.copytree(warm, partial, symlinks=True)
+            self.ttft("f_fill_triton_variant", "jitkern",
+                      self.env(partial, warm_tc, JITKERN_NVCC=str(t / "no-nvcc-here")), 25, keep=False)
             self.res["background_dropped_entries"] = _drop_entries(partial, "qk_norm_rope", "cuda")
             for i in range(a.runs):
                 for case, bg in (("f_cuda_variant_missing_foreground", "0"), ("f_cuda_variant_missing_background", "1")):
