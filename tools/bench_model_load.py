@@ -518,8 +518,8 @@ class Bench:
         if a.background:
             # a layer built where no nvcc was: qk_norm_rope's Triton variant is cached, the preferred CUDA one
             # is not. A warm run only caches what it ran (the CUDA variant), so one run with nvcc pointed
-            # nowhere (a toolchain that is not there is never recorded as a failure, and the key of a CUDA
-            # build names its nvcc) fills in the Triton one before the CUDA entries are dropped.
+            # nowhere fills in the Triton one; then every CUDA entry of the op is dropped (the failure
+            # record of that run too; its key names the missing nvcc, not the real one, anyway).
             partial = t / "jk-partial"
             shutil.copytree(warm, partial, symlinks=True)
             self.ttft("f_fill_triton_variant", "jitkern",
