@@ -37,3 +37,21 @@ def cache_dir(tmp_path, monkeypatch):
     jitkern.reset()
     yield d
     jitkern.reset()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the kernels launched in the test (interpreted and GPU), in launch order."""
+    from jitkern import launcher
+    from jitkern.builders.triton import InterpretedKernel
+
+    n = []
+    for cls in (InterpretedKernel, launcher.GPUKernel):
+        orig = cls.launch
+
+        def counting(self, *a, _orig=orig):
+            n.append(self.name)
+            return _orig(self, *a)
+
+        monkeypatch.setattr(cls, "launch", counting)
+    return n

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import jitkern
-from jitkern import counters, launcher
-from jitkern.builders.triton import InterpretedKernel
+from jitkern import counters
 from jitkern.dispatch import Dispatcher
 from jitkern.errors import InputError, TableError
 from jitkern.library import gather_kv_cache as gkv
@@ -20,21 +19,6 @@ from jitkern.library import paged_mqa_logits as mqa
 from jitkern.library import rms_norm as rn
 
 BIG = 10**8
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Names of the kernels launched (interpreted and GPU)."""
-    n = []
-    for cls in (InterpretedKernel, launcher.GPUKernel):
-        orig = cls.launch
-
-        def counting(self, *a, _orig=orig):
-            n.append(self.name)
-            return _orig(self, *a)
-
-        monkeypatch.setattr(cls, "launch", counting)
-    return n
 
 
 @pytest.fixture

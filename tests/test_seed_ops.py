@@ -6,30 +6,14 @@ import torch
 
 from conftest import requires_gpu
 import jitkern
-from jitkern import arch, constraints, counters, launcher
+from jitkern import arch, constraints, counters
 from jitkern.build import get_entry
-from jitkern.builders.triton import InterpretedKernel
 from jitkern.plan import plan
 from jitkern.errors import ConfigError
 from jitkern.library import gather_kv_cache as gkv
 from jitkern.library import moe_gemm_stage1 as moe
 from jitkern.library import paged_attention_decode as pa
 from jitkern.library import paged_mqa_logits as mqa
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts kernel launches (interpreted and GPU)."""
-    n = []
-    for cls in (InterpretedKernel, launcher.GPUKernel):
-        orig = cls.launch
-
-        def counting(self, *a, _orig=orig):
-            n.append(self.name)
-            return _orig(self, *a)
-
-        monkeypatch.setattr(cls, "launch", counting)
-    return n
 
 
 def _paged(n_blocks, page, *tail, dtype=torch.bfloat16, device="cpu", seed=0):
