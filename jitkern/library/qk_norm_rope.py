@@ -87,31 +87,51 @@ def triton_tiles(arch_name: str) -> dict:
     return constraints.apply(arch_name, OP, [TRITON_TILES.get(arch_name, DEFAULT_TRITON_TILES)], TUNABLES)[0]
 
 
+#: The C++ variants, in fallback order: the vendors whose arches they apply to, and their lanes per head
+#: (``block_x``: a wavefront of 64 on AMD, a warp of 32 on NVIDIA). The Triton variant applies everywhere.
+CPP_VARIANTS = (("hip", ("amd", "cpu"), 64), ("cuda", ("nvidia", "cpu"), 32))
+
+
+def variant_config(variant: str, params: dict, head_dim: int, tile: dict | None = None) -> Config:
+    """One variant's config over an op's common ``params`` (shared with ``qk_norm_rope_cache``): the
+    C++ variants' launch shape, or the Triton variant's from ``tile`` (default ``DEFAULT_TRITON_TILES``)."""
+    if variant == "triton":
+        block_d = _pow2(head_dim // 2)
+        t = tile or DEFAULT_TRITON_TILES
+        return Config.make("triton", **params, block_d=block_d, block_h=max(1, t["tile"] // block_d),
+                           num_warps=t["num_warps"])
+    warp = next(w for v, _, w in CPP_VARIANTS if v == variant)
+    return Config.make(variant, **params, block_x=warp, block_y=HEADS_PER_BLOCK)
+
+
+def variant_configs(arch, params: dict, head_dim: int, tile: dict | None = None) -> list[Config]:
+    """One config per variant that applies to ``arch``, in fallback order."""
+    return [*(variant_config(v, params, head_dim) for v, vendors, _ in CPP_VARIANTS if arch.vendor in vendors),
+            variant_config("triton", params, head_dim, tile)]
+
+
+def _params(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool) -> dict:
+    return dict(dtype=dtype, cache_dtype=cache_dtype, pos_dtype=pos_dtype, head_dim=head_dim, is_neox=is_neox)
+
+
 def triton_config(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool,
                   arch_name: str = "", tile: dict | None = None) -> Config:
-    block_d = _pow2(head_dim // 2)
-    t = tile or triton_tiles(arch_name)
-    return Config.make("triton", dtype=dtype, cache_dtype=cache_dtype, pos_dtype=pos_dtype, head_dim=head_dim,
-                       is_neox=is_neox, block_d=block_d, block_h=max(1, t["tile"] // block_d), num_warps=t["num_warps"])
+    return variant_config("triton", _params(dtype, cache_dtype, pos_dtype, head_dim, is_neox), head_dim,
+                          tile or triton_tiles(arch_name))
 
 
 def cpp_config(variant: str, warp: int, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int,
                is_neox: bool) -> Config:
-    return Config.make(variant, dtype=dtype, cache_dtype=cache_dtype, pos_dtype=pos_dtype, head_dim=head_dim,
-                       is_neox=is_neox, block_x=warp, block_y=HEADS_PER_BLOCK)
+    return Config.make(variant, **_params(dtype, cache_dtype, pos_dtype, head_dim, is_neox), block_x=warp,
+                       block_y=HEADS_PER_BLOCK)
 
 
 def configs_for(arch, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool,
                 tile: dict | None = None) -> list[Config]:
     """One config per variant that applies to ``arch``, in fallback order (``tile``: the Triton
     variant's tile, as the arch's rules and overrides give it)."""
-    out = []
-    if arch.vendor == "amd" or arch.vendor == "cpu":
-        out.append(cpp_config("hip", 64, dtype, cache_dtype, pos_dtype, head_dim, is_neox))
-    if arch.vendor == "nvidia" or arch.vendor == "cpu":
-        out.append(cpp_config("cuda", 32, dtype, cache_dtype, pos_dtype, head_dim, is_neox))
-    out.append(triton_config(dtype, cache_dtype, pos_dtype, head_dim, is_neox, arch.name, tile))
-    return out
+    return variant_configs(arch, _params(dtype, cache_dtype, pos_dtype, head_dim, is_neox), head_dim,
+                           tile or triton_tiles(arch.name))
 
 
 def configs(arch):

@@ -26,7 +26,7 @@ import torch
 from .. import checks, registry
 from ..dispatch import dispatcher
 from ..errors import DTypeError, ShapeError
-from .qk_norm_rope import check_qkv
+from .qk_norm_rope import HEADS_PER_BLOCK, check_qkv, variant_config, variant_configs
 from ..render import builtin_template_dir
 from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scalar, Variant
 
@@ -35,9 +35,6 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 POS_DTYPES = (torch.int64, torch.int32)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-#: Elements of one head-pair block a Triton program holds (heads x D/2); heads per C++ thread block.
-TRITON_TILE = 1024
-HEADS_PER_BLOCK = 4
 PREBUILD_HEAD_DIMS = (64, 128)
 PREBUILD_DTYPES = ("bf16",)
 
@@ -76,19 +73,13 @@ def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, slot_mapping, k
 
 
 # ---- configs -------------------------------------------------------------------------------------
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _common(dtype: str, cs_dtype: str, pos_dtype: str, kv_dtype: str, head_dim: int, is_neox: bool) -> dict:
     return dict(dtype=dtype, cs_dtype=cs_dtype, pos_dtype=pos_dtype, kv_dtype=kv_dtype,
                 kv_type="u8" if kv_dtype == "fp8e4m3" else dtype, head_dim=head_dim, is_neox=is_neox)
 
 
 def triton_config(dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox) -> Config:
-    block_d = _pow2(head_dim // 2)
-    return Config.make("triton", **_common(dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox), block_d=block_d,
-                       block_h=max(1, TRITON_TILE // block_d), num_warps=4)
+    return variant_config("triton", _common(dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox), head_dim)
 
 
 def cpp_config(variant, warp, dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox) -> Config:
@@ -97,14 +88,9 @@ def cpp_config(variant, warp, dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is
 
 
 def configs_for(arch, dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox) -> list[Config]:
-    """One config per variant that applies to ``arch``, in fallback order."""
-    out = []
-    if arch.vendor in ("amd", "cpu"):
-        out.append(cpp_config("hip", 64, dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox))
-    if arch.vendor in ("nvidia", "cpu"):
-        out.append(cpp_config("cuda", 32, dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox))
-    out.append(triton_config(dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox))
-    return out
+    """One config per variant that applies to ``arch``, in fallback order (``qk_norm_rope``'s variants
+    and launch shapes; the Triton tile is the default one on every arch)."""
+    return variant_configs(arch, _common(dtype, cs_dtype, pos_dtype, kv_dtype, head_dim, is_neox), head_dim)
 
 
 def configs(arch):
