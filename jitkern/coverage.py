@@ -317,53 +317,15 @@ def prebuild_manifest(path, arches: Iterable[_arch.Arch] | None = None, ops: Ite
     return ManifestPrebuild(items, artifacts, rec, interrupted, seconds, build_seconds)
 
 
-# ---- command-line entry points (``jitkern.cli`` parses the arguments) -----------------------------
-def _check_items(args) -> tuple[list[Item], Store]:
-    man = load_manifest(args.manifest)
-    arches = _prebuild.resolve_arches(args.arch)
-    store = Store(configured_layers(args.cache_dir))
-    return check(resolve(man, arches), store), store
-
-
-def check_main(args) -> int:
-    """``jitkern cache check --manifest FILE --arch LIST``: exit 1 listing every signature the cache
-    (all layers) cannot serve without compiling; 0 when it serves them all."""
-    import json
-
-    items, _ = _check_items(args)
-    bad = [it for it in items if it.status not in ("covered", "empty")]
-    if getattr(args, "json", False):
-        print(json.dumps({"complete": not bad, "counts": counts(items), "signatures": [it.report() for it in items]},
-                         indent=1, default=str))
-        return 1 if bad else 0
-    for it in bad:
-        what = f"needs {it.missing[0].describe()}" if it.missing else it.error
-        print(f"not covered: {it.arch.name}: {it.signature}: {what}")
-    c = counts(items)
-    print(f"jitkern cache check: {c['covered'] + c['empty']} of {len(items)} signature x arch pairs are served "
-          f"from the cache" + (f"; {len(bad)} would compile (or cannot run); 'jitkern cache explain' says why"
-                               if bad else ""))
-    return 1 if bad else 0
-
-
-def explain_main(args) -> int:
-    """``jitkern cache explain --manifest FILE --arch LIST``: for every signature the cache cannot serve,
-    the nearest entry and the key parts in which it differs (what ``JITKERN_STRICT`` would say)."""
-    import json
-
-    items, store = _check_items(args)
-    reports = explain(items, store)
-    bad = [r for r in reports if r["status"] not in ("covered", "empty")]
-    if getattr(args, "json", False):
-        print(json.dumps({"complete": not bad, "signatures": reports}, indent=1, default=str))
-        return 1 if bad else 0
-    for r in bad:
-        print(f"{r['arch']}: {r['describe']}")
-        print(f"  {r.get('explanation') or r.get('error')}")
-    print(f"jitkern cache explain: {len(reports) - len(bad)} of {len(reports)} signature x arch pairs are served "
-          f"from the cache" + (f"; {len(bad)} explained above" if bad else ""))
-    return 1 if bad else 0
+def check_manifest(path, arches, cache_dir=None) -> tuple[list[Item], Store]:
+    """Every signature of the manifest at ``path`` on ``arches`` (``Arch``es; None: the detected
+    GPU), checked against the cache's layers (``cache_dir``: as ``--cache-dir``): the items
+    (``status`` ``covered``/``empty`` are served without compiling) and the store they were checked in
+    (``explain`` takes both). ``jitkern cache check`` and ``cache explain`` print them."""
+    man = load_manifest(path)
+    store = Store(configured_layers(cache_dir))
+    return check(resolve(man, _prebuild.resolve_arches(arches)), store), store
 
 
 __all__ = ["Item", "resolve", "check", "explain", "prebuild", "counts", "layer_prebuild_record", "select_arch",
-           "prebuild_manifest", "ManifestPrebuild", "check_main", "explain_main"]
+           "prebuild_manifest", "ManifestPrebuild", "check_manifest"]
