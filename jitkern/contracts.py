@@ -91,7 +91,7 @@ class Contract:
         if len(set(names)) != len(names):
             raise SpecError(f"contract of {self.op!r} has duplicate buffer names: {names}")
         object.__setattr__(self, "_names", frozenset(names))
-        # the launch path, precomputed: (name, shape fn, fixed dtype or None, dtype fn, allocator)
+        # the launch path, precomputed: (buffer, name, is an output, allocator)
         object.__setattr__(self, "_fast", tuple(
             (b, b.name, b.role == "output", torch.zeros if b.init == "zero" else torch.empty) for b in self.buffers))
         # off redzone mode, per process: dims -> {buffer: (shape, dtype)}, and the caller outputs that passed

@@ -205,8 +205,8 @@ def _traced(spec: OpSpec, sig: inspect.Signature, op):
             for n in outputs:
                 if bound[n] is None:
                     bound[n] = made[n]
-        # positionally, in schema order: torch 2.11's in-place kernel of a mutating custom op finds the
-        # mutated arguments by position (``args[i]``) and fails on a call made with keywords
+        # every argument, positionally in schema order: nothing is left to the dispatcher's handling of
+        # defaults and keywords (see _schema_signature for what torch 2.11 did with a dropped default)
         result = op(*(bound[n] for n in names))
         if not outputs:
             return result

@@ -85,9 +85,9 @@ def test_no_in_place_argument_can_be_dropped_as_a_default(name):
 
 
 def test_traced_call_passes_arguments_positionally_in_schema_order():
-    """torch 2.11's in-place kernel of a mutating custom op reads the mutated arguments as ``args[i]``:
-    a call made with keywords fails there under torch.compile (seen with paged_attention_decode on
-    the H200). The traced function must call the op positionally, in schema order, outputs filled."""
+    """What Dynamo traces calls the custom op with every argument, positionally in schema order, the
+    outputs filled in: torch 2.11's in-place kernel of a mutating op reads mutated arguments as
+    ``args[i]`` (with the schema fix beside it, paged_attention_decode compiles on the H200)."""
     spec = registry.get("paged_attention_decode")
     sig = torch_ops._signature(spec)
     seen = []
