@@ -2,7 +2,7 @@
 
 Keys of C++ variants (``jitkern.builders.cpp``, ``jitkern.builders.hip``) hold the toolchain's
 ``--version`` output, so a process that plans a CUDA kernel needs it even when the kernel is in the
-cache. Running ``nvcc --version`` costs tens of milliseconds (88 ms on the H200 box), once per
+cache. Running ``nvcc --version`` costs tens of milliseconds (10-90 ms on a 2-core machine), once per
 process. The answer is therefore kept in the user's writable cache layer::
 
     <layer>/v<N>/toolchains/<id[:2]>/<id>.json   {"path", "mtime_ns", "size", "ino", "dev", "runs", "version"}
