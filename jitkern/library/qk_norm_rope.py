@@ -52,14 +52,21 @@ def cos_sin_table(max_pos: int, head_dim: int, base: float = 10000.0, dtype=torc
 def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim,
               eps=1e-6, is_neox=True):
     """PyTorch reference: same arguments and in-place effect as ``qk_norm_rope``; returns ``qkv``."""
+    norm_rope_rows(qkv, q_weight, k_weight, cos_sin_cache.float()[positions.long()], num_q_heads, num_kv_heads,
+                   head_dim, eps, is_neox)
+    return qkv
+
+
+def norm_rope_rows(qkv, q_weight, k_weight, cs, num_q_heads, num_kv_heads, head_dim, eps, is_neox):
+    """The references' shared step (``qk_norm_rope_cache`` too): RMSNorm each q and k head of ``qkv``'s
+    rows and rotate it by ``cs`` (``[tokens, head_dim]`` fp32 rows of cos | sin), in place."""
     t, d, half = qkv.shape[0], head_dim, head_dim // 2
     h = num_q_heads + num_kv_heads
     rows = qkv.view(t, -1)
     x = rows[:, : h * d].float().reshape(t, h, d)
     w = torch.cat([q_weight.float().expand(num_q_heads, d), k_weight.float().expand(num_kv_heads, d)])
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-    cs = cos_sin_cache.float()[positions.long()][:, None, :]  # [t, 1, d]
-    cos, sin = cs[..., :half], cs[..., half:]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
     if is_neox:
         a, b = y[..., :half], y[..., half:]
         out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
@@ -67,7 +74,6 @@ def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, nu
         a, b = y[..., 0::2], y[..., 1::2]
         out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
     rows[:, : h * d].copy_(out.reshape(t, h * d).to(qkv.dtype))
-    return qkv
 
 
 # ---- configs -------------------------------------------------------------------------------------
@@ -186,22 +192,34 @@ def plan(call):
                                 head_dim)
     if t == 0:
         return None
-    n_heads, max_pos = n_q + n_kv, cos_sin_cache.shape[0]
-    for what, v in (("qkv's row stride", qkv.stride(0)), ("cos_sin_cache's rows", max_pos)):
-        checks.fits_i32(OP, what, v)
+    n_heads, max_pos = launch_sizes(OP, qkv, cos_sin_cache, n_q, n_kv)
     tt = checks.TRITON_TYPE
     args = (In("qkv"), In("q_weight"), In("k_weight"), In("cos_sin_cache"), In("positions"), qkv.stride(0),
             cos_sin_cache.stride(0), n_q, n_heads, max_pos, In("eps"))
-    out = []
     tile = call.tiles([TRITON_TILES.get(call.arch.name, DEFAULT_TRITON_TILES)])[0]
-    for cfg in configs_for(call.arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], d, bool(is_neox),
-                           tile):
+    configs = configs_for(call.arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], d, bool(is_neox),
+                          tile)
+    return variant_candidates(configs, t, n_heads, args, _plain)
+
+
+def launch_sizes(op: str, qkv, cos_sin_cache, n_q: int, n_kv: int) -> tuple[int, int]:
+    """``(heads, rotary-table rows)`` of a launch (shared with ``qk_norm_rope_cache``), after checking
+    that qkv's row stride and the table's rows fit the kernels' int32 arguments."""
+    max_pos = cos_sin_cache.shape[0]
+    for what, v in (("qkv's row stride", qkv.stride(0)), ("cos_sin_cache's rows", max_pos)):
+        checks.fits_i32(op, what, v)
+    return n_q + n_kv, max_pos
+
+
+def variant_candidates(configs, tokens: int, n_heads: int, args: tuple, plain) -> list[Candidate]:
+    """One candidate per config, each over a ``(tokens, head groups)`` grid; the C++ variants behind
+    the ``plain`` guard (they read the tensors' memory directly, so no subclasses)."""
+    out = []
+    for cfg in configs:
         per_program = cfg.p["block_h"] if cfg.variant == "triton" else cfg.p["block_y"]
-        launch = Launch(cfg, (t, -(-n_heads // per_program)), args)
-        if cfg.variant == "triton":
-            out.append(Candidate(launch))
-        else:
-            out.append(Candidate(launch, guard=_plain, guard_doc=PLAIN_DOC))
+        launch = Launch(cfg, (tokens, -(-n_heads // per_program)), args)
+        out.append(Candidate(launch) if cfg.variant == "triton" else
+                   Candidate(launch, guard=plain, guard_doc=PLAIN_DOC))
     return out
 
 

@@ -26,9 +26,10 @@ import torch
 from .. import checks, registry
 from ..dispatch import dispatcher
 from ..errors import DTypeError, ShapeError
-from .qk_norm_rope import HEADS_PER_BLOCK, check_qkv, variant_config, variant_configs
+from .qk_norm_rope import (HEADS_PER_BLOCK, PLAIN_DOC, check_qkv, launch_sizes, norm_rope_rows, variant_candidates,
+                           variant_config, variant_configs)
 from ..render import builtin_template_dir
-from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scalar, Variant
+from ..spec import Arg, Config, In, OpSpec, Scalar, Variant
 
 OP = "qk_norm_rope_cache"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -42,25 +43,15 @@ PREBUILD_DTYPES = ("bf16",)
 def reference(qkv, q_weight, k_weight, cos_sin_cache, positions, slot_mapping, k_cache, v_cache, num_q_heads,
               num_kv_heads, head_dim, eps=1e-6, is_neox=True, k_scale=None, v_scale=None):
     """PyTorch reference: same arguments and in-place effects as ``qk_norm_rope_cache``; returns ``qkv``."""
-    t, d, half = qkv.shape[0], head_dim, head_dim // 2
+    t, d = qkv.shape[0], head_dim
     hq, hkv = num_q_heads, num_kv_heads
     h = hq + hkv
     rows = qkv.view(t, -1)
-    x = rows[:, : h * d].float().reshape(t, h, d)
-    w = torch.cat([q_weight.float().expand(hq, d), k_weight.float().expand(hkv, d)])
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
     max_pos = cos_sin_cache.shape[0]
     pos = positions.long()
-    cs = cos_sin_cache.float()[pos.clamp(0, max_pos - 1)][:, None, :]
-    cs = torch.where(((pos >= 0) & (pos < max_pos))[:, None, None], cs, torch.zeros_like(cs))
-    cos, sin = cs[..., :half], cs[..., half:]
-    if is_neox:
-        a, b = y[..., :half], y[..., half:]
-        out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
-    else:
-        a, b = y[..., 0::2], y[..., 1::2]
-        out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
-    rows[:, : h * d].copy_(out.reshape(t, h * d).to(qkv.dtype))
+    cs = cos_sin_cache.float()[pos.clamp(0, max_pos - 1)]
+    cs = torch.where(((pos >= 0) & (pos < max_pos))[:, None], cs, torch.zeros_like(cs))  # out of range: zeros
+    norm_rope_rows(qkv, q_weight, k_weight, cs, hq, hkv, d, eps, is_neox)
     slots = slot_mapping.long()
     keep = slots >= 0
     for src, cache, scale in ((rows[:, hq * d: h * d], k_cache, k_scale), (rows[:, h * d: (h + hkv) * d], v_cache,
@@ -109,9 +100,6 @@ def _plain(*args) -> bool:
     return all(type(a) is t for a in args[:8]) and type(args[13]) is t and type(args[14]) is t
 
 
-PLAIN_DOC = "plain torch.Tensor arguments only (no subclasses)"
-
-
 def plan(call):
     """Validate one call signature; one candidate per variant that applies to the arch, in order."""
     (qkv, q_weight, k_weight, cos_sin_cache, positions, slot_mapping, k_cache, v_cache, num_q_heads, num_kv_heads,
@@ -135,22 +123,15 @@ def plan(call):
         checks.shape(OP, name, s, (1,))
     if t == 0:
         return None
-    n_heads, max_pos = n_q + n_kv, cos_sin_cache.shape[0]
-    for what, v in (("qkv's row stride", qkv.stride(0)), ("cos_sin_cache's rows", max_pos)):
-        checks.fits_i32(OP, what, v)
+    n_heads, max_pos = launch_sizes(OP, qkv, cos_sin_cache, n_q, n_kv)
     tt = checks.TRITON_TYPE
     kv_dtype = "fp8e4m3" if k_cache.dtype == torch.uint8 else tt[qkv.dtype]
     args = (In("qkv"), In("q_weight"), In("k_weight"), In("cos_sin_cache"), In("positions"), In("slot_mapping"),
             In("k_cache"), In("v_cache"), In("k_scale"), In("v_scale"), qkv.stride(0), cos_sin_cache.stride(0),
             n_q, n_heads, n_kv, max_pos, In("eps"))
-    out = []
-    for cfg in configs_for(call.arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], kv_dtype, d,
-                           bool(is_neox)):
-        per_program = cfg.p["block_h"] if cfg.variant == "triton" else cfg.p["block_y"]
-        launch = Launch(cfg, (t, -(-n_heads // per_program)), args)
-        out.append(Candidate(launch) if cfg.variant == "triton" else
-                   Candidate(launch, guard=_plain, guard_doc=PLAIN_DOC))
-    return out
+    configs = configs_for(call.arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], kv_dtype, d,
+                          bool(is_neox))
+    return variant_candidates(configs, t, n_heads, args, _plain)
 
 
 _ones: dict = {}
