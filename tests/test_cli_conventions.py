@@ -24,6 +24,16 @@ def jk(*argv, env=None, cache=None, timeout=300):
     return subprocess.run(cmd + [str(a) for a in argv], env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def prebuild_package_op(pkg, op, cache, *extra):
+    """`jitkern prebuild --arch cpu --op OP` in a fresh interpreter that first imports the module
+    ``pkg/OP.py`` (which registers the op), with this tree and ``pkg`` on the path."""
+    code = (f"import sys, {op}; from jitkern.cli import main; "
+            f"sys.exit(main(['prebuild', '--arch', 'cpu', '--op', {op!r}, *{list(extra)!r}]))")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("JITKERN_")}
+    e.update(PYTHONPATH=f"{REPO}{os.pathsep}{pkg}", JITKERN_CACHE_DIR=str(cache))
+    return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+
+
 def one_line_usage_error(r, says):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     err = r.stderr.strip()
@@ -217,11 +227,7 @@ def test_prebuild_closing_line_does_not_claim_cached_when_a_worker_failed(tmp_pa
         "SPEC = jitkern.register(jitkern.OpSpec(name='broken_op', fn=fn, reference=fn, template_dir=T,\n"
         "    variants=(jitkern.Variant('triton', 'k.py.j2', 'kern'),),\n"
         "    configs=lambda arch: [jitkern.Config('triton', (('n', 1),))]))\n")
-    code = ("import sys, broken_op; from jitkern.cli import main; "
-            "sys.exit(main(['prebuild', '--arch', 'cpu', '--op', 'broken_op']))")
-    e = {k: v for k, v in os.environ.items() if not k.startswith("JITKERN_")}
-    e.update(PYTHONPATH=f"{REPO}{os.pathsep}{pkg}", JITKERN_CACHE_DIR=str(tmp_path / "c"))
-    r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+    r = prebuild_package_op(pkg, "broken_op", tmp_path / "c")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "nothing to build" not in r.stdout, r.stdout
     last = r.stdout.splitlines()[-1]
@@ -317,11 +323,7 @@ def test_worker_warnings_have_a_level_prefix_and_are_printed_once(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "warn_op.py").write_text(WARN_OP)
-    code = ("import sys, warn_op; from jitkern.cli import main; "
-            "sys.exit(main(['prebuild', '--arch', 'cpu', '--op', 'warn_op', '--jobs', '2']))")
-    e = {k: v for k, v in os.environ.items() if not k.startswith("JITKERN_")}
-    e.update(PYTHONPATH=f"{REPO}{os.pathsep}{pkg}", JITKERN_CACHE_DIR=str(tmp_path / "c"))
-    r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+    r = prebuild_package_op(pkg, "warn_op", tmp_path / "c", "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "the same warning from every worker" in ln]
     assert lines == ["WARNING: jitkern: warn_op: the same warning from every worker"], r.stderr
