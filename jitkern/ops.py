@@ -1,7 +1,8 @@
 """``jitkern.ops.<name>(...)``: every registered op, resolved on first attribute access.
 
-Looking an op up imports its spec and registers it with ``torch.library`` (``jitkern.torch_ops``);
-nothing is rendered, compiled or loaded until it is called. What you get is the op's function in
+Looking an op up imports its spec and checks what ``torch.library`` needs of it (``jitkern.torch_ops``
+registers the custom op when a trace or ``torch.ops.jitkern.<name>`` first asks for it); nothing is
+rendered, compiled or loaded until it is called. What you get is the op's function in
 eager mode and ``torch.ops.jitkern.<name>`` while ``torch.compile`` traces.
 """
 from __future__ import annotations

@@ -25,9 +25,20 @@ has been checked on (``INLINE_HOOK_SINCE`` and later: the tests trace both ways 
 elsewhere, and for callables that are not plain functions, ``jitkern.ops.<name>`` is a wrapper
 that asks ``torch.compiler.is_compiling()`` (about 0.4 us more a call). One difference: with the
 hook, compile the function that calls the op, not the op function by itself.
+
+Registration is lazy: looking an op up checks its declarations (the annotations, and the schema
+torch would infer from them) but registers nothing, because ``torch.library.custom_op`` costs about
+1.5 ms an op on torch 2.13 (more on 2.11) that an eager model never uses. The op is registered the
+first time ``torch.ops.jitkern.<name>`` is asked for: the ``jitkern`` namespace of ``torch.ops`` is
+given a subclass whose attribute lookup registers a known op it does not find yet. What Dynamo
+traces in place of the op function looks the op up there, and Dynamo looks attributes of modules up
+for real while it traces, so the first trace of a call registers the op; so does a direct call
+through ``torch.ops.jitkern.<name>``, for built-in, registered and entry-point ops alike. Where the
+namespace cannot be given that subclass (``LAZY_NAMESPACE`` false), lookup registers at once.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import typing
@@ -43,7 +54,12 @@ NAMESPACE = "jitkern"
 
 _ops: dict[str, object] = {}
 _functions: dict[str, tuple] = {}
-_lock = threading.Lock()
+#: Specs whose op function was handed out but which are not registered yet: what a lookup of
+#: ``torch.ops.jitkern.<name>`` registers (ops not in here come from ``jitkern.registry``).
+_pending: dict[str, OpSpec] = {}
+#: Names being registered (under _lock): a lookup of one of these in torch.ops.jitkern registers nothing.
+_registering: set[str] = set()
+_lock = threading.RLock()  # re-entrant: registering looks the new op up in torch.ops.jitkern
 
 
 def _signature(spec: OpSpec) -> inspect.Signature:
@@ -104,7 +120,11 @@ def register(spec: OpSpec):
         impl.__signature__ = _schema_signature(spec, sig)
         impl.__name__ = spec.name
         impl.__doc__ = fn.__doc__
-        op = torch.library.custom_op(f"{NAMESPACE}::{spec.name}", impl, mutates_args=spec.mutates)
+        _registering.add(spec.name)  # torch.library looks the name up in torch.ops.jitkern first
+        try:
+            op = torch.library.custom_op(f"{NAMESPACE}::{spec.name}", impl, mutates_args=spec.mutates)
+        finally:
+            _registering.discard(spec.name)
         if returns:
             op.register_fake(spec.fake)
         else:
@@ -112,6 +132,7 @@ def register(spec: OpSpec):
                 return None
             op.register_fake(fake)
         _ops[spec.name] = op
+        _pending.pop(spec.name, None)
         return op
 
 
@@ -138,23 +159,31 @@ def registered(name: str):
 def op_function(spec: OpSpec):
     """What ``jitkern.ops.<name>`` is: ``spec.fn`` in eager mode, the custom op under torch.compile.
 
-    An op whose spec cannot be registered (unannotated parameters, no ``outputs``/``fake``) is
-    returned as its plain function, with one warning saying what to declare: it runs eagerly, and
-    ``torch.compile`` breaks the graph around it.
+    Registers nothing where the namespace is lazy (see the module docstring): the custom op is made
+    when a trace or a direct ``torch.ops.jitkern.<name>`` first asks for it. An op whose spec cannot
+    be registered (unannotated parameters, no ``outputs``/``fake``, a type torch.library has no
+    schema for) is returned as its plain function, with one warning saying what to declare: it runs
+    eagerly, and ``torch.compile`` breaks the graph around it.
     """
-    try:
-        op = register(spec)
-    except SpecError as e:
-        warn_once(("torch-op", spec.name), "jitkern: op %r is not registered with torch.library, so "
-                  "torch.compile will break the graph at it: %s", spec.name, e)
-        return spec.fn
     fn = spec.fn
     with _lock:
         known = _functions.get(spec.name)
         if known is not None and known[0] is spec:
             return known[1]
-    sig = _signature(spec)
-    traced = _traced(spec, sig, op)
+    try:
+        sig = _signature(spec)
+        _check_schema(spec, sig)
+        if _lazy_namespace():
+            with _lock:
+                if spec.name not in _ops:
+                    _pending.setdefault(spec.name, spec)  # the first spec of a name is the registered one
+        else:
+            register(spec)
+    except SpecError as e:
+        warn_once(("torch-op", spec.name), "jitkern: op %r is not registered with torch.library, so "
+                  "torch.compile will break the graph at it: %s", spec.name, e)
+        return fn
+    traced = _traced(spec, sig)
     if _inline_hook_works() and inspect.isfunction(fn) and not hasattr(fn, _INLINE_HOOK):
         setattr(fn, _INLINE_HOOK, traced)
         call = fn
@@ -175,6 +204,97 @@ def op_function(spec: OpSpec):
     return call
 
 
+def _check_schema(spec: OpSpec, sig: inspect.Signature) -> None:
+    """Raise SpecError where torch.library would refuse the op's schema (what registering checks
+    first), without registering it: about 0.1 ms an op."""
+    returns = _returns_new_tensors(spec, sig)
+    infer = getattr(torch.library, "infer_schema", None)
+    if infer is None:  # torch before 2.5: registration will say
+        return
+
+    def impl(*args, **kwargs):
+        return None
+
+    impl.__signature__ = _schema_signature(spec, sig if returns else sig.replace(return_annotation=None))
+    try:
+        infer(impl, mutates_args=spec.mutates)
+    except Exception as e:
+        raise SpecError(f"op {spec.name!r}: torch.library cannot infer a schema from {spec.fn.__qualname__}"
+                        f"{sig}: {type(e).__name__}: {e}") from e
+
+
+#: Whether ``torch.ops.jitkern`` registers ops on lookup (False: torch.ops is not as this module expects,
+#: so ops are registered when looked up instead). Set on first use.
+LAZY_NAMESPACE: bool | None = None
+
+
+def _lazy_namespace() -> bool:
+    """Give ``torch.ops.jitkern`` the subclass that registers known ops on lookup (once)."""
+    global LAZY_NAMESPACE
+    if LAZY_NAMESPACE is None:
+        with _lock:
+            if LAZY_NAMESPACE is None:
+                LAZY_NAMESPACE = _install_namespace()
+    return LAZY_NAMESPACE
+
+
+def _install_namespace() -> bool:
+    base = getattr(getattr(torch, "_ops", None), "_OpNamespace", None)
+    if not isinstance(base, type) or "__getattr__" not in vars(base):
+        return False
+    ns = getattr(torch.ops, NAMESPACE)
+    if type(ns) is not base:
+        return isinstance(ns, _namespace_class(base))
+    try:
+        ns.__class__ = _namespace_class(base)  # keeps what the namespace already bound
+    except TypeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _namespace_class(base: type) -> type:
+    class JitkernNamespace(base):
+        """``torch.ops.jitkern``: a lookup of an op that is not registered yet registers it."""
+
+        def __getattr__(self, op_name: str):
+            try:
+                return super().__getattr__(op_name)
+            except AttributeError:
+                if op_name.startswith("_"):
+                    raise
+                spec = _spec_to_register(op_name)
+                if spec is None:
+                    raise
+                with _lock:  # another thread registering it: wait, then find it
+                    if op_name in _registering:  # torch.library's own look-up while this thread registers it
+                        raise
+                    try:
+                        register(spec)
+                    except SpecError as e:
+                        raise AttributeError(f"torch.ops.{NAMESPACE}.{op_name}: {e}") from e
+            return super().__getattr__(op_name)
+
+    JitkernNamespace.__qualname__ = JitkernNamespace.__name__
+    # the base names each op it binds after its own class's module (torch._ops.jitkern.<name>), which
+    # is where Inductor's cache pickling looks for it
+    JitkernNamespace.__module__ = base.__module__
+    return JitkernNamespace
+
+
+def _spec_to_register(name: str) -> OpSpec | None:
+    with _lock:
+        spec = _pending.get(name)
+    if spec is not None:
+        return spec
+    from .errors import UnknownOpError
+
+    try:
+        return registry.get(name)
+    except UnknownOpError:
+        return None
+
+
 #: The attribute Dynamo follows from a function to the function it traces in its place.
 _INLINE_HOOK = "_torchdynamo_inline"
 #: The first torch release on which jitkern has checked that hook (tests/test_torch_integration.py).
@@ -189,9 +309,14 @@ def _inline_hook_works() -> bool:
     return (major, minor) >= INLINE_HOOK_SINCE
 
 
-def _traced(spec: OpSpec, sig: inspect.Signature, op):
-    """What Dynamo traces in place of ``spec.fn``: plain dict/tuple work and one custom-op call."""
+def _traced(spec: OpSpec, sig: inspect.Signature, op=None):
+    """What Dynamo traces in place of ``spec.fn``: plain dict/tuple work and one custom-op call.
+
+    ``op`` (tests): what to call instead of ``torch.ops.jitkern.<name>.default``, which is looked up
+    on each call (by Dynamo, once per trace: the lookup is what registers the op)."""
     names = tuple(sig.parameters)
+    name = spec.name
+    namespace = getattr(torch.ops, NAMESPACE)
     defaults = tuple((n, p.default) for n, p in sig.parameters.items() if p.default is not p.empty)
     outputs = spec.outputs
     alloc = spec.alloc
@@ -207,7 +332,8 @@ def _traced(spec: OpSpec, sig: inspect.Signature, op):
                     bound[n] = made[n]
         # every argument, positionally in schema order: nothing is left to the dispatcher's handling of
         # defaults and keywords (see _schema_signature for what torch 2.11 did with a dropped default)
-        result = op(*(bound[n] for n in names))
+        call = op if op is not None else getattr(namespace, name).default
+        result = call(*(bound[n] for n in names))
         if not outputs:
             return result
         if len(outputs) == 1:

@@ -184,6 +184,67 @@ def test_three_kinds_of_op_compile_without_graph_breaks(eager_path):
     torch.testing.assert_close(model(x), (x * 3 + 1 + 1) + (x * 3 + 1) * 2)
 
 
+# ---- lazy registration: nothing is registered until a trace or torch.ops asks ------------------
+LAZY_CHILD = r"""
+import json, sys, torch, jitkern
+from jitkern import registry, torch_ops
+if sys.argv[1] == "wrapper":
+    torch_ops.INLINE_HOOK_SINCE = (99, 0)
+fns = {n: getattr(jitkern.ops, n) for n in sorted(registry.BUILTIN)}
+res = {"after_lookup": sorted(n for n in fns if torch_ops.registered(n) is not None)}
+
+def block(x, w, r):
+    y = jitkern.ops.rms_norm(torch.nn.functional.silu(x), w, residual=r)
+    return fns["rms_norm"](y * 2, w) + 1
+
+x, w, r = torch.randn(3, 64), torch.randn(64), torch.randn(3, 64)
+res["graph_breaks"] = torch._dynamo.explain(block)(x, w, r.clone()).graph_break_count
+res["after_trace"] = sorted(n for n in fns if torch_ops.registered(n) is not None)
+r1, r2 = r.clone(), r.clone()
+torch.testing.assert_close(torch.compile(block, fullgraph=True, backend="aot_eager")(x, w, r1), block(x, w, r2))
+torch.testing.assert_close(r1, r2)
+res["direct"] = str(torch.ops.jitkern.gemm.default)  # a direct torch.ops lookup registers the op it names
+res["after_direct"] = sorted(n for n in fns if torch_ops.registered(n) is not None)
+res["unknown"] = hasattr(torch.ops.jitkern, "no_such_op")
+res["module"] = torch.ops.jitkern.rms_norm.default.__module__
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("mode", ["inline-hook", "wrapper"])
+def test_lookup_registers_nothing_until_a_trace_or_torch_ops_asks(mode, tmp_path):
+    """A fresh process: looking every built-in op up registers none (torch.library costs 1.5 ms an op
+    that eager never uses); the first trace of a call registers that op, and compiles fullgraph;
+    ``torch.ops.jitkern.<name>`` registers the op it names; an unknown name stays unknown."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JITKERN_CACHE_DIR": str(tmp_path / "cache"), "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", LAZY_CHILD, mode.split("-")[0]], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["after_lookup"] == []
+    assert res["graph_breaks"] == 0 and res["after_trace"] == ["rms_norm"]
+    assert res["direct"] == "jitkern.gemm.default" and res["after_direct"] == ["gemm", "rms_norm"]
+    assert res["unknown"] is False
+    assert res["module"] == "torch._ops.jitkern"  # where Inductor's cache pickling looks the op up
+
+
+def test_unschematizable_op_is_found_at_lookup(caplog):
+    """What torch.library would refuse is found when the op is looked up, not at its first trace."""
+    def f(x: torch.Tensor, table: dict) -> None:
+        pass
+
+    spec = _toy(f, mutates=("x",))
+    with caplog.at_level(logging.WARNING, logger="jitkern"):
+        assert torch_ops.op_function(spec) is f
+    assert any("cannot infer a schema" in r.getMessage() for r in caplog.records)
+    assert torch_ops.registered(spec.name) is None
+
+
 # ---- the real op under torch.compile on the CPU (interpreter) -----------------------------------
 def _block(norm, x, w, r):
     h = torch.nn.functional.silu(x)
