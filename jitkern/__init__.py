@@ -37,6 +37,7 @@ _LAZY = {
     "In": ("jitkern.spec", "In"),
     "Scalar": ("jitkern.spec", "Scalar"),
     "Scratch": ("jitkern.spec", "Scratch"),
+    "Zeroed": ("jitkern.spec", "Zeroed"),
     "Rule": ("jitkern.constraints", "Rule"),
     "add_rules": ("jitkern.constraints", "add_rules"),
     "register": ("jitkern.registry", "register"),

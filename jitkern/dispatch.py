@@ -38,7 +38,7 @@ from .errors import ArgumentError, ConfigError, DeviceError, LayoutError, SpecEr
 from .fallback import Route
 from . import runtime
 from .runtime import arches_for
-from .spec import Candidate, In, Launch, OpSpec, Scalar, Scratch
+from .spec import Candidate, In, Launch, OpSpec, Scalar, Scratch, Zeroed
 
 
 class Call:
@@ -303,7 +303,8 @@ class Dispatcher:
     # ---- from loaded kernels to a launch function -----------------------------------------------
     def bind(self, cand: Candidate, kernels: list, device=None):
         """``fire(args) -> cand.name``: the candidate's launches (or its torch function) run.
-        ``Scratch`` buffers are allocated on ``device`` for each call and passed after ``args``."""
+        ``Scratch`` buffers are allocated on ``device`` for each call and ``Zeroed`` ones looked up
+        (kept per stream, see ``jitkern.spec.Zeroed``); both are passed after ``args``."""
         name = cand.name
         if cand.torch is not None:
             fn = cand.torch
@@ -312,20 +313,29 @@ class Dispatcher:
                 fn(*args)
                 return name
             return fire_torch
-        scratch = {}  # name -> (position after the op's arguments, Scratch)
+        scratch = {}  # name -> (position after the op's arguments, Scratch | Zeroed)
         for la in cand.launches:
             for a in la.args:
-                if isinstance(a, Scratch) and a.name not in scratch:
-                    scratch[a.name] = (len(self.names) + len(scratch), a)
+                if isinstance(a, (Scratch, Zeroed)):
+                    if a.name not in scratch:
+                        scratch[a.name] = (len(self.names) + len(scratch), a)
+                    elif scratch[a.name][1] != a:
+                        raise SpecError(f"{self.spec.name}: launches of candidate {name!r} name buffer {a.name!r} "
+                                        f"twice with different declarations: {scratch[a.name][1]} and {a}")
         fires = [self._fire(la, k, name, scratch) for la, k in zip(cand.launches, kernels)]
         if scratch:
             import torch
 
-            made = tuple((s.shape, s.dtype) for _, s in scratch.values())
             empty = torch.empty
+            makers = []
+            for _, s in scratch.values():
+                if isinstance(s, Zeroed):
+                    makers.append(_zeroed_getter(self.spec.name, s, device))
+                else:
+                    makers.append(lambda shape=s.shape, dtype=s.dtype: empty(shape, dtype=dtype, device=device))
 
             def fire_scratch(args):
-                full = (*args, *[empty(shape, dtype=dtype, device=device) for shape, dtype in made])
+                full = (*args, *[make() for make in makers])
                 for f in fires:
                     f(full)
                 return name
@@ -352,7 +362,7 @@ class Dispatcher:
             if isinstance(a, In):
                 i = names.index(a.name)
                 slots.append(("s", i) if i in scalars else ("t", i))
-            elif isinstance(a, Scratch):
+            elif isinstance(a, (Scratch, Zeroed)):
                 slots.append(("t", scratch[a.name][0]))
             else:
                 slots.append(("c", a))
@@ -448,6 +458,42 @@ def _scalar_checker(op: str, names, spos):
     return check
 
 
+_zeroed: dict = {}  # (op, Zeroed, device, stream) -> the kept buffer
+_zeroed_lock = threading.Lock()
+
+
+def _zeroed_getter(op: str, z: Zeroed, device):
+    """``get() -> tensor``: the kept, once-zeroed buffer ``z`` of ``op`` for the current stream of
+    ``device`` (one dict lookup per call once it exists)."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        raw_stream = torch._C._cuda_getCurrentRawStream
+        stream = lambda: raw_stream(index)  # noqa: E731
+    else:
+        stream = lambda: 0  # noqa: E731  (CPU: launches run in program order)
+    base = (op, z, str(dev))
+    kept = _zeroed
+
+    def get():
+        key = (*base, stream())
+        buf = kept.get(key)
+        if buf is None:
+            with _zeroed_lock:
+                buf = kept.get(key)
+                if buf is None:
+                    buf = kept[key] = torch.zeros(z.shape, dtype=z.dtype, device=dev)
+        return buf
+    return get
+
+
+def zeroed_buffers() -> int:
+    """How many ``Zeroed`` buffers this process keeps (all ops, devices and streams)."""
+    return len(_zeroed)
+
+
 _dispatchers: dict = {}
 _lock = threading.Lock()
 
@@ -474,4 +520,4 @@ def clear_memory() -> None:
     runtime.clear_memory()
 
 
-__all__ = ["Call", "Dispatcher", "dispatcher", "In", "Launch", "Candidate", "Scalar", "Scratch"]
+__all__ = ["Call", "Dispatcher", "dispatcher", "In", "Launch", "Candidate", "Scalar", "Scratch", "Zeroed"]

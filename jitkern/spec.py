@@ -112,6 +112,27 @@ class Scratch:
 
 
 @dataclass(frozen=True)
+class Zeroed:
+    """In a ``Launch``'s arguments: a buffer that is all zeros when a launch starts and that every
+    launch must leave all zeros again (e.g. per-tile arrival counters, reset by the program that
+    arrives last). The framework allocates and zeroes it once per (op, name, shape, dtype, device,
+    stream) and keeps it for the process, so no call pays for a memset: launches on one stream run
+    in order and can share it, and each stream gets its own, so kernels running concurrently on two
+    streams never share one. A CUDA graph captures the buffer of its capture stream (a first use
+    under capture allocates it from the graph's pool, and the zeroing memset becomes part of the
+    graph); replays leave it zeroed as every launch does. Graphs captured on one stream share it, so
+    they must not be replayed concurrently on different streams. Names share one namespace with
+    ``Scratch`` within a candidate."""
+
+    shape: tuple
+    dtype: Any
+    name: str = "zeroed"
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+@dataclass(frozen=True)
 class Scalar:
     """A scalar argument that may change between calls with the same tensors (``eps``, ``scale``):
     it is not part of the call signature, so it is checked on every call (cheap): converted with
@@ -126,11 +147,12 @@ class Scalar:
 class Launch:
     """One kernel launch: the config to build, the grid (1 to 3 sizes; a zero size launches
     nothing) and the kernel's arguments in its order: constants, ``In(name)`` for the call's
-    argument ``name``, or ``Scratch(shape, dtype)`` for a buffer allocated per call."""
+    argument ``name``, ``Scratch(shape, dtype)`` for a buffer allocated per call, or
+    ``Zeroed(shape, dtype)`` for a kept, once-zeroed buffer each launch leaves zeroed."""
 
     config: Config
     grid: tuple[int, ...]
-    args: tuple  # constants, In(name), Scratch(shape, dtype)
+    args: tuple  # constants, In(name), Scratch(shape, dtype), Zeroed(shape, dtype)
 
     def __post_init__(self):
         grid = tuple(int(g) for g in self.grid)

@@ -94,9 +94,10 @@ def test_gemm_candidates_respect_arch_caps_and_tunables():
     for arch in ("gfx942", "gfx950", "sm_90", "cpu"):
         for b in ("m16", "m64", "m128", "large"):
             for t in gemm.candidates(arch, "bf16", b):
-                # the six base parameters; the Hopper (TMA) ones only on sm_90
-                assert set(gemm.TILE_PARAMS) <= set(t) <= set(gemm.TILE_PARAMS) | set(gemm.HOPPER_PARAMS)
+                # the six base parameters; the Hopper (TMA) ones and split-K only on sm_90
+                assert set(gemm.TILE_PARAMS) <= set(t) <= set(gemm.TILE_PARAMS) | set(gemm.HOPPER_PARAMS) | {"split_k"}
                 assert not t.get("tma") or arch == "sm_90", (arch, b, t)
+                assert "split_k" not in t or (arch == "sm_90" and b != "large"), (arch, b, t)
                 for k, v in t.items():
                     assert v in gemm.TUNABLES[k], (arch, b, t)
                 assert constraints.violations(arch, "gemm", dict(t, dtype="bf16")) == []

@@ -85,6 +85,89 @@ def test_hopper_tiles_only_on_sm90_and_compile_to_wgmma_and_tma():
     assert gemm._grid(dict(first, aligned=False), 4096, 4096, None) == 32 * 16  # pointer kernel: a tile each
 
 
+@pytest.mark.parametrize("split,tma", [(2, 0), (3, 1)], ids=["split2-pointer-kernel", "split3-tma-kernel"])
+def test_split_k_numerics_deterministic_and_counters_left_zeroed(split, tma, monkeypatch):
+    """Split-K as on an H200 (JITKERN_ARCH=sm_90), interpreted: one launch of (tiles x slices)
+    programs; the last arriving program of each tile sums the fp32 partials in slice order. M, N, K
+    off the tiles, K shorter than split * block_k (empty slices), both B layouts, both 16-bit dtypes;
+    outputs poisoned first; a second call (same kept counter buffer) gives the same bits, and every
+    counter is back to 0 after each call."""
+    from jitkern import dispatch
+
+    monkeypatch.setenv("JITKERN_ARCH", "sm_90")
+    monkeypatch.setenv("JITKERN_GEMM_SPLIT_K", str(split))
+    monkeypatch.setenv("JITKERN_GEMM_TMA", str(tma))
+    bf16, fp16 = torch.bfloat16, torch.float16
+    cases = ((5, 33, 40, True, bf16), (1, 48, 256, False, fp16), (70, 320, 128, True, fp16),
+             (17, 100, 700, False, bf16), (3, 64, 512, True, bf16))
+    aligned_seen = set()
+    for m, n, k, b_trans, dtype in cases:
+        torch.manual_seed(m + n + k)
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(n, k, dtype=dtype).t() if b_trans else torch.randn(k, n, dtype=dtype)
+        results = []
+        for _ in range(2):
+            out = torch.full((m, n), float("nan"), dtype=dtype)
+            _check(jitkern.ops.gemm(a, b, out=out), a, b)
+            results.append(out)
+            kept = [buf for key, buf in dispatch._zeroed.items() if key[0] == "gemm"]
+            assert kept and all(int(buf.abs().sum()) == 0 for buf in kept)
+        assert torch.equal(results[0], results[1])  # fixed summation order: the same bits
+        route = jitkern.dispatcher(gemm.SPEC).route_for(a, b, out)
+        (launch,) = route.active_candidate.launches
+        cfg = launch.config
+        assert cfg.variant == "triton_split_k" and cfg.p["split_k"] == split and cfg.p.get("tma", 0) == tma
+        assert launch.grid[0] == gemm.output_tiles(cfg.p, m, n) * split
+        aligned_seen.add(cfg.p["aligned"])
+    assert aligned_seen == {True, False}
+    # the counters are kept per (signature's buffer shape, device, stream): no new one per call
+    before = dispatch.zeroed_buffers()
+    a, w = torch.randn(5, 40, dtype=bf16), torch.randn(33, 40, dtype=bf16)
+    jitkern.ops.gemm(a, w.t())
+    assert dispatch.zeroed_buffers() == before
+
+
+def test_split_k_tiles_only_on_sm90_decode_and_compile_within_budget():
+    """Split-K tiles are sm_90 decode-bucket candidates only (SPLIT_RULES): gfx942/gfx950 keep their
+    lists and prebuild lists; real sm_90 cross-compiles of the TMA and pointer split-K kernels fit."""
+    for name in ("gfx942", "gfx950", "sm_80", "cpu"):
+        for b, _ in gemm.BUCKETS:
+            for b_trans in (False, True):
+                assert not any(gemm.split_of(t) > 1 for t in gemm.candidates(name, "bf16", b, b_trans=b_trans))
+        assert not any(c.variant == "triton_split_k" for c in gemm.configs(arch.get(name)))
+    for b in ("m16", "m64", "m128"):
+        assert any(gemm.split_of(t) > 1 for t in gemm.candidates("sm_90", "bf16", b, tuned=False))
+    assert not any(gemm.split_of(t) > 1 for t in gemm.candidates("sm_90", "bf16", "large", tuned=False))
+    sm90 = arch.get("sm_90")
+    tile = gemm.SPLIT_CANDIDATES["m128"][0]
+    for aligned in (True, False):
+        entry, _ = get_entry(plan(gemm.SPEC, gemm.config("bf16", True, aligned, tile), sm90))
+        res = entry.meta["resources"]
+        assert entry.meta["status"] == budget.OK and 0 < res["shared_bytes"] <= sm90.shared_mem_per_block
+    src = plan(gemm.SPEC, gemm.config("bf16", True, True, tile), sm90).source
+    assert "tl.atomic_add(cnt_ptr + tile, 1, sem=\"acq_rel\", scope=\"gpu\")" in src and "tl.debug_barrier()" in src
+    # a tile without split-K renders and keys exactly as before (no split_k parameter)
+    assert "split_k" not in gemm.config("bf16", True, True, gemm.HOPPER_CANDIDATES["m128"][0]).p
+
+
+def test_decode_buckets_tuned_apart_by_weight_size(monkeypatch):
+    """N=K=4096 and N=K=8192 look up different tuning records (size class _w8k), falling back to the
+    size-free name, then the row-major one."""
+    assert gemm.tuning_buckets("m64", True, gemm.big_weight(4096, 4096)) == ("m64_nk", "m64")
+    assert gemm.tuning_buckets("m64", True, gemm.big_weight(8192, 8192)) == ("m64_w8k_nk", "m64_nk", "m64")
+    assert gemm.tuning_buckets("large", True, True) == ("large_nk", "large")
+    assert gemm.SPEC.extra["tuning_bucket"]((128, 8192, 8192), False) == "m128_w8k"
+    from jitkern import tuning
+    won = dict(gemm.SPLIT_CANDIDATES["m64"][1])
+    real = tuning.lookup
+    monkeypatch.setattr(tuning, "lookup", lambda a, op, dt, b: won if b == "m64_w8k_nk" else real(a, op, dt, b))
+    assert gemm.candidates("sm_90", "bf16", "m64", b_trans=True, big=True)[0] == gemm.tile_of(won)
+    assert gemm.candidates("sm_90", "bf16", "m64", b_trans=True, big=False)[0] != gemm.tile_of(won)
+    cfg, _ = gemm.choose(arch.get("sm_90"), "bf16", 64, 8192, 8192, True)
+    assert cfg.variant == "triton_split_k" and gemm.tile_of(cfg.p) == gemm.tile_of(won)
+    assert cfg in set(gemm.configs(arch.get("sm_90")))  # prebuild covers the size class's winner
+
+
 def test_out_argument_and_strided_rows():
     a_big = torch.randn(24, 96, dtype=torch.float16)
     a = a_big[:, :80]  # row stride 96, not contiguous
@@ -197,6 +280,52 @@ def test_gpu_numerics_large():
         b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
         _check(jitkern.ops.gemm(a, b), a, b)
         _check(jitkern.ops.gemm(a, b.t()), a, b.t())
+
+
+@requires_gpu
+@pytest.mark.parametrize("split", [2, 4])
+def test_gpu_split_k_decode_shapes_graphs_and_streams(split, monkeypatch):
+    """Split-K on the GPU (JITKERN_GEMM_SPLIT_K; sm_90 only): decode shapes in both layouts, the same
+    bits on every call, inside a CUDA graph replayed repeatedly (the counters stay zeroed), and on
+    two streams at once (each stream has its own counters)."""
+    from jitkern import dispatch
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("split-K tiles are sm_90's")
+    monkeypatch.setenv("JITKERN_GEMM_SPLIT_K", str(split))
+    torch.manual_seed(split)
+    for m, n, k in ((1, 4096, 4096), (64, 4096, 4096), (128, 8192, 8192), (37, 1000, 3000)):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for b in (w.t(), w.t().contiguous()):
+            first = jitkern.ops.gemm(a, b)
+            _check(first, a, b)
+            cfg = jitkern.dispatcher(gemm.SPEC).route_for(a, b, first).active_candidate.launches[0].config
+            assert cfg.p.get("split_k") == split
+            for _ in range(3):
+                assert torch.equal(jitkern.ops.gemm(a, b), first)
+    a = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(64, 4096, device="cuda", dtype=torch.bfloat16)
+    want = jitkern.ops.gemm(a, w.t())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        jitkern.ops.gemm(a, w.t(), out=out)
+    for _ in range(5):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = [torch.empty_like(out) for _ in streams]
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for s_, o in zip(streams, outs):
+            with torch.cuda.stream(s_):
+                jitkern.ops.gemm(a, w.t(), out=o)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, want) for o in outs)
+    assert all(int(buf.abs().sum()) == 0 for key, buf in dispatch._zeroed.items() if key[0] == "gemm")
 
 
 # ---- guard-based fallback to torch.matmul (issue 4, seed 000) ------------------------------------------

@@ -125,16 +125,18 @@ def test_shipped_table_fits_its_arch(name, monkeypatch):
     assert table.get("arch") == name
     entries = table["ops"]["gemm"]["bf16"]
     buckets = {b for b, _ in gemm.BUCKETS}
-    assert buckets <= set(entries) <= buckets | {gemm.tuning_bucket(b, True) for b in buckets}
+    assert buckets <= set(entries) <= {gemm.tuning_bucket(b, t, big) for b in buckets for t in (False, True)
+                                       for big in (False, True)}
     a = arch.get(name)
     for key, entry in entries.items():
         b, b_trans = key.removesuffix("_nk"), key.endswith("_nk")
+        b, big = b.removesuffix(gemm.SIZE_TAG), b.endswith(gemm.SIZE_TAG)
         tile = entry["params"]
         # the six base parameters, plus the Hopper (TMA) ones for sm_90's TMA winners only
         assert set(tile) == set(gemm.tile_of(tile)) and all(v in gemm.TUNABLES[k] for k, v in tile.items())
         assert set(gemm.TILE_PARAMS) <= set(tile) and (not tile.get("tma") or name == "sm_90")
         assert constraints.violations(name, "gemm", dict(tile, dtype="bf16")) == []
-        assert gemm.candidates(name, "bf16", b, b_trans=b_trans)[0] == tile  # shipped winners come first
+        assert gemm.candidates(name, "bf16", b, b_trans=b_trans, big=big)[0] == tile  # shipped winners come first
         if key in ("large", "m16"):  # two real compiles per arch keep this test short
             st = report(plan(gemm.SPEC, gemm.config("bf16", False, True, tile), a))
             assert st["status"] in ("built", "cached"), st

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_peaks  # noqa: E402
 import jit_twin  # noqa: E402
+import tune_gemm  # noqa: E402
 
 DEFAULT_SHAPES = ("4096x4096x4096,1x4096x4096,16x4096x4096,64x4096x4096,128x4096x4096,"
                   "1x8192x8192,16x8192x8192,64x8192x8192,128x8192x8192")
@@ -85,10 +86,7 @@ def main(argv=None):
         route = jitkern.dispatcher(gemm.SPEC).route_for(a, b, out)
         chosen = route.active_candidate if route is not None else None
         cfg = chosen.launches[0].config.p if chosen is not None else {}
-        tile = (f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} g{cfg['group_m']} w{cfg['num_warps']} "
-                f"s{cfg['num_stages']}" + (f" tma{'/p' if cfg.get('persistent') else ''}"
-                                         f"{'/ws' if cfg.get('warp_spec') else ''}/e{cfg.get('epi_split')}"
-                                         if cfg.get("tma") else "")) if cfg else "?"
+        tile = tune_gemm.tile_text(cfg) if cfg else "?"
         rec = {"m": m, "n": n, "k": k, "layout": layout, "dtype": dname, "jitkern_ms": jk_ms,
                "torch_ms": th_ms, "jitkern_tflops": flop / jk_ms / 1e9, "torch_tflops": flop / th_ms / 1e9,
                "ratio": th_ms / jk_ms, "max_abs_err": err, "torch_max_abs_err": err_torch, "ref_max": scale,

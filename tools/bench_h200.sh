@@ -7,6 +7,9 @@
 #
 # Writes under $OUT: gemm_tune_{kn,nk}.json, sm_90.json (the shipped table with the new winners
 # merged), seed_sweep.json, bench_gemm.json, seed_ops_bench.json, qk_norm_rope.json, and log.txt.
+# gemm only (tune + bench, about 4 minutes on an H200):  OUT=dir STAGES="tune bench" GEMM_ONLY=1 bash tools/bench_h200.sh
+# Decode buckets are tuned per weight size (m64_nk: N=K=4096, m64_w8k_nk: N=K=8192), split-K tiles included;
+# apply the winners with: cp $OUT/sm_90.json jitkern/tuned/sm_90.json
 set -uo pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 STAGES=${STAGES:-"tune sweep bench"}
@@ -18,14 +21,14 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has tune; then
   cp jitkern/tuned/sm_90.json "$OUT/sm_90.json"
   shapes="4096x4096x4096,1x4096x4096,16x4096x4096,1x8192x8192,16x8192x8192,64x4096x4096,64x8192x8192,128x4096x4096,128x8192x8192"
-  timeout ${T_TUNE:-60} python3 tools/tune_gemm.py --shapes "$shapes" --out "$OUT/gemm_tune_kn.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
-  timeout ${T_TUNE:-60} python3 tools/tune_gemm.py --shapes "$shapes" --b-trans --out "$OUT/gemm_tune_nk.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+  timeout ${T_TUNE:-120} python3 tools/tune_gemm.py --shapes "$shapes" --jobs 8 --out "$OUT/gemm_tune_kn.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+  timeout ${T_TUNE:-120} python3 tools/tune_gemm.py --shapes "$shapes" --jobs 8 --b-trans --out "$OUT/gemm_tune_nk.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
 fi
 if has bench; then
   timeout ${T_GEMM:-100} python3 tools/bench_gemm.py --dtype bf16,fp16 --rounds 2 --rep 60 --out "$OUT/bench_gemm.json" \
     | sed -n '/^{/q;p'
 fi
-if has sweep; then
+if has sweep && [ -z "${GEMM_ONLY:-}" ]; then
   timeout ${T_SWEEP:-90} python3 tools/bench_seed_ops.py --sweep --sweep-ops mqa,gkv,pa --out "$OUT/seed_sweep.json" | tail -3
   # the winners (least total time over the sweep's shapes) as env overrides for the benchmarks
   eval "$(python3 - "$OUT/seed_sweep.json" <<'EOF'
@@ -44,7 +47,7 @@ for op, p in prefix.items():
 EOF
 )"
 fi
-if has bench; then
+if has bench && [ -z "${GEMM_ONLY:-}" ]; then
   timeout ${T_SEED:-60} python3 tools/bench_seed_ops.py --ops pa,gkv,mqa --out "$OUT/seed_ops_bench.json"
   sweep=""; has sweep && sweep="--sweep"
   timeout ${T_QK:-45} python3 tools/check_qk_norm_rope_gpu.py $sweep --out "$OUT/qk_norm_rope.json" | grep -v "qk_norm_rope sweep"

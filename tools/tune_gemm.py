@@ -26,7 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_SHAPES = "4096x4096x4096,1x4096x4096,16x4096x4096,64x4096x4096,128x4096x4096"
+#: issue 19's gemm shapes: 4096^3 and the decode shapes M in {1, 16, 64, 128} at N=K=4096 and 8192 (the
+#: two weight sizes are tuned apart in the decode buckets: gemm.tuning_bucket's size class _w8k)
+DEFAULT_SHAPES = ("4096x4096x4096,1x4096x4096,16x4096x4096,1x8192x8192,16x8192x8192,64x4096x4096,64x8192x8192,"
+                  "128x4096x4096,128x8192x8192")
 
 
 def table(rows, header):
@@ -39,7 +42,50 @@ def table(rows, header):
 
 
 def tile_text(p):
-    return f"{p['block_m']}x{p['block_n']}x{p['block_k']} g{p['group_m']} w{p['num_warps']} s{p['num_stages']}"
+    text = f"{p['block_m']}x{p['block_n']}x{p['block_k']} g{p['group_m']} w{p['num_warps']} s{p['num_stages']}"
+    if p.get("tma"):
+        text += f" tma{'/p' if p.get('persistent') else ''}{'/ws' if p.get('warp_spec') else ''}/e{p.get('epi_split', 1)}"
+    if p.get("split_k", 1) > 1:
+        text += f" splitk{p['split_k']}"
+    return text
+
+
+def precompile(shapes, dtype, b_trans, jobs):
+    """Build every candidate tune_op will time, ``jobs`` at a time (each build runs in its own
+    worker process), so the timing loop only loads kernels. Returns (built, failed, seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from jitkern import runtime
+    from jitkern.build import get_entry
+    from jitkern.errors import JitkernError
+    from jitkern.library import gemm
+    from jitkern.plan import plan
+
+    t0 = time.time()
+    _, arch = runtime.arches_for(torch.device("cuda", torch.cuda.current_device()))
+    cfgs = set()
+    groups = {}
+    for s in shapes:
+        groups.setdefault(gemm.SPEC.extra["tuning_bucket"](s, b_trans), []).append(s)
+    for group in groups.values():
+        m, n, k = group[0]
+        for t in gemm.candidates(arch, dtype, gemm.bucket(m), b_trans=b_trans, big=gemm.big_weight(n, k)):
+            for (m_, n_, k_) in group:  # the tensors tune_args makes are contiguous
+                strides = (k_, k_ if b_trans else n_, n_)
+                cfgs.add(gemm.config(dtype, b_trans, gemm.tile_aligned(t, n_, k_, strides), t))
+
+    def build(cfg):
+        try:
+            get_entry(plan(gemm.SPEC, cfg, arch))
+            return True
+        except JitkernError:  # over budget or failed: tune() records why when it meets it
+            return False
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        ok = list(pool.map(build, sorted(cfgs, key=lambda c: c.describe())))
+    return sum(ok), len(ok) - sum(ok), time.time() - t0
 
 
 def offline(arches, dtype):
@@ -52,7 +98,7 @@ def offline(arches, dtype):
     out, rows = [], []
     for a in _arch.parse_list(arches):
         for b, _ in gemm.BUCKETS:
-            for tile in gemm.candidates(a.name, dtype, b, tuned=False):
+            for tile in gemm.candidates(a.name, dtype, b, tuned=False):  # split-K tiles: sm_90's decode buckets
                 st = report(plan(gemm.SPEC, gemm.config(dtype, False, True, tile), a))
                 out.append({"arch": a.name, "bucket": b, "params": tile, **st})
                 rows.append([a.name, b, tile_text(tile), st["shared_bytes"], st["budget_bytes"], st["regs"],
@@ -61,12 +107,15 @@ def offline(arches, dtype):
     return out
 
 
-def tune(shapes_text, dtype, b_trans, write_table):
+def tune(shapes_text, dtype, b_trans, write_table, jobs=8):
     import torch
 
     from jitkern import tuning
 
     shapes = tuning.parse_shapes(shapes_text)
+    if jobs > 1:
+        built, failed, secs = precompile(shapes, dtype, b_trans, jobs)
+        print(f"precompiled {built} candidates ({failed} over budget or failed) in {secs:.1f} s, {jobs} at a time")
     t0 = time.time()
     records = tuning.tune_op("gemm", shapes, dtype, b_trans=b_trans, force=True)
     rows = []
@@ -106,9 +155,11 @@ def main(argv=None):
     p.add_argument("--write-table", metavar="PATH", help="merge the winners into this shipped table JSON")
     p.add_argument("--offline", metavar="ARCHES", help="no GPU: compiled figures of every candidate for these arches")
     p.add_argument("--out", metavar="FILE", help="write the records / figures as JSON")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="candidates compiled in parallel before timing (default min(8, cores)); 1: compile as timed")
     args = p.parse_args(argv)
     result = offline(args.offline, args.dtype) if args.offline else tune(args.shapes, args.dtype, args.b_trans,
-                                                                        args.write_table)
+                                                                        args.write_table, args.jobs)
     text = json.dumps(result, indent=1, sort_keys=True, default=str)
     if args.out:
         Path(args.out).write_text(text + "\n")

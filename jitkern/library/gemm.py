@@ -25,7 +25,7 @@ from ..errors import ConfigError, OverBudgetError, ShapeError
 from ..logs import warn_once
 from ..plan import plan as plan_job
 from ..render import builtin_template_dir
-from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Variant
+from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scratch, Variant, Zeroed
 
 OP = "gemm"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -44,6 +44,9 @@ TUNABLES = {
     "persistent": (0, 1),
     "warp_spec": (0, 1),
     "epi_split": (1, 2),
+    # split-K (sm_90 decode buckets, see SPLIT_RULES): the K loop cut into this many slices, one program
+    # per (output tile, slice), fp32 partials summed in slice order by the tile's last arriving program.
+    "split_k": (1, 2, 3, 4, 6, 8),
 }
 TILE_PARAMS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
 #: Parameters of the Hopper path, with the values a tile without them has; only tiles with tma=1
@@ -53,26 +56,49 @@ HOPPER_PARAMS = {"tma": 0, "persistent": 0, "warp_spec": 0, "epi_split": 1}
 HOPPER_RULES = tuple(constraints.Rule(a, OP, "tma", "TMA tensor descriptors are the Hopper (sm_90) path", allowed=(0,))
                      for a in ("gfx942", "gfx950", "sm_80", "sm_100", "cpu"))
 constraints.add_rules(*HOPPER_RULES)
+#: Split-K is tuned for the H200's 132 SMs; every other arch keeps its one-program-per-tile kernels.
+SPLIT_RULES = tuple(constraints.Rule(a, OP, "split_k", "split-K tiles are tuned for sm_90's decode shapes", allowed=(1,))
+                    for a in ("gfx942", "gfx950", "sm_80", "sm_100", "cpu"))
+constraints.add_rules(*SPLIT_RULES)
 
 #: Shape buckets by M: (name, largest M in it); the last one takes everything larger.
 BUCKETS = (("m16", 16), ("m64", 64), ("m128", 128), ("large", None))
+#: Decode buckets (every one but "large") are tuned apart for large weights: N * K above this (e.g.
+#: N=K=8192, or 14336x4096) is the size class ``_w8k`` of tuning records, whose winner can use fewer
+#: K slices than the N=K=4096 one (twice the output tiles). Lookups fall back to the size-free name.
+BIG_WEIGHT = 6144 * 6144
+SIZE_TAG = "_w8k"
 
 
 def _t(bm, bn, bk, gm, nw, ns):
     return dict(block_m=bm, block_n=bn, block_k=bk, group_m=gm, num_warps=nw, num_stages=ns)
 
 
-def _h(bm, bn, bk, gm, nw, ns, persistent=1, warp_spec=0, epi_split=1):
+def _h(bm, bn, bk, gm, nw, ns, persistent=1, warp_spec=0, epi_split=1, split_k=1):
     """A Hopper (TMA) tile; dropped by HOPPER_RULES on every other arch."""
-    return dict(_t(bm, bn, bk, gm, nw, ns), tma=1, persistent=persistent, warp_spec=warp_spec, epi_split=epi_split)
+    t = dict(_t(bm, bn, bk, gm, nw, ns), tma=1, persistent=persistent, warp_spec=warp_spec, epi_split=epi_split)
+    return dict(t, split_k=split_k) if split_k > 1 else t
+
+
+def _sk(split_k, bm, bn, bk, nw, ns):
+    """A split-K Hopper tile (one program per output tile and K slice; dropped by SPLIT_RULES and
+    HOPPER_RULES on every other arch)."""
+    return _h(bm, bn, bk, 1, nw, ns, 0, split_k=split_k)
+
+
+def split_of(t: dict) -> int:
+    return int(t.get("split_k", 1) or 1)
 
 
 def tile_of(t: dict) -> dict:
     """The tile parameters of a candidate / tuned record: the six base ones, plus the Hopper ones
-    when it is a TMA tile."""
+    when it is a TMA tile, plus ``split_k`` when it is over 1 (so every config without split-K, and
+    its cache key, is what it was before split-K existed)."""
     tile = {k: t[k] for k in TILE_PARAMS}
     if t.get("tma"):
         tile.update({k: t.get(k, d) for k, d in HOPPER_PARAMS.items()})
+    if split_of(t) > 1:
+        tile["split_k"] = split_of(t)
     return tile
 
 
@@ -86,7 +112,7 @@ def tile_of(t: dict) -> dict:
 #: for sm_90 (budget 232448): 128x256x64 s3 213016, s4 + 2-slice epilogue 229408; 128x128x64 ws s5
 #: 197208, s6 229992; 64x64x128 s6 204848; 64x32x256 s4 200736; 16x64x256 s4 124952. Every other
 #: arch drops them (HOPPER_RULES) and keeps the lists below unchanged.
-HOPPER_CANDIDATES = {
+HOPPER_CANDIDATES_BASE = {
     "m16": (_h(16, 64, 256, 1, 4, 4, 0), _h(16, 32, 256, 1, 4, 6, 0), _h(16, 32, 512, 1, 4, 4, 0),
             _h(16, 16, 512, 1, 4, 6, 0), _h(16, 64, 256, 1, 4, 5, 0), _h(16, 128, 128, 1, 4, 6, 0)),
     "m64": (_h(64, 32, 256, 1, 4, 4, 0), _h(64, 64, 128, 1, 4, 6, 0), _h(64, 32, 128, 1, 4, 8, 0),
@@ -99,6 +125,19 @@ HOPPER_CANDIDATES = {
               _h(256, 128, 64, 8, 8, 4, epi_split=2), _h(128, 256, 64, 8, 8, 3, 0), _h(128, 128, 64, 8, 8, 4),
               _h(128, 256, 64, 16, 8, 3)),
 }
+
+#: Split-K tiles for the decode buckets (sm_90), after the one-program-per-tile ones: at N=K=4096 a
+#: 128x64 tile gives M=128 only 32 programs for 132 SMs; K slices multiply that. Shared bytes are
+#: those of the tile without split-K (the partials go through global memory, L2-resident).
+SPLIT_CANDIDATES = {
+    "m16": (_sk(2, 16, 64, 256, 4, 4), _sk(4, 16, 64, 256, 4, 4), _sk(4, 16, 128, 128, 4, 6), _sk(2, 16, 32, 256, 4, 6)),
+    "m64": (_sk(2, 64, 64, 128, 4, 6), _sk(4, 64, 64, 128, 4, 6), _sk(2, 64, 128, 64, 4, 6), _sk(4, 64, 128, 64, 4, 6),
+            _sk(2, 64, 32, 256, 4, 4)),
+    "m128": (_sk(4, 128, 64, 64, 4, 6), _sk(2, 128, 64, 128, 4, 4), _sk(4, 128, 64, 128, 4, 4), _sk(2, 64, 64, 128, 4, 6),
+             _sk(4, 128, 128, 64, 8, 4), _sk(2, 128, 128, 64, 8, 4)),
+    "large": (),
+}
+HOPPER_CANDIDATES = {b: HOPPER_CANDIDATES_BASE[b] + SPLIT_CANDIDATES[b] for b in HOPPER_CANDIDATES_BASE}
 
 CANDIDATES = {
     "m16": (_t(16, 32, 256, 1, 4, 6), _t(16, 64, 256, 1, 4, 4), _t(16, 32, 256, 1, 4, 4), _t(16, 32, 128, 1, 4, 4),
@@ -130,24 +169,42 @@ def bucket(m: int) -> str:
 
 
 def config(dtype: str, b_trans: bool, aligned: bool, tile: dict) -> Config:
-    return Config.make("triton", dtype=dtype, b_trans=b_trans, aligned=aligned, **tile_of(tile))
+    variant = "triton_split_k" if split_of(tile) > 1 else "triton"
+    return Config.make(variant, dtype=dtype, b_trans=b_trans, aligned=aligned, **tile_of(tile))
 
 
-def tuning_bucket(bucket_name: str, b_trans: bool) -> str:
+def big_weight(n: int, k: int) -> bool:
+    return n * k > BIG_WEIGHT
+
+
+def tuning_bucket(bucket_name: str, b_trans: bool, big: bool = False) -> str:
     """The bucket name tuning records use: B's layout changes which tile wins, so ``w.t()``
-    operands (unit stride along K) are tuned apart, as ``<bucket>_nk``."""
-    return f"{bucket_name}_nk" if b_trans else bucket_name
+    operands (unit stride along K) are tuned apart, as ``<bucket>_nk``; decode buckets with a big
+    weight (``big_weight``) as ``<bucket>_w8k[_nk]``."""
+    size = SIZE_TAG if big and bucket_name != "large" else ""
+    return f"{bucket_name}{size}_nk" if b_trans else f"{bucket_name}{size}"
 
 
-def candidates(arch, dtype: str, bucket_name: str, tuned: bool = True, b_trans: bool = False) -> list[dict]:
+def tuning_buckets(bucket_name: str, b_trans: bool, big: bool = False) -> tuple:
+    """The tuning-record names a call looks up, most specific first: size class and layout, layout,
+    the bare bucket."""
+    names = [tuning_bucket(bucket_name, b_trans, big), tuning_bucket(bucket_name, b_trans), bucket_name]
+    return tuple(dict.fromkeys(names))
+
+
+def candidates(arch, dtype: str, bucket_name: str, tuned: bool = True, b_trans: bool = False,
+               big: bool = False) -> list[dict]:
     """Tile candidates for ``arch`` (name or Arch) in order: tuned winner first (unless ``tuned`` is
-    False; for ``b_trans`` the ``_nk`` winner, else the row-major one), then the bucket's list; pins
-    and ``JITKERN_GEMM_*`` overrides applied, rule breakers dropped."""
+    False; the first of ``tuning_buckets`` that has one), then the bucket's list; pins and
+    ``JITKERN_GEMM_*`` overrides applied, rule breakers dropped."""
     name = getattr(arch, "name", arch)
     if tuned:
-        tuned = tuning.lookup(name, OP, dtype, tuning_bucket(bucket_name, b_trans))
-        if tuned is None and b_trans:
-            tuned = tuning.lookup(name, OP, dtype, bucket_name)
+        found = None
+        for b in tuning_buckets(bucket_name, b_trans, big):
+            found = tuning.lookup(name, OP, dtype, b)
+            if found:
+                break
+        tuned = found
     listed = ([tuned] if tuned else []) + [dict(t, dtype=dtype) for t in HOPPER_CANDIDATES[bucket_name]
                                            + CANDIDATES[bucket_name]]
     found = constraints.apply(name, OP, [dict(t, dtype=dtype) for t in listed], TUNABLES)
@@ -202,9 +259,11 @@ def configs(arch):
     seen = set()
     for dtype in ("bf16", "fp16"):
         for b_name, _ in BUCKETS:
-            for b_trans in (False, True):
+            for b_trans, big in ((False, False), (True, False), (False, True), (True, True)):
+                if big and b_name == "large":
+                    continue
                 # a bad override raises ConfigError here as at call time: prebuild must not build a silent subset
-                tiles = candidates(arch, dtype, b_name, b_trans=b_trans)
+                tiles = candidates(arch, dtype, b_name, b_trans=b_trans, big=big)
                 fits = [arch.backend is None or estimated_shared_bytes(arch, t) <= arch.shared_mem_per_block
                         for t in tiles]
                 first = fits.index(True) if True in fits else len(tiles) - 1
@@ -235,7 +294,7 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
     _, build_arch = runtime.arches_for(device)
     m0, n0, k0 = shapes[0]
     cfgs = []
-    for t in candidates(build_arch, dtype, bucket(m0), b_trans=b_trans):
+    for t in candidates(build_arch, dtype, bucket(m0), b_trans=b_trans, big=big_weight(n0, k0)):
         cfg = config(dtype, b_trans, tile_aligned(t, n0, k0, tensors[0][3]), t)
         if cfg not in cfgs:
             cfgs.append(cfg)
@@ -246,7 +305,11 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
         for (m, n, k), (a, b, c, strides) in zip(shapes, tensors):
             kern = runtime.kernel(SPEC, config(dtype, b_trans, tile_aligned(tile, n, k, strides), tile), device)
             grid = _grid(dict(tile, aligned=tile_aligned(tile, n, k, strides)), m, n, device)
-            launches.append((kern[(grid,)], (a, b, c, m, n, k, *strides)))
+            # split-K: the workspace once per shape (what a call allocates), counters zeroed once (kept)
+            extra = [torch.empty(shape, dtype=dt, device=device) if isinstance(buf, Scratch)
+                     else torch.zeros(shape, dtype=dt, device=device)
+                     for buf in split_buffers(tile, m, n) for shape, dt in ((buf.shape, buf.dtype),)]
+            launches.append((kern[(grid,)], (a, b, c, m, n, k, *strides, *extra)))
 
         def launch_all():
             for fn, args in launches:
@@ -256,10 +319,29 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
     return cfgs, run, {"shapes": [list(s) for s in shapes], "b_trans": b_trans}
 
 
+def output_tiles(p, m, n) -> int:
+    return -(-m // p["block_m"]) * -(-n // p["block_n"])
+
+
+def split_buffers(p, m, n) -> tuple:
+    """The buffers a split-K launch takes after its nine arguments: the fp32 partial tiles (a
+    ``Scratch`` per call: [tiles, split, block_m, block_n]) and the per-tile arrival counters (a
+    ``Zeroed`` buffer, kept: every launch leaves it zeroed). Empty without split-K."""
+    split = split_of(p)
+    if split <= 1:
+        return ()
+    tiles = output_tiles(p, m, n)
+    return (Scratch((tiles * split * p["block_m"] * p["block_n"],), torch.float32, "split_k_partials"),
+            Zeroed((tiles,), torch.int32, "split_k_arrivals"))
+
+
 def _grid(p, m, n, device=None) -> int:
-    """Programs to launch: one per output tile, or for the persistent (TMA, aligned) kernel at most
-    one per SM of ``device`` (its programs stride over the tiles)."""
-    tiles = -(-m // p["block_m"]) * -(-n // p["block_n"])
+    """Programs to launch: one per output tile (times the K slices with split-K), or for the
+    persistent (TMA, aligned) kernel at most one per SM of ``device`` (its programs stride over the
+    tiles)."""
+    tiles = output_tiles(p, m, n)
+    if split_of(p) > 1:
+        return tiles * split_of(p)
     if p.get("persistent") and p.get("tma") and p.get("aligned"):
         return min(tiles, _programs(device))
     return tiles
@@ -332,17 +414,19 @@ def plan(call):
     dtype = checks.TRITON_TYPE[a.dtype]
     b_name = bucket(m)
     if tuning.autotune_enabled() and call.arch.backend is not None and call.device.type == "cuda":
-        tuning.ensure_tuned(SPEC, call.arch, dtype, tuning_bucket(b_name, b_trans),
+        tuning.ensure_tuned(SPEC, call.arch, dtype, tuning_bucket(b_name, b_trans, big_weight(n, k)),
                             lambda: tune_args(dtype, [(m, n, k)], b_trans, call.device))
     tiles = call.tiles([dict(t, dtype=dtype) for t in HOPPER_CANDIDATES[b_name] + CANDIDATES[b_name]], dtype=dtype,
-                       bucket=(tuning_bucket(b_name, b_trans), b_name))
+                       bucket=tuning_buckets(b_name, b_trans, big_weight(n, k)))
     out = []
     for t in tiles:
         tile = tile_of(t)
+        if split_of(tile) > 1:  # the kernel indexes its workspace with 32-bit offsets
+            checks.fits_i32(OP, "the split-K workspace", split_buffers(tile, m, n)[0].shape[0])
         aligned = tile_aligned(tile, n, k, strides)
         grid = _grid(dict(tile, aligned=aligned), m, n, call.device)
         out.append(Candidate(Launch(config(dtype, b_trans, aligned, tile), (grid,),
-                                    (In("a"), In("b"), In("out"), m, n, k, *strides))))
+                                    (In("a"), In("b"), In("out"), m, n, k, *strides, *split_buffers(tile, m, n)))))
     return out
 
 
@@ -369,19 +453,22 @@ def alloc(a, b, out=None):
     return {"out": torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)}
 
 
+_ARGS = (
+    Arg("a_ptr", "*{dtype}"), Arg("b_ptr", "*{dtype}"), Arg("c_ptr", "*{dtype}"),
+    Arg("M", "i32"), Arg("N", "i32", divisible_if="aligned"), Arg("K", "i32", divisible_if="aligned"),
+    Arg("stride_am", "i32", divisible_if="aligned"), Arg("stride_b", "i32", divisible_if="aligned"),
+    Arg("stride_cm", "i32", divisible_if="aligned"),
+)
+
 SPEC = registry.register(OpSpec(
     name=OP,
-    variants=(Variant(
-        name="triton",
-        template="triton.py.j2",
-        kernel="gemm_kernel",
-        args=(
-            Arg("a_ptr", "*{dtype}"), Arg("b_ptr", "*{dtype}"), Arg("c_ptr", "*{dtype}"),
-            Arg("M", "i32"), Arg("N", "i32", divisible_if="aligned"), Arg("K", "i32", divisible_if="aligned"),
-            Arg("stride_am", "i32", divisible_if="aligned"), Arg("stride_b", "i32", divisible_if="aligned"),
-            Arg("stride_cm", "i32", divisible_if="aligned"),
-        ),
-    ),),
+    variants=(
+        Variant(name="triton", template="triton.py.j2", kernel="gemm_kernel", args=_ARGS),
+        # the same template with split_k > 1: two more arguments, the partials workspace and the
+        # per-tile arrival counters (split_buffers)
+        Variant(name="triton_split_k", template="triton.py.j2", kernel="gemm_kernel",
+                args=_ARGS + (Arg("ws_ptr", "*fp32"), Arg("cnt_ptr", "*i32"))),
+    ),
     template_dir=builtin_template_dir() / OP,
     fn=gemm,
     reference=reference,
@@ -390,7 +477,8 @@ SPEC = registry.register(OpSpec(
     tunables=TUNABLES,
     doc=__doc__,
     extra={"buckets": BUCKETS, "tune_args": tune_args,
-           "tuning_bucket": lambda shape, b_trans=False: tuning_bucket(bucket(shape[0]), b_trans)},
+           "tuning_bucket": lambda shape, b_trans=False: tuning_bucket(bucket(shape[0]), b_trans,
+                                                                        big_weight(shape[1], shape[2]))},
     outputs=("out",),
     alloc=alloc,
 ))
