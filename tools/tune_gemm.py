@@ -50,9 +50,10 @@ def tile_text(p):
     return text
 
 
-def precompile(shapes, dtype, b_trans, jobs):
+def precompile(shapes, dtype, b_trans, jobs, arch=None):
     """Build every candidate tune_op will time, ``jobs`` at a time (each build runs in its own
-    worker process), so the timing loop only loads kernels. Returns (built, failed, seconds)."""
+    worker process), so the timing loop only loads kernels; ``arch``: the build arch (default: this
+    GPU's). Returns (built, failed, seconds)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -64,7 +65,8 @@ def precompile(shapes, dtype, b_trans, jobs):
     from jitkern.plan import plan
 
     t0 = time.time()
-    _, arch = runtime.arches_for(torch.device("cuda", torch.cuda.current_device()))
+    if arch is None:
+        _, arch = runtime.arches_for(torch.device("cuda", torch.cuda.current_device()))
     cfgs = set()
     groups = {}
     for s in shapes:
