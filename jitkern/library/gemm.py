@@ -127,13 +127,16 @@ HOPPER_CANDIDATES_BASE = {
 }
 
 #: Split-K tiles for the decode buckets (sm_90), after the one-program-per-tile ones: at N=K=4096 a
-#: 128x64 tile gives M=128 only 32 programs for 132 SMs; K slices multiply that. Shared bytes are
-#: those of the tile without split-K (the partials go through global memory, L2-resident).
+#: 128x64 tile gives M=128 only 32 programs for 132 SMs; K slices multiply that (most of these make
+#: about 128 programs, one wave, at N=4096 or 8192). Shared bytes are those of the tile without
+#: split-K (the partials go through global memory, L2-resident); compiled for sm_90: 122904 (16-row
+#: tiles) to 196656 (64x64x128 s6), all within 232448.
 SPLIT_CANDIDATES = {
-    "m16": (_sk(2, 16, 64, 256, 4, 4), _sk(4, 16, 64, 256, 4, 4), _sk(4, 16, 128, 128, 4, 6), _sk(2, 16, 32, 256, 4, 6)),
+    "m16": (_sk(2, 16, 64, 256, 4, 4), _sk(4, 16, 64, 256, 4, 4), _sk(4, 16, 128, 128, 4, 6), _sk(2, 16, 128, 128, 4, 6),
+            _sk(2, 16, 32, 256, 4, 6)),
     "m64": (_sk(2, 64, 64, 128, 4, 6), _sk(4, 64, 64, 128, 4, 6), _sk(2, 64, 128, 64, 4, 6), _sk(4, 64, 128, 64, 4, 6),
             _sk(2, 64, 32, 256, 4, 4)),
-    "m128": (_sk(4, 128, 64, 64, 4, 6), _sk(2, 128, 64, 128, 4, 4), _sk(4, 128, 64, 128, 4, 4), _sk(2, 64, 64, 128, 4, 6),
+    "m128": (_sk(4, 128, 64, 64, 4, 6), _sk(2, 128, 64, 64, 4, 6), _sk(2, 128, 64, 128, 4, 4), _sk(4, 128, 64, 128, 4, 4), _sk(2, 64, 64, 128, 4, 6),
              _sk(4, 128, 128, 64, 8, 4), _sk(2, 128, 128, 64, 8, 4)),
     "large": (),
 }
