@@ -475,16 +475,17 @@ def _zeroed_getter(op: str, z: Zeroed, device):
     else:
         stream = lambda: 0  # noqa: E731  (CPU: launches run in program order)
     base = (op, z, str(dev))
-    kept = _zeroed
+    mine: dict = {}  # stream -> buffer: this launch's own view of _zeroed (no dataclass hashing per call)
 
     def get():
-        key = (*base, stream())
-        buf = kept.get(key)
+        s = stream()
+        buf = mine.get(s)
         if buf is None:
             with _zeroed_lock:
-                buf = kept.get(key)
+                buf = _zeroed.get((*base, s))
                 if buf is None:
-                    buf = kept[key] = torch.zeros(z.shape, dtype=z.dtype, device=dev)
+                    buf = _zeroed[(*base, s)] = torch.zeros(z.shape, dtype=z.dtype, device=dev)
+            mine[s] = buf
         return buf
     return get
 

@@ -121,8 +121,9 @@ class Zeroed:
     streams never share one. A CUDA graph captures the buffer of its capture stream (a first use
     under capture allocates it from the graph's pool, and the zeroing memset becomes part of the
     graph); replays leave it zeroed as every launch does. Graphs captured on one stream share it, so
-    they must not be replayed concurrently on different streams. Names share one namespace with
-    ``Scratch`` within a candidate."""
+    they must not be replayed concurrently on different streams. The buffers are never freed (not
+    by ``jitkern.reset()`` either: a captured graph may still use them). Names share one namespace
+    with ``Scratch`` within a candidate."""
 
     shape: tuple
     dtype: Any
