@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, redzone, registry, table_checks
+from .. import checks, constraints, tuning, redzone, registry, table_checks
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..dispatch import dispatcher
@@ -34,6 +34,18 @@ TUNABLES = {"block_t": (8, 16, 32, 64), "block_e": (64, 128, 256, 512, 1024), "n
 TILES = {  # H200 sweeps (tools/bench_h200.sh, 2026-12-01): page runs of 8 x 256 elements, 3.4-3.9 TB/s
     "sm_90": {"block_t": 8, "block_e": 256, "num_warps": 8, "max_splits": 256}}
 DEFAULT_TILES = {"block_t": 16, "block_e": 256, "num_warps": 4, "max_splits": 64}
+
+
+#: The bucket of this op's winners in the shipped tables (``jitkern/tuned/<arch>.json``, written by
+#: ``tools/sweep_membw.py --apply``): one tile per arch and dtype, looked up before ``TILES``.
+TUNED_BUCKET = "default"
+
+
+def _listed(arch_name: str, dtype: str) -> list[dict]:
+    """The tile candidates before rules and overrides: the shipped winner (if any), then ``TILES``."""
+    base = TILES.get(arch_name, DEFAULT_TILES)
+    won = tuning.shipped(arch_name, OP, dtype, TUNED_BUCKET)
+    return ([{**base, **won}] if won else []) + [base]
 BLOCK_T = DEFAULT_TILES["block_t"]
 BLOCK_E = DEFAULT_TILES["block_e"]
 
@@ -58,10 +70,10 @@ def reference(kv_cache, block_table, cu_seq_lens, num_tokens=None, out=None):
     return y
 
 
-def tiles(arch_name: str) -> dict:
+def tiles(arch_name: str, dtype: str = "bf16") -> dict:
     """block_t, block_e, num_warps, max_splits for an arch, after rules and env overrides (what
     ``call.tiles`` gives the plan; prebuild and tools use this)."""
-    return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
+    return constraints.apply(arch_name, OP, _listed(arch_name, dtype), TUNABLES)[0]
 
 
 def config(dtype: str, page_size: int, aligned: bool, arch_name: str = "", flat: bool = False,
@@ -69,7 +81,7 @@ def config(dtype: str, page_size: int, aligned: bool, arch_name: str = "", flat:
     """``flat``: token rows contiguous in the cache and in ``out`` (copies whole page runs). ``tile``:
     the chosen tile (``max_splits`` is a grid bound, not a build parameter); default:
     ``tiles(arch_name)``."""
-    t = tiles(arch_name) if tile is None else tile
+    t = tiles(arch_name, dtype) if tile is None else tile
     extra = {"flat": True} if flat else {}  # only flat configs carry the flag (others keep their keys)
     return Config.make("triton", dtype=dtype, page_size=page_size, aligned=aligned, block_t=t["block_t"],
                        block_e=t["block_e"], num_warps=t["num_warps"], **extra)
@@ -119,7 +131,8 @@ def plan(call):
     strides = (kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), out.stride(0) if n_tok > 1 else e)
     aligned = e % 16 == 0 and all(s % 16 == 0 for s in strides)
     flat = strides[1] == e and strides[3] == e  # whole page runs are contiguous: copy them as one
-    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)])[0]
+    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[kv_cache.dtype],
+                      bucket=TUNED_BUCKET)[0]
     cfg = config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned, flat=flat, tile=tile)
     per_program = page if flat else tile["block_t"]  # tokens one step of a program covers
     splits = max(1, min(tile["max_splits"], -(-n_tok // (batch * per_program))))

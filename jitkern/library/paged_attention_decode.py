@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, contracts, redzone, registry, table_checks
+from .. import checks, constraints, tuning, contracts, redzone, registry, table_checks
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..dispatch import dispatcher
@@ -56,6 +56,18 @@ TILES = {"cpu": {"partition": 32, "block_n": 16, "num_warps": 4, "num_stages": 1
 #: partition 256/512/1024 and num_stages 2-4 all within 2% of each other (2.8-2.9 TB/s at b=64, 8K).
 #: Without the 16-element stride specialisation every K/V load is scalar and the kernel is ~3.5x slower.
 DEFAULT_TILES = {"partition": 512, "block_n": 32, "num_warps": 4, "num_stages": 2}
+
+
+#: The bucket of this op's winners in the shipped tables (``jitkern/tuned/<arch>.json``, written by
+#: ``tools/sweep_membw.py --apply``): one tile per arch and dtype, looked up before ``TILES``.
+TUNED_BUCKET = "default"
+
+
+def _listed(arch_name: str, dtype: str) -> list[dict]:
+    """The tile candidates before rules and overrides: the shipped winner (if any), then ``TILES``."""
+    base = TILES.get(arch_name, DEFAULT_TILES)
+    won = tuning.shipped(arch_name, OP, dtype, TUNED_BUCKET)
+    return ([{**base, **won}] if won else []) + [base]
 BLOCK_P = 16
 
 #: Written once beside the template. ``parts`` = cdiv(capacity, partition).
@@ -66,9 +78,9 @@ CONTRACT = Contract(OP, (
 ))
 
 
-def tiles(arch_name: str) -> dict:
+def tiles(arch_name: str, dtype: str = "bf16") -> dict:
     """partition, block_n, num_warps, num_stages for an arch, after rules and env overrides."""
-    return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
+    return constraints.apply(arch_name, OP, _listed(arch_name, dtype), TUNABLES)[0]
 
 
 def capacity(max_context_len: int | None, kv_cache_tokens: int, table_tokens: int | None = None) -> int:
@@ -111,13 +123,13 @@ def partition_config(dtype, page_size, head_dim, group, arch_name, aligned=True,
     """``aligned``: every stride is a multiple of 16 elements, so Triton may use 16-byte vector loads
     for the gathered K/V rows (without it every load is scalar: ~4x slower on the H100).
     ``tile``: the chosen tile; default ``tiles(arch_name)``."""
-    t = tiles(arch_name) if tile is None else tile
+    t = tiles(arch_name, dtype) if tile is None else tile
     return Config.make("partition", dtype=dtype, page_size=page_size, head_dim=head_dim, group=group,
                        group_pad=max(16, 1 << (group - 1).bit_length()), aligned=aligned, **t)
 
 
 def combine_config(dtype, head_dim, arch_name, tile: dict | None = None) -> Config:
-    part = (tiles(arch_name) if tile is None else tile)["partition"]
+    part = (tiles(arch_name, dtype) if tile is None else tile)["partition"]
     return Config.make("combine", dtype=dtype, head_dim=head_dim, partition=part, block_p=BLOCK_P, num_warps=4)
 
 
@@ -186,7 +198,8 @@ def plan(call):
     checks.same_dtype(OP, "out", out, q, "q")
     checks.shape(OP, "out", out, (b, h, d))
     checks.unit_last_stride(OP, "out", out)
-    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)])[0]
+    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[q.dtype],
+                      bucket=TUNED_BUCKET)[0]
     part = tile["partition"]
     parts = -(-capacity(max_context_len, nb * page, block_tables.shape[1] * page) // part)
     need = b * h * parts * (d + 2)

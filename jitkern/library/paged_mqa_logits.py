@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, redzone, registry, table_checks
+from .. import checks, constraints, tuning, redzone, registry, table_checks
 from ..contracts import Buffer, Contract
 from ..render import builtin_template_dir
 from ..dispatch import dispatcher
@@ -39,6 +39,18 @@ TILES = {"cpu": {"block_t": 16, "span": 1, "num_warps": 4, "num_stages": 2},
          # H200 sweeps (tools/bench_h200.sh, 2026-12-01): span 8 x 128 positions: 1.3-2.3 -> 2.3-3.4 TB/s
          "sm_90": {"block_t": 128, "span": 8, "num_warps": 4, "num_stages": 2}}
 DEFAULT_TILES = {"block_t": 64, "span": 1, "num_warps": 4, "num_stages": 2}
+
+
+#: The bucket of this op's winners in the shipped tables (``jitkern/tuned/<arch>.json``, written by
+#: ``tools/sweep_membw.py --apply``): one tile per arch and dtype, looked up before ``TILES``.
+TUNED_BUCKET = "default"
+
+
+def _listed(arch_name: str, dtype: str) -> list[dict]:
+    """The tile candidates before rules and overrides: the shipped winner (if any), then ``TILES``."""
+    base = TILES.get(arch_name, DEFAULT_TILES)
+    won = tuning.shipped(arch_name, OP, dtype, TUNED_BUCKET)
+    return ([{**base, **won}] if won else []) + [base]
 #: Every store masked by ``t < max_model_len``. Only tests turn this off, to show that redzone mode
 #: catches the seed-001 bug.
 MASK_STORES = True
@@ -72,13 +84,13 @@ def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=Tru
     """``aligned``: every stride is a multiple of 16 elements (16-byte vector loads and stores).
     ``tile``: the chosen tile; default ``tiles(arch_name)``."""
     return Config.make("triton", dtype=dtype, page_size=page_size, heads=heads, head_dim=head_dim, next_n=next_n,
-                       mask_stores=mask_stores, aligned=aligned, **(tiles(arch_name) if tile is None else tile))
+                       mask_stores=mask_stores, aligned=aligned, **(tiles(arch_name, dtype) if tile is None else tile))
 
 
-def tiles(arch_name: str) -> dict:
+def tiles(arch_name: str, dtype: str = "bf16") -> dict:
     """block_t, span, num_warps, num_stages for an arch, after rules and env overrides (what
     ``call.tiles`` gives the plan; prebuild and tools use this)."""
-    return constraints.apply(arch_name, OP, [TILES.get(arch_name, DEFAULT_TILES)], TUNABLES)[0]
+    return constraints.apply(arch_name, OP, _listed(arch_name, dtype), TUNABLES)[0]
 
 
 def configs(arch):
@@ -131,7 +143,8 @@ def plan(call):
     strides = (q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), weights.stride(0),
                out.stride(0), block_tables.stride(0))
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
-    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)])[0]
+    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[q.dtype],
+                      bucket=TUNED_BUCKET)[0]
     cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, call.arch.name, MASK_STORES, aligned, tile=tile)
     span = tile["block_t"] * tile["span"]
     return Candidate(Launch(cfg, (b, -(-max_len // span)),

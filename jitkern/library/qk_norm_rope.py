@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks, constraints, registry
+from .. import checks, constraints, tuning, registry
 from ..dispatch import dispatcher
 from ..errors import ShapeError
 from ..render import builtin_template_dir
@@ -89,8 +89,20 @@ TRITON_TILES = {  # H200 sweep (tools/check_qk_norm_rope_gpu.py --sweep, 2026-12
 DEFAULT_TRITON_TILES = {"tile": TRITON_TILE, "num_warps": 4}
 
 
-def triton_tiles(arch_name: str) -> dict:
-    return constraints.apply(arch_name, OP, [TRITON_TILES.get(arch_name, DEFAULT_TRITON_TILES)], TUNABLES)[0]
+#: The bucket of this op's winners in the shipped tables (``jitkern/tuned/<arch>.json``, written by
+#: ``tools/sweep_membw.py --apply``): one tile per arch and dtype, looked up before ``TRITON_TILES``.
+TUNED_BUCKET = "default"
+
+
+def _listed(arch_name: str, dtype: str) -> list[dict]:
+    """The tile candidates before rules and overrides: the shipped winner (if any), then ``TRITON_TILES``."""
+    base = TRITON_TILES.get(arch_name, DEFAULT_TRITON_TILES)
+    won = tuning.shipped(arch_name, OP, dtype, TUNED_BUCKET)
+    return ([{**base, **won}] if won else []) + [base]
+
+
+def triton_tiles(arch_name: str, dtype: str = "bf16") -> dict:
+    return constraints.apply(arch_name, OP, _listed(arch_name, dtype), TUNABLES)[0]
 
 
 #: The C++ variants, in fallback order: the vendors whose arches they apply to, and their lanes per head
@@ -123,7 +135,7 @@ def _params(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox
 def triton_config(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool,
                   arch_name: str = "", tile: dict | None = None) -> Config:
     return variant_config("triton", _params(dtype, cache_dtype, pos_dtype, head_dim, is_neox), head_dim,
-                          tile or triton_tiles(arch_name))
+                          tile or triton_tiles(arch_name, dtype))
 
 
 def cpp_config(variant: str, warp: int, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int,
@@ -137,7 +149,7 @@ def configs_for(arch, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: in
     """One config per variant that applies to ``arch``, in fallback order (``tile``: the Triton
     variant's tile, as the arch's rules and overrides give it)."""
     return variant_configs(arch, _params(dtype, cache_dtype, pos_dtype, head_dim, is_neox), head_dim,
-                           tile or triton_tiles(arch.name))
+                           tile or triton_tiles(arch.name, dtype))
 
 
 def configs(arch):
@@ -196,7 +208,8 @@ def plan(call):
     tt = checks.TRITON_TYPE
     args = (In("qkv"), In("q_weight"), In("k_weight"), In("cos_sin_cache"), In("positions"), qkv.stride(0),
             cos_sin_cache.stride(0), n_q, n_heads, max_pos, In("eps"))
-    tile = call.tiles([TRITON_TILES.get(call.arch.name, DEFAULT_TRITON_TILES)])[0]
+    tile = call.tiles([TRITON_TILES.get(call.arch.name, DEFAULT_TRITON_TILES)], dtype=tt[qkv.dtype],
+                      bucket=TUNED_BUCKET)[0]
     configs = configs_for(call.arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], d, bool(is_neox),
                           tile)
     return variant_candidates(configs, t, n_heads, args, _plain)

@@ -1,0 +1,436 @@
+"""Sweep the memory-bound ops' tiles and variants on one GPU (issue 19, must-have 2), then ship the winners.
+
+On the GPU machine, from the repo root (one command, about 1-2 minutes; builds first, in parallel)::
+
+    PYTHONPATH=$PWD python3 tools/sweep_membw.py --out DIR            (all ops: pa,mqa,gkv,qnr)
+    PYTHONPATH=$PWD python3 tools/sweep_membw.py --out DIR --ops mqa   (one op)
+
+Afterwards, anywhere (no GPU)::
+
+    PYTHONPATH=$PWD python3 tools/sweep_membw.py --apply DIR/membw_sweep.json      (writes jitkern/tuned/sm_90.json)
+
+For every op, every tile of its grid (the op's ``JITKERN_<OP>_<PARAM>`` overrides) is timed at every
+benchmark shape of ``tools/bench_seed_ops.py`` / ``tools/check_qk_norm_rope_gpu.py`` (same shapes,
+same byte counts: inputs read and outputs written once), as the op is called (validation and launch
+included; ``triton.testing.do_bench`` medians, L2 flushed between runs). Prints, per op, each
+shape's best tile and its fraction of the device's HBM peak (``tools/gpu_peaks.py``), and the
+overall winner: the tile whose worst shape is the closest to that shape's best (least
+max(time / best time)). Writes ``DIR/membw_sweep.json`` as it goes (a run cut short keeps what it
+timed) and ``DIR/membw_summary.json`` at the end.
+
+Every configuration of the sweep is built before anything is timed, by jitkern's prebuild workers
+(one per core) into ``JITKERN_CACHE_DIR`` (default: a fresh temporary folder): the timing loop only
+loads. ``--apply`` puts each op's overall winner into the shipped table under bucket ``default``
+(both 16-bit dtypes: the sweeps are bf16, fp16 moves the same bytes), where the ops' plans look it
+up first (``jitkern.tuning``), so ``prebuild`` and every call use it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: env prefix of each op's tile overrides
+PREFIX = {"paged_attention_decode": "JITKERN_PAGED_ATTENTION_DECODE_", "paged_mqa_logits": "JITKERN_PAGED_MQA_LOGITS_",
+          "gather_kv_cache": "JITKERN_GATHER_KV_CACHE_", "qk_norm_rope": "JITKERN_QK_NORM_ROPE_"}
+SHORT = {"pa": "paged_attention_decode", "mqa": "paged_mqa_logits", "gkv": "gather_kv_cache", "qnr": "qk_norm_rope"}
+BUCKET = "default"  # the bucket the ops look up in jitkern/tuned/<arch>.json
+
+
+# ---- grids: what is timed (every tile must pass the op's TUNABLES and the sm_90 rules) -------------
+def grids() -> dict[str, list[dict]]:
+    pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns)
+          for p, bn, nw, ns in itertools.product((256, 512, 1024, 2048), (32, 64, 128), (4, 8), (2, 3))
+          if bn <= p and (nw == 4 or bn >= 64)]
+    mqa = [dict(block_t=bt, span=sp, num_warps=nw, num_stages=ns)
+           for bt, sp, nw, ns in itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (2, 3, 4))
+           if not (bt == 32 and nw == 8) and not (bt == 128 and ns == 4)]
+    gkv = [dict(block_t=bt, block_e=be, num_warps=nw, max_splits=256)
+           for bt, be, nw in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8)) if bt * be <= 32768]
+    qnr = [dict(variant="triton", tile=t, num_warps=nw) for t, nw in itertools.product((256, 512, 1024, 2048, 4096),
+                                                                                        (1, 2, 4, 8))]
+    qnr.append(dict(variant="cuda"))
+    return {"paged_attention_decode": pa, "paged_mqa_logits": mqa, "gather_kv_cache": gkv, "qk_norm_rope": qnr}
+
+
+# ---- cases: (label, fn, bytes moved) per shape, as the benchmarks build them ----------------------
+def cases(op: str, torch, quick: bool, dev: str = "cuda"):
+    """``dev='meta'``: the same signatures without memory (``--plan-only``)."""
+    from bench_seed_ops import paged_decode_inputs
+
+    torch.manual_seed(0)
+    out = []
+    if op == "paged_attention_decode":
+        from jitkern.library import paged_attention_decode as pa
+
+        shapes = [(32, 2048), (64, 8192), (256, 2048), (32, 32768), (128, 4096)]
+        for bsz, ctx in shapes[:2] if quick else shapes:
+            q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, 32, 8, 128, 16)
+            nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2 + bt.numel() * 4
+            out.append((f"b={bsz} ctx={ctx}", lambda q=q, k=k, v=v, bt=bt, lens=lens: pa.paged_attention_decode(
+                q, k, v, bt, lens, max_context_len=131072), nbytes))
+    elif op == "paged_mqa_logits":
+        from jitkern.library import paged_mqa_logits as mqa
+
+        h, d, pg = 64, 128, 64
+        shapes = [(32, 1, 8192), (64, 2, 8192), (128, 1, 16384), (32, 2, 32768)]
+        for bsz, nn, ctx in shapes[:2] if quick else shapes:
+            nblk = ctx // pg
+            kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
+            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+            lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(bsz, nn, h, d, dtype=torch.bfloat16, device=dev)
+            wt = torch.rand(bsz * nn, h, device=dev)
+            nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
+            out.append((f"b={bsz} n={nn} ctx={ctx}", lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx:
+                        mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx), nbytes))
+    elif op == "gather_kv_cache":
+        from jitkern.library import gather_kv_cache as gkv
+
+        shapes = [(32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)]
+        for bsz, ctx, pg, e in shapes[:2] if quick else shapes:
+            nblk = ctx // pg
+            cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
+            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+            lens = torch.randint(ctx // 2, ctx + 1, (bsz,), device=dev)
+            cu = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
+            cu[1:] = torch.cumsum(lens, 0)
+            total = int(cu[-1]) if dev != "meta" else bsz * ctx * 3 // 4
+            out.append((f"b={bsz} ctx={ctx} page={pg} e={e}", lambda cache=cache, bt=bt, cu=cu, total=total:
+                        gkv.gather_kv_cache(cache, bt, cu, num_tokens=total), 2 * total * e * 2))
+    elif op == "qk_norm_rope":
+        from jitkern.library import qk_norm_rope as qnr
+
+        t, hq, hkv, d = 4096, 32, 8, 128
+        g = torch.Generator(device=dev).manual_seed(0) if dev != "meta" else None
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, generator=g).to(torch.bfloat16)
+        qw = (1 + 0.5 * torch.randn(d, device=dev, generator=g)).to(torch.bfloat16)
+        kw = (1 + 0.5 * torch.randn(d, device=dev, generator=g)).to(torch.bfloat16)
+        cs = qnr.cos_sin_table(8192, d, device=dev) if dev != "meta" else torch.empty(8192, d, device=dev)
+        pos = torch.randint(0, 8192, (t,), device=dev, generator=g)
+        nbytes = 2 * t * (hq + hkv) * d * qkv.element_size()
+        for neox in (True, False):
+            out.append((f"t={t} h={hq}/{hkv} d={d} {'neox' if neox else 'gptj'}",
+                        (qkv, qw, kw, cs, pos, hq, hkv, d, 1e-6, neox), nbytes))  # args: bound per variant
+    return out
+
+
+def set_tile(op: str, tile: dict) -> None:
+    import jitkern
+
+    prefix = PREFIX[op]
+    for k in [k for k in os.environ if k.startswith(prefix)]:
+        del os.environ[k]
+    for k, v in tile.items():
+        if k != "variant":
+            os.environ[f"{prefix}{k.upper()}"] = str(v)
+    jitkern.reset()  # tiles are chosen once per call signature: decide every signature again
+
+
+def qnr_fire(case_args, variant: str, arch):
+    """The launch function of one qk_norm_rope variant (as tools/check_qk_norm_rope_gpu.py times it)."""
+    import jitkern
+    from jitkern import runtime
+    from jitkern.library import qk_norm_rope as qnr
+
+    disp = jitkern.dispatcher(qnr.SPEC)
+    cand = [c for c in disp.candidates(case_args, arch, case_args[0].device) if c.variant == variant][0]
+    fire = disp.bind(cand, [runtime.kernel(qnr.SPEC, la.config, case_args[0].device) for la in cand.launches])
+    return lambda: fire(case_args), cand
+
+
+# ---- build everything first ---------------------------------------------------------------------
+def configs_of(op: str, spec, arch, tile: dict, op_cases) -> list:
+    """The Configs the op's plan picks for ``tile`` at every case (planning only, nothing built)."""
+    import jitkern
+
+    disp = jitkern.dispatcher(spec)
+    set_tile(op, tile)
+    cfgs = []
+    for label, fn, _ in op_cases:
+        if op == "qk_norm_rope":
+            cands = [c for c in disp.candidates(fn, arch, fn[0].device) if c.variant == tile["variant"]]
+        else:
+            cands = _record_plan(disp, fn, arch)
+        for c in cands:
+            cfgs += [la.config for la in c.launches]
+    return cfgs
+
+
+def _record_plan(disp, fn, arch):
+    """Candidates of the call ``fn`` makes: the dispatcher's plan for its arguments (captured by
+    intercepting the one dispatch of the call; nothing is launched)."""
+    import jitkern.library  # noqa: F401
+
+    got = []
+
+    class Captured(Exception):
+        pass
+
+    mod = sys.modules[disp.spec.fn.__module__]
+    real = mod._dispatch
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, *args):
+            got.extend(real.candidates(args, arch, args[0].device) or [])
+            raise Captured()
+
+    mod._dispatch = Spy()
+    try:
+        fn()
+    except Captured:
+        pass
+    finally:
+        mod._dispatch = real
+    return got
+
+
+def build_all(pairs, arch, jobs) -> dict:
+    """Build ``(spec, config)`` pairs with prebuild's workers; returns status counts."""
+    from jitkern import prebuild as pb
+    from jitkern.cache import Store, check_dirs, configured_layers
+    from jitkern.key import recorded
+    from jitkern.plan import plan
+
+    layers = check_dirs(configured_layers(None))
+    store = Store(layers)
+    tasks, seen = [], set()
+    for spec, cfg in pairs:
+        job = plan(spec, cfg, arch, store)
+        if job.key in seen:
+            continue
+        seen.add(job.key)
+        tasks.append(pb.Task(spec.name, getattr(spec.fn, "__module__", "") or "", cfg.variant, cfg.params, arch.name,
+                             job.key, recorded(job.parts)))
+        pb._jobs[job.key] = job
+    t0 = time.perf_counter()
+    records, _, _ = pb.run(tasks, store, jobs, None, os.pathsep.join(str(p) for p in layers))
+    counts: dict = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts["seconds"] = round(time.perf_counter() - t0, 1)
+    failed = [r for r in records if r["status"] not in ("built", "cached")]
+    for r in failed[:5]:
+        print("  build", r["status"], r.get("op"), r.get("params"), str(r.get("error", ""))[:200], flush=True)
+    return counts
+
+
+# ---- time ----------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="folder for membw_sweep.json and membw_summary.json")
+    ap.add_argument("--ops", default="pa,mqa,gkv,qnr", help="pa, mqa, gkv, qnr (comma separated)")
+    ap.add_argument("--quick", action="store_true", help="two shapes per op")
+    ap.add_argument("--rep", type=float, default=20.0, help="do_bench rep (ms) per tile and shape")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="stop timing (keeping what was timed) after this")
+    ap.add_argument("--jobs", type=int, default=None, help="build workers (default: one per core)")
+    ap.add_argument("--apply", metavar="SWEEP_JSON", help="no GPU: merge the winners of a sweep into --table")
+    ap.add_argument("--table", default=str(Path(__file__).resolve().parents[1] / "jitkern" / "tuned" / "sm_90.json"))
+    ap.add_argument("--plan-only", metavar="ARCH", help="no GPU: plan every config of the grids for ARCH (meta "
+                    "tensors) and build them into JITKERN_CACHE_DIR (checks the grids; warms a cache)")
+    ap.add_argument("--pick", default="", help="with --apply: op=index,... to ship a given grid row instead")
+    args = ap.parse_args()
+    if args.apply:
+        return apply(args.apply, args.table, args.pick)
+    if args.plan_only:
+        return plan_only(args)
+    if not args.out:
+        ap.error("--out DIR is needed (or --apply)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.pop("JITKERN_DEBUG", None)
+    os.environ.setdefault("JITKERN_CACHE_DIR", tempfile.mkdtemp(prefix="jitkern-membw-"))
+
+    import torch
+    from triton.testing import do_bench
+
+    import gpu_peaks
+    from jitkern import arch as _arch
+    from jitkern import registry
+
+    t_start = time.perf_counter()
+    a = _arch.current()
+    gpu = gpu_peaks.device_report(torch, do_bench)
+    print(gpu_peaks.describe(gpu), flush=True)
+    peak = gpu["peak"]["hbm_bytes_per_s"] if gpu["peak"] else gpu["copy_bytes_per_s"]
+    ops = [SHORT.get(o, o) for o in args.ops.split(",") if o]
+    allgrids = grids()
+    doc = {"device": torch.cuda.get_device_name(), "arch": a.name, "gpu": gpu, "torch": torch.__version__,
+           "triton": __import__("triton").__version__,
+           "date_utc": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()), "peak_TBps": peak / 1e12,
+           "command": " ".join(sys.argv), "ops": {}}
+    sweep_path = out_dir / "membw_sweep.json"
+
+    def save():
+        sweep_path.write_text(json.dumps(doc, indent=1))
+
+    # cases first (inputs on the GPU), then every config planned and built in parallel
+    op_cases = {op: cases(op, torch, args.quick) for op in ops}
+    pairs = []
+    for op in ops:
+        spec = registry.get(op)
+        for tile in allgrids[op]:
+            try:
+                pairs += [(spec, c) for c in configs_of(op, spec, a, tile, op_cases[op])]
+            except Exception as e:  # a tile the rules refuse: it is recorded when timed
+                print(f"  plan {op} {tile}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+    built = build_all(pairs, a, args.jobs)
+    doc["build"] = built
+    print(f"built {len(pairs)} configs: {built}", flush=True)
+    save()
+
+    for op in ops:
+        rows = []
+        doc["ops"][op] = {"shapes": [c[0] for c in op_cases[op]], "bytes": [c[2] for c in op_cases[op]], "rows": rows}
+        for tile in allgrids[op]:
+            if time.perf_counter() - t_start > args.budget_s:
+                doc["ops"][op]["cut_short"] = True
+                print(f"{op}: time budget spent, stopping here", flush=True)
+                break
+            set_tile(op, tile)
+            rec = {"tile": tile, "ms": [], "TBps": [], "config": None}
+            for label, fn, nbytes in op_cases[op]:
+                try:
+                    if op == "qk_norm_rope":
+                        call, cand = qnr_fire(fn, tile["variant"], a)
+                        rec["config"] = cand.launches[0].config.describe()
+                    else:
+                        call = fn
+                    call()
+                    torch.cuda.synchronize()
+                    ms = float(do_bench(call, warmup=5, rep=args.rep, return_mode="median"))
+                    rec["ms"].append(ms)
+                    rec["TBps"].append(nbytes / ms / 1e9)
+                except Exception as e:  # a tile that does not build or launch: recorded, the sweep goes on
+                    rec["ms"].append(None)
+                    rec["TBps"].append(None)
+                    rec.setdefault("errors", {})[label] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(rec)
+            fr = " ".join(f"{t / peak * 1e12 * 100:5.1f}%" if t else "  -   " for t in rec["TBps"])
+            print(f"{op:22s} {json.dumps(tile):70s} {fr}", flush=True)
+            save()
+        set_tile(op, {})
+    doc["summary"] = summarize(doc, peak)
+    doc["seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    (out_dir / "membw_summary.json").write_text(json.dumps(doc["summary"], indent=1))
+    print_summary(doc["summary"])
+    print(json.dumps({"out": str(sweep_path), "seconds": doc["seconds"]}))
+    return 0
+
+
+def plan_only(args) -> int:
+    import torch
+
+    from jitkern import arch as _arch
+    from jitkern import registry
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("JITKERN_CACHE_DIR", tempfile.mkdtemp(prefix="jitkern-membw-"))
+    a = _arch.get(args.plan_only)
+    allgrids = grids()
+    pairs, bad = [], 0
+    for op in [SHORT.get(o, o) for o in args.ops.split(",") if o]:
+        spec = registry.get(op)
+        op_cases = cases(op, torch, args.quick, "meta")
+        n0 = len(pairs)
+        for tile in allgrids[op]:
+            try:
+                pairs += [(spec, c) for c in configs_of(op, spec, a, tile, op_cases)]
+            except Exception as e:
+                bad += 1
+                print(f"  plan {op} {tile}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        print(f"{op}: {len(allgrids[op])} tiles, {len(pairs) - n0} configs", flush=True)
+    set_tile("qk_norm_rope", {})
+    built = build_all(pairs, a, args.jobs)
+    print(json.dumps({"arch": a.name, "configs": len(pairs), "plan_errors": bad, "build": built}))
+    return 1 if bad or any(k not in ("built", "cached", "seconds") for k in built) else 0
+
+
+def summarize(doc: dict, peak: float) -> dict:
+    """Per op: each shape's best tile and its fraction of peak; the overall winner (least worst
+    ratio to the per-shape best) with its per-shape fractions; the shipped tile's row if it was timed."""
+    out = {}
+    for op, d in doc["ops"].items():
+        rows = [r for r in d["rows"] if r["ms"] and all(isinstance(m, float) for m in r["ms"])]
+        if not rows:
+            out[op] = {"error": "no tile timed at every shape"}
+            continue
+        n = len(d["shapes"])
+        best = [min(r["ms"][i] for r in rows) for i in range(n)]
+        per_shape = []
+        for i, label in enumerate(d["shapes"]):
+            r = min(rows, key=lambda r: r["ms"][i])
+            per_shape.append({"shape": label, "tile": r["tile"], "ms": r["ms"][i],
+                              "frac_peak": round(d["bytes"][i] / r["ms"][i] / 1e9 / peak * 1e12, 4)})
+        win = min(rows, key=lambda r: (max(r["ms"][i] / best[i] for i in range(n)), sum(r["ms"])))
+        out[op] = {"winner": win["tile"], "winner_index": d["rows"].index(win),
+                   "winner_frac_peak": [round(d["bytes"][i] / win["ms"][i] / 1e9 / peak * 1e12, 4) for i in range(n)],
+                   "winner_worst_over_best": round(max(win["ms"][i] / best[i] for i in range(n)), 4),
+                   "winner_ms": win["ms"], "shapes": d["shapes"], "best_per_shape": per_shape}
+    return out
+
+
+def print_summary(summary: dict) -> None:
+    print("\n== winners (fraction of HBM peak per shape)")
+    for op, s in summary.items():
+        if "error" in s:
+            print(f"{op}: {s['error']}")
+            continue
+        print(f"{op}: overall {json.dumps(s['winner'])} (row {s['winner_index']}, worst shape "
+              f"{s['winner_worst_over_best']:.3f}x its best)")
+        for i, b in enumerate(s["best_per_shape"]):
+            print(f"   {b['shape']:32s} winner {s['winner_frac_peak'][i] * 100:5.1f}%   best {b['frac_peak'] * 100:5.1f}% "
+                  f"{json.dumps(b['tile'])}")
+
+
+def apply(sweep_json: str, table: str, pick: str) -> int:
+    """Merge each op's overall winner (or the ``--pick`` rows) into the shipped table."""
+    doc = json.loads(Path(sweep_json).read_text())
+    summary = doc.get("summary") or {}
+    picks = dict(p.split("=") for p in pick.split(",") if p)
+    path = Path(table)
+    tab = json.loads(path.read_text()) if path.is_file() else {"arch": doc.get("arch", "sm_90")}
+    ops_tab = tab.setdefault("ops", {})
+    for op, s in summary.items():
+        short = {v: k for k, v in SHORT.items()}[op]
+        if short in picks or op in picks:
+            row = doc["ops"][op]["rows"][int(picks.get(short, picks.get(op)))]
+        elif "winner" in s:
+            row = doc["ops"][op]["rows"][s["winner_index"]]
+        else:
+            continue
+        params = {k: v for k, v in row["tile"].items() if k != "variant"}
+        if op == "qk_norm_rope" and row["tile"].get("variant") != "triton":
+            # the cuda row has no Triton tile: ship the best Triton row (the Triton variant's own tile)
+            tri = [r for r in doc["ops"][op]["rows"] if r["tile"].get("variant") == "triton"
+                   and r["ms"] and all(isinstance(m, float) for m in r["ms"])]
+            if not tri:
+                continue
+            row = min(tri, key=lambda r: sum(r["ms"]))
+            params = {k: v for k, v in row["tile"].items() if k != "variant"}
+        entry = {"params": params, "ms": row["ms"], "shapes": doc["ops"][op]["shapes"], "device": doc.get("device"),
+                 "triton": doc.get("triton"), "tuned": doc.get("date_utc"),
+                 "source": "tools/sweep_membw.py " + Path(sweep_json).name}
+        for dt in ("bf16", "fp16"):
+            ops_tab.setdefault(op, {}).setdefault(dt, {})[BUCKET] = dict(entry, **({"from": "bf16"} if dt == "fp16"
+                                                                                     else {}))
+        print(f"{op}: shipping {params}")
+    path.write_text(json.dumps(tab, indent=1, sort_keys=False) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
