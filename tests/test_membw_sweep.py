@@ -122,3 +122,67 @@ def test_apply_merges_the_winner_into_the_table(tmp_path):
     assert got["ops"][mqa.OP]["fp16"]["default"]["from"] == "bf16"
     assert tool.apply(str(sweep), str(table), "mqa=1") == 0  # --pick ships a given row instead
     assert json.loads(table.read_text())["ops"][mqa.OP]["bf16"]["default"]["params"] == {"block_t": 128}
+
+
+def test_qk_norm_rope_ships_each_variants_own_winner_and_never_a_mismatch(tmp_path):
+    tool = _tool()
+    rows = [{"tile": {"variant": "triton", "tile": 512, "num_warps": 1}, "ms": [1.0, 1.0]},
+            {"tile": {"variant": "triton", "tile": 1024, "num_warps": 4}, "ms": [0.8, 0.8]},
+            {"tile": {"variant": "cuda", "cuda_tok": 0}, "ms": [0.9, 0.9]},
+            {"tile": {"variant": "cuda", "cuda_tok": 4, "cuda_warps": 4}, "ms": [0.5, 0.5], "matches": False},
+            {"tile": {"variant": "cuda", "cuda_tok": 2, "cuda_warps": 4}, "ms": [0.7, 0.7]}]
+    doc = {"ops": {qnr.OP: {"shapes": ["neox", "gptj"], "bytes": [1e9, 1e9], "rows": rows}}}
+    doc["summary"] = tool.summarize(doc, 4.8e12)
+    s = doc["summary"][qnr.OP]
+    assert s["winner_index"] == 4  # the faster row 3 does not match the reference
+    assert s["by_variant"]["triton"]["index"] == 1 and s["by_variant"]["cuda"]["index"] == 4
+    (tmp_path / "sweep.json").write_text(json.dumps(doc))
+    table = tmp_path / "t.json"
+    tool.apply(str(tmp_path / "sweep.json"), str(table), "")
+    got = json.loads(table.read_text())["ops"][qnr.OP]["bf16"]["default"]["params"]
+    assert got == {"tile": 1024, "num_warps": 4, "cuda_tok": 2, "cuda_warps": 4}
+    spec = registry.get(qnr.OP)
+    assert all(v in spec.tunables[k] for k, v in got.items())
+
+
+@pytest.mark.parametrize("entry, max_splits", [(96, 16), (80, 16), (80, 4096), (40, 16)])
+def test_gather_units_cover_every_page_run(monkeypatch, entry, max_splits):
+    """The flat kernel's units (block_t x block_e elements of a page's run): several per page, a
+    partial last one, programs that copy several units (max_splits 16) or at most one (4096),
+    sequences of 0 to 5 pages, an unaligned entry (40 elements)."""
+    for k, v in (("BLOCK_T", 8), ("BLOCK_E", 64), ("NUM_WARPS", 4), ("MAX_SPLITS", max_splits)):
+        monkeypatch.setenv(f"JITKERN_GATHER_KV_CACHE_{k}", str(v))
+    jitkern.reset()
+    g = torch.Generator().manual_seed(entry)
+    page, lens = 16, torch.tensor([37, 0, 80, 1, 16], dtype=torch.int32)
+    cache = torch.randn(40, page, entry, generator=g).to(torch.bfloat16)
+    bt = torch.randperm(40, generator=g)[:25].int().view(5, 5)
+    cu = torch.zeros(6, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    y = gkv.gather_kv_cache(cache, bt, cu)
+    assert torch.equal(y, gkv.reference(cache, bt, cu))
+    (cfg,) = jitkern.dispatcher(gkv.SPEC).active_configs()
+    assert cfg.p.get("flat") and cfg.p["block_t"] * cfg.p["block_e"] == 512
+
+
+def test_pa_min_rows_halves_the_partition_for_small_grids_and_sizes_the_workspace_alike(monkeypatch):
+    tile = {"partition": 2048, "block_n": 128, "num_warps": 4, "num_stages": 3, "min_rows": 4096}
+    assert pa.partition_for(tile, 32, 32, 2048) == 512  # 32 x 32 heads x 4 partitions = 4096 rows
+    assert pa.partition_for(tile, 64, 32, 8192) == 2048  # already 8192 rows
+    assert pa.partition_for(tile, 1, 1, 2048) == 256  # never below 256
+    assert pa.partition_for(dict(tile, block_n=1024 // 2), 1, 1, 2048) == 512  # nor below block_n
+    assert pa.partition_for(dict(tile, min_rows=0), 1, 1, 2048) == 2048
+    _fake_table(monkeypatch, "sm_90", pa.OP, tile)
+    jitkern.reset()
+    b, h, hkv, d, page, ctx = 4, 8, 2, 128, 16, 2048
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    args = (torch.empty(b, h, d, **meta), torch.empty(b * ctx // page, page, hkv, d, **meta),
+            torch.empty(b * ctx // page, page, hkv, d, **meta),
+            torch.empty(b, ctx // page, device="meta", dtype=torch.int32), torch.empty(b, device="meta", dtype=torch.int32),
+            1.0, None, torch.empty(b, h, d, **meta), None)
+    (cand,) = jitkern.dispatcher(pa.SPEC).candidates(args, arch.get("sm_90"), torch.device("meta"))
+    part = 256  # 4 x 8 heads: 32 rows per partition; 4096 rows is never reached, the floor stops it
+    assert [la.config.p["partition"] for la in cand.launches] == [part, part]
+    assert "min_rows" not in cand.launches[0].config.p  # a grid decision, not a build parameter
+    assert cand.launches[0].grid[:3] == (b, hkv, ctx // part)
+    assert pa.workspace_nbytes(b, h, d, None, b * ctx, ctx) == b * h * (ctx // part) * (d + 2) * 4

@@ -163,3 +163,32 @@ def test_gpu_variants_match_reference(is_neox):
         torch.testing.assert_close(x.float(), want.float(), atol=2e-2, rtol=2e-2)
         ran.append(cand.variant)
     assert "triton" in ran
+
+
+@requires_gpu
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("tok, warps", [(1, 4), (4, 2), (8, 8)])
+@pytest.mark.parametrize("d, dtype, cache_dtype", [(128, torch.bfloat16, torch.float32),
+                                                   (64, torch.float16, torch.float16),
+                                                   (256, torch.bfloat16, torch.bfloat16),
+                                                   (128, torch.float32, torch.float32)])
+def test_gpu_cuda_row_layout_matches_reference(monkeypatch, is_neox, tok, warps, d, dtype, cache_dtype):
+    """The CUDA variant's 16-byte row layout (JITKERN_QK_NORM_ROPE_CUDA_TOK > 0): a token count that is
+    not a multiple of ``tok``, 7 + 2 heads (a block's last warp half empty), int32 positions."""
+    if not shutil.which("nvcc") or arch.current().vendor != "nvidia":
+        pytest.skip("needs nvcc and an NVIDIA GPU")
+    monkeypatch.setenv("JITKERN_QK_NORM_ROPE_CUDA_TOK", str(tok))
+    monkeypatch.setenv("JITKERN_QK_NORM_ROPE_CUDA_WARPS", str(warps))
+    jitkern.reset()
+    qkv, qw, kw, cs, pos = make_inputs(203, 7, 2, d, dtype, device="cuda", cache_dtype=cache_dtype,
+                                       pos_dtype=torch.int32, max_pos=512)
+    want = qnr.reference(qkv.clone(), qw, kw, cs, pos, 7, 2, d, 1e-6, is_neox)
+    d_ = jitkern.dispatcher(qnr.SPEC)
+    args = (qkv, qw, kw, cs, pos, 7, 2, d, 1e-6, is_neox)
+    (cand,) = [c for c in d_.candidates(args, arch.current(), qkv.device) if c.variant == "cuda"]
+    assert cand.launches[0].config.p["tok"] == tok
+    x = qkv.clone()
+    d_.bind(cand, [runtime.kernel(qnr.SPEC, la.config, qkv.device) for la in cand.launches])((x, *args[1:]))
+    torch.cuda.synchronize()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(x.float(), want.float(), atol=atol, rtol=rtol)

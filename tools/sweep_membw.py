@@ -49,14 +49,19 @@ def grids() -> dict[str, list[dict]]:
     pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns)
           for p, bn, nw, ns in itertools.product((256, 512, 1024, 2048), (32, 64, 128), (4, 8), (2, 3))
           if bn <= p and (nw == 4 or bn >= 64)]
+    pa += [dict(partition=p, block_n=bn, num_warps=4, num_stages=ns, min_rows=mr)  # smaller partitions for small grids
+           for p, bn, ns, mr in itertools.product((1024, 2048), (64, 128), (2, 3), (4096, 8192))]
     mqa = [dict(block_t=bt, span=sp, num_warps=nw, num_stages=ns)
            for bt, sp, nw, ns in itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (2, 3, 4))
            if not (bt == 32 and nw == 8) and not (bt == 128 and ns == 4)]
-    gkv = [dict(block_t=bt, block_e=be, num_warps=nw, max_splits=256)
-           for bt, be, nw in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8)) if bt * be <= 32768]
+    gkv = [dict(block_t=bt, block_e=be, num_warps=nw, max_splits=ms)
+           for bt, be, nw, ms in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (256, 1024, 4096))
+           if bt * be <= 16384]
     qnr = [dict(variant="triton", tile=t, num_warps=nw) for t, nw in itertools.product((256, 512, 1024, 2048, 4096),
                                                                                         (1, 2, 4, 8))]
-    qnr.append(dict(variant="cuda"))
+    # the CUDA variant: the head-per-warp layout (cuda_tok 0), then the 16-byte row layout
+    qnr.append(dict(variant="cuda", cuda_tok=0))
+    qnr += [dict(variant="cuda", cuda_tok=tok, cuda_warps=w) for tok, w in itertools.product((1, 2, 4, 8), (2, 4, 8))]
     return {"paged_attention_decode": pa, "paged_mqa_logits": mqa, "gather_kv_cache": gkv, "qk_norm_rope": qnr}
 
 
@@ -290,6 +295,12 @@ def main() -> int:
     print(f"built {len(pairs)} configs: {built}", flush=True)
     save()
 
+    qnr_want = {}
+    if "qk_norm_rope" in ops:
+        from jitkern.library import qk_norm_rope as qnr
+
+        for label, fn, _ in op_cases["qk_norm_rope"]:
+            qnr_want[label] = qnr.reference(fn[0].clone(), *fn[1:])
     for op in ops:
         rows = []
         doc["ops"][op] = {"shapes": [c[0] for c in op_cases[op]], "bytes": [c[2] for c in op_cases[op]], "rows": rows}
@@ -302,9 +313,15 @@ def main() -> int:
             rec = {"tile": tile, "ms": [], "TBps": [], "config": None}
             for label, fn, nbytes in op_cases[op]:
                 try:
-                    if op == "qk_norm_rope":
-                        call, cand = qnr_fire(fn, tile["variant"], a)
+                    if op == "qk_norm_rope":  # in place on a copy, checked against the reference first
+                        x = fn[0].clone()
+                        call, cand = qnr_fire((x, *fn[1:]), tile["variant"], a)
                         rec["config"] = cand.launches[0].config.describe()
+                        call()
+                        err = float((x.float() - qnr_want[label].float()).abs().max())
+                        rec.setdefault("max_abs_err", []).append(err)
+                        rec["matches"] = rec.get("matches", True) and bool(torch.allclose(
+                            x.float(), qnr_want[label].float(), atol=2e-2, rtol=2e-2))
                     else:
                         call = fn
                     call()
@@ -363,7 +380,8 @@ def summarize(doc: dict, peak: float) -> dict:
     ratio to the per-shape best) with its per-shape fractions; the shipped tile's row if it was timed."""
     out = {}
     for op, d in doc["ops"].items():
-        rows = [r for r in d["rows"] if r["ms"] and all(isinstance(m, float) for m in r["ms"])]
+        rows = [r for r in d["rows"] if r["ms"] and all(isinstance(m, float) for m in r["ms"])
+                and r.get("matches", True)]  # a variant that does not match the reference never wins
         if not rows:
             out[op] = {"error": "no tile timed at every shape"}
             continue
@@ -374,11 +392,22 @@ def summarize(doc: dict, peak: float) -> dict:
             r = min(rows, key=lambda r: r["ms"][i])
             per_shape.append({"shape": label, "tile": r["tile"], "ms": r["ms"][i],
                               "frac_peak": round(d["bytes"][i] / r["ms"][i] / 1e9 / peak * 1e12, 4)})
-        win = min(rows, key=lambda r: (max(r["ms"][i] / best[i] for i in range(n)), sum(r["ms"])))
+        def pick(rs):
+            return min(rs, key=lambda r: (max(r["ms"][i] / best[i] for i in range(n)), sum(r["ms"])))
+
+        win = pick(rows)
         out[op] = {"winner": win["tile"], "winner_index": d["rows"].index(win),
                    "winner_frac_peak": [round(d["bytes"][i] / win["ms"][i] / 1e9 / peak * 1e12, 4) for i in range(n)],
                    "winner_worst_over_best": round(max(win["ms"][i] / best[i] for i in range(n)), 4),
                    "winner_ms": win["ms"], "shapes": d["shapes"], "best_per_shape": per_shape}
+        variants = sorted({r["tile"]["variant"] for r in rows if "variant" in r["tile"]})
+        if variants:  # qk_norm_rope: each variant's own winner (each one's parameters apply only to it)
+            out[op]["by_variant"] = {}
+            for v in variants:
+                w = pick([r for r in rows if r["tile"].get("variant") == v])
+                out[op]["by_variant"][v] = {"tile": w["tile"], "index": d["rows"].index(w), "ms": w["ms"],
+                                            "frac_peak": [round(d["bytes"][i] / w["ms"][i] / 1e9 / peak * 1e12, 4)
+                                                          for i in range(n)]}
     return out
 
 
@@ -412,14 +441,10 @@ def apply(sweep_json: str, table: str, pick: str) -> int:
         else:
             continue
         params = {k: v for k, v in row["tile"].items() if k != "variant"}
-        if op == "qk_norm_rope" and row["tile"].get("variant") != "triton":
-            # the cuda row has no Triton tile: ship the best Triton row (the Triton variant's own tile)
-            tri = [r for r in doc["ops"][op]["rows"] if r["tile"].get("variant") == "triton"
-                   and r["ms"] and all(isinstance(m, float) for m in r["ms"])]
-            if not tri:
-                continue
-            row = min(tri, key=lambda r: sum(r["ms"]))
-            params = {k: v for k, v in row["tile"].items() if k != "variant"}
+        if "by_variant" in s and not (short in picks or op in picks):  # every variant's own winner, merged
+            params = {}
+            for v in s["by_variant"].values():
+                params.update({k: x for k, x in v["tile"].items() if k != "variant"})
         entry = {"params": params, "ms": row["ms"], "shapes": doc["ops"][op]["shapes"], "device": doc.get("device"),
                  "triton": doc.get("triton"), "tuned": doc.get("date_utc"),
                  "source": "tools/sweep_membw.py " + Path(sweep_json).name}

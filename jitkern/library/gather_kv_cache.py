@@ -30,9 +30,10 @@ PAGE_SIZES = (1, 16, 32, 64, 128, 256)
 #: Tile parameters (values ``JITKERN_GATHER_KV_CACHE_<PARAM>`` may set): tokens and entry elements per
 #: step, warps, and the most programs per sequence (max_splits).
 TUNABLES = {"block_t": (8, 16, 32, 64), "block_e": (64, 128, 256, 512, 1024), "num_warps": (1, 2, 4, 8),
-            "max_splits": (16, 32, 64, 128, 256)}
-TILES = {  # H200 sweeps (tools/bench_h200.sh, 2026-12-01): page runs of 8 x 256 elements, 3.4-3.9 TB/s
-    "sm_90": {"block_t": 8, "block_e": 256, "num_warps": 8, "max_splits": 256}}
+            "max_splits": (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)}
+TILES = {  # units of 8 x 1024 elements (16 KiB of bf16: four 16-byte loads per thread of 8 warps), every
+    # program one unit at most at these shapes; tools/sweep_membw.py times it against the rest
+    "sm_90": {"block_t": 8, "block_e": 1024, "num_warps": 8, "max_splits": 1024}}
 DEFAULT_TILES = {"block_t": 16, "block_e": 256, "num_warps": 4, "max_splits": 64}
 
 
@@ -134,8 +135,11 @@ def plan(call):
     tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[kv_cache.dtype],
                       bucket=TUNED_BUCKET)[0]
     cfg = config(checks.TRITON_TYPE[kv_cache.dtype], page, aligned, flat=flat, tile=tile)
-    per_program = page if flat else tile["block_t"]  # tokens one step of a program covers
-    splits = max(1, min(tile["max_splits"], -(-n_tok // (batch * per_program))))
+    if flat:  # units of block_t x block_e elements of a page's run; twice the mean count per sequence
+        per_page = -(-page * e // (tile["block_t"] * tile["block_e"]))
+        splits = max(1, min(tile["max_splits"], 2 * -(-n_tok // (batch * page)) * per_page))
+    else:  # block_t tokens per step
+        splits = max(1, min(tile["max_splits"], -(-n_tok // (batch * tile["block_t"]))))
     return Candidate(Launch(cfg, (batch, splits), (In("kv_cache"), In("block_table"), In("cu_seq_lens"), In("out"),
                                                     *strides, e)))
 

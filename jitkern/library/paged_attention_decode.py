@@ -45,6 +45,9 @@ TUNABLES = {
     "block_n": (16, 32, 64, 128),
     "num_warps": (2, 4, 8),
     "num_stages": (1, 2, 3, 4),
+    # halve the partition (down to 256, and not below block_n) while the workspace would have fewer
+    # (sequence, head, partition) rows than this: more programs for small batches at short contexts
+    "min_rows": (0, 1024, 2048, 4096, 8192, 16384),
 }
 #: tokens per partition and per inner step, by arch (the interpreter uses small ones so CPU tests
 #: cover several partitions with a few dozen tokens)
@@ -93,8 +96,8 @@ def workspace_nbytes(batch: int, num_heads: int, head_dim: int, max_context_len:
                      kv_cache_tokens: int, table_tokens: int | None = None, arch: str = "sm_90") -> int:
     """Bytes of the ``workspace`` the op needs (for engines that pre-allocate, e.g. for CUDA graphs).
     ``table_tokens``: ``block_tables.shape[1] * page_size`` if it bounds the context further."""
-    part = tiles(arch)["partition"]
-    parts = -(-capacity(max_context_len, kv_cache_tokens, table_tokens) // part)
+    cap = capacity(max_context_len, kv_cache_tokens, table_tokens)
+    parts = -(-cap // partition_for(tiles(arch), batch, num_heads, cap))
     return CONTRACT.nbytes(batch=batch, heads=num_heads, head_dim=head_dim, parts=parts,
                            dtype=torch.bfloat16)["workspace"]
 
@@ -119,11 +122,22 @@ def reference(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_conte
     return y
 
 
+def partition_for(tile: dict, batch: int, num_heads: int, cap: int) -> int:
+    """The partition a launch uses: the tile's, halved while ``batch * num_heads * cdiv(cap, partition)``
+    is under the tile's ``min_rows`` (never below 256 or ``block_n``). The plan and ``workspace_nbytes``
+    both size the workspace with it."""
+    part, want = tile["partition"], tile.get("min_rows", 0)
+    while want and part // 2 >= max(256, tile["block_n"]) and batch * num_heads * -(-cap // part) < want:
+        part //= 2
+    return part
+
+
 def partition_config(dtype, page_size, head_dim, group, arch_name, aligned=True, tile: dict | None = None) -> Config:
     """``aligned``: every stride is a multiple of 16 elements, so Triton may use 16-byte vector loads
     for the gathered K/V rows (without it every load is scalar: ~4x slower on the H100).
     ``tile``: the chosen tile; default ``tiles(arch_name)``."""
     t = tiles(arch_name, dtype) if tile is None else tile
+    t = {k: v for k, v in t.items() if k != "min_rows"}  # a grid decision, not a build parameter
     return Config.make("partition", dtype=dtype, page_size=page_size, head_dim=head_dim, group=group,
                        group_pad=max(16, 1 << (group - 1).bit_length()), aligned=aligned, **t)
 
@@ -200,8 +214,10 @@ def plan(call):
     checks.unit_last_stride(OP, "out", out)
     tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[q.dtype],
                       bucket=TUNED_BUCKET)[0]
+    cap = capacity(max_context_len, nb * page, block_tables.shape[1] * page)
+    tile = dict(tile, partition=partition_for(tile, b, h, cap))
     part = tile["partition"]
-    parts = -(-capacity(max_context_len, nb * page, block_tables.shape[1] * page) // part)
+    parts = -(-cap // part)
     need = b * h * parts * (d + 2)
     if workspace is not None:  # the caller's: the contract's check (BufferError naming the sizes)
         contracts.check(OP, CONTRACT.buffers[1], workspace, (need,), torch.float32, q.device)

@@ -81,12 +81,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-#: Triton variant tile (values ``JITKERN_QK_NORM_ROPE_<PARAM>`` may set): elements per program
-#: (heads x D/2; heads per program = tile // (D/2)) and warps, per arch.
-TUNABLES = {"tile": (256, 512, 1024, 2048, 4096), "num_warps": (1, 2, 4, 8)}
+#: Tile parameters (values ``JITKERN_QK_NORM_ROPE_<PARAM>`` may set). Triton variant: elements per
+#: program (heads x D/2; heads per program = tile // (D/2)) and warps. CUDA variant: ``cuda_tok``
+#: tokens per block in the 16-byte row layout (0: the head-per-warp layout, one token per block) and
+#: ``cuda_warps`` warps per block in it.
+TUNABLES = {"tile": (256, 512, 1024, 2048, 4096), "num_warps": (1, 2, 4, 8), "cuda_tok": (0, 1, 2, 4, 8),
+            "cuda_warps": (1, 2, 4, 8)}
 TRITON_TILES = {  # H200 sweep (tools/check_qk_norm_rope_gpu.py --sweep, 2026-12-01): 1.7 -> 2.4 TB/s
-    "sm_90": {"tile": 512, "num_warps": 1}}
-DEFAULT_TRITON_TILES = {"tile": TRITON_TILE, "num_warps": 4}
+    "sm_90": {"tile": 512, "num_warps": 1, "cuda_tok": 0, "cuda_warps": 4}}
+DEFAULT_TRITON_TILES = {"tile": TRITON_TILE, "num_warps": 4, "cuda_tok": 0, "cuda_warps": 4}
+#: bytes per element, for the CUDA row layout's lanes per head (16 bytes each)
+ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 #: The bucket of this op's winners in the shipped tables (``jitkern/tuned/<arch>.json``, written by
@@ -139,9 +144,21 @@ def triton_config(dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, i
 
 
 def cpp_config(variant: str, warp: int, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int,
-               is_neox: bool) -> Config:
+               is_neox: bool, tok: int = 0, warps: int = 4) -> Config:
+    """``tok`` > 0 (CUDA only): the 16-byte row layout, ``tok`` tokens x ``warps`` warps per block."""
+    if tok:
+        return Config.make(variant, **_params(dtype, cache_dtype, pos_dtype, head_dim, is_neox), block_x=warp,
+                           block_y=warps, tok=tok)
     return Config.make(variant, **_params(dtype, cache_dtype, pos_dtype, head_dim, is_neox), block_x=warp,
                        block_y=HEADS_PER_BLOCK)
+
+
+def row_lanes(dtype: str, head_dim: int) -> int:
+    """Lanes per head of the CUDA row layout (16 bytes each), or 0 where the layout does not apply
+    (it needs a power-of-two count from 2 to 32)."""
+    nbytes = head_dim * ELEM_BYTES[dtype]
+    lanes = nbytes // 16
+    return lanes if nbytes % 16 == 0 and 2 <= lanes <= 32 and lanes & (lanes - 1) == 0 else 0
 
 
 def configs_for(arch, dtype: str, cache_dtype: str, pos_dtype: str, head_dim: int, is_neox: bool,
@@ -157,7 +174,14 @@ def configs(arch):
         for cache_dtype in (dtype, "fp32"):
             for head_dim in PREBUILD_HEAD_DIMS:
                 for is_neox in (True, False):
-                    yield from configs_for(arch, dtype, cache_dtype, "i64", head_dim, is_neox)
+                    for c in configs_for(arch, dtype, cache_dtype, "i64", head_dim, is_neox):
+                        yield c
+                        if c.variant == "triton":  # and the one for 16-aligned row strides (the common case)
+                            yield Config.make(c.variant, **c.p, aligned=True)
+                    t = triton_tiles(arch.name, dtype)
+                    if arch.vendor in ("nvidia", "cpu") and t.get("cuda_tok") and row_lanes(dtype, head_dim):
+                        yield cpp_config("cuda", 32, dtype, cache_dtype, "i64", head_dim, is_neox, t["cuda_tok"],
+                                         t["cuda_warps"])
 
 
 # ---- plan ----------------------------------------------------------------------------------------
@@ -212,7 +236,15 @@ def plan(call):
                       bucket=TUNED_BUCKET)[0]
     configs = configs_for(call.arch, tt[qkv.dtype], tt[cos_sin_cache.dtype], tt[positions.dtype], d, bool(is_neox),
                           tile)
-    return variant_candidates(configs, t, n_heads, args, _plain)
+    lanes = row_lanes(tt[qkv.dtype], d)
+    rows_ok = (tile.get("cuda_tok", 0) and lanes and (qkv.stride(0) * qkv.element_size()) % 16 == 0
+               and (cos_sin_cache.stride(0) * cos_sin_cache.element_size()) % 16 == 0)
+    if rows_ok:  # the 16-byte row layout (16-byte aligned rows; base addresses are 16-byte aligned)
+        configs = [cpp_config("cuda", 32, *(tt[x.dtype] for x in (qkv, cos_sin_cache, positions)), d, bool(is_neox),
+                              tile["cuda_tok"], tile["cuda_warps"]) if c.variant == "cuda" else c for c in configs]
+    if qkv.stride(0) % 16 == 0 and cos_sin_cache.stride(0) % 16 == 0:  # Triton: compiled as multiples of 16
+        configs = [Config.make(c.variant, **c.p, aligned=True) if c.variant == "triton" else c for c in configs]
+    return variant_candidates(configs, t, n_heads, args, _plain, extra={"cuda": (t,)})
 
 
 def launch_sizes(op: str, qkv, cos_sin_cache, n_q: int, n_kv: int) -> tuple[int, int]:
@@ -224,13 +256,21 @@ def launch_sizes(op: str, qkv, cos_sin_cache, n_q: int, n_kv: int) -> tuple[int,
     return n_q + n_kv, max_pos
 
 
-def variant_candidates(configs, tokens: int, n_heads: int, args: tuple, plain) -> list[Candidate]:
-    """One candidate per config, each over a ``(tokens, head groups)`` grid; the C++ variants behind
-    the ``plain`` guard (they read the tensors' memory directly, so no subclasses)."""
+def variant_candidates(configs, tokens: int, n_heads: int, args: tuple, plain, extra: dict | None = None
+                       ) -> list[Candidate]:
+    """One candidate per config, each over a ``(tokens, head groups)`` grid (a CUDA row-layout config,
+    with ``tok``: ``(token groups, head groups)``); the C++ variants behind the ``plain`` guard (they read
+    the tensors' memory directly, so no subclasses). ``extra``: arguments appended for a variant."""
     out = []
     for cfg in configs:
-        per_program = cfg.p["block_h"] if cfg.variant == "triton" else cfg.p["block_y"]
-        launch = Launch(cfg, (tokens, -(-n_heads // per_program)), args)
+        p = cfg.p
+        a = args + tuple((extra or {}).get(cfg.variant, ()))
+        if "tok" in p:
+            per_program = p["block_y"] * (32 // row_lanes(p["dtype"], p["head_dim"]))
+            launch = Launch(cfg, (-(-tokens // p["tok"]), -(-n_heads // per_program)), a)
+        else:
+            per_program = p["block_h"] if cfg.variant == "triton" else p["block_y"]
+            launch = Launch(cfg, (tokens, -(-n_heads // per_program)), a)
         out.append(Candidate(launch) if cfg.variant == "triton" else
                    Candidate(launch, guard=plain, guard_doc=PLAIN_DOC))
     return out
@@ -251,16 +291,19 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
 
 _ARGS = (
     Arg("qkv_ptr", "*{dtype}"), Arg("qw_ptr", "*{dtype}"), Arg("kw_ptr", "*{dtype}"),
-    Arg("cs_ptr", "*{cache_dtype}"), Arg("pos_ptr", "*{pos_dtype}"), Arg("stride_t", "i64"),
-    Arg("stride_cs", "i64"), Arg("n_q_heads", "i32"), Arg("n_heads", "i32"), Arg("max_pos", "i32"),
+    Arg("cs_ptr", "*{cache_dtype}"), Arg("pos_ptr", "*{pos_dtype}"),
+    # divisible by 16 where a config says ``aligned`` (the Triton variant's 16-byte vectors; C++ configs carry no
+    # such parameter and are unaffected)
+    Arg("stride_t", "i64", divisible_if="aligned"), Arg("stride_cs", "i64", divisible_if="aligned"), Arg("n_q_heads", "i32"), Arg("n_heads", "i32"), Arg("max_pos", "i32"),
     Arg("eps", "fp32"),
 )
+_CUDA_ARGS = _ARGS + (Arg("n_tokens", "i32"),)  # the row layout's token bound (one token per block otherwise)
 
 SPEC = registry.register(OpSpec(
     name=OP,
     variants=(
         Variant(name="hip", template="hip.cpp.j2", kernel="qk_norm_rope_kernel", args=_ARGS, kind="hip"),
-        Variant(name="cuda", template="cuda.cu.j2", kernel="qk_norm_rope_kernel", args=_ARGS, kind="cuda"),
+        Variant(name="cuda", template="cuda.cu.j2", kernel="qk_norm_rope_kernel", args=_CUDA_ARGS, kind="cuda"),
         Variant(name="triton", template="triton.py.j2", kernel="qk_norm_rope_kernel", args=_ARGS),
     ),
     template_dir=builtin_template_dir() / OP,
