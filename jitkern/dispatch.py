@@ -32,7 +32,7 @@ import typing
 from dataclasses import replace
 from typing import Sequence
 
-from . import constraints, counters, manifest, state, table_checks, tuning
+from . import constraints, counters, fastcall, manifest, state, table_checks, tuning
 from .arch import ARCHES, Arch
 from .errors import ArgumentError, ConfigError, DeviceError, LayoutError, SpecError
 from .fallback import Route
@@ -134,6 +134,7 @@ class Dispatcher:
         self._routes: dict = {}  # signature -> Route
         self._lock = threading.Lock()
         self.key = self._key_function()
+        self._call = self._call_python  # the C hot path once a candidate launches through it (jitkern.fastcall)
 
     # ---- the signature -------------------------------------------------------------------------
     def _key_function(self):
@@ -154,6 +155,9 @@ class Dispatcher:
     def __call__(self, *args):
         """Run the op's decision for these arguments; returns the name of the candidate that ran
         (None: nothing to launch)."""
+        return self._call(args)
+
+    def _call_python(self, args: tuple):
         try:
             route = self._memo.get(self.key(args), _NEW)
         except (AttributeError, TypeError, IndexError):  # not tensors where tensors go: the plan says why
@@ -200,6 +204,16 @@ class Dispatcher:
         """The slow path: a new signature (or arguments that cannot be keyed: the plan says why).
         Returns what runs the call: the route, behind the op's table checks in debug-checks mode."""
         return self._settle(args)[1]
+
+    def _call_new(self, args: tuple):
+        """The C hot path's way back for a signature it has no decision for."""
+        run = self._decide(args)
+        return None if run is None else run(args)
+
+    def _use_c_path(self, fc) -> None:
+        """From now on, calls go through the C ``Dispatch`` over this dispatcher's memo."""
+        if self._call == self._call_python:
+            self._call = fc.Dispatch(self.tensors, self._static, self._memo, self._call_new)
 
     def _settle(self, args: tuple):
         """``(route, run)`` for these arguments' signature, decided and memoised if new."""
@@ -322,7 +336,7 @@ class Dispatcher:
                     elif scratch[a.name][1] != a:
                         raise SpecError(f"{self.spec.name}: launches of candidate {name!r} name buffer {a.name!r} "
                                         f"twice with different declarations: {scratch[a.name][1]} and {a}")
-        fires = [self._fire(la, k, name, scratch) for la, k in zip(cand.launches, kernels)]
+        prepare = None
         if scratch:
             import torch
 
@@ -334,8 +348,17 @@ class Dispatcher:
                 else:
                     makers.append(lambda shape=s.shape, dtype=s.dtype: empty(shape, dtype=dtype, device=device))
 
+            def prepare(args):
+                return (*args, *[make() for make in makers])
+        fc = fastcall.module() if kernels and all(getattr(k, "direct", None) is not None for k in kernels) else None
+        if fc is not None:  # every launch is a direct GPU launch: the whole candidate runs in C
+            launches = [self._c_launch(la, k, scratch) for la, k in zip(cand.launches, kernels)]
+            self._use_c_path(fc)
+            return fc.Fire(name, [la for la in launches if la is not None], prepare)
+        fires = [self._fire(la, k, name, scratch) for la, k in zip(cand.launches, kernels)]
+        if prepare is not None:
             def fire_scratch(args):
-                full = (*args, *[make() for make in makers])
+                full = prepare(args)
                 for f in fires:
                     f(full)
                 return name
@@ -349,6 +372,41 @@ class Dispatcher:
             return name
         return fire_all
 
+    def _slots(self, launch: Launch, scratch: dict | None) -> list:
+        """Per kernel argument, in kernel order: ``("t", position)`` a tensor (or scratch buffer)
+        passed by address, ``("s", position)`` a per-call scalar, ``("c", value)`` a constant."""
+        scalars, slots = dict(self._scalars), []
+        for a in launch.args:
+            if isinstance(a, In):
+                i = self.names.index(a.name)
+                slots.append(("s", i) if i in scalars else ("t", i))
+            elif isinstance(a, (Scratch, Zeroed)):
+                slots.append(("t", scratch[a.name][0]))
+            else:
+                slots.append(("c", a))
+        return slots
+
+    def _c_launch(self, launch: Launch, kernel, scratch: dict):
+        """One launch as ``jitkern.fastcall``'s ``Fire`` takes it (None: a grid with a zero dimension,
+        which launches nothing)."""
+        if min(launch.grid) <= 0:
+            return None
+        spec, names, scalars = self.spec, self.names, dict(self._scalars)
+        slots = self._slots(launch, scratch)
+        tpos = tuple(v for k, v in slots if k == "t")
+        spos = tuple((v, scalars[v]) for k, v in slots if k == "s")
+        c_slots = []
+        for k, v in slots:
+            if k == "s":
+                sc = scalars[v]
+                c_slots.append(("s", v, sc.type is int, -float("inf") if sc.min is None else float(sc.min),
+                                float("inf") if sc.max is None else float(sc.max)))
+            else:
+                c_slots.append((k, v))
+        c_launch, function, fixed, stream, device = kernel.direct
+        return (c_launch, tuple(launch.grid), stream, device, function, tuple(fixed), c_slots,
+                lambda args: _misaligned(spec, names, args, tpos), _scalar_checker(spec.name, names, spos))
+
     def _fire(self, launch: Launch, kernel, name: str, scratch: dict | None = None):
         """``fire(args)`` for one launch: its constants bound, its ``In`` arguments read per call
         (tensors: their addresses, checked for 16-byte alignment; scalars: checked)."""
@@ -357,15 +415,7 @@ class Dispatcher:
         if gx <= 0 or gy <= 0 or gz <= 0:
             return lambda args: name
         scalars = dict(self._scalars)
-        slots = []  # per kernel argument: ("t", position) | ("s", position) | ("c", value)
-        for a in launch.args:
-            if isinstance(a, In):
-                i = names.index(a.name)
-                slots.append(("s", i) if i in scalars else ("t", i))
-            elif isinstance(a, (Scratch, Zeroed)):
-                slots.append(("t", scratch[a.name][0]))
-            else:
-                slots.append(("c", a))
+        slots = self._slots(launch, scratch)
         tpos = tuple(v for k, v in slots if k == "t")
         spos = tuple((v, scalars[v]) for k, v in slots if k == "s")
         consts = tuple(v for k, v in slots if k == "c")
@@ -518,6 +568,7 @@ def clear_memory() -> None:
         with d._lock:
             d._memo.clear()
             d._routes.clear()
+            d._call = d._call_python
     runtime.clear_memory()
 
 

@@ -130,13 +130,19 @@ def direct_launch(run, function, packed, stream, device):
                 c_launch(gx, gy, gz, stream(device), function, coop, pdl, buf.data_ptr(), *tail, *args)
 
         return run_scratch
-    fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, packed, None, None, None)
+    fixed = direct_fixed(run, packed)
 
     def run_direct(gx, gy, gz, *args):
         if gx > 0 and gy > 0 and gz > 0:
             c_launch(gx, gy, gz, stream(device), function, *fixed, *args)
 
     return run_direct
+
+
+def direct_fixed(run, packed) -> tuple:
+    """The arguments of Triton's C ``launch`` between the function and the kernel's own arguments,
+    for a kernel without global or profile scratch."""
+    return (run.launch_cooperative_grid, run.launch_pdl, None, None, packed, None, None, None)
 
 
 class GPUKernel(Kernel):
@@ -176,6 +182,8 @@ class GPUKernel(Kernel):
             self.takes_addresses = True
             if getattr(md, "global_scratch_size", 0):  # Triton's own path would need triton.set_allocator
                 self.launch = lambda grid3, *args: fast(grid3[0], grid3[1], grid3[2], *args)
+            else:  # jitkern.fastcall's C hot path calls the same C launch
+                self.direct = (run.launch, function, direct_fixed(run, packed), self._stream, self._device)
 
     def _direct_launch(self):
         """Triton's C ``launch`` with the constant arguments bound (see :func:`direct_launch`), where it

@@ -226,6 +226,10 @@ declare("redzone_bytes", "size", 1024,
 declare("direct_launch", "bool", True,
         "Launch GPU kernels through Triton's C launcher directly with integer addresses; 0: through "
         "Triton's CompiledKernel.", _bool)
+declare("fast_call", "bool", True,
+        "Run a decided call signature's launches of directly launched GPU kernels (signature, lookup, "
+        "addresses, checks, Triton's C launch) in jitkern's C hot path (jitkern.fastcall, built once with "
+        "the C compiler Triton uses for its launchers); 0: in Python.", _bool)
 declare("background_build", "bool", False,
         "Serve while compiling: a call whose preferred candidate is not cached runs on a cached later one "
         "(next variant, smaller tile, PyTorch path) while a worker process builds the preferred one; later "

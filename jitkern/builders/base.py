@@ -30,6 +30,10 @@ class Kernel:
     """
 
     takes_addresses = False
+    #: ``(c_launch, function, fixed, stream_fn, device)`` where a launch is the C call
+    #: ``c_launch(gx, gy, gz, stream_fn(device), function, *fixed, *kernel_args)`` with integer
+    #: addresses (``jitkern.fastcall`` runs it without Python frames); None: launch through ``run``.
+    direct = None
 
     def __init__(self, entry, job):
         self.entry = entry

@@ -1,0 +1,509 @@
+/* The dispatcher's hot path in C (built on first GPU use by jitkern.fastcall; see there).
+ *
+ * Two callable types:
+ *
+ *   Dispatch(tensors, statics, memo, slow)
+ *       call(args): the signature of ``args`` -- a tuple with, per tensor position, None or
+ *       (t.shape, t.stride(), t.dtype, t.device), then the static arguments -- looked up in
+ *       ``memo``; a Fire found there runs in C, any other callable is called with ``args``;
+ *       None means nothing to launch. A signature not in ``memo``, or arguments that cannot be
+ *       keyed, go to ``slow(args)``. The key is built exactly as jitkern.dispatch's Python key,
+ *       so both paths share one memo.
+ *
+ *   Fire(name, launches, prepare)
+ *       call(args): runs each launch, returns ``name``. ``prepare`` (or None) maps ``args`` to the
+ *       argument tuple the launches read (per-call scratch buffers appended). A launch is
+ *       (c_launch, grid, stream_fn, device, function, fixed, slots, misaligned, check) and calls
+ *       c_launch(gx, gy, gz, stream_fn(device), function, *fixed, *kernel_args), the kernel
+ *       arguments made from ``slots`` in kernel order: ("t", i) the address of args[i] (data_ptr(),
+ *       all OR-ed and checked for 16-byte alignment: ``misaligned(args)`` raises the error),
+ *       ("s", i, is_int, lo, hi) a per-call scalar taken as is when it is exactly an int/float
+ *       within [lo, hi] and finite, otherwise ``check(args)`` converts (or rejects) all of the
+ *       launch's scalars, ("c", value) a constant.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MAX_STACK 96
+
+static PyObject *s_shape, *s_stride, *s_dtype, *s_device, *s_data_ptr;
+
+/* ---------------------------------------------------------------------------------- Fire */
+
+enum { SLOT_T = 0, SLOT_S = 1, SLOT_C = 2 };
+
+typedef struct {
+    int kind;
+    Py_ssize_t index;   /* T, S: argument position */
+    int is_int;         /* S */
+    double lo, hi;      /* S */
+    PyObject *value;    /* C: owned */
+} Slot;
+
+typedef struct {
+    PyObject *c_launch, *gx, *gy, *gz, *stream_fn, *device, *function, *fixed, *misaligned, *check;
+    Py_ssize_t nfixed, nslots, nscalars;
+    Slot *slots;
+} LaunchRec;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;
+    PyObject *prepare;
+    Py_ssize_t nlaunch;
+    LaunchRec *launches;
+    vectorcallfunc vectorcall;
+} Fire;
+
+static void launch_clear(LaunchRec *l) {
+    Py_CLEAR(l->c_launch); Py_CLEAR(l->gx); Py_CLEAR(l->gy); Py_CLEAR(l->gz); Py_CLEAR(l->stream_fn);
+    Py_CLEAR(l->device); Py_CLEAR(l->function); Py_CLEAR(l->fixed); Py_CLEAR(l->misaligned); Py_CLEAR(l->check);
+    if (l->slots) {
+        for (Py_ssize_t i = 0; i < l->nslots; i++) Py_CLEAR(l->slots[i].value);
+        PyMem_Free(l->slots);
+        l->slots = NULL;
+    }
+}
+
+static void Fire_dealloc(Fire *self) {
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->prepare);
+    if (self->launches) {
+        for (Py_ssize_t i = 0; i < self->nlaunch; i++) launch_clear(&self->launches[i]);
+        PyMem_Free(self->launches);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Fire_traverse(Fire *self, visitproc visit, void *arg) {
+    Py_VISIT(self->name);
+    Py_VISIT(self->prepare);
+    for (Py_ssize_t i = 0; i < self->nlaunch; i++) {
+        LaunchRec *l = &self->launches[i];
+        Py_VISIT(l->c_launch); Py_VISIT(l->stream_fn); Py_VISIT(l->misaligned); Py_VISIT(l->check);
+        Py_VISIT(l->fixed);
+        for (Py_ssize_t k = 0; k < l->nslots; k++) Py_VISIT(l->slots[k].value);
+    }
+    return 0;
+}
+
+static int parse_slot(PyObject *item, Slot *s, Py_ssize_t *nscalars) {
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
+        PyErr_SetString(PyExc_TypeError, "a slot is a tuple (kind, ...)");
+        return -1;
+    }
+    const char *kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
+    if (!kind) return -1;
+    s->value = NULL;
+    if (kind[0] == 't') {
+        s->kind = SLOT_T;
+        s->index = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+    } else if (kind[0] == 's') {
+        if (PyTuple_GET_SIZE(item) != 5) {
+            PyErr_SetString(PyExc_TypeError, "a scalar slot is ('s', index, is_int, lo, hi)");
+            return -1;
+        }
+        s->kind = SLOT_S;
+        s->index = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        s->is_int = PyObject_IsTrue(PyTuple_GET_ITEM(item, 2));
+        s->lo = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 3));
+        s->hi = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 4));
+        (*nscalars)++;
+    } else if (kind[0] == 'c') {
+        s->kind = SLOT_C;
+        s->value = Py_NewRef(PyTuple_GET_ITEM(item, 1));
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown slot kind %s", kind);
+        return -1;
+    }
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int parse_launch(PyObject *t, LaunchRec *l) {
+    PyObject *grid, *slots;
+    memset(l, 0, sizeof(*l));
+    if (!PyArg_ParseTuple(t, "OOOOOO!OOO", &l->c_launch, &grid, &l->stream_fn, &l->device, &l->function,
+                          &PyTuple_Type, &l->fixed, &slots, &l->misaligned, &l->check))
+        return -1;
+    Py_INCREF(l->c_launch); Py_INCREF(l->stream_fn); Py_INCREF(l->device); Py_INCREF(l->function);
+    Py_INCREF(l->fixed); Py_INCREF(l->misaligned); Py_INCREF(l->check);
+    if (!PyTuple_Check(grid) || PyTuple_GET_SIZE(grid) != 3) {
+        PyErr_SetString(PyExc_TypeError, "grid must be a 3-tuple");
+        return -1;
+    }
+    l->gx = Py_NewRef(PyTuple_GET_ITEM(grid, 0));
+    l->gy = Py_NewRef(PyTuple_GET_ITEM(grid, 1));
+    l->gz = Py_NewRef(PyTuple_GET_ITEM(grid, 2));
+    l->nfixed = PyTuple_GET_SIZE(l->fixed);
+    PyObject *seq = PySequence_Fast(slots, "slots must be a sequence");
+    if (!seq) return -1;
+    l->nslots = PySequence_Fast_GET_SIZE(seq);
+    if (5 + l->nfixed + l->nslots > MAX_STACK) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many kernel arguments for the C fast path");
+        return -1;
+    }
+    l->slots = PyMem_Calloc(l->nslots ? l->nslots : 1, sizeof(Slot));
+    if (!l->slots) { Py_DECREF(seq); PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < l->nslots; i++) {
+        if (parse_slot(PySequence_Fast_GET_ITEM(seq, i), &l->slots[i], &l->nscalars) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *Fire_new(PyTypeObject *type, PyObject *args, PyObject *kw);
+
+static inline int scalar_ok(PyObject *v, const Slot *s) {
+    double d;
+    if (s->is_int) {
+        if (!PyLong_CheckExact(v)) return 0;
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow) return 0;
+        d = (double)x;
+    } else {
+        if (!PyFloat_CheckExact(v)) return 0;
+        d = PyFloat_AS_DOUBLE(v);
+        if (!isfinite(d)) return 0;
+    }
+    return s->lo <= d && d <= s->hi;
+}
+
+/* Runs one launch; 0 on success, -1 with an exception set. */
+static int run_launch(const LaunchRec *l, PyObject *args) {
+    PyObject *stack[MAX_STACK];
+    PyObject *owned[MAX_STACK];
+    Py_ssize_t nowned = 0, n = 0, nargs = PyTuple_GET_SIZE(args);
+    PyObject *checked = NULL;
+    int rc = -1;
+    uint64_t acc = 0;
+
+    PyObject *stream = PyObject_CallOneArg(l->stream_fn, l->device);
+    if (!stream) return -1;
+    owned[nowned++] = stream;
+    stack[n++] = l->gx; stack[n++] = l->gy; stack[n++] = l->gz;
+    stack[n++] = stream; stack[n++] = l->function;
+    for (Py_ssize_t i = 0; i < l->nfixed; i++) stack[n++] = PyTuple_GET_ITEM(l->fixed, i);
+    Py_ssize_t scalar_no = 0;
+    for (Py_ssize_t k = 0; k < l->nslots; k++) {
+        const Slot *s = &l->slots[k];
+        if (s->kind == SLOT_C) {
+            stack[n++] = s->value;
+            continue;
+        }
+        if (s->index >= nargs) {
+            PyErr_SetString(PyExc_IndexError, "jitkern fast path: argument position out of range");
+            goto done;
+        }
+        PyObject *a = PyTuple_GET_ITEM(args, s->index);
+        if (s->kind == SLOT_T) {
+            PyObject *p = PyObject_CallMethodNoArgs(a, s_data_ptr);
+            if (!p) goto done;
+            owned[nowned++] = p;
+            acc |= PyLong_AsUnsignedLongLong(p);
+            if (PyErr_Occurred()) goto done;
+            stack[n++] = p;
+        } else {  /* scalar */
+            if (!checked && !scalar_ok(a, s)) {
+                checked = PyObject_CallOneArg(l->check, args);  /* raises for a bad value */
+                if (!checked) goto done;
+                PyObject *seq = PySequence_Tuple(checked);
+                Py_DECREF(checked);
+                if (!seq) goto done;
+                checked = seq;
+                if (PyTuple_GET_SIZE(checked) != l->nscalars) {
+                    PyErr_SetString(PyExc_RuntimeError, "jitkern fast path: scalar check returned a wrong count");
+                    goto done;
+                }
+            }
+            stack[n++] = checked ? PyTuple_GET_ITEM(checked, scalar_no) : a;
+            scalar_no++;
+        }
+    }
+    if (acc & 15) {
+        PyObject *r = PyObject_CallOneArg(l->misaligned, args);  /* raises LayoutError */
+        if (r) {
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_RuntimeError, "jitkern fast path: a tensor is not 16-byte aligned");
+        }
+        goto done;
+    }
+    /* scalars before the first non-exact one were put on the stack as given: redo them converted */
+    if (checked) {
+        Py_ssize_t j = 0, m = 5 + l->nfixed;
+        for (Py_ssize_t k = 0; k < l->nslots; k++, m++)
+            if (l->slots[k].kind == SLOT_S) stack[m] = PyTuple_GET_ITEM(checked, j++);
+    }
+    {
+        PyObject *r = PyObject_Vectorcall(l->c_launch, stack, n, NULL);
+        if (!r) goto done;
+        Py_DECREF(r);
+    }
+    rc = 0;
+done:
+    for (Py_ssize_t i = 0; i < nowned; i++) Py_DECREF(owned[i]);
+    Py_XDECREF(checked);
+    return rc;
+}
+
+static PyObject *fire_run(Fire *self, PyObject *args) {
+    PyObject *full = args;
+    if (self->prepare != Py_None) {
+        full = PyObject_CallOneArg(self->prepare, args);
+        if (!full) return NULL;
+        if (!PyTuple_Check(full)) {
+            Py_DECREF(full);
+            PyErr_SetString(PyExc_TypeError, "prepare(args) must return a tuple");
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < self->nlaunch; i++) {
+        if (run_launch(&self->launches[i], full) < 0) {
+            if (full != args) Py_DECREF(full);
+            return NULL;
+        }
+    }
+    if (full != args) Py_DECREF(full);
+    return Py_NewRef(self->name);
+}
+
+static PyObject *Fire_vectorcall(PyObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n != 1 || (kwnames && PyTuple_GET_SIZE(kwnames)) || !PyTuple_Check(argv[0])) {
+        PyErr_SetString(PyExc_TypeError, "Fire takes one argument: the op's argument tuple");
+        return NULL;
+    }
+    return fire_run((Fire *)self, argv[0]);
+}
+
+static PyObject *Fire_get_name(Fire *self, void *closure) { return Py_NewRef(self->name); }
+
+static PyGetSetDef Fire_getset[] = {
+    {"name", (getter)Fire_get_name, NULL, "the candidate's name, which a call returns", NULL},
+    {NULL}
+};
+
+static PyTypeObject FireType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "jitkern_fastcall.Fire",
+    .tp_basicsize = sizeof(Fire),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A decided candidate's launches, run in C: Fire(name, launches, prepare)(args) -> name",
+    .tp_new = Fire_new,
+    .tp_dealloc = (destructor)Fire_dealloc,
+    .tp_traverse = (traverseproc)Fire_traverse,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Fire, vectorcall),
+    .tp_getset = Fire_getset,
+};
+
+static PyObject *Fire_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *name, *launches, *prepare;
+    if (!PyArg_ParseTuple(args, "OOO", &name, &launches, &prepare)) return NULL;
+    PyObject *seq = PySequence_Fast(launches, "launches must be a sequence");
+    if (!seq) return NULL;
+    Fire *self = (Fire *)type->tp_alloc(type, 0);
+    if (!self) { Py_DECREF(seq); return NULL; }
+    self->vectorcall = Fire_vectorcall;
+    self->name = Py_NewRef(name);
+    self->prepare = Py_NewRef(prepare);
+    self->nlaunch = PySequence_Fast_GET_SIZE(seq);
+    self->launches = PyMem_Calloc(self->nlaunch ? self->nlaunch : 1, sizeof(LaunchRec));
+    if (!self->launches) { Py_DECREF(seq); Py_DECREF(self); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < self->nlaunch; i++) {
+        if (parse_launch(PySequence_Fast_GET_ITEM(seq, i), &self->launches[i]) < 0) {
+            Py_DECREF(seq);
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    return (PyObject *)self;
+}
+
+/* ------------------------------------------------------------------------------ Dispatch */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t *tensors, ntensors, *statics, nstatics;
+    PyObject *memo, *slow;
+    vectorcallfunc vectorcall;
+} Dispatch;
+
+/* The call signature, or NULL with an exception (AttributeError/TypeError/IndexError: not keyable). */
+static PyObject *make_key(Dispatch *d, PyObject *args) {
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    PyObject *key = PyTuple_New(d->ntensors + d->nstatics);
+    if (!key) return NULL;
+    for (Py_ssize_t k = 0; k < d->ntensors; k++) {
+        Py_ssize_t i = d->tensors[k];
+        if (i >= nargs) { PyErr_SetString(PyExc_IndexError, "too few arguments"); goto fail; }
+        PyObject *t = PyTuple_GET_ITEM(args, i);
+        if (t == Py_None) {
+            PyTuple_SET_ITEM(key, k, Py_NewRef(Py_None));
+            continue;
+        }
+        PyObject *item = PyTuple_New(4);
+        if (!item) goto fail;
+        PyTuple_SET_ITEM(key, k, item);
+        PyObject *v;
+        if (!(v = PyObject_GetAttr(t, s_shape))) goto fail;
+        PyTuple_SET_ITEM(item, 0, v);
+        if (!(v = PyObject_CallMethodNoArgs(t, s_stride))) goto fail;
+        PyTuple_SET_ITEM(item, 1, v);
+        if (!(v = PyObject_GetAttr(t, s_dtype))) goto fail;
+        PyTuple_SET_ITEM(item, 2, v);
+        if (!(v = PyObject_GetAttr(t, s_device))) goto fail;
+        PyTuple_SET_ITEM(item, 3, v);
+    }
+    for (Py_ssize_t k = 0; k < d->nstatics; k++) {
+        Py_ssize_t i = d->statics[k];
+        if (i >= nargs) { PyErr_SetString(PyExc_IndexError, "too few arguments"); goto fail; }
+        PyTuple_SET_ITEM(key, d->ntensors + k, Py_NewRef(PyTuple_GET_ITEM(args, i)));
+    }
+    return key;
+fail:
+    Py_DECREF(key);
+    return NULL;
+}
+
+static PyObject *dispatch_run(Dispatch *d, PyObject *args) {
+    PyObject *key = make_key(d, args);
+    PyObject *route = NULL;
+    if (key) {
+        route = PyDict_GetItemWithError(d->memo, key);  /* borrowed; hashing may raise (unhashable) */
+        Py_DECREF(key);
+    }
+    if (!route) {
+        if (PyErr_Occurred()) {
+            if (!(PyErr_ExceptionMatches(PyExc_AttributeError) || PyErr_ExceptionMatches(PyExc_TypeError) ||
+                  PyErr_ExceptionMatches(PyExc_IndexError)))
+                return NULL;
+            PyErr_Clear();
+        }
+        return PyObject_CallOneArg(d->slow, args);
+    }
+    if (route == Py_None) Py_RETURN_NONE;
+    if (Py_IS_TYPE(route, &FireType)) return fire_run((Fire *)route, args);
+    Py_INCREF(route);  /* the memo may change while it runs */
+    PyObject *r = PyObject_CallOneArg(route, args);
+    Py_DECREF(route);
+    return r;
+}
+
+static PyObject *Dispatch_vectorcall(PyObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n != 1 || (kwnames && PyTuple_GET_SIZE(kwnames)) || !PyTuple_Check(argv[0])) {
+        PyErr_SetString(PyExc_TypeError, "Dispatch takes one argument: the op's argument tuple");
+        return NULL;
+    }
+    return dispatch_run((Dispatch *)self, argv[0]);
+}
+
+static Py_ssize_t *positions(PyObject *seq_in, Py_ssize_t *count) {
+    PyObject *seq = PySequence_Fast(seq_in, "positions must be a sequence");
+    if (!seq) return NULL;
+    *count = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t *out = PyMem_Calloc(*count ? *count : 1, sizeof(Py_ssize_t));
+    if (!out) { Py_DECREF(seq); PyErr_NoMemory(); return NULL; }
+    for (Py_ssize_t i = 0; i < *count; i++) {
+        out[i] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i));
+        if (out[i] < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "negative position");
+            PyMem_Free(out);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+static void Dispatch_dealloc(Dispatch *self) {
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->memo);
+    Py_CLEAR(self->slow);
+    PyMem_Free(self->tensors);
+    PyMem_Free(self->statics);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Dispatch_traverse(Dispatch *self, visitproc visit, void *arg) {
+    Py_VISIT(self->memo);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static PyObject *Dispatch_key(Dispatch *self, PyObject *args) {
+    if (!PyTuple_Check(args)) {
+        PyErr_SetString(PyExc_TypeError, "key(args): args must be a tuple");
+        return NULL;
+    }
+    return make_key(self, args);
+}
+
+static PyMethodDef Dispatch_methods[] = {
+    {"key", (PyCFunction)Dispatch_key, METH_O, "key(args): the call signature, as the memo holds it"},
+    {NULL}
+};
+
+static PyObject *Dispatch_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *tensors, *statics, *memo, *slow;
+    if (!PyArg_ParseTuple(args, "OOO!O", &tensors, &statics, &PyDict_Type, &memo, &slow)) return NULL;
+    Dispatch *self = (Dispatch *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->vectorcall = Dispatch_vectorcall;
+    self->memo = Py_NewRef(memo);
+    self->slow = Py_NewRef(slow);
+    if (!(self->tensors = positions(tensors, &self->ntensors)) ||
+        !(self->statics = positions(statics, &self->nstatics))) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyTypeObject DispatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "jitkern_fastcall.Dispatch",
+    .tp_basicsize = sizeof(Dispatch),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Signature, memo lookup and the decided launches in C: Dispatch(tensors, statics, memo, slow)(args)",
+    .tp_new = Dispatch_new,
+    .tp_dealloc = (destructor)Dispatch_dealloc,
+    .tp_traverse = (traverseproc)Dispatch_traverse,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Dispatch, vectorcall),
+    .tp_methods = Dispatch_methods,
+};
+
+/* -------------------------------------------------------------------------------- module */
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "jitkern_fastcall",
+                                    "jitkern's dispatch hot path (see jitkern/fastcall.py)", -1, NULL};
+
+PyMODINIT_FUNC PyInit_jitkern_fastcall(void) {
+    if (PyType_Ready(&FireType) < 0 || PyType_Ready(&DispatchType) < 0) return NULL;
+    if (!(s_shape = PyUnicode_InternFromString("shape")) || !(s_stride = PyUnicode_InternFromString("stride")) ||
+        !(s_dtype = PyUnicode_InternFromString("dtype")) || !(s_device = PyUnicode_InternFromString("device")) ||
+        !(s_data_ptr = PyUnicode_InternFromString("data_ptr")))
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&FireType);
+    Py_INCREF(&DispatchType);
+    if (PyModule_AddObject(m, "Fire", (PyObject *)&FireType) < 0 ||
+        PyModule_AddObject(m, "Dispatch", (PyObject *)&DispatchType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

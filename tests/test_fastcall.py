@@ -1,0 +1,188 @@
+"""The C hot path (jitkern/fastcall.c) against the Python one, with the real C extension built here.
+
+On the CPU, ops run through Triton's interpreter, which takes tensors, so the C path never runs by
+itself. These tests put a recording "direct" kernel in front of each loaded interpreter kernel: the
+Python path records what it would pass to Triton's C launch, the C path calls the recorder as that
+launch. The two must pass the same arguments for every call (grid, stream, function, constants,
+addresses, converted scalars), raise the same errors, and share one memo. On a GPU the same path
+launches for real (tests marked gpu, and every GPU test of an op)."""
+import math
+
+import pytest
+import torch
+
+import jitkern
+from jitkern import fallback, fastcall
+from jitkern.errors import ArgumentError, LayoutError
+from jitkern.library import paged_attention_decode as pa
+from jitkern.library import rms_norm as rn
+
+STREAM, FUNCTION, FIXED = 0x5EA, 0xF00, (False, True, None, None, (4, 1, 0), None, None, None)
+
+
+@pytest.fixture(scope="module")
+def fc():
+    m = fastcall.module()
+    assert m is not None, "the C extension must build on the test machine (gcc and Python headers)"
+    return m
+
+
+class _Recording:
+    """A loaded kernel as the GPU launcher makes it, launching into ``calls``."""
+
+    takes_addresses = True
+    direct = None
+
+    def __init__(self, real, calls, with_c):
+        self.key, self.name, self.job = real.key, real.name, real.job
+        self._calls = calls
+        if with_c:
+            self.direct = (lambda *a: calls.append(a), FUNCTION, FIXED, lambda device: STREAM, 0)
+
+    def run(self, gx, gy, gz, *args):  # the Python path: what run_direct would hand to the C launch
+        if gx > 0 and gy > 0 and gz > 0:
+            self._calls.append((gx, gy, gz, STREAM, FUNCTION, *FIXED, *args))
+
+
+@pytest.fixture
+def recorded(monkeypatch, fc):
+    """``run(with_c, fn)``: fn() with every kernel loaded through a recording direct kernel; returns the
+    launches recorded."""
+    real = fallback.runtime.kernel
+
+    def run(with_c, fn):
+        calls = []
+        monkeypatch.setenv("JITKERN_FAST_CALL", "1" if with_c else "0")
+        monkeypatch.setattr(fallback.runtime, "kernel", lambda *a, **k: _Recording(real(*a, **k), calls, with_c))
+        jitkern.reset()
+        try:
+            fn()
+        finally:
+            monkeypatch.setattr(fallback.runtime, "kernel", real)
+        return calls
+    return run
+
+
+_X, _R, _W, _OUT = torch.randn(4, 256), torch.randn(4, 256), torch.ones(256), torch.empty(4, 256)
+
+
+def _rms_calls():
+    x, r, w, out = _X, _R, _W, _OUT
+    for eps in (1e-6, 1e-5, 1, True):  # float, float, an int and a bool (converted by the Python check)
+        rn.rms_norm(x, w, eps=eps, out=out)
+        rn.rms_norm(x, w, eps=eps, residual=r, out=out)
+    rn.rms_norm(x[:2], w, out=out[:2])  # a second signature, then the first again
+    rn.rms_norm(x, w, out=out)
+
+
+def test_c_path_launches_what_the_python_path_launches(recorded, fc):
+    py = recorded(False, _rms_calls)
+    c = recorded(True, _rms_calls)
+    assert len(py) == 10 and c == py
+    d = jitkern.dispatcher(rn.SPEC)
+    assert isinstance(d._call, fc.Dispatch)  # the memo is served from C now
+    assert [type(v).__name__ for v in d._memo.values()] == ["Fire"] * 3
+    eps = [a[-1] for a in c[:8:2]]
+    assert eps == [1e-6, 1e-5, 1.0, 1.0] and all(type(e) is float for e in eps)
+
+
+def test_two_launches_and_per_call_scratch(recorded):
+    """paged_attention_decode: a partition kernel and a combine kernel, and a workspace the
+    framework allocates for each call (its address is new each call, so compare all but that)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 64, generator=g).bfloat16()
+    k = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
+    v = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
+    bt = torch.randint(0, 12, (2, 4), generator=g, dtype=torch.int32)
+    lens = torch.tensor([40, 7], dtype=torch.int32)
+    out = torch.empty(2, 4, 64, dtype=torch.bfloat16)
+
+    def calls():
+        for _ in range(2):
+            pa.paged_attention_decode(q, k, v, bt, lens, out=out)
+
+    py, c = recorded(False, calls), recorded(True, calls)
+    assert len(py) == len(c) == 4
+    addresses = {t.data_ptr() for t in (q, k, v, bt, lens, out)}
+
+    def without_scratch(launch):
+        return tuple(a for a in launch if not (isinstance(a, int) and a > 1 << 20 and a not in addresses))
+    assert [without_scratch(x) for x in c] == [without_scratch(x) for x in py]
+    assert len(without_scratch(c[0])) < len(c[0])  # the workspace was passed, and left out above
+
+
+@pytest.mark.parametrize("eps, error", [(float("nan"), ArgumentError), (-1.0, ArgumentError),
+                                        (math.inf, ArgumentError), ("x", ArgumentError)])
+def test_c_path_rejects_bad_scalars_like_the_python_path(recorded, eps, error):
+    x, w, out = torch.randn(4, 256), torch.ones(256), torch.empty(4, 256)
+
+    def calls():
+        rn.rms_norm(x, w, out=out)
+        with pytest.raises(error, match="eps"):
+            rn.rms_norm(x, w, eps=eps, out=out)
+    assert len(recorded(True, calls)) == 1
+
+
+def test_c_path_rejects_misaligned_tensors(recorded):
+    x, w = torch.randn(4, 257), torch.ones(256)
+
+    def calls():
+        rn.rms_norm(x[:, :256].contiguous(), w)  # decided on an aligned tensor
+        shifted = torch.randn(4 * 256 + 1)[1:].view(4, 256)  # same signature, address off by 4 bytes
+        with pytest.raises(LayoutError, match="16-byte aligned"):
+            rn.rms_norm(shifted, w, out=torch.empty(4, 256))
+    assert len(recorded(True, calls)) == 1
+
+
+def test_c_key_is_the_python_key(fc):
+    d = jitkern.dispatcher(rn.SPEC)
+    c = fc.Dispatch(d.tensors, d._static, {}, lambda args: None)
+    x = torch.randn(4, 256)
+    for args in [(x, torch.ones(256), 1e-6, None, None), (x.t(), torch.ones(4), 0.5, x, torch.empty(256, 4)),
+                 (x.bfloat16(), torch.ones(256).bfloat16(), 1e-6, None, None)]:
+        assert c.key(args) == d.key(args) and hash(c.key(args)) == hash(d.key(args))
+
+
+def test_c_dispatch_routes_unknown_and_unkeyable_calls_to_the_slow_path(fc):
+    seen = []
+    memo = {}
+    c = fc.Dispatch((0,), (1,), memo, lambda args: seen.append(args) or "slow")
+    t = torch.zeros(3)
+    assert c((t, 4)) == "slow" and c(("not a tensor", 4)) == "slow" and c((t, [1])) == "slow"  # unhashable
+    assert c((t,)) == "slow"  # too few arguments
+    memo[(None, 4)] = None
+    assert c((None, 4)) is None  # nothing to launch
+    memo[((t.shape, t.stride(), t.dtype, t.device), 4)] = lambda args: "python route"
+    assert c((t, 4)) == "python route"
+    assert len(seen) == 4
+
+
+def test_fast_call_off_keeps_python(recorded):
+    recorded(False, _rms_calls)
+    d = jitkern.dispatcher(rn.SPEC)
+    assert d._call == d._call_python
+
+
+def test_reset_returns_to_python_path(recorded, fc):
+    recorded(True, _rms_calls)
+    d = jitkern.dispatcher(rn.SPEC)
+    assert isinstance(d._call, fc.Dispatch)
+    jitkern.reset()
+    assert d._call == d._call_python and not d._memo
+
+
+def test_fire_objects_are_collected(fc):
+    import gc
+    import weakref
+
+    class Marker:
+        pass
+
+    m = Marker()
+    ref = weakref.ref(m)
+    launch = (lambda *a: None, (1, 1, 1), lambda dev: 0, 0, 0, (), [("c", m)], lambda a: None, lambda a: ())
+    fire = fc.Fire("x", [launch], None)
+    assert fire(()) == "x"
+    del m, fire, launch
+    gc.collect()
+    assert ref() is None
