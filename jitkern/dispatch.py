@@ -403,9 +403,9 @@ class Dispatcher:
                                 float("inf") if sc.max is None else float(sc.max)))
             else:
                 c_slots.append((k, v))
-        c_launch, function, fixed, stream, device = kernel.direct
-        return (c_launch, tuple(launch.grid), stream, device, function, tuple(fixed), c_slots,
-                lambda args: _misaligned(spec, names, args, tpos), _scalar_checker(spec.name, names, spos))
+        d = kernel.direct
+        return (d.how, tuple(launch.grid), d.stream, d.device, d.function, c_slots,
+                lambda args: _misaligned(spec, names, args, tpos), _scalar_checker(spec.name, names, spos), *d.extra)
 
     def _fire(self, launch: Launch, kernel, name: str, scratch: dict | None = None):
         """``fire(args)`` for one launch: its constants bound, its ``In`` arguments read per call

@@ -13,19 +13,25 @@
  *   Fire(name, launches, prepare)
  *       call(args): runs each launch, returns ``name``. ``prepare`` (or None) maps ``args`` to the
  *       argument tuple the launches read (per-call scratch buffers appended). A launch is
- *       (c_launch, grid, stream_fn, device, function, fixed, slots, misaligned, check) and calls
- *       c_launch(gx, gy, gz, stream_fn(device), function, *fixed, *kernel_args), the kernel
- *       arguments made from ``slots`` in kernel order: ("t", i) the address of args[i] (data_ptr(),
- *       all OR-ed and checked for 16-byte alignment: ``misaligned(args)`` raises the error),
- *       ("s", i, is_int, lo, hi) a per-call scalar taken as is when it is exactly an int/float
- *       within [lo, hi] and finite, otherwise ``check(args)`` converts (or rejects) all of the
- *       launch's scalars, ("c", value) a constant.
+ *       (how, grid, stream_fn, device, function, slots, misaligned, check) + how's own fields; the
+ *       kernel arguments are made from ``slots`` in kernel order: ("t", i) the address of args[i]
+ *       (data_ptr(), all OR-ed and checked for 16-byte alignment: ``misaligned(args)`` raises the
+ *       error), ("s", i, is_int, lo, hi) a per-call scalar taken as is when it is exactly an
+ *       int/float within [lo, hi] and finite, otherwise ``check(args)`` converts (or rejects) all
+ *       of the launch's scalars, ("c", value) a constant.
+ *         how "triton" + (c_launch, fixed): calls Triton's generated C launch,
+ *           c_launch(gx, gy, gz, stream_fn(device), function, *fixed, *kernel_args);
+ *         how "driver" + (launch_fn, block, shared, types, failed): calls the driver's
+ *           cuLaunchKernel / hipModuleLaunchKernel (``launch_fn``: its address) with the kernel
+ *           arguments packed by ``types`` (one struct code per argument: b h i q B H I Q f d, or
+ *           P for a pointer) into 8-byte slots; a non-zero result calls ``failed(code)``, which raises.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MAX_STACK 96
 
@@ -43,10 +49,22 @@ typedef struct {
     PyObject *value;    /* C: owned */
 } Slot;
 
+/* cuLaunchKernel and hipModuleLaunchKernel have this signature */
+typedef int (*driver_launch_t)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned shared, void *stream, void **params, void **extra);
+
+enum { HOW_TRITON = 0, HOW_DRIVER = 1 };
+
 typedef struct {
-    PyObject *c_launch, *gx, *gy, *gz, *stream_fn, *device, *function, *fixed, *misaligned, *check;
+    int how;
+    PyObject *c_launch, *gx, *gy, *gz, *stream_fn, *device, *function, *fixed, *misaligned, *check, *failed;
     Py_ssize_t nfixed, nslots, nscalars;
     Slot *slots;
+    /* HOW_DRIVER */
+    driver_launch_t launch_fn;
+    void *fn_handle;
+    unsigned grid[3], block[3], shared;
+    char *types;
 } LaunchRec;
 
 typedef struct {
@@ -61,6 +79,9 @@ typedef struct {
 static void launch_clear(LaunchRec *l) {
     Py_CLEAR(l->c_launch); Py_CLEAR(l->gx); Py_CLEAR(l->gy); Py_CLEAR(l->gz); Py_CLEAR(l->stream_fn);
     Py_CLEAR(l->device); Py_CLEAR(l->function); Py_CLEAR(l->fixed); Py_CLEAR(l->misaligned); Py_CLEAR(l->check);
+    Py_CLEAR(l->failed);
+    PyMem_Free(l->types);
+    l->types = NULL;
     if (l->slots) {
         for (Py_ssize_t i = 0; i < l->nslots; i++) Py_CLEAR(l->slots[i].value);
         PyMem_Free(l->slots);
@@ -85,7 +106,7 @@ static int Fire_traverse(Fire *self, visitproc visit, void *arg) {
     for (Py_ssize_t i = 0; i < self->nlaunch; i++) {
         LaunchRec *l = &self->launches[i];
         Py_VISIT(l->c_launch); Py_VISIT(l->stream_fn); Py_VISIT(l->misaligned); Py_VISIT(l->check);
-        Py_VISIT(l->fixed);
+        Py_VISIT(l->fixed); Py_VISIT(l->failed);
         for (Py_ssize_t k = 0; k < l->nslots; k++) Py_VISIT(l->slots[k].value);
     }
     return 0;
@@ -123,22 +144,69 @@ static int parse_slot(PyObject *item, Slot *s, Py_ssize_t *nscalars) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-static int parse_launch(PyObject *t, LaunchRec *l) {
-    PyObject *grid, *slots;
-    memset(l, 0, sizeof(*l));
-    if (!PyArg_ParseTuple(t, "OOOOOO!OOO", &l->c_launch, &grid, &l->stream_fn, &l->device, &l->function,
-                          &PyTuple_Type, &l->fixed, &slots, &l->misaligned, &l->check))
-        return -1;
-    Py_INCREF(l->c_launch); Py_INCREF(l->stream_fn); Py_INCREF(l->device); Py_INCREF(l->function);
-    Py_INCREF(l->fixed); Py_INCREF(l->misaligned); Py_INCREF(l->check);
-    if (!PyTuple_Check(grid) || PyTuple_GET_SIZE(grid) != 3) {
-        PyErr_SetString(PyExc_TypeError, "grid must be a 3-tuple");
+static int parse_dims(PyObject *t, unsigned out[3], const char *what) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3) {
+        PyErr_Format(PyExc_TypeError, "%s must be a 3-tuple", what);
         return -1;
     }
+    for (int i = 0; i < 3; i++) {
+        unsigned long v = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, i));
+        if (PyErr_Occurred()) return -1;
+        out[i] = (unsigned)v;
+    }
+    return 0;
+}
+
+static const char PACK_CODES[] = "bhiqBHIQfdP";
+
+static int parse_launch(PyObject *t, LaunchRec *l) {
+    PyObject *grid, *slots, *extra;
+    const char *how;
+    memset(l, 0, sizeof(*l));
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 8) {
+        PyErr_SetString(PyExc_TypeError, "a launch is (how, grid, stream_fn, device, function, slots, misaligned, check, ...)");
+        return -1;
+    }
+    PyObject *head = PyTuple_GetSlice(t, 0, 8);
+    if (!head) return -1;
+    int ok = PyArg_ParseTuple(head, "sOOOOOOO", &how, &grid, &l->stream_fn, &l->device, &l->function, &slots,
+                              &l->misaligned, &l->check);
+    Py_DECREF(head);
+    if (!ok) return -1;
+    Py_INCREF(l->stream_fn); Py_INCREF(l->device); Py_INCREF(l->function); Py_INCREF(l->misaligned);
+    Py_INCREF(l->check);
+    if (parse_dims(grid, l->grid, "grid") < 0) return -1;
     l->gx = Py_NewRef(PyTuple_GET_ITEM(grid, 0));
     l->gy = Py_NewRef(PyTuple_GET_ITEM(grid, 1));
     l->gz = Py_NewRef(PyTuple_GET_ITEM(grid, 2));
-    l->nfixed = PyTuple_GET_SIZE(l->fixed);
+    extra = PyTuple_GetSlice(t, 8, PyTuple_GET_SIZE(t));
+    if (!extra) return -1;
+    if (strcmp(how, "triton") == 0) {
+        l->how = HOW_TRITON;
+        ok = PyArg_ParseTuple(extra, "OO!", &l->c_launch, &PyTuple_Type, &l->fixed);
+        if (ok) { Py_INCREF(l->c_launch); Py_INCREF(l->fixed); l->nfixed = PyTuple_GET_SIZE(l->fixed); }
+    } else if (strcmp(how, "driver") == 0) {
+        PyObject *fn_addr, *block;
+        const char *types;
+        l->how = HOW_DRIVER;
+        ok = PyArg_ParseTuple(extra, "OOIsO", &fn_addr, &block, &l->shared, &types, &l->failed);
+        if (ok) {
+            Py_INCREF(l->failed);
+            l->launch_fn = (driver_launch_t)PyLong_AsVoidPtr(fn_addr);
+            l->fn_handle = PyLong_AsVoidPtr(l->function);
+            ok = !PyErr_Occurred() && l->launch_fn && parse_dims(block, l->block, "block") == 0;
+            if (ok && !(l->types = PyMem_Malloc(strlen(types) + 1))) { PyErr_NoMemory(); ok = 0; }
+            if (ok) strcpy(l->types, types);
+            for (const char *c = types; ok && *c; c++)
+                if (!strchr(PACK_CODES, *c)) { PyErr_Format(PyExc_ValueError, "unknown type code %c", *c); ok = 0; }
+            if (ok && !PyErr_Occurred() && !l->launch_fn) PyErr_SetString(PyExc_ValueError, "no launch function");
+        }
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown launch kind %s", how);
+        ok = 0;
+    }
+    Py_DECREF(extra);
+    if (!ok) return -1;
     PyObject *seq = PySequence_Fast(slots, "slots must be a sequence");
     if (!seq) return -1;
     l->nslots = PySequence_Fast_GET_SIZE(seq);
@@ -156,6 +224,60 @@ static int parse_launch(PyObject *t, LaunchRec *l) {
         }
     }
     Py_DECREF(seq);
+    if (l->how == HOW_DRIVER && (Py_ssize_t)strlen(l->types) != l->nslots) {
+        PyErr_SetString(PyExc_ValueError, "one type code per kernel argument");
+        return -1;
+    }
+    return 0;
+}
+
+/* ``v`` packed by struct code ``code`` into an 8-byte slot; -1 with an exception set. */
+static int pack(char code, PyObject *v, uint64_t *slot) {
+    *slot = 0;
+    switch (code) {
+    case 'f': { float f = (float)PyFloat_AsDouble(v); memcpy(slot, &f, 4); break; }
+    case 'd': { double d = PyFloat_AsDouble(v); memcpy(slot, &d, 8); break; }
+    case 'P': case 'Q': case 'B': case 'H': case 'I': {
+        unsigned long long u = PyLong_AsUnsignedLongLongMask(v);
+        if (code == 'B') { uint8_t x = (uint8_t)u; memcpy(slot, &x, 1); }
+        else if (code == 'H') { uint16_t x = (uint16_t)u; memcpy(slot, &x, 2); }
+        else if (code == 'I') { uint32_t x = (uint32_t)u; memcpy(slot, &x, 4); }
+        else memcpy(slot, &u, 8);
+        break;
+    }
+    default: {
+        long long x = PyLong_AsLongLong(v);
+        if (code == 'b') { int8_t y = (int8_t)x; memcpy(slot, &y, 1); }
+        else if (code == 'h') { int16_t y = (int16_t)x; memcpy(slot, &y, 2); }
+        else if (code == 'i') { int32_t y = (int32_t)x; memcpy(slot, &y, 4); }
+        else memcpy(slot, &x, 8);
+    }
+    }
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int driver_call(const LaunchRec *l, PyObject *stream, PyObject *const *kargs) {
+    uint64_t buf[MAX_STACK];
+    void *params[MAX_STACK];
+    for (Py_ssize_t k = 0; k < l->nslots; k++) {
+        if (pack(l->types[k], kargs[k], &buf[k]) < 0) return -1;
+        params[k] = &buf[k];
+    }
+    void *s = PyLong_AsVoidPtr(stream);
+    if (PyErr_Occurred()) return -1;
+    int rc = l->launch_fn(l->fn_handle, l->grid[0], l->grid[1], l->grid[2], l->block[0], l->block[1], l->block[2],
+                          l->shared, s, params, NULL);
+    if (rc != 0) {
+        PyObject *code = PyLong_FromLong(rc);
+        if (!code) return -1;
+        PyObject *r = PyObject_CallOneArg(l->failed, code);  /* raises LaunchError */
+        Py_DECREF(code);
+        if (r) {
+            Py_DECREF(r);
+            PyErr_Format(PyExc_RuntimeError, "kernel launch failed with driver error %d", rc);
+        }
+        return -1;
+    }
     return 0;
 }
 
@@ -242,7 +364,9 @@ static int run_launch(const LaunchRec *l, PyObject *args) {
         for (Py_ssize_t k = 0; k < l->nslots; k++, m++)
             if (l->slots[k].kind == SLOT_S) stack[m] = PyTuple_GET_ITEM(checked, j++);
     }
-    {
+    if (l->how == HOW_DRIVER) {
+        if (driver_call(l, stream, stack + 5 + l->nfixed) < 0) goto done;
+    } else {
         PyObject *r = PyObject_Vectorcall(l->c_launch, stack, n, NULL);
         if (!r) goto done;
         Py_DECREF(r);

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from . import settings
 from .binaries import METADATA_FILE, binary_name
-from .builders.base import Kernel
+from .builders.base import DirectLaunch, Kernel
 from .errors import LaunchError
 from .logs import warn_once
 
@@ -183,7 +183,8 @@ class GPUKernel(Kernel):
             if getattr(md, "global_scratch_size", 0):  # Triton's own path would need triton.set_allocator
                 self.launch = lambda grid3, *args: fast(grid3[0], grid3[1], grid3[2], *args)
             else:  # jitkern.fastcall's C hot path calls the same C launch
-                self.direct = (run.launch, function, direct_fixed(run, packed), self._stream, self._device)
+                self.direct = DirectLaunch("triton", function, self._stream, self._device,
+                                           (run.launch, direct_fixed(run, packed)))
 
     def _direct_launch(self):
         """Triton's C ``launch`` with the constant arguments bound (see :func:`direct_launch`), where it

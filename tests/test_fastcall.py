@@ -6,13 +6,16 @@ Python path records what it would pass to Triton's C launch, the C path calls th
 launch. The two must pass the same arguments for every call (grid, stream, function, constants,
 addresses, converted scalars), raise the same errors, and share one memo. On a GPU the same path
 launches for real (tests marked gpu, and every GPU test of an op)."""
+import ctypes
 import math
+import struct
 
 import pytest
 import torch
 
 import jitkern
 from jitkern import fallback, fastcall
+from jitkern.builders.base import DirectLaunch
 from jitkern.errors import ArgumentError, LayoutError
 from jitkern.library import paged_attention_decode as pa
 from jitkern.library import rms_norm as rn
@@ -37,7 +40,8 @@ class _Recording:
         self.key, self.name, self.job = real.key, real.name, real.job
         self._calls = calls
         if with_c:
-            self.direct = (lambda *a: calls.append(a), FUNCTION, FIXED, lambda device: STREAM, 0)
+            self.direct = DirectLaunch("triton", FUNCTION, lambda device: STREAM, 0,
+                                       (lambda *a: calls.append(a), FIXED))
 
     def run(self, gx, gy, gz, *args):  # the Python path: what run_direct would hand to the C launch
         if gx > 0 and gy > 0 and gz > 0:
@@ -180,9 +184,71 @@ def test_fire_objects_are_collected(fc):
 
     m = Marker()
     ref = weakref.ref(m)
-    launch = (lambda *a: None, (1, 1, 1), lambda dev: 0, 0, 0, (), [("c", m)], lambda a: None, lambda a: ())
+    launch = ("triton", (1, 1, 1), lambda dev: 0, 0, 0, [("c", m)], lambda a: None, lambda a: (), lambda *a: None, ())
     fire = fc.Fire("x", [launch], None)
     assert fire(()) == "x"
     del m, fire, launch
     gc.collect()
     assert ref() is None
+
+
+# ---- the driver launch of C++ kernels (cuLaunchKernel / hipModuleLaunchKernel) ------------------
+_LAUNCH_T = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p,
+                             ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+
+
+def _fake_driver(record, rc=0):
+    """A C function of cuLaunchKernel's signature recording (function, grid, block, shared, stream,
+    every parameter's 8 bytes)."""
+    nparams = []
+
+    def launch(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        record.append((f, (gx, gy, gz), (bx, by, bz), shared, stream,
+                       [ctypes.string_at(params[i], 8) for i in range(nparams[0])]))
+        return rc
+    return _LAUNCH_T(launch), nparams
+
+
+def _device_kernel(sigs, api):
+    from jitkern.builders.cpp import DeviceKernel
+
+    k = DeviceKernel.__new__(DeviceKernel)  # what __init__ sets after loading the binary on a GPU
+    k.name, k._function, k._device, k._stream = "fake/cuda", 0xF00D, 0, lambda device: 0x5EA
+    k._bind(sigs, (128, 2, 1), api)
+    return k
+
+
+SIGS = ["*bf16", "*fp32", "i32", "i64", "fp32", "fp64", "i8", "u16", "u32", "u64", "i1"]
+VALUES = [0x7F00, 0x8F00, -5, 1 << 40, 0.1, 1 / 3, -3, 65535, 1 << 31, (1 << 64) - 1, 1]
+
+
+def test_driver_launch_packs_what_the_python_path_packs(fc):
+    py_rec, c_rec = [], []
+    api_py, n_py = _fake_driver(py_rec)
+    api_c, n_c = _fake_driver(c_rec)
+    n_py.append(len(SIGS))
+    n_c.append(len(SIGS))
+    k_py, k_c = _device_kernel(SIGS, api_py), _device_kernel(SIGS, api_c)
+    k_py.run(3, 2, 1, *VALUES)
+    d = k_c.direct
+    slots = [("c", v) for v in VALUES]
+    fire = fc.Fire("cuda", [(d.how, (3, 2, 1), d.stream, d.device, d.function, slots, None, None, *d.extra)], None)
+    assert fire(()) == "cuda"
+    assert len(py_rec) == len(c_rec) == 1 and c_rec == py_rec
+    f, grid, block, shared, stream, params = c_rec[0]
+    assert (f, grid, block, shared, stream) == (0xF00D, (3, 2, 1), (128, 2, 1), 0, 0x5EA)
+    assert params[2] == struct.pack("<i4x", -5) and params[4] == struct.pack("<f4x", 0.1)
+
+
+def test_driver_launch_error_raises_launch_error(fc):
+    from jitkern.errors import LaunchError
+
+    rec = []
+    api, n = _fake_driver(rec, rc=700)
+    n.append(1)
+    d = _device_kernel(["*fp32"], api).direct
+    fire = fc.Fire("cuda", [(d.how, (1, 1, 1), d.stream, d.device, d.function, [("c", 0x100)], None, None,
+                             *d.extra)], None)
+    with pytest.raises(LaunchError, match="driver error 700"):
+        fire(())
+    assert len(rec) == 1

@@ -9,7 +9,8 @@ A builder (one per variant kind: ``jitkern.builders.get(kind)``) has
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 
 class Builder(Protocol):
@@ -18,6 +19,23 @@ class Builder(Protocol):
     def build(self, job) -> tuple[dict[str, bytes], dict[str, Any]]: ...
 
     def load(self, entry, job) -> "Kernel": ...
+
+
+@dataclass(frozen=True)
+class DirectLaunch:
+    """A kernel as ``jitkern.fastcall``'s C hot path launches it (see ``fastcall.c``).
+
+    ``how``: ``"triton"``, through Triton's generated C ``launch`` (``extra`` = ``(c_launch,
+    fixed)``: ``c_launch(gx, gy, gz, stream(device), function, *fixed, *kernel_args)``), or
+    ``"driver"``, through the driver's ``cuLaunchKernel``/``hipModuleLaunchKernel`` itself (``extra``
+    = ``(address of that function, block, shared_bytes, types, failed)``: ``types`` one struct code
+    per kernel argument, ``P`` for pointers; ``failed(code)`` raises the launch error)."""
+
+    how: str
+    function: int
+    stream: Callable[[int], int]
+    device: int
+    extra: tuple
 
 
 class Kernel:
@@ -30,10 +48,9 @@ class Kernel:
     """
 
     takes_addresses = False
-    #: ``(c_launch, function, fixed, stream_fn, device)`` where a launch is the C call
-    #: ``c_launch(gx, gy, gz, stream_fn(device), function, *fixed, *kernel_args)`` with integer
-    #: addresses (``jitkern.fastcall`` runs it without Python frames); None: launch through ``run``.
-    direct = None
+    #: ``DirectLaunch``: how ``jitkern.fastcall`` launches this kernel from C, without Python frames;
+    #: None: the dispatcher launches through ``run``.
+    direct: "DirectLaunch | None" = None
 
     def __init__(self, entry, job):
         self.entry = entry

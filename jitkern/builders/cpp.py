@@ -42,7 +42,7 @@ from typing import Any, Callable
 from .. import counters, settings
 from ..toolversions import tool_version  # noqa: F401  (hip and doctor take it from here)
 from ..errors import BuildError, LaunchError, UnavailableError
-from .base import Kernel
+from .base import DirectLaunch, Kernel
 
 LOG_FILE = "build.log"
 DEFAULT_TIMEOUT = settings.setting("build_timeout").default
@@ -236,9 +236,6 @@ class DeviceKernel(Kernel):
 
     def __init__(self, entry, job, toolchain: Toolchain):
         super().__init__(entry, job)
-        import struct
-        import threading
-
         from triton.runtime.driver import driver
 
         dev = driver.active
@@ -251,17 +248,31 @@ class DeviceKernel(Kernel):
         except Exception as e:
             raise LaunchError(f"could not load {self.name} from {entry.path}: {type(e).__name__}: {e}") from e
         p = job.config.p
-        self._block = (int(p.get("block_x", 1)), int(p.get("block_y", 1)), int(p.get("block_z", 1)))
-        sigs = [job.signature[a.name] for a in job.variant.args]
+        block = (int(p.get("block_x", 1)), int(p.get("block_y", 1)), int(p.get("block_z", 1)))
+        self._bind([job.signature[a.name] for a in job.variant.args], block, _driver_launch(toolchain.kind))
+
+    def _bind(self, sigs: list, block: tuple, api) -> None:
+        """The launch of the loaded function: ``sigs`` the kernel's argument types, ``api`` the
+        driver's launch function (a ctypes function of cuLaunchKernel's signature)."""
+        import struct
+        import threading
+
         for sig in sigs:
             _ctype(sig)  # rejects what C++ variants cannot take
+        self._block = block
         self._ptr_idx = tuple(i for i, sig in enumerate(sigs) if sig.startswith("*"))
         self._struct = struct.Struct("<" + "".join("Q" if sig.startswith("*") else _PACK[sig] for sig in sigs))
         self._buf = ctypes.create_string_buffer(max(8, 8 * len(sigs)))
         base = ctypes.addressof(self._buf)
         self._params = (ctypes.c_void_p * max(1, len(sigs)))(*[base + 8 * i for i in range(len(sigs))])
         self._lock = threading.Lock()
-        self._api = _driver_launch(toolchain.kind)
+        self._api = api
+        types = "".join("P" if sig.startswith("*") else _PACK[sig][0] for sig in sigs)
+        self.direct = DirectLaunch("driver", self._function, self._stream, self._device,
+                                   (ctypes.cast(api, ctypes.c_void_p).value, block, 0, types, self._failed))
+
+    def _failed(self, rc: int):
+        raise LaunchError(f"launching {self.name} failed with driver error {rc}")
 
     def run(self, gx, gy, gz, *args):
         if gx <= 0 or gy <= 0 or gz <= 0:
@@ -277,7 +288,7 @@ class DeviceKernel(Kernel):
             self._struct.pack_into(self._buf, 0, *a)
             rc = self._api(self._function, gx, gy, gz, bx, by, bz, 0, stream, self._params, None)
         if rc != 0:
-            raise LaunchError(f"launching {self.name} failed with driver error {rc}")
+            self._failed(rc)
 
     def launch(self, grid3, *args):
         self.run(grid3[0], grid3[1], grid3[2], *args)
