@@ -20,6 +20,15 @@ An op uses a contract like this::
     bufs.finish(k)                       # redzone: synchronize, check the guard bands
     return bufs.result("out")
 
+A call whose caller passes every output (the serving hot path, e.g. inside a CUDA graph) need not
+go through ``prepare`` at all: an output's shape, strides, dtype and device are part of the call
+signature, so the op's plan checks given outputs once per signature (``contract.check_outputs``)
+and the op calls its dispatcher directly while redzone mode is off::
+
+    if out is not None and not redzone.enabled():
+        _dispatch(x, n, out)             # the plan checked out against the contract
+        return out
+
 Imports torch (only op modules use it).
 """
 from __future__ import annotations
@@ -133,6 +142,20 @@ class Contract:
                 t = zone.allocate(b, shape, dtype, device)
             tensors[b.name] = t
         return Buffers(tensors, user, zone)
+
+    def check_outputs(self, device, dims: Mapping[str, Any], **given) -> None:
+        """Check the caller's output tensors (``given[name]``; None: not given) against the contract,
+        as ``prepare`` does, allocating nothing: for an op's plan, once per call signature."""
+        d = SimpleNamespace(**dims)
+        for b in self.buffers:
+            t = given.get(b.name)
+            if t is None:
+                continue
+            if b.role != "output":
+                raise SpecError(f"{self.op}: check_outputs checks outputs; {b.name!r} is a {b.role} buffer, "
+                                f"which prepare views and initialises on every call")
+            shape, dtype = b.resolve(d)
+            check(self.op, b, t, shape, dtype, device)
 
     def _prepare_plain(self, device, dims: Mapping[str, Any], given: Mapping[str, Any]) -> "Buffers":
         """``prepare`` off redzone mode: the layout of these dims and the verdict on a caller's output

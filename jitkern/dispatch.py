@@ -9,7 +9,7 @@ An op function calls its dispatcher with its arguments in parameter order::
         _dispatch(x, eps, out)
         return out
 
-The first call with a new *signature* — the shape, strides, dtype and device of every tensor
+The first call with a new *signature* — the type, shape, strides, dtype and device of every tensor
 argument and the value of every other argument, except the per-call ``OpSpec.scalars`` — runs the
 op's ``plan(call)`` (validation and the decision: candidates, each a list of ``Launch``es), applies
 the selection arch's rules to it, loads the kernels (``jitkern.runtime.kernel``, through the cache)
@@ -139,16 +139,17 @@ class Dispatcher:
     # ---- the signature -------------------------------------------------------------------------
     def _key_function(self):
         """``key(args)``: the call signature (a per-tensor tuple in a list comprehension is the
-        cheapest way CPython has to read four attributes of several tensors)."""
+        cheapest way CPython has to read five attributes of several tensors). ``jitkern.fastcall``
+        builds the same tuple in C."""
         tpos, static = self.tensors, self._static
         get_t = operator.itemgetter(*tpos) if len(tpos) > 1 else (lambda a, i=tpos[0]: (a[i],)) if tpos else None
         if get_t is None:
             return lambda args: tuple(args[i] for i in static)
         if not static:
-            return lambda args: tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+            return lambda args: tuple([None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
                                        for t in get_t(args)])
         get_s = operator.itemgetter(*static) if len(static) > 1 else (lambda a, i=static[0]: (a[i],))
-        return lambda args: (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in get_t(args)],
+        return lambda args: (*[None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device) for t in get_t(args)],
                              *get_s(args))
 
     # ---- the call ------------------------------------------------------------------------------

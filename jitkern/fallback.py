@@ -5,8 +5,9 @@ then Triton), and its ``plan`` gives, for one call signature, ``Candidate``s in 
 within a variant, tiles in order of preference). ``jitkern.dispatch`` makes a ``Route`` of them. A
 candidate is skipped when
 
-* its **guard** (a cheap predicate on the call's arguments, e.g. ``type(w) is torch.Tensor``)
-  refuses the arguments: that call goes to the next candidate, no exception is raised;
+* its **guard** (a predicate on what the call signature holds, e.g. ``type(w) is torch.Tensor``;
+  asked once per signature) refuses the arguments: the signature goes to the next candidate, no
+  exception is raised;
 * its build **failed or was unavailable** (no nvcc/hipcc, no CK headers, not this vendor's GPU):
   the failure is recorded in the cache (``jitkern.failures``) so no later process runs the compiler
   again for it; or its artifact is **over the arch's budget** (``jitkern.budget``);
@@ -45,6 +46,7 @@ class _Slot:
     error: Exception | None = None
     proven: bool = False
     deferred: bool = False  # its build was handed to the background worker (jitkern.background)
+    admitted: bool | None = None  # its guard's answer for this route's signature (None: not asked yet)
 
 
 _proven_keys: set = set()  # kernel keys (or torch candidates' names) that completed once in this process
@@ -112,9 +114,13 @@ class Route:
             c = s.cand
             if s.error is not None:
                 continue
-            if c.guard is not None and not c.guard(*args):
-                counters.bump("guard_refusals")
-                log.debug("jitkern: %s: guard of %r refused the arguments (%s)", self.spec.name, c.name, c.guard_doc)
+            if c.guard is not None and s.admitted is None:  # once per signature: it sees only what the key holds
+                s.admitted = bool(c.guard(*args))
+                if not s.admitted:
+                    counters.bump("guard_refusals")
+                    log.debug("jitkern: %s: guard of %r refused the signature (%s)", self.spec.name, c.name,
+                              c.guard_doc)
+            if s.admitted is False:
                 continue
             if s.fire is None:
                 if self._defer(i, s, args):
@@ -208,36 +214,22 @@ class Route:
             self.on_fast(self.fast)
 
     def _fast_path(self):
-        """The hot path, valid while every usable slot up to the first unguarded one is proven:
-        with one unguarded slot, its fire function itself; with guards, the first that accepts."""
-        chain = []
+        """The hot path: the fire function (it returns the candidate's name) of the first candidate
+        that takes this signature and has run; None while that one has not run yet; routing again
+        (which says why) where no candidate takes the signature."""
         watch = False
         for s in self._slots:
-            if s.error is not None:
+            if s.error is not None or s.admitted is False:
                 continue
             if s.deferred and s.fire is None:  # building in the background: served by a later slot
                 watch = True
                 continue
             if not s.proven:
-                break
-            chain.append((s.cand.guard, s.fire))  # fire(args) returns the candidate's name
-            if s.cand.guard is None:
-                break
+                return None
+            fast = s.fire
+            break
         else:
-            chain.append((None, self._route))  # every guard may refuse: the slow path says why
-        if not chain:
-            return None
-        if chain[0][0] is None:
-            fast = chain[0][1]
-        else:
-            if chain[-1][0] is not None:
-                chain.append((None, self._route))
-            chain = tuple(chain)
-
-            def fast(args):
-                for guard, fire in chain:
-                    if guard is None or guard(*args):
-                        return fire(args)
+            fast = self._route
         return self._watching(fast) if watch else fast
 
     def _watching(self, fast):

@@ -4,7 +4,7 @@
  *
  *   Dispatch(tensors, statics, memo, slow)
  *       call(args): the signature of ``args`` -- a tuple with, per tensor position, None or
- *       (t.shape, t.stride(), t.dtype, t.device), then the static arguments -- looked up in
+ *       (type(t), t.shape, t.stride(), t.dtype, t.device), then the static arguments -- looked up in
  *       ``memo``; a Fire found there runs in C, any other callable is called with ``args``;
  *       None means nothing to launch. A signature not in ``memo``, or arguments that cannot be
  *       keyed, go to ``slow(args)``. The key is built exactly as jitkern.dispatch's Python key,
@@ -475,18 +475,19 @@ static PyObject *make_key(Dispatch *d, PyObject *args) {
             PyTuple_SET_ITEM(key, k, Py_NewRef(Py_None));
             continue;
         }
-        PyObject *item = PyTuple_New(4);
+        PyObject *item = PyTuple_New(5);
         if (!item) goto fail;
         PyTuple_SET_ITEM(key, k, item);
         PyObject *v;
+        PyTuple_SET_ITEM(item, 0, Py_NewRef((PyObject *)Py_TYPE(t)));
         if (!(v = PyObject_GetAttr(t, s_shape))) goto fail;
-        PyTuple_SET_ITEM(item, 0, v);
-        if (!(v = PyObject_CallMethodNoArgs(t, s_stride))) goto fail;
         PyTuple_SET_ITEM(item, 1, v);
-        if (!(v = PyObject_GetAttr(t, s_dtype))) goto fail;
+        if (!(v = PyObject_CallMethodNoArgs(t, s_stride))) goto fail;
         PyTuple_SET_ITEM(item, 2, v);
-        if (!(v = PyObject_GetAttr(t, s_device))) goto fail;
+        if (!(v = PyObject_GetAttr(t, s_dtype))) goto fail;
         PyTuple_SET_ITEM(item, 3, v);
+        if (!(v = PyObject_GetAttr(t, s_device))) goto fail;
+        PyTuple_SET_ITEM(item, 4, v);
     }
     for (Py_ssize_t k = 0; k < d->nstatics; k++) {
         Py_ssize_t i = d->statics[k];

@@ -167,8 +167,11 @@ class Launch:
 class Candidate:
     """One way to run a call signature: its launches, in order, or a PyTorch function.
 
-    ``guard(*args) -> bool`` (cheap, no exceptions) runs on every call and says whether this
-    candidate takes the arguments; ``guard_doc`` says what it checks. ``torch``: a function taking
+    ``guard(*args) -> bool`` (no exceptions) says whether this candidate takes the arguments; it is
+    asked once per call signature, which holds each tensor's type (so a tensor-subclass check belongs
+    here), and must depend only on what the signature holds: tensor types, shapes, strides, dtypes and
+    devices, and the arguments that are not per-call scalars (never tensor contents or per-call
+    scalars). ``guard_doc`` says what it checks. ``torch``: a function taking
     the op's arguments, used instead of kernels (nothing is built); ``name`` names it.
     """
 

@@ -151,6 +151,11 @@ def test_guard_routes_tensor_subclass_to_next_variant(cache_dir):
     assert counters.snapshot()["guard_refusals"] == 1
     assert route(x) == "good"  # plain tensors still take the guarded variant
     assert counters.snapshot()["fallbacks"] == 0  # a guard refusal is routing, not a failure
+    # the guard is asked once per signature (the tensor's type is part of it): later calls of either
+    # signature run the decided candidate's launch function itself, with no guard in front of it
+    assert route(q) == "triton" and route(x) == "good" and counters.snapshot()["guard_refusals"] == 1
+    fires = {r._slots[i].fire for r in route._routes.values() for i in range(2)} - {None}
+    assert set(route._memo.values()) <= fires and len(route._memo) == 2
 
 
 def test_guard_routes_to_a_pytorch_candidate_for_inputs_no_kernel_supports(cache_dir):

@@ -156,7 +156,7 @@ def test_c_dispatch_routes_unknown_and_unkeyable_calls_to_the_slow_path(fc):
     assert c((t,)) == "slow"  # too few arguments
     memo[(None, 4)] = None
     assert c((None, 4)) is None  # nothing to launch
-    memo[((t.shape, t.stride(), t.dtype, t.device), 4)] = lambda args: "python route"
+    memo[((type(t), t.shape, t.stride(), t.dtype, t.device), 4)] = lambda args: "python route"
     assert c((t, 4)) == "python route"
     assert len(seen) == 4
 

@@ -120,6 +120,8 @@ def plan(call):
         raise checks.LayoutError(f"{OP}: each token's entry of kv_cache must be contiguous (strides "
                                  f"{tuple(kv_cache.stride())}); pass kv_cache.contiguous()")
     n_tok = checks.integer(OP, "num_tokens", num_tokens, minimum=0)
+    if not redzone.enabled():  # the op's hot path passes the caller's out without prepare
+        CONTRACT.check_outputs(kv_cache.device, dict(num_tokens=n_tok, entry=entry, dtype=kv_cache.dtype), out=out)
     checks.tensor(OP, "out", out, like=kv_cache)
     checks.same_dtype(OP, "out", out, kv_cache, "kv_cache")
     checks.shape(OP, "out", out, (n_tok, *entry))
@@ -172,6 +174,9 @@ def gather_kv_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, cu_seq_le
                     num_tokens: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gather committed tokens; ``num_tokens`` (= ``cu_seq_lens[-1]``) avoids a device sync when given
     (and is needed under torch.compile unless ``out`` is passed)."""
+    if out is not None and num_tokens is not None and not redzone.enabled():  # the plan checked out
+        _dispatch(kv_cache, block_table, cu_seq_lens, num_tokens, out)
+        return out
     if num_tokens is None:
         if isinstance(out, torch.Tensor) and out.dim():
             num_tokens = out.shape[0]

@@ -387,6 +387,9 @@ def _torch_gemm(a, b, out, why: str):
 def plan(call):
     """Validate one call signature; candidates are the bucket's tiles as they apply on the arch."""
     a, b, out = call.args
+    why = torch_route(a, b, out)
+    if why is not None:
+        return Candidate(torch=lambda a, b, out: _torch_gemm(a, b, out, why), name="torch.matmul")
     checks.tensor(OP, "a", a, dtypes=DTYPES, ndim=2)
     checks.tensor(OP, "b", b, dtypes=DTYPES, ndim=2, like=a)
     checks.same_dtype(OP, "b", b, a, "a")
@@ -441,13 +444,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -
     not given. Returns ``out``. Tensor subclasses and fp32/fp64 inputs go to ``torch.matmul``
     (``torch_route``), with one warning per reason.
     """
-    why = torch_route(a, b, out)
-    if why is not None:
-        return _torch_gemm(a, b, out, why)
-    if out is None and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 \
-            and b.dim() == 2:
-        out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
-    _dispatch(a, b, out)
+    if out is None:
+        why = torch_route(a, b, out)
+        if why is not None:
+            return _torch_gemm(a, b, out, why)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2:
+            out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
+    _dispatch(a, b, out)  # with out given, the plan routes subclasses and fp32/fp64 (their types are in the signature)
     return out
 
 

@@ -234,6 +234,9 @@ def plan(call):
         if split_k > MAX_SPLIT_K:
             raise checks.ArgumentError(f"{OP}: split_k={split_k} is more than {MAX_SPLIT_K}")
     pairs = tokens * topk
+    if not redzone.enabled():  # the op's hot path passes the caller's out without prepare
+        CONTRACT.check_outputs(x.device, dict(num_pairs=pairs, n=n, dtype=x.dtype, split_k=split_k or 1,
+                                              sorted_size=size), out=out)
     checks.tensor(OP, "out", out, like=x)
     checks.same_dtype(OP, "out", out, x, "x")
     checks.shape(OP, "out", out, (pairs, n))
@@ -319,6 +322,10 @@ def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.T
     Guard (seed 000): a weight or input that is a tensor subclass (e.g. a torchao quantized weight)
     cannot be read by the kernel through its data pointer; such calls run the PyTorch path instead,
     with one warning."""
+    if out is not None and split_k is None and scratch is None and not redzone.enabled():
+        # the hot path: the plan checked out against the contract and allocates any split-K scratch
+        _dispatch(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, None, out, None)
+        return out
     topk = checks.integer(OP, "topk", topk, minimum=1)
     if split_k is not None:
         split_k = checks.integer(OP, "split_k", split_k, minimum=1)
