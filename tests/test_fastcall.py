@@ -9,10 +9,13 @@ launches for real (tests marked gpu, and every GPU test of an op)."""
 import ctypes
 import math
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import requires_gpu
 import jitkern
 from jitkern import fallback, fastcall
 from jitkern.builders.base import DirectLaunch
@@ -252,3 +255,26 @@ def test_driver_launch_error_raises_launch_error(fc):
     with pytest.raises(LaunchError, match="driver error 700"):
         fire(())
     assert len(rec) == 1
+
+
+# ---- on a GPU: every op gives the same results through the C path as through the Python path -----
+@requires_gpu
+def test_gpu_every_op_gives_the_same_results_through_the_c_path(monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_runtime import op_cases
+
+    results = {}
+    for fast in ("0", "1"):
+        monkeypatch.setenv("JITKERN_FAST_CALL", fast)
+        jitkern.reset()
+        cases, specs = op_cases("cuda")  # seeded: the same inputs both times
+        results[fast] = {name: [fn().clone() for _ in range(2)] for name, fn in cases.items()}
+        torch.cuda.synchronize()
+        for name in cases:
+            d = jitkern.dispatcher(specs[name])
+            assert isinstance(d._call, fastcall.module().Dispatch) == (fast == "1"), name
+            if fast == "1":
+                assert any(type(v).__name__ == "Fire" for v in d._memo.values()), name
+    for name, got in results["1"].items():
+        for a, b in zip(results["0"][name], got):
+            assert torch.equal(a, b), name
