@@ -24,7 +24,20 @@
  *         how "driver" + (launch_fn, block, shared, types, failed): calls the driver's
  *           cuLaunchKernel / hipModuleLaunchKernel (``launch_fn``: its address) with the kernel
  *           arguments packed by ``types`` (one struct code per argument: b h i q B H I Q f d, or
- *           P for a pointer) into 8-byte slots; a non-zero result calls ``failed(code)``, which raises.
+ *           P for a pointer, e fp16, g bf16 (truncated, as Triton packs it)) into 8-byte slots;
+ *           ``trailing`` (a tuple) are constants after the call's arguments (Triton's scratch
+ *           pointers); a non-zero result calls ``failed(code)``, which raises. ``scratch``: None,
+ *           or (bytes per program, alloc): ``alloc(grid size x bytes)`` returns a buffer (a tensor)
+ *           per launch whose address replaces the first trailing constant (Triton's global
+ *           scratch), held until the launch is queued.
+ *
+ * And the CUDA driver calls jitkern needs to load a cubin without Triton's runtime (libcuda.so.1 is
+ * opened on first use; no CUDA headers are needed to build this file):
+ *
+ *   load_cubin(image, name, shared, device) -> (function, n_regs, n_spills, max_threads)
+ *   cu_launch_kernel() -> the address of cuLaunchKernel
+ *   launch(launch_fn, function, grid, block, shared, stream, types, args) -> None
+ *       one launch with every argument given (integers, floats), packed as above
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,6 +45,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <dlfcn.h>
 
 #define MAX_STACK 96
 
@@ -65,6 +79,9 @@ typedef struct {
     void *fn_handle;
     unsigned grid[3], block[3], shared;
     char *types;
+    PyObject *trailing;  /* constants after the call's arguments */
+    PyObject *scratch_alloc;  /* None, or alloc(nbytes) -> buffer with data_ptr() */
+    unsigned long long scratch_bytes;  /* per launch: grid size x bytes per program */
 } LaunchRec;
 
 typedef struct {
@@ -80,6 +97,8 @@ static void launch_clear(LaunchRec *l) {
     Py_CLEAR(l->c_launch); Py_CLEAR(l->gx); Py_CLEAR(l->gy); Py_CLEAR(l->gz); Py_CLEAR(l->stream_fn);
     Py_CLEAR(l->device); Py_CLEAR(l->function); Py_CLEAR(l->fixed); Py_CLEAR(l->misaligned); Py_CLEAR(l->check);
     Py_CLEAR(l->failed);
+    Py_CLEAR(l->trailing);
+    Py_CLEAR(l->scratch_alloc);
     PyMem_Free(l->types);
     l->types = NULL;
     if (l->slots) {
@@ -106,7 +125,7 @@ static int Fire_traverse(Fire *self, visitproc visit, void *arg) {
     for (Py_ssize_t i = 0; i < self->nlaunch; i++) {
         LaunchRec *l = &self->launches[i];
         Py_VISIT(l->c_launch); Py_VISIT(l->stream_fn); Py_VISIT(l->misaligned); Py_VISIT(l->check);
-        Py_VISIT(l->fixed); Py_VISIT(l->failed);
+        Py_VISIT(l->fixed); Py_VISIT(l->failed); Py_VISIT(l->scratch_alloc);
         for (Py_ssize_t k = 0; k < l->nslots; k++) Py_VISIT(l->slots[k].value);
     }
     return 0;
@@ -157,7 +176,7 @@ static int parse_dims(PyObject *t, unsigned out[3], const char *what) {
     return 0;
 }
 
-static const char PACK_CODES[] = "bhiqBHIQfdP";
+static const char PACK_CODES[] = "bhiqBHIQfdPeg";
 
 static int parse_launch(PyObject *t, LaunchRec *l) {
     PyObject *grid, *slots, *extra;
@@ -189,9 +208,22 @@ static int parse_launch(PyObject *t, LaunchRec *l) {
         PyObject *fn_addr, *block;
         const char *types;
         l->how = HOW_DRIVER;
-        ok = PyArg_ParseTuple(extra, "OOIsO", &fn_addr, &block, &l->shared, &types, &l->failed);
+        PyObject *scratch;
+        ok = PyArg_ParseTuple(extra, "OOIsOO!O", &fn_addr, &block, &l->shared, &types, &l->failed, &PyTuple_Type,
+                              &l->trailing, &scratch);
+        if (ok && scratch != Py_None) {
+            unsigned long long per_program;
+            if (!PyArg_ParseTuple(scratch, "KO", &per_program, &l->scratch_alloc) || PyTuple_GET_SIZE(l->trailing) < 1) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "scratch needs a trailing slot");
+                ok = 0;
+            } else {
+                Py_INCREF(l->scratch_alloc);
+                l->scratch_bytes = per_program * l->grid[0] * l->grid[1] * l->grid[2];
+            }
+        }
         if (ok) {
             Py_INCREF(l->failed);
+            Py_INCREF(l->trailing);
             l->launch_fn = (driver_launch_t)PyLong_AsVoidPtr(fn_addr);
             l->fn_handle = PyLong_AsVoidPtr(l->function);
             ok = !PyErr_Occurred() && l->launch_fn && parse_dims(block, l->block, "block") == 0;
@@ -224,8 +256,12 @@ static int parse_launch(PyObject *t, LaunchRec *l) {
         }
     }
     Py_DECREF(seq);
-    if (l->how == HOW_DRIVER && (Py_ssize_t)strlen(l->types) != l->nslots) {
-        PyErr_SetString(PyExc_ValueError, "one type code per kernel argument");
+    if (l->how == HOW_DRIVER && (Py_ssize_t)strlen(l->types) != l->nslots + PyTuple_GET_SIZE(l->trailing)) {
+        PyErr_SetString(PyExc_ValueError, "one type code per kernel argument (and per trailing constant)");
+        return -1;
+    }
+    if (l->how == HOW_DRIVER && l->nslots + PyTuple_GET_SIZE(l->trailing) > MAX_STACK) {
+        PyErr_SetString(PyExc_ValueError, "too many kernel arguments for the C fast path");
         return -1;
     }
     return 0;
@@ -236,6 +272,20 @@ static int pack(char code, PyObject *v, uint64_t *slot) {
     *slot = 0;
     switch (code) {
     case 'f': { float f = (float)PyFloat_AsDouble(v); memcpy(slot, &f, 4); break; }
+    case 'e': {
+        double d = PyFloat_AsDouble(v);
+        if (d == -1.0 && PyErr_Occurred()) return -1;
+        if (PyFloat_Pack2(d, (char *)slot, 1) < 0) return -1;
+        break;
+    }
+    case 'g': {  /* bf16: the top half of the fp32 bits, as Triton's launcher packs it */
+        float f = (float)PyFloat_AsDouble(v);
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        uint16_t h = (uint16_t)(u >> 16);
+        memcpy(slot, &h, 2);
+        break;
+    }
     case 'd': { double d = PyFloat_AsDouble(v); memcpy(slot, &d, 8); break; }
     case 'P': case 'Q': case 'B': case 'H': case 'I': {
         unsigned long long u = PyLong_AsUnsignedLongLongMask(v);
@@ -256,29 +306,61 @@ static int pack(char code, PyObject *v, uint64_t *slot) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-static int driver_call(const LaunchRec *l, PyObject *stream, PyObject *const *kargs) {
+/* Packs ``n`` arguments (then ``trailing``) by ``types`` and launches; 0, or -1 with an exception
+ * (``failed``: called with the driver's error code, to raise; NULL: a RuntimeError). */
+static int driver_launch(driver_launch_t launch_fn, void *fn, const unsigned grid[3], const unsigned block[3],
+                         unsigned shared, PyObject *stream, const char *types, PyObject *const *kargs,
+                         Py_ssize_t n, PyObject *trailing, PyObject *failed) {
     uint64_t buf[MAX_STACK];
     void *params[MAX_STACK];
-    for (Py_ssize_t k = 0; k < l->nslots; k++) {
-        if (pack(l->types[k], kargs[k], &buf[k]) < 0) return -1;
+    Py_ssize_t nt = trailing ? PyTuple_GET_SIZE(trailing) : 0;
+    if (n + nt > MAX_STACK || (Py_ssize_t)strlen(types) != n + nt) {
+        PyErr_SetString(PyExc_ValueError, "one type code per kernel argument");
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < n + nt; k++) {
+        if (pack(types[k], k < n ? kargs[k] : PyTuple_GET_ITEM(trailing, k - n), &buf[k]) < 0) return -1;
         params[k] = &buf[k];
     }
     void *s = PyLong_AsVoidPtr(stream);
     if (PyErr_Occurred()) return -1;
-    int rc = l->launch_fn(l->fn_handle, l->grid[0], l->grid[1], l->grid[2], l->block[0], l->block[1], l->block[2],
-                          l->shared, s, params, NULL);
+    int rc = launch_fn(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared, s, params, NULL);
     if (rc != 0) {
-        PyObject *code = PyLong_FromLong(rc);
-        if (!code) return -1;
-        PyObject *r = PyObject_CallOneArg(l->failed, code);  /* raises LaunchError */
-        Py_DECREF(code);
-        if (r) {
+        if (failed) {
+            PyObject *code = PyLong_FromLong(rc);
+            if (!code) return -1;
+            PyObject *r = PyObject_CallOneArg(failed, code);  /* raises LaunchError */
+            Py_DECREF(code);
+            if (!r) return -1;
             Py_DECREF(r);
-            PyErr_Format(PyExc_RuntimeError, "kernel launch failed with driver error %d", rc);
         }
+        PyErr_Format(PyExc_RuntimeError, "kernel launch failed with driver error %d", rc);
         return -1;
     }
     return 0;
+}
+
+static int driver_call(const LaunchRec *l, PyObject *stream, PyObject *const *kargs) {
+    if (!l->scratch_alloc)
+        return driver_launch(l->launch_fn, l->fn_handle, l->grid, l->block, l->shared, stream, l->types, kargs,
+                             l->nslots, l->trailing, l->failed);
+    /* the first trailing parameter is a buffer made for this launch */
+    int rc = -1;
+    PyObject *nbytes = NULL, *buf = NULL, *addr = NULL, *trailing = NULL;
+    if (!(nbytes = PyLong_FromUnsignedLongLong(l->scratch_bytes)) ||
+        !(buf = PyObject_CallOneArg(l->scratch_alloc, nbytes)) ||
+        !(addr = PyObject_CallMethodNoArgs(buf, s_data_ptr)) ||
+        !(trailing = PyTuple_New(PyTuple_GET_SIZE(l->trailing))))
+        goto done;
+    PyTuple_SET_ITEM(trailing, 0, Py_NewRef(addr));
+    for (Py_ssize_t i = 1; i < PyTuple_GET_SIZE(l->trailing); i++)
+        PyTuple_SET_ITEM(trailing, i, Py_NewRef(PyTuple_GET_ITEM(l->trailing, i)));
+    rc = driver_launch(l->launch_fn, l->fn_handle, l->grid, l->block, l->shared, stream, l->types, kargs,
+                       l->nslots, trailing, l->failed);
+done:
+    Py_XDECREF(nbytes); Py_XDECREF(addr); Py_XDECREF(trailing);
+    Py_XDECREF(buf);  /* freed to the caching allocator after the launch is queued on this stream */
+    return rc;
 }
 
 static PyObject *Fire_new(PyTypeObject *type, PyObject *args, PyObject *kw);
@@ -610,10 +692,150 @@ static PyTypeObject DispatchType = {
     .tp_methods = Dispatch_methods,
 };
 
+/* ------------------------------------------------------------------------- the CUDA driver */
+
+typedef int (*cu_i_t)(int);
+typedef int (*cu_get_current_t)(void **);
+typedef int (*cu_ctx_retain_t)(void **, int);
+typedef int (*cu_ctx_set_t)(void *);
+typedef int (*cu_device_get_t)(int *, int);
+typedef int (*cu_device_attr_t)(int *, int, int);
+typedef int (*cu_load_data_t)(void **, const void *);
+typedef int (*cu_get_function_t)(void **, void *, const char *);
+typedef int (*cu_func_get_attr_t)(int *, int, void *);
+typedef int (*cu_func_set_attr_t)(void *, int, int);
+typedef int (*cu_func_cache_t)(void *, int);
+typedef int (*cu_error_string_t)(int, const char **);
+
+/* the few CUDA driver enum values used (cuda.h; stable across CUDA releases) */
+enum {
+    FUNC_MAX_THREADS_PER_BLOCK = 0, FUNC_SHARED_SIZE_BYTES = 1, FUNC_LOCAL_SIZE_BYTES = 3, FUNC_NUM_REGS = 4,
+    FUNC_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8, DEV_MAX_SHARED_PER_SM = 81, DEV_MAX_SHARED_PER_BLOCK_OPTIN = 97,
+    FUNC_CACHE_PREFER_SHARED = 1,
+};
+
+static struct {
+    int ready;
+    cu_get_current_t ctx_get_current;
+    cu_ctx_retain_t primary_ctx_retain;
+    cu_ctx_set_t ctx_set_current;
+    cu_device_get_t device_get;
+    cu_device_attr_t device_attr;
+    cu_load_data_t module_load_data;
+    cu_get_function_t module_get_function;
+    cu_func_get_attr_t func_get_attr;
+    cu_func_set_attr_t func_set_attr;
+    cu_func_cache_t func_set_cache;
+    cu_error_string_t error_string;
+    driver_launch_t launch_kernel;
+} cu;
+
+static int cu_open(void) {
+    if (cu.ready) return 0;
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (!lib) {
+        PyErr_Format(PyExc_OSError, "cannot open libcuda.so.1 (%s)", dlerror());
+        return -1;
+    }
+#define SYM(field, name) if (!(*(void **)&cu.field = dlsym(lib, name))) { \
+        PyErr_Format(PyExc_OSError, "libcuda.so.1 has no %s", name); return -1; }
+    SYM(ctx_get_current, "cuCtxGetCurrent") SYM(primary_ctx_retain, "cuDevicePrimaryCtxRetain")
+    SYM(ctx_set_current, "cuCtxSetCurrent") SYM(device_get, "cuDeviceGet")
+    SYM(device_attr, "cuDeviceGetAttribute") SYM(module_load_data, "cuModuleLoadData")
+    SYM(module_get_function, "cuModuleGetFunction") SYM(func_get_attr, "cuFuncGetAttribute")
+    SYM(func_set_attr, "cuFuncSetAttribute") SYM(func_set_cache, "cuFuncSetCacheConfig")
+    SYM(error_string, "cuGetErrorString") SYM(launch_kernel, "cuLaunchKernel")
+#undef SYM
+    cu.ready = 1;
+    return 0;
+}
+
+static int cu_check(int rc, const char *what) {
+    if (rc == 0) return 0;
+    const char *text = NULL;
+    if (cu.error_string) cu.error_string(rc, &text);
+    PyErr_Format(PyExc_RuntimeError, "%s failed: CUDA error %d (%s)", what, rc, text ? text : "unknown");
+    return -1;
+}
+
+static PyObject *fc_load_cubin(PyObject *self, PyObject *args) {
+    Py_buffer image;
+    const char *name;
+    int shared, ordinal;
+    if (!PyArg_ParseTuple(args, "y*sii", &image, &name, &shared, &ordinal)) return NULL;
+    if (cu_open() < 0) { PyBuffer_Release(&image); return NULL; }
+    void *ctx = NULL, *mod = NULL, *fn = NULL;
+    int dev, n_regs = 0, n_spills = 0, max_threads = 0, optin = 0, ok = 0;
+    /* the module goes into the current context, or the device's primary one (torch's) if none */
+    if (cu_check(cu.ctx_get_current(&ctx), "cuCtxGetCurrent") < 0) goto done;
+    if (cu_check(cu.device_get(&dev, ordinal), "cuDeviceGet") < 0) goto done;
+    if (!ctx) {
+        if (cu_check(cu.primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain") < 0 ||
+            cu_check(cu.ctx_set_current(ctx), "cuCtxSetCurrent") < 0)
+            goto done;
+    }
+    if (cu_check(cu.module_load_data(&mod, image.buf), "cuModuleLoadData") < 0 ||
+        cu_check(cu.module_get_function(&fn, mod, name), "cuModuleGetFunction") < 0 ||
+        cu_check(cu.func_get_attr(&n_regs, FUNC_NUM_REGS, fn), "cuFuncGetAttribute") < 0 ||
+        cu_check(cu.func_get_attr(&n_spills, FUNC_LOCAL_SIZE_BYTES, fn), "cuFuncGetAttribute") < 0 ||
+        cu_check(cu.func_get_attr(&max_threads, FUNC_MAX_THREADS_PER_BLOCK, fn), "cuFuncGetAttribute") < 0 ||
+        cu_check(cu.device_attr(&optin, DEV_MAX_SHARED_PER_BLOCK_OPTIN, dev), "cuDeviceGetAttribute") < 0)
+        goto done;
+    if (shared > optin) {
+        PyErr_Format(PyExc_ValueError, "the kernel needs %d bytes of shared memory; this device allows %d per block",
+                     shared, optin);
+        goto done;
+    }
+    if (shared > 49152 && optin > 49152) {  /* opt in to more than 48 KiB of dynamic shared memory */
+        int shared_static = 0;
+        if (cu_check(cu.func_set_cache(fn, FUNC_CACHE_PREFER_SHARED), "cuFuncSetCacheConfig") < 0 ||
+            cu_check(cu.func_get_attr(&shared_static, FUNC_SHARED_SIZE_BYTES, fn), "cuFuncGetAttribute") < 0 ||
+            cu_check(cu.func_set_attr(fn, FUNC_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin - shared_static),
+                     "cuFuncSetAttribute") < 0)
+            goto done;
+    }
+    ok = 1;
+done:
+    PyBuffer_Release(&image);
+    if (!ok) return NULL;
+    return Py_BuildValue("(Kiii)", (unsigned long long)(uintptr_t)fn, n_regs, n_spills / 4, max_threads);
+}
+
+static PyObject *fc_cu_launch_kernel(PyObject *self, PyObject *unused) {
+    if (cu_open() < 0) return NULL;
+    return PyLong_FromVoidPtr((void *)cu.launch_kernel);
+}
+
+static PyObject *fc_launch(PyObject *self, PyObject *args) {
+    PyObject *fn_addr, *function, *grid, *block, *stream, *kargs;
+    unsigned shared, g[3], b[3];
+    const char *types;
+    if (!PyArg_ParseTuple(args, "OOOOIOsO!", &fn_addr, &function, &grid, &block, &shared, &stream, &types,
+                          &PyTuple_Type, &kargs))
+        return NULL;
+    if (parse_dims(grid, g, "grid") < 0 || parse_dims(block, b, "block") < 0) return NULL;
+    driver_launch_t launch_fn = (driver_launch_t)PyLong_AsVoidPtr(fn_addr);
+    void *fn = PyLong_AsVoidPtr(function);
+    if (PyErr_Occurred()) return NULL;
+    if (!launch_fn) { PyErr_SetString(PyExc_ValueError, "no launch function"); return NULL; }
+    if (driver_launch(launch_fn, fn, g, b, shared, stream, types, &PyTuple_GET_ITEM(kargs, 0),
+                      PyTuple_GET_SIZE(kargs), NULL, NULL) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"load_cubin", fc_load_cubin, METH_VARARGS,
+     "load_cubin(image, name, shared, device) -> (function, n_regs, n_spills, max_threads)"},
+    {"cu_launch_kernel", fc_cu_launch_kernel, METH_NOARGS, "the address of the driver's cuLaunchKernel"},
+    {"launch", fc_launch, METH_VARARGS, "launch(launch_fn, function, grid, block, shared, stream, types, args)"},
+    {NULL}
+};
+
 /* -------------------------------------------------------------------------------- module */
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "jitkern_fastcall",
-                                    "jitkern's dispatch hot path (see jitkern/fastcall.py)", -1, NULL};
+                                    "jitkern's dispatch hot path (see jitkern/fastcall.py)", -1, module_methods};
 
 PyMODINIT_FUNC PyInit_jitkern_fastcall(void) {
     if (PyType_Ready(&FireType) < 0 || PyType_Ready(&DispatchType) < 0) return NULL;

@@ -1,27 +1,42 @@
-"""The dispatcher's hot path in C: the call signature, the memo lookup and the decided launches.
+"""The dispatcher's hot path in C, and the CUDA driver calls that load and launch a cached cubin.
 
 ``jitkern.dispatch`` decides a call signature once in Python; what a later call with that signature
 does -- compute the signature, find its decision, read the tensors' addresses, check their
-alignment and the per-call scalars, and call Triton's generated C ``launch`` -- runs in the small
-CPython extension ``fastcall.c`` beside this file, without a Python frame per step. The decisions
-stay in the dispatcher's one memo (the C key is the Python key, tuple for tuple), and every error
-is still raised by the Python code that raises it on the slow path: the C side calls back for it.
+alignment and the per-call scalars, and launch -- runs in the small CPython extension
+``fastcall.c`` beside this file, without a Python frame per step. The decisions stay in the
+dispatcher's one memo (the C key is the Python key, tuple for tuple), and every error is still
+raised by the Python code that raises it on the slow path: the C side calls back for it.
 
-The extension is compiled on first use by Triton's own helper for its launcher stubs
-(``triton.runtime.build.compile_module_from_src``: the C compiler Triton already needs on a GPU
-machine, kept in Triton's cache by a hash of the source and the platform), so it exists only where
-GPU kernels launch directly (``jitkern.launcher``). ``JITKERN_FAST_CALL=0`` keeps the whole hot path
-in Python; a machine where the extension cannot be built does the same, with one warning.
+The same extension loads a cached CUDA binary and launches it with ``cuLaunchKernel`` itself
+(``jitkern.launcher``), so a process whose kernels are all cached never imports Triton (about a
+fifth of a second) nor builds Triton's per-signature launcher stubs.
+
+The extension is compiled on first GPU use with the machine's C compiler (``cc``, ``gcc`` or
+``clang``: what Triton needs on a GPU machine too) against this Python's headers, and kept in the
+cache's writable layer under ``host/``, named by a hash of the source and the Python ABI, so later
+processes only load it. ``JITKERN_FAST_CALL=0`` keeps the whole hot path in Python (and loading in
+Triton's driver); a machine where the extension cannot be built does the same, with one warning.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
 import threading
 from pathlib import Path
 
 from . import settings
-from .logs import warn_once
+from .cache import default_store
+from .logs import log, warn_once
 
 SOURCE = Path(__file__).with_name("fastcall.c")
+NAME = "jitkern_fastcall"
+SUBDIR = "host"
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -33,23 +48,69 @@ def enabled() -> bool:
 
 
 def module():
-    """The compiled extension (``Dispatch`` and ``Fire``), or None where it is off or cannot be
-    built (warned once; the Python hot path is used)."""
+    """The compiled extension, or None where it is off or cannot be built (warned once; the Python
+    hot path is used)."""
     global _module, _tried
-    if _tried or not enabled():
-        return _module if enabled() else None
+    if not enabled():
+        return None
+    if _tried:
+        return _module
     with _lock:
         if not _tried:
             try:
-                from triton.runtime.build import compile_module_from_src
-
-                _module = compile_module_from_src(SOURCE.read_text(), "jitkern_fastcall")
-            except Exception as e:  # no C compiler or Python headers, a Triton without the helper
-                warn_once(("fastcall",), "jitkern: the C dispatch path could not be built (%s: %s); "
-                          "launching through the Python path (a few microseconds more per call)",
-                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                _module = _load_or_build()
+            except Exception as e:  # no C compiler or Python headers, no writable cache layer
+                first = str(e).strip().splitlines()
+                warn_once(("fastcall",), "jitkern: the C dispatch path could not be built (%s: %s); launching "
+                          "through the Python path and Triton's launcher (a few microseconds more per call)",
+                          type(e).__name__, first[-1] if first else "")
             _tried = True
     return _module
 
 
-__all__ = ["enabled", "module"]
+def artifact_name() -> str:
+    """The file name of the built extension for this source and this Python."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    digest = hashlib.sha256(SOURCE.read_bytes() + suffix.encode()).hexdigest()[:20]
+    return f"{NAME}-{digest}{suffix}"
+
+
+def _load_or_build():
+    layer = default_store().write_layer
+    if layer is None:
+        raise OSError("no writable cache layer to keep the built extension in")
+    layer.check_secure()
+    path = layer.root / SUBDIR / artifact_name()
+    if not path.is_file():
+        _build(path)
+    loader = importlib.machinery.ExtensionFileLoader(NAME, str(path))
+    spec = importlib.util.spec_from_file_location(NAME, str(path), loader=loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def _compiler() -> str:
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError("no C compiler (cc, gcc or clang) on PATH")
+
+
+def _build(path: Path) -> None:
+    """Compile the extension into ``path`` (a complete file appears at once: built aside, renamed)."""
+    include = sysconfig.get_paths()["include"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="jitkern-fastcall-", dir=path.parent) as d:
+        out = Path(d) / path.name
+        cmd = [_compiler(), "-O2", "-shared", "-fPIC", f"-I{include}", str(SOURCE), "-o", str(out), "-ldl"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr.strip()}")
+        os.chmod(out, 0o644)
+        os.replace(out, path)
+    log.debug("jitkern: built the C dispatch path into %s", path)
+
+
+__all__ = ["artifact_name", "enabled", "module"]

@@ -1,18 +1,31 @@
-"""Load a Triton GPU entry with Triton's own driver, and launch it through Triton's C launcher.
+"""Load a Triton GPU entry and launch it: through the CUDA driver alone, or through Triton's driver.
 
 The binary goes to the driver straight from the bytes of jitkern's entry that the cache verified:
-no recompile, no lookup in Triton's JIT cache, and no second read of the files
-(``JITKERN_DIRECT_LAUNCH=0``: through Triton's ``CompiledKernel`` instead). Used by
-``jitkern.builders.triton.load``; CPU entries (Triton's interpreter) are loaded there.
+no recompile, no lookup in Triton's JIT cache, and no second read of the files. ``load_gpu`` picks
+the way:
+
+* ``DriverKernel`` (CUDA, the default where it applies): ``jitkern.fastcall`` loads the cubin with
+  ``cuModuleLoadData`` and launches it with ``cuLaunchKernel``, packing the parameters as Triton's
+  launcher does (the kernel's arguments, then Triton's global- and profile-scratch pointers). Nothing
+  of Triton is imported and no launcher stub is built, so a process whose kernels are all cached
+  starts without Triton. It applies to kernels of one CTA per program with no programmatic
+  dependent launch, cooperative grid, scratch or tensor descriptors, while no Triton load or launch
+  hook is set (profilers); anything else goes to
+* ``GPUKernel``: Triton's driver loads the binary and its generated C ``launch`` runs it, called
+  directly with integer addresses (``JITKERN_DIRECT_LAUNCH=0``: through Triton's
+  ``CompiledKernel`` instead).
+
+Used by ``jitkern.builders.triton.load``; CPU entries (Triton's interpreter) are loaded there.
 """
 from __future__ import annotations
 
 import json
+import sys
 from collections import namedtuple
 from dataclasses import replace
 from types import SimpleNamespace
 
-from . import settings
+from . import fastcall, settings
 from .binaries import METADATA_FILE, binary_name
 from .builders.base import DirectLaunch, Kernel
 from .errors import LaunchError
@@ -201,3 +214,107 @@ class GPUKernel(Kernel):
     def launch(self, grid3, *args):
         self._run(grid3[0], grid3[1], grid3[2], self._stream(self._device), self._function, self._packed,
                   None, None, None, *args)
+
+
+# ---- through the CUDA driver alone ----------------------------------------------------------------
+#: Triton's scalar argument types -> jitkern.fastcall's pack codes (Triton's launcher's storage types)
+PACK_CODES = {"i1": "b", "i8": "b", "i16": "h", "i32": "i", "i64": "q", "u1": "B", "u8": "B", "u16": "H",
+              "u32": "I", "u64": "Q", "fp16": "e", "bf16": "g", "fp32": "f", "f32": "f", "fp64": "d"}
+#: Triton 3.x appends two pointer parameters to every kernel: global scratch and profile scratch
+TRITON_TRAILING = (0, 0)
+
+
+def _triton_hooks_set() -> bool:
+    """Whether a Triton load or launch hook is set (only possible once Triton is imported)."""
+    if "triton" not in sys.modules:
+        return False
+    from triton import knobs
+
+    rt = knobs.runtime
+    return any(_hooked(getattr(rt, h, None)) for h in ("kernel_load_start_hook", "kernel_load_end_hook",
+                                                       "launch_enter_hook", "launch_exit_hook"))
+
+
+def driver_codes(job, fields: dict) -> str | None:
+    """The pack codes of the kernel's parameters (Triton's trailing scratch pointers included) where
+    the entry loads and launches through the CUDA driver alone; None where Triton's driver is needed."""
+    if job.arch.backend != "cuda" or fields.get("num_ctas", 1) != 1 or fields.get("launch_pdl") \
+            or fields.get("launch_cooperative_grid") or fields.get("profile_scratch_size") \
+            or fields.get("tensordesc_meta") or fields.get("tmem_size"):
+        return None
+    codes = []
+    for t in job.signature.values():
+        code = "P" if t.startswith("*") else PACK_CODES.get(t)
+        if code is None:
+            return None
+        codes.append(code)
+    return "".join(codes) + "P" * len(TRITON_TRAILING)
+
+
+class DriverKernel(Kernel):
+    """A cubin loaded and launched through the CUDA driver by ``jitkern.fastcall`` (no Triton)."""
+
+    takes_addresses = True
+
+    def __init__(self, entry, job, fc, fields: dict, codes: str):
+        super().__init__(entry, job)
+        import torch
+
+        self._fc = fc
+        self._device = torch.cuda.current_device()
+        self._stream = torch._C._cuda_getCurrentRawStream  # what Triton's driver uses: CUDA-graph capture aware
+        shared, threads = int(fields["shared"]), int(fields["num_warps"]) * int(fields["target"]["warp_size"])
+        try:
+            self._function, self.n_regs, self.n_spills, max_threads = fc.load_cubin(
+                entry.read_bytes(binary_name(job.arch)), fields["name"], shared, self._device)
+            if threads > max_threads:
+                raise ValueError(f"it needs {threads} threads per block; the device allows {max_threads}")
+        except (RuntimeError, ValueError, OSError) as e:
+            raise LaunchError(f"could not load {self.name} from {entry.path}: {e}") from e
+        self.entry = replace(entry, verified={})  # the bytes are in the driver now
+        self._ptr_idx = tuple(i for i, c in enumerate(codes[:-len(TRITON_TRAILING)]) if c == "P")
+        self._launch_fn, self._block, self._shared, self._codes = fc.cu_launch_kernel(), (threads, 1, 1), shared, codes
+        # global scratch (device-made TMA descriptors): grid size x bytes, made per launch from torch's
+        # caching allocator on the launch's stream, as Triton's launcher sizes it
+        per_program = int(fields.get("global_scratch_size") or 0) * int(fields.get("num_ctas", 1))
+        self._scratch = None
+        if per_program:
+            dev = torch.device("cuda", self._device)
+            empty, u8 = torch.empty, torch.uint8
+            self._scratch = (per_program, lambda n: empty(n, dtype=u8, device=dev))
+        self.direct = DirectLaunch("driver", self._function, self._stream, self._device,
+                                   (self._launch_fn, self._block, shared, codes, self._failed, TRITON_TRAILING,
+                                    self._scratch))
+
+    def _failed(self, rc: int):
+        raise LaunchError(f"launching {self.name} failed with CUDA error {rc}")
+
+    def run(self, gx, gy, gz, *args):
+        if gx <= 0 or gy <= 0 or gz <= 0:
+            return
+        a = list(args)
+        for i in self._ptr_idx:
+            if type(a[i]) is not int:
+                a[i] = a[i].data_ptr()
+        scratch = self._scratch[1](gx * gy * gz * self._scratch[0]) if self._scratch else None
+        trailing = (scratch.data_ptr(), *TRITON_TRAILING[1:]) if scratch is not None else TRITON_TRAILING
+        try:
+            self._fc.launch(self._launch_fn, self._function, (gx, gy, gz), self._block, self._shared,
+                            self._stream(self._device), self._codes, (*a, *trailing))
+        except RuntimeError as e:
+            raise LaunchError(f"launching {self.name} failed: {e}") from e
+
+    def launch(self, grid3, *args):
+        self.run(grid3[0], grid3[1], grid3[2], *args)
+
+
+def load_gpu(entry, job) -> Kernel:
+    """A loaded GPU kernel: ``DriverKernel`` where it applies (see the module doc), else ``GPUKernel``."""
+    if job.arch.backend == "cuda" and direct_enabled() and not _triton_hooks_set():
+        fc = fastcall.module()
+        if fc is not None:
+            fields = json.loads(entry.read_bytes(METADATA_FILE))
+            codes = driver_codes(job, fields)
+            if codes is not None:
+                return DriverKernel(entry, job, fc, fields, codes)
+    return GPUKernel(entry, job)

@@ -236,6 +236,7 @@ def test_driver_launch_packs_what_the_python_path_packs(fc):
     d = k_c.direct
     slots = [("c", v) for v in VALUES]
     fire = fc.Fire("cuda", [(d.how, (3, 2, 1), d.stream, d.device, d.function, slots, None, None, *d.extra)], None)
+    assert d.extra[-2:] == ((), None)  # no trailing constants, no scratch for C++ kernels
     assert fire(()) == "cuda"
     assert len(py_rec) == len(c_rec) == 1 and c_rec == py_rec
     f, grid, block, shared, stream, params = c_rec[0]
@@ -278,3 +279,91 @@ def test_gpu_every_op_gives_the_same_results_through_the_c_path(monkeypatch):
     for name, got in results["1"].items():
         for a, b in zip(results["0"][name], got):
             assert torch.equal(a, b), name
+
+
+def test_driver_launch_packs_half_floats_and_trailing_scratch(fc):
+    """Triton kernels through the driver: fp16 as IEEE half, bf16 as the top half of the fp32 bits (as
+    Triton's launcher packs them), then the trailing scratch pointers, the first one a buffer made per
+    launch (grid size x bytes per program)."""
+    rec, made = [], []
+    api, n = _fake_driver(rec)
+    n.append(4)
+
+    def alloc(nbytes):
+        made.append(torch.empty(nbytes, dtype=torch.uint8))
+        return made[-1]
+    launch = ("driver", (2, 3, 1), lambda device: 7, 0, 0xF00D, [("c", 1.5), ("c", 1.0 / 3)], None, None,
+              ctypes.cast(api, ctypes.c_void_p).value, (128, 1, 1), 1024, "egPP", None, (0, 0), (96, alloc))
+    fire = fc.Fire("triton", [launch], None)
+    assert fire(()) == "triton" and fire(()) == "triton"
+    assert [t.numel() for t in made] == [6 * 96, 6 * 96]
+    (f, grid, block, shared, stream, params), second = rec
+    assert (f, grid, block, shared, stream) == (0xF00D, (2, 3, 1), (128, 1, 1), 1024, 7)
+    bf16 = (struct.unpack("<I", struct.pack("<f", 1.0 / 3))[0] >> 16).to_bytes(2, "little")
+    assert params[0][:2] == struct.pack("<e", 1.5) and params[1][:2] == bf16
+    assert params[2] == struct.pack("<Q", made[0].data_ptr()) and params[3] == bytes(8)
+    assert second[5][2] == struct.pack("<Q", made[1].data_ptr())
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "gemm_tma"])
+def test_driver_codes_of_real_sm90_entries(op):
+    """What the driver path would pack for real sm_90 cross-compiles: the kernel's arguments by type
+    and Triton's two scratch pointers; a Hopper gemm tile's device-made TMA descriptors need global
+    scratch, which the driver path allocates per launch."""
+    import json
+
+    from jitkern import arch
+    from jitkern.binaries import METADATA_FILE
+    from jitkern.build import get_entry
+    from jitkern.launcher import driver_codes
+    from jitkern.library import gemm
+    from jitkern.plan import plan
+
+    a = arch.get("sm_90")
+    if op == "rms_norm":
+        job = plan(rn.SPEC, rn.config("bf16", True, True, 1024, True), a)
+    else:
+        tile = dict(gemm.HOPPER_CANDIDATES["large"][0])
+        job = plan(gemm.SPEC, gemm.config("bf16", True, True, tile), a)
+    entry, _ = get_entry(job)
+    fields = json.loads(entry.read_bytes(METADATA_FILE))
+    codes = driver_codes(job, fields)
+    want = "".join("P" if t.startswith("*") else {"i32": "i", "i64": "q", "fp32": "f"}[t]
+                   for t in job.signature.values()) + "PP"
+    assert codes == want
+    assert (fields["global_scratch_size"] > 0) == (op == "gemm_tma")
+
+
+_WARM_CHILD = """
+import sys, torch, jitkern
+from jitkern.library import moe_gemm_stage1 as moe
+dev, bf = "cuda", torch.bfloat16
+torch.manual_seed(0)
+x, w = torch.randn(4, 256, device=dev, dtype=bf), torch.ones(256, device=dev, dtype=bf)
+a, b = torch.randn(128, 256, device=dev, dtype=bf), torch.randn(512, 256, device=dev, dtype=bf)
+qkv = torch.randn(3, 6 * 128, device=dev, dtype=bf)
+one = torch.ones(128, device=dev, dtype=bf)
+cs, pos = torch.randn(16, 128, device=dev), torch.arange(3, device=dev)
+outs = [jitkern.ops.rms_norm(x, w), jitkern.ops.gemm(a, b.t()),
+        jitkern.ops.qk_norm_rope(qkv, one, one, cs, pos, 4, 1, 128)]
+torch.cuda.synchronize()
+print(sum(float(o.float().sum()) for o in outs), "triton" in sys.modules, jitkern.stats()["compiles"])
+"""
+
+
+@requires_gpu
+def test_gpu_a_warm_process_never_imports_triton(tmp_path):
+    """All kernels cached (a Triton gemm tile with TMA descriptors, a CUDA C++ variant, a plain Triton
+    kernel): a fresh process loads and launches them through the CUDA driver without importing Triton."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "JITKERN_CACHE_DIR": str(tmp_path / "cache"), "TRITON_CACHE_DIR": str(tmp_path / "tc")}
+    env.pop("TRITON_INTERPRET", None)
+    runs = [subprocess.run([sys.executable, "-c", _WARM_CHILD], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    cold, warm = (r.stdout.split() for r in runs)
+    assert cold[0] == warm[0]  # the same results
+    assert warm[1:] == ["False", "0"], (cold, warm)

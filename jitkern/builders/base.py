@@ -28,8 +28,10 @@ class DirectLaunch:
     ``how``: ``"triton"``, through Triton's generated C ``launch`` (``extra`` = ``(c_launch,
     fixed)``: ``c_launch(gx, gy, gz, stream(device), function, *fixed, *kernel_args)``), or
     ``"driver"``, through the driver's ``cuLaunchKernel``/``hipModuleLaunchKernel`` itself (``extra``
-    = ``(address of that function, block, shared_bytes, types, failed)``: ``types`` one struct code
-    per kernel argument, ``P`` for pointers; ``failed(code)`` raises the launch error)."""
+    = ``(address of that function, block, shared_bytes, types, failed, trailing, scratch)``: ``types``
+    one pack code per kernel argument and trailing constant, ``P`` for pointers; ``failed(code)``
+    raises the launch error; ``trailing``: constants after the call's arguments; ``scratch``: None or
+    ``(bytes per program, alloc)``, a buffer made per launch for the first trailing slot)."""
 
     how: str
     function: int

@@ -8,10 +8,11 @@ full compiler log is kept in the entry as ``build.log`` (and in the failure reco
 How the binary is loaded, and why:
 
 * ``cuda`` / ``hip``: the compiler writes a device-code object (``nvcc -cubin`` / clang's bare AMD code
-  object: a cubin or hsaco holding one ``extern "C" __global__`` function). It is loaded with the same
-  driver helper Triton uses for its own kernels (``driver.active.utils.load_binary``: module load
-  and function lookup in the current device context) and launched with the driver's
-  ``cuLaunchKernel``/``hipModuleLaunchKernel`` through ``ctypes``. No host code is compiled, so a
+  object: a cubin or hsaco holding one ``extern "C" __global__`` function). A cubin is loaded by
+  ``jitkern.fastcall`` through the CUDA driver (module load and function lookup in the current device
+  context; Triton's ``driver.active.utils.load_binary`` where that extension is off), an hsaco by
+  Triton's driver helper; both are launched with the driver's ``cuLaunchKernel``/
+  ``hipModuleLaunchKernel`` (from C on the dispatcher's hot path, else through ``ctypes``). No host code is compiled, so a
   build takes a second or two instead of the tens of seconds a torch C++ extension needs to parse
   torch's headers, the artifact does not depend on the torch version or ABI, and a cubin for
   sm_90 can be built on a machine without a GPU or a CUDA-enabled torch (prebuild).
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import counters, settings
+from .. import counters, fastcall, settings
 from ..toolversions import tool_version  # noqa: F401  (hip and doctor take it from here)
 from ..errors import BuildError, LaunchError, UnavailableError
 from .base import DirectLaunch, Kernel
@@ -236,15 +237,24 @@ class DeviceKernel(Kernel):
 
     def __init__(self, entry, job, toolchain: Toolchain):
         super().__init__(entry, job)
-        from triton.runtime.driver import driver
-
-        dev = driver.active
-        self._device = dev.get_current_device()
-        self._stream = dev.get_current_stream
         data = entry.file(toolchain.binary_name).read_bytes()
+        fc = fastcall.module() if toolchain.kind == "cuda" else None
         try:
-            _, self._function, self.n_regs, self.n_spills, _ = dev.utils.load_binary(
-                job.variant.kernel, data, 0, self._device)[:5]
+            if fc is not None:  # the CUDA driver alone (jitkern.fastcall): no Triton import
+                import torch
+
+                self._device = torch.cuda.current_device()
+                self._stream = torch._C._cuda_getCurrentRawStream
+                self._function, self.n_regs, self.n_spills, _ = fc.load_cubin(data, job.variant.kernel, 0,
+                                                                              self._device)
+            else:
+                from triton.runtime.driver import driver
+
+                dev = driver.active
+                self._device = dev.get_current_device()
+                self._stream = dev.get_current_stream
+                _, self._function, self.n_regs, self.n_spills, _ = dev.utils.load_binary(
+                    job.variant.kernel, data, 0, self._device)[:5]
         except Exception as e:
             raise LaunchError(f"could not load {self.name} from {entry.path}: {type(e).__name__}: {e}") from e
         p = job.config.p
@@ -269,7 +279,7 @@ class DeviceKernel(Kernel):
         self._api = api
         types = "".join("P" if sig.startswith("*") else _PACK[sig][0] for sig in sigs)
         self.direct = DirectLaunch("driver", self._function, self._stream, self._device,
-                                   (ctypes.cast(api, ctypes.c_void_p).value, block, 0, types, self._failed))
+                                   (ctypes.cast(api, ctypes.c_void_p).value, block, 0, types, self._failed, (), None))
 
     def _failed(self, rc: int):
         raise LaunchError(f"launching {self.name} failed with driver error {rc}")

@@ -22,7 +22,7 @@ from ..arch import interpreter_enabled
 from ..binaries import METADATA_FILE, SOURCE_FILE, binary_name
 from ..errors import BuildError, is_transient
 from ..key import triton_fingerprint
-from ..launcher import GPUKernel
+from ..launcher import load_gpu
 from .base import Kernel
 
 
@@ -180,4 +180,4 @@ class InterpretedKernel(Kernel):
 def load(entry, job) -> Kernel:
     if job.arch.backend is None:
         return InterpretedKernel(entry, job)
-    return GPUKernel(entry, job)
+    return load_gpu(entry, job)
