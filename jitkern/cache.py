@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import counters, evict, settings, signing, state
+from . import counters, dists, evict, settings, signing, state
 from .errors import CacheError, ConfigError, CorruptEntryError, InsecureCacheError, SignatureError
 from .key import FORMAT_VERSION, differing
 from .locks import EntryHold
@@ -738,27 +738,12 @@ def installed_layers() -> list[tuple[Path, str]]:
 
 def _may_have_cache_wheels() -> bool:
     """Whether any distribution on ``sys.path`` declares the ``jitkern.cache_layers`` group: a text
-    search of each ``*.dist-info/entry_points.txt`` (about 3x cheaper than ``importlib.metadata``'s
-    parse of every distribution, which then runs only where there is something to find). A
-    ``sys.path`` entry that is not a directory (a zip) always defers to ``importlib.metadata``."""
-    marker = f"[{ENTRY_POINT_GROUP}]"
-    for d in sys.path:
-        try:
-            names = os.listdir(d or ".")
-        except NotADirectoryError:
-            return True
-        except OSError:
-            continue
-        for name in names:
-            if name.endswith((".dist-info", ".egg-info")):
-                try:
-                    with open(os.path.join(d or ".", name, "entry_points.txt"), encoding="utf-8",
-                              errors="replace") as f:
-                        if marker in f.read():
-                            return True
-                except OSError:
-                    continue
-    return False
+    search of each ``*.dist-info/entry_points.txt`` (``jitkern.dists``, about 3x cheaper than
+    ``importlib.metadata``'s parse of every distribution, which then runs only where there is
+    something to find). A ``sys.path`` entry that is not a directory (a zip) always defers to
+    ``importlib.metadata``."""
+    sections = dists.declared(ENTRY_POINT_GROUP)
+    return sections is None or bool(sections)
 
 
 class Store:

@@ -3,7 +3,8 @@
 Every variant kind loads through its builder's ``load`` (``jitkern.builders.base``): Triton GPU
 entries through Triton's driver (``jitkern.launcher``), CPU entries through Triton's interpreter,
 CUDA/HIP/host C++ through ``jitkern.builders.cpp``/``hip``. A failure to load is a ``LaunchError``:
-routing treats it like a build failure and goes on to the next candidate.
+routing treats it like a build failure and goes on to the next candidate. Triton is imported
+through ``jitkern.triton_import`` first (without its entry-point scan where that finds nothing more).
 """
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from . import builders
 from .builders.base import Kernel
 from .errors import BuildError, JitkernError, LaunchError
 from .plan import Job
+from .triton_import import ensure_imported
 
 
 def load(entry, job: Job) -> Kernel:
+    if job.variant.kind == "triton" or job.arch.backend is not None:
+        ensure_imported()  # these loaders use Triton (its driver, or its interpreter): imported once, lean
     try:
         return builders.get(job.variant.kind).load(entry, job)
     except (BuildError, LaunchError):
