@@ -3,8 +3,9 @@
 Every variant kind loads through its builder's ``load`` (``jitkern.builders.base``): Triton GPU
 entries through Triton's driver (``jitkern.launcher``), CPU entries through Triton's interpreter,
 CUDA/HIP/host C++ through ``jitkern.builders.cpp``/``hip``. A failure to load is a ``LaunchError``:
-routing treats it like a build failure and goes on to the next candidate. Triton is imported
-through ``jitkern.triton_import`` first (without its entry-point scan where that finds nothing more).
+routing treats it like a build failure and goes on to the next candidate. Before an interpreted
+(CPU) entry runs, Triton is imported through ``jitkern.triton_import`` (without its entry-point scan
+where that finds nothing more); a warm GPU load imports no Triton at all (``jitkern.launcher``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from .triton_import import ensure_imported
 
 
 def load(entry, job: Job) -> Kernel:
-    if job.variant.kind == "triton" or job.arch.backend is not None:
-        ensure_imported()  # these loaders use Triton (its driver, or its interpreter): imported once, lean
+    if job.variant.kind == "triton" and job.arch.backend is None:
+        ensure_imported()  # the interpreted module imports Triton: import it once, lean (a GPU load imports none)
     try:
         return builders.get(job.variant.kind).load(entry, job)
     except (BuildError, LaunchError):

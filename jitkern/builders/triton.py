@@ -22,6 +22,7 @@ from ..arch import interpreter_enabled
 from ..binaries import METADATA_FILE, SOURCE_FILE, binary_name
 from ..errors import BuildError, is_transient
 from ..key import triton_fingerprint
+from ..triton_import import ensure_imported
 from ..launcher import load_gpu
 from .base import Kernel
 
@@ -94,7 +95,7 @@ def compile_source(source: str, kernel: str, signature: dict, attrs: dict, targe
 
     Returns (binary, Triton metadata as a JSON-able dict). Plain data in and out.
     """
-    import triton
+    triton = ensure_imported()  # without its entry-point scan where that finds only in-tree backends
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
