@@ -222,4 +222,6 @@ def test_doctor_section_lists_records_overrides_and_tables(monkeypatch):
     rows = {r["label"]: r["text"] for r in doctor._doctor_tuning()["rows"]}
     assert rows["tile overrides"] == "JITKERN_GEMM_BLOCK_M=64"
     assert any(k.startswith("records in") and v == "cpu/gemm: 1" for k, v in rows.items())
-    assert rows["shipped sm_90"].startswith("16 entries")
+    ops = tuning.shipped_table("sm_90")["ops"]  # gemm's 16, then the memory-bound ops' (tools/sweep_membw.py)
+    assert sum(len(ops["gemm"][d]) for d in ops["gemm"]) == 16
+    assert rows["shipped sm_90"].startswith(f"{sum(len(b) for op in ops.values() for b in op.values())} entries")

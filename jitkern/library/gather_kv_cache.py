@@ -31,9 +31,9 @@ PAGE_SIZES = (1, 16, 32, 64, 128, 256)
 #: step, warps, and the most programs per sequence (max_splits).
 TUNABLES = {"block_t": (8, 16, 32, 64), "block_e": (64, 128, 256, 512, 1024), "num_warps": (1, 2, 4, 8),
             "max_splits": (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)}
-TILES = {  # units of 8 x 1024 elements (16 KiB of bf16: four 16-byte loads per thread of 8 warps), every
-    # program one unit at most at these shapes; tools/sweep_membw.py times it against the rest
-    "sm_90": {"block_t": 8, "block_e": 1024, "num_warps": 8, "max_splits": 1024}}
+TILES = {  # H200 (tools/sweep_membw.py, 2026-12-02): units of 8 x 256 elements, 72-81% of HBM peak; larger
+    # units and more programs were within 1-2% or slower (shipped in jitkern/tuned/sm_90.json too)
+    "sm_90": {"block_t": 8, "block_e": 256, "num_warps": 4, "max_splits": 256}}
 DEFAULT_TILES = {"block_t": 16, "block_e": 256, "num_warps": 4, "max_splits": 64}
 
 
