@@ -11,11 +11,15 @@ The same extension loads a cached CUDA binary and launches it with ``cuLaunchKer
 (``jitkern.launcher``), so a process whose kernels are all cached never imports Triton (about a
 fifth of a second) nor builds Triton's per-signature launcher stubs.
 
-The extension is compiled on first GPU use with the machine's C compiler (``cc``, ``gcc`` or
-``clang``: what Triton needs on a GPU machine too) against this Python's headers, and kept in the
-cache's writable layer under ``host/``, named by a hash of the source and the Python ABI, so later
-processes only load it. ``JITKERN_FAST_CALL=0`` keeps the whole hot path in Python (and loading in
-Triton's driver); a machine where the extension cannot be built does the same, with one warning.
+The extension is compiled with the machine's C compiler (``cc``, ``gcc`` or ``clang``: what Triton
+needs on a GPU machine too) against this Python's headers and kept in a cache layer's ``host/``
+folder, named by a hash of the source and the Python ABI, so later processes only load it: from any
+configured layer that holds it (``jitkern prebuild`` puts one into the layer it builds, so a
+read-only container layer has it), else built into the writable layer, else into a private
+directory under the system's temporary directory. Where signed entries are required
+(``JITKERN_CACHE_VERIFY_KEY``), a host module is loaded only from the writable layer or built.
+``JITKERN_FAST_CALL=0`` keeps the whole hot path in Python (and loading in Triton's driver); a
+machine where the extension cannot be built does the same, with one warning.
 """
 from __future__ import annotations
 
@@ -76,13 +80,48 @@ def artifact_name() -> str:
 
 
 def _load_or_build():
-    layer = default_store().write_layer
-    if layer is None:
-        raise OSError("no writable cache layer to keep the built extension in")
-    layer.check_secure()
+    store, name = default_store(), artifact_name()
+    write = store.write_layer
+    signed_only = bool(settings.get("cache_verify_key"))
+    for layer in store.layers:
+        if signed_only and layer is not write:
+            continue
+        path = layer.root / SUBDIR / name
+        if path.is_file():
+            try:
+                layer.check_secure()
+            except Exception as e:  # noqa: BLE001  (an insecure layer: not a source of code to load)
+                log.debug("jitkern: %s not loaded (%s)", path, e)
+                continue
+            return _load(path)
+    if write is not None:
+        write.check_secure()
+        path = write.root / SUBDIR / name
+    else:
+        path = _private_dir() / name
+    _build(path)
+    return _load(path)
+
+
+def install(layer) -> Path:
+    """Build the extension into ``layer``'s ``host/`` folder (prebuild: a read-only layer made from it
+    then carries it); returns its path. Raises where it cannot be built."""
     path = layer.root / SUBDIR / artifact_name()
     if not path.is_file():
         _build(path)
+    return path
+
+
+def _private_dir() -> Path:
+    d = Path(tempfile.gettempdir()) / f"jitkern-host-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    st = d.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"{d} is not a private directory of this user")
+    return d
+
+
+def _load(path: Path):
     loader = importlib.machinery.ExtensionFileLoader(NAME, str(path))
     spec = importlib.util.spec_from_file_location(NAME, str(path), loader=loader)
     mod = importlib.util.module_from_spec(spec)
@@ -113,4 +152,4 @@ def _build(path: Path) -> None:
     log.debug("jitkern: built the C dispatch path into %s", path)
 
 
-__all__ = ["artifact_name", "enabled", "module"]
+__all__ = ["artifact_name", "enabled", "install", "module"]

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import arch as _arch
-from . import registry, strict
+from . import fastcall, registry, strict
 from .budget import AMD_FIGURES
 from .build import checker, get_entry
 from .cache import Store, add_prebuild_record, check_dirs, configured_layers, default_store, write_probe
@@ -576,4 +576,16 @@ def prebuild(ops: Iterable[str] | None = None, arches: Iterable[_arch.Arch] | No
                             len(plan_errors))
     if write is not None:
         add_prebuild_record(write, layer_record(ops, arches, records, summary, interrupted, seconds))
+        if any(a.backend == "cuda" for a in arches) and not interrupted:
+            _install_host_module(write)
     return result
+
+
+def _install_host_module(layer) -> None:
+    """The C hot path and CUDA loader (``jitkern.fastcall``) for this Python, into the layer: a process
+    over the layer made read-only then needs neither a C compiler nor Triton to start."""
+    try:
+        fastcall.install(layer)
+    except Exception as e:  # noqa: BLE001  (no C compiler here: the runtime builds it where it runs)
+        log.info("jitkern: prebuild: the C hot path was not built into the layer (%s: %s); processes will "
+                 "build it on first GPU use", type(e).__name__, (str(e).strip().splitlines() or [""])[-1])

@@ -265,6 +265,7 @@ def test_gpu_every_op_gives_the_same_results_through_the_c_path(monkeypatch):
     from bench_runtime import op_cases
 
     results = {}
+    fc = fastcall.module()
     for fast in ("0", "1"):
         monkeypatch.setenv("JITKERN_FAST_CALL", fast)
         jitkern.reset()
@@ -273,7 +274,7 @@ def test_gpu_every_op_gives_the_same_results_through_the_c_path(monkeypatch):
         torch.cuda.synchronize()
         for name in cases:
             d = jitkern.dispatcher(specs[name])
-            assert isinstance(d._call, fastcall.module().Dispatch) == (fast == "1"), name
+            assert isinstance(d._call, fc.Dispatch) == (fast == "1"), name
             if fast == "1":
                 assert any(type(v).__name__ == "Fire" for v in d._memo.values()), name
     for name, got in results["1"].items():
@@ -367,3 +368,23 @@ def test_gpu_a_warm_process_never_imports_triton(tmp_path):
     cold, warm = (r.stdout.split() for r in runs)
     assert cold[0] == warm[0]  # the same results
     assert warm[1:] == ["False", "0"], (cold, warm)
+
+
+def test_prebuild_ships_the_host_module_and_a_later_layer_serves_it(tmp_path):
+    """``jitkern prebuild`` for a CUDA arch builds the extension into the layer it fills; a process
+    whose own writable layer is empty finds it there and builds nothing."""
+    import os
+    import subprocess
+
+    from jitkern import arch, prebuild
+
+    layer, fresh = tmp_path / "layer", tmp_path / "fresh"
+    res = prebuild.prebuild(ops=["rms_norm"], arches=[arch.get("sm_90")], cache_dir=str(layer), limit=1)
+    assert not res.summary.get("failed")
+    shipped = list(layer.rglob(f"host/{fastcall.artifact_name()}"))
+    assert len(shipped) == 1
+    env = {**os.environ, "JITKERN_CACHE_DIR": f"{fresh}{os.pathsep}{layer}"}
+    r = subprocess.run([sys.executable, "-c", "import jitkern.fastcall as f; print(f.module().__file__)"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(shipped[0]) and not list(fresh.rglob("host/*"))

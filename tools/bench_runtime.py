@@ -335,11 +335,35 @@ def child_ops() -> dict:
         for name, fn in cases.items():
             us = _best_per_call(fn, iters=10000, reps=3, batch=BATCH)
             res[name]["cpu_us"] = round(min(res[name].get("cpu_us", 1e9), us), 3)
+    for name, fn in cases.items():
+        res[name]["parts_us"] = _op_parts(fn, jitkern.dispatcher(specs[name]))
     for name in cases:
         r = res[name]
         r["ratio_per_kernel_vs_torch_add_out"] = round(r["cpu_us"] / (r["kernels"] * res["torch_add_out_cpu_us"]), 3)
     res["torch_add_out_cpu_us"] = round(res["torch_add_out_cpu_us"], 3)
     return res
+
+
+def _op_parts(fn, d) -> dict:
+    """Where one op call's CPU time goes: the dispatcher called with the arguments the op passes it
+    (the op function's own Python is the rest), the signature alone, and the decided launch alone."""
+    seen = []
+    real = d._call
+    d._call = lambda args: (seen.append(args), real(args))[1]
+    try:
+        fn()
+    finally:
+        d._call = real
+    args = seen[-1]
+    run = d._memo.get(d.key(args))
+    parts = {"dispatcher": lambda: real(args), "signature_python": lambda: d.key(args)}
+    if hasattr(real, "key"):
+        parts["signature_c"] = lambda: real.key(args)
+    if run is not None:
+        parts["decided_launch"] = lambda: run(args)
+    out = {k: round(_best_per_call(f, iters=4000, reps=3, batch=BATCH), 3) for k, f in parts.items()}
+    out["memo_holds"] = type(run).__name__
+    return out
 
 
 def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
@@ -360,17 +384,24 @@ def _dispatch_parts(f, k, x, w, o, rows, n, rn) -> dict:
         "kernel_launch_via_triton_launcher": lambda: k.launch((rows, 1, 1), x, w, x, o, n, n, 0, n, 1e-6),
         "jitkern_ops_rms_norm": lambda: f(x, w, out=o),
     }
-    # Triton's generated C launch with every argument given (no Python wrapper), and with an empty grid
-    # (argument parsing only: its C code skips cuLaunchKernelEx when the grid is empty)
-    c_launch, function = k._run.launch, k._function
-    fixed = (k._run.launch_cooperative_grid, k._run.launch_pdl, None, None, k._packed, None, None, None)
     dev = k._device
-    parts["c_launch_all_args_given"] = lambda: c_launch(rows, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n,
-                                                        n, 0, n, 1e-6)
-    parts["c_launch_empty_grid"] = lambda: c_launch(0, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n, n,
-                                                    0, n, 1e-6)
+    if hasattr(k, "_run"):  # Triton's driver: its generated C launch with every argument given, and with an
+        # empty grid (argument parsing only: its C code skips cuLaunchKernelEx when the grid is empty)
+        c_launch, function = k._run.launch, k._function
+        fixed = (k._run.launch_cooperative_grid, k._run.launch_pdl, None, None, k._packed, None, None, None)
+        parts["c_launch_all_args_given"] = lambda: c_launch(rows, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op,
+                                                            n, n, 0, n, 1e-6)
+        parts["c_launch_empty_grid"] = lambda: c_launch(0, 1, 1, stream(dev), function, *fixed, xp, wp, xp, op, n, n,
+                                                        0, n, 1e-6)
+    else:  # the CUDA driver through jitkern.fastcall (DriverKernel): cuLaunchKernel with every argument given
+        fc = k._fc
+        parts["c_launch_all_args_given"] = lambda: fc.launch(k._launch_fn, k._function, (rows, 1, 1), k._block,
+                                                             k._shared, stream(dev), k._codes,
+                                                             (xp, wp, xp, op, n, n, 0, n, 1e-6, 0, 0))
     d = jitkern_dispatcher(rn.SPEC)
     parts["dispatcher_signature"] = lambda: d.key((x, w, 1e-6, None, o))
+    if hasattr(d._call, "key"):
+        parts["dispatcher_signature_c"] = lambda: d._call.key((x, w, 1e-6, None, o))
     out = {name + "_us": round(_best_per_call(fn, iters=10000, reps=3), 3) for name, fn in parts.items()}
     # the op's Python alone: the kernel's launch swapped for a no-op builtin that takes any arguments
     # (the dispatcher's decisions are forgotten so the next call binds the no-op)
