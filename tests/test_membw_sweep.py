@@ -186,3 +186,60 @@ def test_pa_min_rows_halves_the_partition_for_small_grids_and_sizes_the_workspac
     assert "min_rows" not in cand.launches[0].config.p  # a grid decision, not a build parameter
     assert cand.launches[0].grid[:3] == (b, hkv, ctx // part)
     assert pa.workspace_nbytes(b, h, d, None, b * ctx, ctx) == b * h * (ctx // part) * (d + 2) * 4
+
+
+@pytest.mark.parametrize("next_n", [1, 2])
+@pytest.mark.parametrize("kv_load, merge, span", [(1, 0, 1), (0, 1, 2), (1, 1, 4)])
+def test_mqa_tile_fetch_and_merged_dots_match_reference(monkeypatch, next_n, kv_load, merge, span):
+    """kv_load 1 (one page-table read per tile) and merge 1 (all queries in one dot, head sum as a second
+    dot) at context_len == max_model_len, not a multiple of the tile, and a shorter sequence."""
+    for k, v in (("BLOCK_T", 16), ("SPAN", span), ("KV_LOAD", kv_load), ("MERGE", merge)):
+        monkeypatch.setenv(f"JITKERN_PAGED_MQA_LOGITS_{k}", str(v))
+    jitkern.reset()
+    g = torch.Generator().manual_seed(next_n)
+    b, h, d, page, max_len = 2, 16, 64, 16, 40
+    q = torch.randn(b, next_n, h, d, generator=g).bfloat16()
+    kv = torch.randn(6, page, d, generator=g).bfloat16()
+    w = torch.rand(b * next_n, h, generator=g)
+    bt = torch.tensor([[5, 1, 3], [0, 2, 4]], dtype=torch.int32)
+    lens = torch.tensor([max_len, 17], dtype=torch.int32)
+    y = mqa.paged_mqa_logits(q, kv, w, lens, bt, max_len)
+    ref = mqa.reference(q.float(), kv.float(), w, lens, bt, max_len)
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+    (cfg,) = jitkern.dispatcher(mqa.SPEC).active_configs()
+    assert cfg.p.get("kv_load", 0) == kv_load and cfg.p.get("merge", 0) == merge
+
+
+def test_mqa_usable_turns_down_what_a_shape_cannot_use():
+    t = {"block_t": 128, "span": 8, "num_warps": 4, "num_stages": 2, "kv_load": 2, "merge": 1}
+    assert mqa.usable(t, "sm_90", 64, 64, 2)["kv_load"] == 0  # a 128-row tile spans two 64-token pages
+    t64 = dict(t, block_t=64)
+    assert mqa.usable(t64, "sm_90", 64, 64, 2) == t64
+    assert mqa.usable(t64, "gfx942", 64, 64, 2)["kv_load"] == 1  # no descriptors there
+    assert mqa.usable(t64, "sm_90", 64, 64, 2, contiguous=False)["kv_load"] == 1
+    assert mqa.usable(t64, "sm_90", 64, 64, 3)["merge"] == 0  # 192 queries: not a power of two
+    assert mqa.usable(t64, "sm_90", 64, 128, 4)["merge"] == 0  # 512 > 256
+
+
+@pytest.mark.parametrize("head_major, min_rows", [(1, 0), (0, 16384), (1, 16384)])
+def test_pa_head_major_grid_and_min_rows_match_reference(monkeypatch, head_major, min_rows):
+    """head_major swaps the grid's first two dimensions; min_rows (with a 512-token partition on the CPU
+    tile's 16-token steps) halves the partition: both must give the reference's output."""
+    for k, v in (("HEAD_MAJOR", head_major), ("MIN_ROWS", min_rows), ("PARTITION", 512)):
+        monkeypatch.setenv(f"JITKERN_PAGED_ATTENTION_DECODE_{k}", str(v))
+    jitkern.reset()
+    g = torch.Generator().manual_seed(3)
+    b, h, hkv, d, page = 3, 4, 2, 64, 16
+    nblk = 40
+    k = torch.randn(b * nblk, page, hkv, d, generator=g).bfloat16()
+    v = torch.randn(b * nblk, page, hkv, d, generator=g).bfloat16()
+    bt = torch.randperm(b * nblk, generator=g).int().view(b, nblk)
+    lens = torch.tensor([640, 1, 300], dtype=torch.int32)
+    q = torch.randn(b, h, d, generator=g).bfloat16()
+    y = pa.paged_attention_decode(q, k, v, bt, lens)
+    torch.testing.assert_close(y.float(), pa.reference(q, k, v, bt, lens).float(), atol=2e-2, rtol=2e-2)
+    cfgs = {c.variant: c.p for c in jitkern.dispatcher(pa.SPEC).active_configs()}
+    assert cfgs["partition"].get("head_major", 0) == head_major
+    # 3 x 4 heads x cdiv(640, part) rows: 512 gives 24 rows; 16384 wanted halves down to the 256 floor
+    assert cfgs["partition"]["partition"] == (256 if min_rows else 512)

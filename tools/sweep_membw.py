@@ -46,22 +46,24 @@ BUCKET = "default"  # the bucket the ops look up in jitkern/tuned/<arch>.json
 
 # ---- grids: what is timed (every tile must pass the op's TUNABLES and the sm_90 rules) -------------
 def grids() -> dict[str, list[dict]]:
-    pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns)
-          for p, bn, nw, ns in itertools.product((256, 512, 1024, 2048), (32, 64, 128), (4, 8), (2, 3))
-          if bn <= p and (nw == 4 or bn >= 64)]
-    pa += [dict(partition=p, block_n=bn, num_warps=4, num_stages=ns, min_rows=mr)  # smaller partitions for small grids
-           for p, bn, ns, mr in itertools.product((1024, 2048), (64, 128), (2, 3), (4096, 8192))]
-    mqa = [dict(block_t=bt, span=sp, num_warps=nw, num_stages=ns)
-           for bt, sp, nw, ns in itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (2, 3, 4))
-           if not (bt == 32 and nw == 8) and not (bt == 128 and ns == 4)]
+    """Round 2 (after tools/results/issue19_h200_2026-12-02_membw_sweep1.json): around each op's winner,
+    plus the new fetch / grid-order / layout choices."""
+    pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns, head_major=hm)
+          for (p, bn, nw, ns), hm in itertools.product(
+              [(2048, 128, 4, 3), (1024, 128, 4, 3), (2048, 64, 4, 3), (1024, 64, 4, 3), (2048, 128, 8, 3),
+               (2048, 128, 4, 2), (512, 64, 4, 3)], (0, 1))]
+    pa += [dict(partition=2048, block_n=bn, num_warps=4, num_stages=3, head_major=1, min_rows=mr)
+           for bn, mr in itertools.product((64, 128), (4096, 8192))]
+    mqa = [dict(block_t=128, span=sp, num_warps=nw, num_stages=ns, merge=mg)
+           for sp, nw, ns, mg in itertools.product((4, 8, 16), (4, 8), (2, 3), (0, 1))]
+    mqa += [dict(block_t=64, span=sp, num_warps=nw, num_stages=ns, kv_load=kv, merge=mg)
+            for sp, nw, ns, kv, mg in itertools.product((8, 16, 32), (4, 8), (2, 3, 4), (0, 1, 2), (0, 1))]
     gkv = [dict(block_t=bt, block_e=be, num_warps=nw, max_splits=ms)
-           for bt, be, nw, ms in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (256, 1024, 4096))
-           if bt * be <= 16384]
-    qnr = [dict(variant="triton", tile=t, num_warps=nw) for t, nw in itertools.product((256, 512, 1024, 2048, 4096),
-                                                                                        (1, 2, 4, 8))]
+           for bt, be, nw, ms in itertools.product((8, 16), (256, 512), (4, 8), (256, 1024))]
+    qnr = [dict(variant="triton", tile=t, num_warps=nw) for t, nw in itertools.product((256, 512, 1024), (1, 2, 4))]
     # the CUDA variant: the head-per-warp layout (cuda_tok 0), then the 16-byte row layout
     qnr.append(dict(variant="cuda", cuda_tok=0))
-    qnr += [dict(variant="cuda", cuda_tok=tok, cuda_warps=w) for tok, w in itertools.product((1, 2, 4, 8), (2, 4, 8))]
+    qnr += [dict(variant="cuda", cuda_tok=tok, cuda_warps=w) for tok, w in itertools.product((1, 2), (1, 2, 4, 8))]
     return {"paged_attention_decode": pa, "paged_mqa_logits": mqa, "gather_kv_cache": gkv, "qk_norm_rope": qnr}
 
 
@@ -303,7 +305,10 @@ def main() -> int:
             qnr_want[label] = qnr.reference(fn[0].clone(), *fn[1:])
     for op in ops:
         rows = []
-        doc["ops"][op] = {"shapes": [c[0] for c in op_cases[op]], "bytes": [c[2] for c in op_cases[op]], "rows": rows}
+        doc["ops"][op] = {"shapes": [c[0] for c in op_cases[op]], "bytes": [c[2] for c in op_cases[op]], "rows": rows,
+                          "copy_frac_peak": [copy_anchor(torch, do_bench, c[2]) / peak for c in op_cases[op]]}
+        print(f"{op}: a device copy of each shape's bytes reaches "
+              + " ".join(f"{f * 100:5.1f}%" for f in doc["ops"][op]["copy_frac_peak"]) + " of peak", flush=True)
         for tile in allgrids[op]:
             if time.perf_counter() - t_start > args.budget_s:
                 doc["ops"][op]["cut_short"] = True
@@ -375,6 +380,17 @@ def plan_only(args) -> int:
     return 1 if bad or any(k not in ("built", "cached", "seconds") for k in built) else 0
 
 
+def copy_anchor(torch, do_bench, nbytes: int) -> float:
+    """Bytes per second of a device copy moving ``nbytes`` (half read, half written): what a plain
+    stream of that size reaches, launch and ramp included."""
+    n = max(1, nbytes // 2)
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=20, return_mode="median")
+    del src, dst
+    return 2 * n / ms * 1e3
+
+
 def summarize(doc: dict, peak: float) -> dict:
     """Per op: each shape's best tile and its fraction of peak; the overall winner (least worst
     ratio to the per-shape best) with its per-shape fractions; the shipped tile's row if it was timed."""
@@ -396,7 +412,7 @@ def summarize(doc: dict, peak: float) -> dict:
             return min(rs, key=lambda r: (max(r["ms"][i] / best[i] for i in range(n)), sum(r["ms"])))
 
         win = pick(rows)
-        out[op] = {"winner": win["tile"], "winner_index": d["rows"].index(win),
+        out[op] = {"winner": win["tile"], "winner_index": d["rows"].index(win), "copy_frac_peak": d.get("copy_frac_peak"),
                    "winner_frac_peak": [round(d["bytes"][i] / win["ms"][i] / 1e9 / peak * 1e12, 4) for i in range(n)],
                    "winner_worst_over_best": round(max(win["ms"][i] / best[i] for i in range(n)), 4),
                    "winner_ms": win["ms"], "shapes": d["shapes"], "best_per_shape": per_shape}
@@ -420,8 +436,11 @@ def print_summary(summary: dict) -> None:
         print(f"{op}: overall {json.dumps(s['winner'])} (row {s['winner_index']}, worst shape "
               f"{s['winner_worst_over_best']:.3f}x its best)")
         for i, b in enumerate(s["best_per_shape"]):
-            print(f"   {b['shape']:32s} winner {s['winner_frac_peak'][i] * 100:5.1f}%   best {b['frac_peak'] * 100:5.1f}% "
+            cp = f"copy {s['copy_frac_peak'][i] * 100:5.1f}%  " if s.get("copy_frac_peak") else ""
+            print(f"   {b['shape']:32s} {cp}winner {s['winner_frac_peak'][i] * 100:5.1f}%   best {b['frac_peak'] * 100:5.1f}% "
                   f"{json.dumps(b['tile'])}")
+        for v, w in s.get("by_variant", {}).items():
+            print(f"   {v} winner {json.dumps(w['tile'])}: " + " ".join(f"{f * 100:5.1f}%" for f in w["frac_peak"]))
 
 
 def apply(sweep_json: str, table: str, pick: str) -> int:

@@ -48,6 +48,8 @@ TUNABLES = {
     # halve the partition (down to 256, and not below block_n) while the workspace would have fewer
     # (sequence, head, partition) rows than this: more programs for small batches at short contexts
     "min_rows": (0, 1024, 2048, 4096, 8192, 16384),
+    # 1: grid (kv_heads, batch, partitions), a sequence's heads next to each other in launch order
+    "head_major": (0, 1),
 }
 #: tokens per partition and per inner step, by arch (the interpreter uses small ones so CPU tests
 #: cover several partitions with a few dozen tokens)
@@ -137,7 +139,8 @@ def partition_config(dtype, page_size, head_dim, group, arch_name, aligned=True,
     for the gathered K/V rows (without it every load is scalar: ~4x slower on the H100).
     ``tile``: the chosen tile; default ``tiles(arch_name)``."""
     t = tiles(arch_name, dtype) if tile is None else tile
-    t = {k: v for k, v in t.items() if k != "min_rows"}  # a grid decision, not a build parameter
+    # min_rows is a grid decision, not a build parameter; head_major=0 keeps the old keys
+    t = {k: v for k, v in t.items() if k != "min_rows" and (k != "head_major" or v)}
     return Config.make("partition", dtype=dtype, page_size=page_size, head_dim=head_dim, group=group,
                        group_pad=max(16, 1 << (group - 1).bit_length()), aligned=aligned, **t)
 
@@ -238,7 +241,8 @@ def plan(call):
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
     dt, group = checks.TRITON_TYPE[q.dtype], h // hkv
     ml_offset = b * h * parts * d  # the (max, sum) pairs follow the partial outputs
-    stage1 = Launch(partition_config(dt, page, d, group, call.arch.name, aligned, tile=tile), (b, hkv, parts),
+    stage1 = Launch(partition_config(dt, page, d, group, call.arch.name, aligned, tile=tile),
+                    (hkv, b, parts) if tile.get("head_major") else (b, hkv, parts),
                     (In("q"), In("k_cache"), In("v_cache"), In("block_tables"), In("seq_lens"), ws,
                      ml_offset, *strides, h, parts, In("scale")))
     stage2 = Launch(combine_config(dt, d, call.arch.name, tile=tile), (b, h),

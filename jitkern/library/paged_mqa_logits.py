@@ -33,8 +33,13 @@ HEAD_DIMS = (64, 128)
 NEXT_N = (1, 2, 3, 4)
 #: Tile parameters (values ``JITKERN_PAGED_MQA_LOGITS_<PARAM>`` may set): block_t positions per step,
 #: span steps per program (a pipelined loop when > 1), warps and pipeline depth.
-TUNABLES = {"block_t": (16, 32, 64, 128, 256), "span": (1, 2, 4, 8, 16), "num_warps": (2, 4, 8),
-            "num_stages": (1, 2, 3, 4)}
+TUNABLES = {"block_t": (16, 32, 64, 128, 256), "span": (1, 2, 4, 8, 16, 32), "num_warps": (2, 4, 8),
+            "num_stages": (1, 2, 3, 4, 5),
+            # how a tile of keys is fetched: 0 one page-table read per row; 1 one per tile (block_t <=
+            # page_size); 2 as 1, through a tensor-memory-accelerator descriptor (sm_90, contiguous pages)
+            "kv_load": (0, 1, 2),
+            # 1: all next_n queries in one dot, the weighted head sum as a second (16-bit) dot
+            "merge": (0, 1)}
 TILES = {"cpu": {"block_t": 16, "span": 1, "num_warps": 4, "num_stages": 2},
          # H200 sweeps (tools/bench_h200.sh, 2026-12-01): span 8 x 128 positions: 1.3-2.3 -> 2.3-3.4 TB/s
          "sm_90": {"block_t": 128, "span": 8, "num_warps": 4, "num_stages": 2}}
@@ -83,8 +88,27 @@ def config(dtype, page_size, heads, head_dim, next_n, arch_name, mask_stores=Tru
            tile: dict | None = None) -> Config:
     """``aligned``: every stride is a multiple of 16 elements (16-byte vector loads and stores).
     ``tile``: the chosen tile; default ``tiles(arch_name)``."""
+    t = tiles(arch_name, dtype) if tile is None else tile
+    t = usable(t, arch_name, page_size, heads, next_n)
+    t = {k: v for k, v in t.items() if v or k not in ("kv_load", "merge")}  # the defaults keep their old keys
     return Config.make("triton", dtype=dtype, page_size=page_size, heads=heads, head_dim=head_dim, next_n=next_n,
-                       mask_stores=mask_stores, aligned=aligned, **(tiles(arch_name, dtype) if tile is None else tile))
+                       mask_stores=mask_stores, aligned=aligned, **t)
+
+
+def usable(tile: dict, arch_name: str, page_size: int, heads: int, next_n: int, contiguous: bool = True) -> dict:
+    """``tile`` with the fetch (``kv_load``) and ``merge`` choices it cannot use here turned down:
+    a tile within one page needs ``block_t`` to divide ``page_size``; the descriptor fetch needs sm_90
+    and pages one after another (``contiguous``); merging needs ``next_n * heads`` a power of two up
+    to 256."""
+    t = dict(tile)
+    if t.get("kv_load") and page_size % t["block_t"]:
+        t["kv_load"] = 0
+    if t.get("kv_load") == 2 and (arch_name != "sm_90" or not contiguous):
+        t["kv_load"] = 1
+    nh = next_n * heads
+    if t.get("merge") and (nh > 256 or nh & (nh - 1)):
+        t["merge"] = 0
+    return t
 
 
 def tiles(arch_name: str, dtype: str = "bf16") -> dict:
@@ -147,11 +171,14 @@ def plan(call):
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
     tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[q.dtype],
                       bucket=TUNED_BUCKET)[0]
+    kv_rows = kv_cache.shape[0] * page
+    checks.fits_i32(OP, "kv_cache's rows (blocks x page_size)", kv_rows)
+    tile = usable(tile, call.arch.name, page, h, nn, contiguous=kv_cache.stride(0) == page * kv_cache.stride(1))
     cfg = config(checks.TRITON_TYPE[q.dtype], page, h, d, nn, call.arch.name, MASK_STORES, aligned, tile=tile)
     span = tile["block_t"] * tile["span"]
     return Candidate(Launch(cfg, (b, -(-max_len // span)),
                             (In("q"), In("kv_cache"), In("weights"), In("context_lens"), In("block_tables"),
-                             In("out"), *strides, max_len)))
+                             In("out"), *strides, max_len, kv_rows)))
 
 
 def check_tables(call):
@@ -197,7 +224,7 @@ SPEC = registry.register(OpSpec(
             Arg("bt_ptr", "*i32"), Arg("out_ptr", "*fp32"),
             *(Arg(n, "i64", divisible_if="aligned") for n in ("stride_qb", "stride_qn", "stride_qh", "stride_kb",
                                                                "stride_kt", "stride_w", "stride_out")),
-            Arg("stride_bt", "i64"), Arg("max_model_len", "i32"),
+            Arg("stride_bt", "i64"), Arg("max_model_len", "i32"), Arg("kv_rows", "i32"),
         ),
     ),),
     template_dir=builtin_template_dir() / OP,
