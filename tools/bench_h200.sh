@@ -4,6 +4,8 @@
 #
 #   OUT=/some/dir bash tools/bench_h200.sh            (from the repo root; JITKERN_CACHE_DIR optional)
 #   STAGES="bench" bash tools/bench_h200.sh           (benchmarks only: the shipped tables as they are)
+#   STAGES="membw" bash tools/bench_h200.sh           (tools/sweep_membw.py: memory-bound ops' tiles; then
+#                                                       python3 tools/sweep_membw.py --apply $OUT/membw_sweep.json)
 #
 # Writes under $OUT: gemm_tune_{kn,nk}.json, sm_90.json (the shipped table with the new winners
 # merged), seed_sweep.json, bench_gemm.json, seed_ops_bench.json, qk_norm_rope.json, and log.txt.
@@ -46,6 +48,9 @@ for op, p in prefix.items():
           + "".join(f"export {p}{k.upper()}={v};" for k, v in params.items()))
 EOF
 )"
+fi
+if has membw; then  # the memory-bound ops' tiles and variants (issue 19 must-have 2): membw_sweep.json, membw_summary.json
+  timeout ${T_MEMBW:-240} python3 tools/sweep_membw.py --out "$OUT" | sed -n '/^== winners/,$p'
 fi
 if has bench && [ -z "${GEMM_ONLY:-}" ]; then
   timeout ${T_SEED:-60} python3 tools/bench_seed_ops.py --ops pa,gkv,mqa --out "$OUT/seed_ops_bench.json"
