@@ -30,24 +30,30 @@ GROUP = "triton.backends"
 _lock = threading.Lock()
 
 
+_done = False
+
+
 def ensure_imported():
-    """``triton``, imported (see the module docstring); cheap once it is."""
-    mod = sys.modules.get("triton")
-    if mod is not None:
-        return mod
+    """``triton``, imported (see the module docstring); cheap once it is. Safe from several threads
+    (build workers): ``sys.modules`` holds Triton from the start of its import, so a caller only
+    returns once an ``import triton`` of its own has completed (Python's module lock waits for the
+    thread that is importing it)."""
+    global _done
+    if _done:
+        return sys.modules["triton"]
     with _lock:
         if "triton" in sys.modules or VARIABLE in os.environ:
             import triton
-
-            return triton
-        fast = in_tree_backends_suffice()
-        if fast:
-            os.environ[VARIABLE] = "1"
-        try:
-            import triton
-        finally:
+        else:
+            fast = in_tree_backends_suffice()
             if fast:
-                os.environ.pop(VARIABLE, None)
+                os.environ[VARIABLE] = "1"
+            try:
+                import triton
+            finally:
+                if fast:
+                    os.environ.pop(VARIABLE, None)
+        _done = True
         return triton
 
 

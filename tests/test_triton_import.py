@@ -84,3 +84,37 @@ def test_an_out_of_tree_backend_is_left_to_tritons_discovery(tmp_path):
     out = _child(tmp_path)
     assert out["fast"] is False
     assert "mychip_backend" in out["error"]
+
+
+THREADS_CHILD = r"""
+import threading, time
+from jitkern import triton_import
+errors = []
+
+def worker(delay):
+    time.sleep(delay)  # arrivals spread over the first import (about 0.2 s), as a pool's workers start
+    try:
+        triton_import.ensure_imported()
+        from triton.backends.compiler import GPUTarget  # what a build worker does next
+        from triton.compiler import ASTSource
+    except Exception as e:
+        errors.append(f"{type(e).__name__}: {e}")
+
+ts = [threading.Thread(target=worker, args=(i * 0.01,)) for i in range(24)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+print(errors or "ok")
+"""
+
+
+def test_threads_importing_triton_at_once_each_get_the_whole_module():
+    """Build workers (threads) that import Triton at the same time in a process that has not imported
+    it yet: none may see the partly initialised module (tune_gemm's parallel precompile did)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_BACKENDS_IN_TREE"}
+    env["PYTHONPATH"] = str(REPO)
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", THREADS_CHILD], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "ok"
