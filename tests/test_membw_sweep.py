@@ -243,3 +243,25 @@ def test_pa_head_major_grid_and_min_rows_match_reference(monkeypatch, head_major
     assert cfgs["partition"].get("head_major", 0) == head_major
     # 3 x 4 heads x cdiv(640, part) rows: 512 gives 24 rows; 16384 wanted halves down to the 256 floor
     assert cfgs["partition"]["partition"] == (256 if min_rows else 512)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_pa_one_partition_writes_out_directly(monkeypatch, direct):
+    """A partition that covers the capacity: one launch, the partition kernel writes out (zeros for an
+    empty sequence); DIRECT off gives the two-kernel path, same result."""
+    monkeypatch.setattr(pa, "DIRECT", direct)
+    monkeypatch.setenv("JITKERN_PAGED_ATTENTION_DECODE_PARTITION", "1024")
+    jitkern.reset()
+    g = torch.Generator().manual_seed(4)
+    b, h, hkv, d, page, nblk = 3, 8, 2, 64, 16, 12
+    k = torch.randn(b * nblk, page, hkv, d, generator=g).bfloat16()
+    v = torch.randn(b * nblk, page, hkv, d, generator=g).bfloat16()
+    bt = torch.randperm(b * nblk, generator=g).int().view(b, nblk)
+    lens = torch.tensor([150, 0, 192], dtype=torch.int32)
+    q = torch.randn(b, h, d, generator=g).bfloat16()
+    out = torch.full((b, h, d), float("nan"), dtype=torch.bfloat16)
+    y = pa.paged_attention_decode(q, k, v, bt, lens, out=out)
+    assert y is out and torch.equal(y[1], torch.zeros_like(y[1]))
+    torch.testing.assert_close(y.float(), pa.reference(q, k, v, bt, lens).float(), atol=2e-2, rtol=2e-2)
+    cfgs = {c.variant: c.p for c in jitkern.dispatcher(pa.SPEC).active_configs()}
+    assert ("combine" not in cfgs) == direct and cfgs["partition"].get("direct", False) == direct

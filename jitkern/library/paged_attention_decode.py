@@ -74,6 +74,9 @@ def _listed(arch_name: str, dtype: str) -> list[dict]:
     won = tuning.shipped(arch_name, OP, dtype, TUNED_BUCKET)
     return ([{**base, **won}] if won else []) + [base]
 BLOCK_P = 16
+#: One partition covering the capacity: the partition kernel writes ``out`` itself and no combine runs
+#: (the workspace is still sized and checked as the contract says; tests turn this off to compare).
+DIRECT = True
 
 #: Written once beside the template. ``parts`` = cdiv(capacity, partition).
 CONTRACT = Contract(OP, (
@@ -134,13 +137,16 @@ def partition_for(tile: dict, batch: int, num_heads: int, cap: int) -> int:
     return part
 
 
-def partition_config(dtype, page_size, head_dim, group, arch_name, aligned=True, tile: dict | None = None) -> Config:
+def partition_config(dtype, page_size, head_dim, group, arch_name, aligned=True, tile: dict | None = None,
+                     direct: bool = False) -> Config:
     """``aligned``: every stride is a multiple of 16 elements, so Triton may use 16-byte vector loads
     for the gathered K/V rows (without it every load is scalar: ~4x slower on the H100).
     ``tile``: the chosen tile; default ``tiles(arch_name)``."""
     t = tiles(arch_name, dtype) if tile is None else tile
     # min_rows is a grid decision, not a build parameter; head_major=0 keeps the old keys
     t = {k: v for k, v in t.items() if k != "min_rows" and (k != "head_major" or v)}
+    if direct:  # ``direct``: the launch has one partition and writes ``out`` (no combine)
+        t["direct"] = True
     return Config.make("partition", dtype=dtype, page_size=page_size, head_dim=head_dim, group=group,
                        group_pad=max(16, 1 << (group - 1).bit_length()), aligned=aligned, **t)
 
@@ -157,7 +163,8 @@ def configs(arch):
             for page in PAGE_SIZES:
                 for group in GROUPS:
                     for aligned in (True, False):
-                        yield partition_config(dtype, page, head_dim, group, arch.name, aligned)
+                        for direct in (False, True):
+                            yield partition_config(dtype, page, head_dim, group, arch.name, aligned, direct=direct)
 
 
 def _zeros(q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace):
@@ -241,10 +248,13 @@ def plan(call):
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
     dt, group = checks.TRITON_TYPE[q.dtype], h // hkv
     ml_offset = b * h * parts * d  # the (max, sum) pairs follow the partial outputs
-    stage1 = Launch(partition_config(dt, page, d, group, call.arch.name, aligned, tile=tile),
+    direct = parts == 1 and DIRECT  # one partition: the partition kernel writes out itself
+    stage1 = Launch(partition_config(dt, page, d, group, call.arch.name, aligned, tile=tile, direct=direct),
                     (hkv, b, parts) if tile.get("head_major") else (b, hkv, parts),
                     (In("q"), In("k_cache"), In("v_cache"), In("block_tables"), In("seq_lens"), ws,
-                     ml_offset, *strides, h, parts, In("scale")))
+                     ml_offset, *strides, h, parts, In("scale"), In("out"), out.stride(0), out.stride(1)))
+    if direct:
+        return Candidate((stage1,))
     stage2 = Launch(combine_config(dt, d, call.arch.name, tile=tile), (b, h),
                     (In("seq_lens"), ws, ml_offset, In("out"), out.stride(0), out.stride(1), h, parts))
     return Candidate((stage1, stage2))
@@ -293,6 +303,7 @@ _PARTITION_ARGS = (
                                                        "stride_vb", "stride_vt", "stride_vh")),
     Arg("stride_bt", "i64"),
     Arg("n_heads", "i32"), Arg("n_parts", "i32"), Arg("scale", "fp32"),
+    Arg("out_ptr", "*{dtype}"), Arg("stride_ob", "i64"), Arg("stride_oh", "i64"),  # direct configs write out
 )
 _COMBINE_ARGS = (
     Arg("lens_ptr", "*i32"), Arg("ws_ptr", "*fp32"), Arg("ml_offset", "i64"), Arg("out_ptr", "*{dtype}"),
