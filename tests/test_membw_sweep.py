@@ -43,10 +43,12 @@ def test_shipped_memory_op_winners_fit_their_arch(name):
     ops = tuning.shipped_table(name).get("ops", {})
     for op, mod in MEM_OPS.items():
         for dtype, buckets in ops.get(op, {}).items():
-            tile = buckets[mod.TUNED_BUCKET]["params"]
-            spec = registry.get(op)
-            assert set(tile) <= set(spec.tunables) and all(v in spec.tunables[k] for k, v in tile.items()), (op, tile)
-            assert constraints.violations(name, op, tile) == [], (op, tile)
+            assert mod.TUNED_BUCKET in buckets
+            for entry in buckets.values():
+                tile = entry["params"]
+                spec = registry.get(op)
+                assert set(tile) <= set(spec.tunables) and all(v in spec.tunables[k] for k, v in tile.items()), (op, tile)
+                assert constraints.violations(name, op, tile) == [], (op, tile)
 
 
 def _fake_table(monkeypatch, arch_name, op, params):
@@ -265,3 +267,26 @@ def test_pa_one_partition_writes_out_directly(monkeypatch, direct):
     torch.testing.assert_close(y.float(), pa.reference(q, k, v, bt, lens).float(), atol=2e-2, rtol=2e-2)
     cfgs = {c.variant: c.p for c in jitkern.dispatcher(pa.SPEC).active_configs()}
     assert ("combine" not in cfgs) == direct and cfgs["partition"].get("direct", False) == direct
+
+
+def test_mqa_buckets_per_shape_are_shipped_and_planned(tmp_path, monkeypatch):
+    """Each paged_mqa_logits bucket (next_n x small/large) ships its own winner; the plan picks the
+    bucket of its launch, the default where its bucket has none."""
+    tool = _tool()
+    rows = [{"tile": {"block_t": 64, "span": 4}, "ms": [1.0, 3.0]}, {"tile": {"block_t": 128, "span": 16}, "ms": [2.0, 2.0]}]
+    doc = {"peak_TBps": 4.8, "ops": {mqa.OP: {"shapes": ["b=32 n=1 ctx=8192", "b=128 n=1 ctx=16384"],
+                                              "bytes": [1e9, 1e9], "rows": rows}}}
+    (tmp_path / "s.json").write_text(json.dumps(doc))
+    table = tmp_path / "t.json"
+    tool.apply(str(tmp_path / "s.json"), str(table), "")
+    got = json.loads(table.read_text())["ops"][mqa.OP]["bf16"]
+    assert got["n1s"]["params"] == {"block_t": 64, "span": 4} and got["n1l"]["params"] == {"block_t": 128, "span": 16}
+    assert got["default"]["params"] == {"block_t": 64, "span": 4}  # worst shape 1.5x its best, not 2x
+    monkeypatch.setattr(tuning, "shipped_table", lambda a: json.loads(table.read_text()) if a == "sm_90" else {})
+    jitkern.reset()
+    assert mqa.tiles("sm_90", "bf16", mqa.buckets(1, 32 * 8192))["span"] == 4
+    assert mqa.tiles("sm_90", "bf16", mqa.buckets(1, 128 * 16384))["span"] == 16
+    assert mqa.tiles("sm_90", "bf16", mqa.buckets(2, 128 * 16384))["span"] == 4  # no n2 bucket: the default
+    (cand,) = jitkern.dispatcher(mqa.SPEC).candidates(_mqa_args("meta"), arch.get("sm_90"), torch.device("meta"))
+    assert cand.launches[0].config.p["span"] == 4  # 2 x 64 positions: a small launch
+    assert {c.p["span"] for c in mqa.configs(arch.get("sm_90")) if c.p["next_n"] == 1} == {4, 16}

@@ -42,22 +42,24 @@ PREFIX = {"paged_attention_decode": "JITKERN_PAGED_ATTENTION_DECODE_", "paged_mq
           "gather_kv_cache": "JITKERN_GATHER_KV_CACHE_", "qk_norm_rope": "JITKERN_QK_NORM_ROPE_"}
 SHORT = {"pa": "paged_attention_decode", "mqa": "paged_mqa_logits", "gkv": "gather_kv_cache", "qnr": "qk_norm_rope"}
 BUCKET = "default"  # the bucket the ops look up in jitkern/tuned/<arch>.json
+#: per op, the shipped-table bucket of each case (ops whose plan looks up per-shape buckets)
+CASE_BUCKETS: dict[str, list[str]] = {}
 
 
 # ---- grids: what is timed (every tile must pass the op's TUNABLES and the sm_90 rules) -------------
 def grids() -> dict[str, list[dict]]:
-    """Round 2 (after tools/results/issue19_h200_2026-12-02_membw_sweep1.json): around each op's winner,
-    plus the new fetch / grid-order / layout choices."""
-    pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns, head_major=hm)
-          for (p, bn, nw, ns), hm in itertools.product(
-              [(2048, 128, 4, 3), (1024, 128, 4, 3), (2048, 64, 4, 3), (1024, 64, 4, 3), (2048, 128, 8, 3),
-               (2048, 128, 4, 2), (512, 64, 4, 3)], (0, 1))]
-    pa += [dict(partition=2048, block_n=bn, num_warps=4, num_stages=3, head_major=1, min_rows=mr)
-           for bn, mr in itertools.product((64, 128), (4096, 8192))]
-    mqa = [dict(block_t=128, span=sp, num_warps=nw, num_stages=ns, merge=mg)
-           for sp, nw, ns, mg in itertools.product((4, 8, 16), (4, 8), (2, 3), (0, 1))]
-    mqa += [dict(block_t=64, span=sp, num_warps=nw, num_stages=ns, kv_load=kv, merge=mg)
-            for sp, nw, ns, kv, mg in itertools.product((8, 16, 32), (4, 8), (2, 3, 4), (0, 1, 2), (0, 1))]
+    """Round 3 (after tools/results/issue19_h200_2026-12-02_membw_sweep2.json): around each op's winners;
+    paged_mqa_logits per bucket (next_n x small/large), so short spans for few programs, long for many."""
+    pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns, head_major=1)
+          for p, bn, nw, ns in [(2048, 128, 4, 2), (2048, 128, 4, 3), (2048, 128, 8, 2), (1024, 128, 4, 2),
+                                (2048, 64, 4, 2), (2048, 128, 4, 1), (1024, 128, 8, 2)]]
+    pa.append(dict(partition=2048, block_n=128, num_warps=4, num_stages=2, head_major=0))
+    mqa = [dict(block_t=128, span=sp, num_warps=nw, num_stages=ns)
+           for sp, nw, ns in itertools.product((4, 8, 16, 32), (4, 8), (2, 3))]
+    mqa += [dict(block_t=64, span=sp, num_warps=4, num_stages=ns, kv_load=1)
+            for sp, ns in itertools.product((2, 4, 8, 16, 32), (2, 3))]
+    mqa += [dict(block_t=32, span=sp, num_warps=nw, num_stages=ns, kv_load=1)
+            for sp, nw, ns in itertools.product((8, 16, 32), (2, 4), (2, 3))]
     gkv = [dict(block_t=bt, block_e=be, num_warps=nw, max_splits=ms)
            for bt, be, nw, ms in itertools.product((8, 16), (256, 512), (4, 8), (256, 1024))]
     qnr = [dict(variant="triton", tile=t, num_warps=nw) for t, nw in itertools.product((256, 512, 1024), (1, 2, 4))]
@@ -98,6 +100,7 @@ def cases(op: str, torch, quick: bool, dev: str = "cuda"):
             nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
             out.append((f"b={bsz} n={nn} ctx={ctx}", lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx:
                         mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx), nbytes))
+            CASE_BUCKETS.setdefault(op, []).append(mqa.buckets(nn, bsz * ctx)[0])
     elif op == "gather_kv_cache":
         from jitkern.library import gather_kv_cache as gkv
 
@@ -306,7 +309,8 @@ def main() -> int:
     for op in ops:
         rows = []
         doc["ops"][op] = {"shapes": [c[0] for c in op_cases[op]], "bytes": [c[2] for c in op_cases[op]], "rows": rows,
-                          "copy_frac_peak": [copy_anchor(torch, do_bench, c[2]) / peak for c in op_cases[op]]}
+                          "copy_frac_peak": [copy_anchor(torch, do_bench, c[2]) / peak for c in op_cases[op]],
+                          "buckets": CASE_BUCKETS.get(op)}
         print(f"{op}: a device copy of each shape's bytes reaches "
               + " ".join(f"{f * 100:5.1f}%" for f in doc["ops"][op]["copy_frac_peak"]) + " of peak", flush=True)
         for tile in allgrids[op]:
@@ -416,6 +420,16 @@ def summarize(doc: dict, peak: float) -> dict:
                    "winner_frac_peak": [round(d["bytes"][i] / win["ms"][i] / 1e9 / peak * 1e12, 4) for i in range(n)],
                    "winner_worst_over_best": round(max(win["ms"][i] / best[i] for i in range(n)), 4),
                    "winner_ms": win["ms"], "shapes": d["shapes"], "best_per_shape": per_shape}
+        if d.get("buckets"):  # each bucket's own winner, over the shapes in it
+            out[op]["by_bucket"] = {}
+            for bk in dict.fromkeys(d["buckets"]):
+                idx = [i for i in range(n) if d["buckets"][i] == bk]
+                w = min(rows, key=lambda r: (max(r["ms"][i] / best[i] for i in idx), sum(r["ms"][i] for i in idx)))
+                out[op]["by_bucket"][bk] = {"tile": w["tile"], "index": d["rows"].index(w),
+                                            "shapes": [d["shapes"][i] for i in idx],
+                                            "ms": [w["ms"][i] for i in idx],
+                                            "frac_peak": [round(d["bytes"][i] / w["ms"][i] / 1e9 / peak * 1e12, 4)
+                                                          for i in idx]}
         variants = sorted({r["tile"]["variant"] for r in rows if "variant" in r["tile"]})
         if variants:  # qk_norm_rope: each variant's own winner (each one's parameters apply only to it)
             out[op]["by_variant"] = {}
@@ -439,14 +453,34 @@ def print_summary(summary: dict) -> None:
             cp = f"copy {s['copy_frac_peak'][i] * 100:5.1f}%  " if s.get("copy_frac_peak") else ""
             print(f"   {b['shape']:32s} {cp}winner {s['winner_frac_peak'][i] * 100:5.1f}%   best {b['frac_peak'] * 100:5.1f}% "
                   f"{json.dumps(b['tile'])}")
+        for bk, w in s.get("by_bucket", {}).items():
+            print(f"   bucket {bk} winner {json.dumps(w['tile'])}: " + " ".join(f"{f * 100:5.1f}%" for f in w["frac_peak"]))
         for v, w in s.get("by_variant", {}).items():
             print(f"   {v} winner {json.dumps(w['tile'])}: " + " ".join(f"{f * 100:5.1f}%" for f in w["frac_peak"]))
 
 
+def _mqa_buckets(labels: list[str]) -> list[str]:
+    """paged_mqa_logits buckets of shape labels ``b=B n=N ctx=C`` (sweeps written before the tool
+    recorded them)."""
+    from jitkern.library import paged_mqa_logits as mqa
+
+    out = []
+    for label in labels:
+        kv = dict(part.split("=", 1) for part in label.split() if "=" in part)
+        if not {"b", "n", "ctx"} <= set(kv):
+            return None
+        out.append(mqa.buckets(int(kv["n"]), int(kv["b"]) * int(kv["ctx"]))[0])
+    return out
+
+
 def apply(sweep_json: str, table: str, pick: str) -> int:
-    """Merge each op's overall winner (or the ``--pick`` rows) into the shipped table."""
+    """Merge each op's overall winner (or the ``--pick`` rows), and each bucket's, into the shipped table.
+    The summary is recomputed from the timed rows (so an older sweep gets today's selection)."""
     doc = json.loads(Path(sweep_json).read_text())
-    summary = doc.get("summary") or {}
+    mq = doc.get("ops", {}).get("paged_mqa_logits")
+    if mq and not mq.get("buckets"):
+        mq["buckets"] = _mqa_buckets(mq["shapes"])
+    summary = summarize(doc, doc["peak_TBps"] * 1e12) if doc.get("peak_TBps") else (doc.get("summary") or {})
     picks = dict(p.split("=") for p in pick.split(",") if p)
     path = Path(table)
     tab = json.loads(path.read_text()) if path.is_file() else {"arch": doc.get("arch", "sm_90")}
@@ -467,10 +501,15 @@ def apply(sweep_json: str, table: str, pick: str) -> int:
         entry = {"params": params, "ms": row["ms"], "shapes": doc["ops"][op]["shapes"], "device": doc.get("device"),
                  "triton": doc.get("triton"), "tuned": doc.get("date_utc"),
                  "source": "tools/sweep_membw.py " + Path(sweep_json).name}
+        per_bucket = {BUCKET: entry}
+        for bk, w in ({} if (short in picks or op in picks) else s.get("by_bucket", {})).items():
+            per_bucket[bk] = dict(entry, params={k: v for k, v in w["tile"].items() if k != "variant"}, ms=w["ms"],
+                                  shapes=w["shapes"])
         for dt in ("bf16", "fp16"):
-            ops_tab.setdefault(op, {}).setdefault(dt, {})[BUCKET] = dict(entry, **({"from": "bf16"} if dt == "fp16"
-                                                                                     else {}))
-        print(f"{op}: shipping {params}")
+            for bk, e in per_bucket.items():
+                ops_tab.setdefault(op, {}).setdefault(dt, {})[bk] = dict(e, **({"from": "bf16"} if dt == "fp16" else {}))
+        for bk, e in per_bucket.items():
+            print(f"{op} [{bk}]: shipping {e['params']}")
     path.write_text(json.dumps(tab, indent=1, sort_keys=False) + "\n")
     print(f"wrote {path}")
     return 0

@@ -47,14 +47,25 @@ DEFAULT_TILES = {"block_t": 64, "span": 1, "num_warps": 4, "num_stages": 2}
 
 
 #: The bucket of this op's winners in the shipped tables (``jitkern/tuned/<arch>.json``, written by
-#: ``tools/sweep_membw.py --apply``): one tile per arch and dtype, looked up before ``TILES``.
+#: ``tools/sweep_membw.py --apply``): one tile per arch and dtype, looked up before ``TILES``, after the
+#: per-shape buckets of ``buckets()``.
 TUNED_BUCKET = "default"
+#: Positions scanned (batch x max_model_len) from which a launch counts as large (bucket suffix ``l``)
+LARGE_TOKENS = 1 << 20
 
 
-def _listed(arch_name: str, dtype: str) -> list[dict]:
-    """The tile candidates before rules and overrides: the shipped winner (if any), then ``TILES``."""
+def buckets(next_n: int, tokens: int) -> tuple[str, ...]:
+    """Shipped-table buckets for a launch, most specific first: ``n<next_n><s|l>`` (small or large by
+    ``tokens`` = batch x max_model_len: few programs want short spans, many want long ones), then
+    ``n<next_n>``, then ``default``."""
+    return (f"n{next_n}{'l' if tokens >= LARGE_TOKENS else 's'}", f"n{next_n}", TUNED_BUCKET)
+
+
+def _listed(arch_name: str, dtype: str, bucket: tuple[str, ...] = (TUNED_BUCKET,)) -> list[dict]:
+    """The tile candidates before rules and overrides: the shipped winner of the first bucket that has
+    one (if any), then ``TILES``."""
     base = TILES.get(arch_name, DEFAULT_TILES)
-    won = tuning.shipped(arch_name, OP, dtype, TUNED_BUCKET)
+    won = next((w for w in (tuning.shipped(arch_name, OP, dtype, b) for b in bucket) if w), None)
     return ([{**base, **won}] if won else []) + [base]
 #: Every store masked by ``t < max_model_len``. Only tests turn this off, to show that redzone mode
 #: catches the seed-001 bug.
@@ -111,20 +122,27 @@ def usable(tile: dict, arch_name: str, page_size: int, heads: int, next_n: int, 
     return t
 
 
-def tiles(arch_name: str, dtype: str = "bf16") -> dict:
+def tiles(arch_name: str, dtype: str = "bf16", bucket: tuple[str, ...] = (TUNED_BUCKET,)) -> dict:
     """block_t, span, num_warps, num_stages for an arch, after rules and env overrides (what
-    ``call.tiles`` gives the plan; prebuild and tools use this)."""
-    return constraints.apply(arch_name, OP, _listed(arch_name, dtype), TUNABLES)[0]
+    ``call.tiles`` gives the plan for ``bucket``; prebuild and tools use this)."""
+    return constraints.apply(arch_name, OP, _listed(arch_name, dtype, bucket), TUNABLES)[0]
 
 
 def configs(arch):
     for dtype in ("bf16", "fp16"):
-        for page in PAGE_SIZES:
-            for heads in HEADS:
-                for d in HEAD_DIMS:
-                    for nn in NEXT_N:
-                        for aligned in (True, False):
-                            yield config(dtype, page, heads, d, nn, arch.name, aligned=aligned)
+        for nn in NEXT_N:
+            # every tile a launch of this next_n can get: the small and large buckets' (or the default)
+            seen = []
+            for size in (0, LARGE_TOKENS):
+                t = tiles(arch.name, dtype, buckets(nn, size))
+                if t in seen:
+                    continue
+                seen.append(t)
+                for page in PAGE_SIZES:
+                    for heads in HEADS:
+                        for d in HEAD_DIMS:
+                            for aligned in (True, False):
+                                yield config(dtype, page, heads, d, nn, arch.name, aligned=aligned, tile=t)
 
 
 def plan(call):
@@ -170,7 +188,7 @@ def plan(call):
                out.stride(0), block_tables.stride(0))
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
     tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[q.dtype],
-                      bucket=TUNED_BUCKET)[0]
+                      bucket=buckets(nn, b * max_len))[0]
     kv_rows = kv_cache.shape[0] * page
     checks.fits_i32(OP, "kv_cache's rows (blocks x page_size)", kv_rows)
     tile = usable(tile, call.arch.name, page, h, nn, contiguous=kv_cache.stride(0) == page * kv_cache.stride(1))
