@@ -53,11 +53,15 @@ def grids() -> dict[str, list[dict]]:
     pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns, head_major=1)
           for p, bn, nw, ns in [(2048, 128, 4, 2), (2048, 128, 4, 3), (2048, 128, 8, 2), (1024, 128, 4, 2),
                                 (2048, 64, 4, 2), (2048, 128, 4, 1), (1024, 128, 8, 2)]]
+    pa += [dict(partition=2048, block_n=bn, num_warps=4, num_stages=ns, head_major=1) for bn, ns in ((64, 3), (32, 3),
+                                                                                                  (32, 2))]
     pa.append(dict(partition=2048, block_n=128, num_warps=4, num_stages=2, head_major=0))
-    mqa = [dict(block_t=128, span=sp, num_warps=nw, num_stages=ns)
-           for sp, nw, ns in itertools.product((4, 8, 16, 32), (4, 8), (2, 3))]
-    mqa += [dict(block_t=64, span=sp, num_warps=4, num_stages=ns, kv_load=1)
-            for sp, ns in itertools.product((2, 4, 8, 16, 32), (2, 3))]
+    mqa = [dict(block_t=128, span=sp, num_warps=nw, num_stages=ns, merge=mg)
+           for sp, nw, ns, mg in itertools.product((4, 8, 16, 32), (4, 8), (2, 3), (0, 2))]
+    mqa += [dict(block_t=256, span=sp, num_warps=8, num_stages=ns, merge=mg)
+            for sp, ns, mg in itertools.product((4, 8, 16), (2, 3), (0, 2))]
+    mqa += [dict(block_t=64, span=sp, num_warps=4, num_stages=ns, kv_load=1, merge=mg)
+            for sp, ns, mg in itertools.product((2, 4, 8, 16, 32), (2, 3), (0, 2))]
     mqa += [dict(block_t=32, span=sp, num_warps=nw, num_stages=ns, kv_load=1)
             for sp, nw, ns in itertools.product((8, 16, 32), (2, 4), (2, 3))]
     gkv = [dict(block_t=bt, block_e=be, num_warps=nw, max_splits=ms)

@@ -38,8 +38,9 @@ TUNABLES = {"block_t": (16, 32, 64, 128, 256), "span": (1, 2, 4, 8, 16, 32), "nu
             # how a tile of keys is fetched: 0 one page-table read per row; 1 one per tile (block_t <=
             # page_size); 2 as 1, through a tensor-memory-accelerator descriptor (sm_90, contiguous pages)
             "kv_load": (0, 1, 2),
-            # 1: all next_n queries in one dot, the weighted head sum as a second (16-bit) dot
-            "merge": (0, 1)}
+            # 1: all next_n queries in one dot, the weighted head sum as a second (16-bit) dot; 2: one dot
+            # per query as 0, all issued before the head sums
+            "merge": (0, 1, 2)}
 TILES = {"cpu": {"block_t": 16, "span": 1, "num_warps": 4, "num_stages": 2},
          # H200 sweeps (tools/bench_h200.sh, 2026-12-01): span 8 x 128 positions: 1.3-2.3 -> 2.3-3.4 TB/s
          "sm_90": {"block_t": 128, "span": 8, "num_warps": 4, "num_stages": 2}}
@@ -117,7 +118,7 @@ def usable(tile: dict, arch_name: str, page_size: int, heads: int, next_n: int, 
     if t.get("kv_load") == 2 and (arch_name != "sm_90" or not contiguous):
         t["kv_load"] = 1
     nh = next_n * heads
-    if t.get("merge") and (nh > 256 or nh & (nh - 1)):
+    if t.get("merge") == 1 and (nh > 256 or nh & (nh - 1)):
         t["merge"] = 0
     return t
 
