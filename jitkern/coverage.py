@@ -314,6 +314,8 @@ def prebuild_manifest(path, arches: Iterable[_arch.Arch] | None = None, ops: Ite
     rec["seconds"] = round(seconds, 3)
     if write is not None:
         add_prebuild_record(write, rec)
+        if any(a.backend == "cuda" for a in arches) and not interrupted:
+            _prebuild.install_host_module(write)
     return ManifestPrebuild(items, artifacts, rec, interrupted, seconds, build_seconds)
 
 

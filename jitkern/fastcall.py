@@ -97,9 +97,10 @@ def _load_or_build():
     if write is not None:
         write.check_secure()
         path = write.root / SUBDIR / name
-    else:
+    else:  # no writable layer (a read-only container layer without one): built once per machine and user
         path = _private_dir() / name
-    _build(path)
+    if not path.is_file():
+        _build(path)
     return _load(path)
 
 

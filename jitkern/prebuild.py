@@ -577,11 +577,11 @@ def prebuild(ops: Iterable[str] | None = None, arches: Iterable[_arch.Arch] | No
     if write is not None:
         add_prebuild_record(write, layer_record(ops, arches, records, summary, interrupted, seconds))
         if any(a.backend == "cuda" for a in arches) and not interrupted:
-            _install_host_module(write)
+            install_host_module(write)
     return result
 
 
-def _install_host_module(layer) -> None:
+def install_host_module(layer) -> None:
     """The C hot path and CUDA loader (``jitkern.fastcall``) for this Python, into the layer: a process
     over the layer made read-only then needs neither a C compiler nor Triton to start."""
     try:

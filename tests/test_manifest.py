@@ -187,6 +187,10 @@ def test_prebuild_covers_every_signature_on_every_arch_and_records_the_layer(pre
     assert rec["counts"]["covered"] == SIGNATURES * 4 and rec["counts"]["artifacts"] == len(arts)
     s = jitkern_cli("cache", "stats", "--json", cache=prebuilt["cache"])
     assert json.loads(s.stdout)["layers"][0]["prebuilds"][-1]["manifest"]["digest"] == rec["manifest"]["digest"]
+    # the C hot path and CUDA loader for this Python ship in the layer (sm_90 is among the arches)
+    from jitkern import fastcall
+
+    assert len(list(prebuilt["cache"].rglob(f"host/{fastcall.artifact_name()}"))) == 1
 
 
 def test_fresh_strict_process_making_the_same_calls_compiles_nothing(prebuilt):
