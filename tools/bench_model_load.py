@@ -236,6 +236,25 @@ def _emit(rec: dict) -> None:
     print("BENCH " + json.dumps(rec), flush=True)
 
 
+def decode_setup(cfg, w, batch: int, prompt_len: int, dev: str):
+    """``(jitkern model, reference model, tokens, positions, reference logits)`` of one decode step at
+    position ``prompt_len`` after a seeded random prompt's prefill in both models."""
+    import torch
+    from jitkern_decoder import JitkernDecoder, ReferenceDecoder
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab, (batch, prompt_len), generator=g).to(dev)
+    tok = torch.randint(0, cfg.vocab, (batch,), generator=g).to(dev)
+    pos = torch.full((batch,), prompt_len, dtype=torch.int64, device=dev)
+    model = JitkernDecoder(cfg, w, batch)
+    ref = ReferenceDecoder(cfg, w, batch, torch.bfloat16)
+    model.prefill(prompt)
+    ref.prefill(prompt)
+    want = ref.decode(tok, pos).float()
+    _sync(dev)
+    return model, ref, tok, pos, want
+
+
 def child_decode(args) -> None:
     """Decode-step figures for every batch size in ``--batches`` (one process: torch.compile's second
     batch size compiles a dynamic-shape graph that the third reuses), one JSON line per figure as soon
@@ -244,20 +263,11 @@ def child_decode(args) -> None:
 
     dev = args.device
     cfg = _cfg(args)
-    from jitkern_decoder import JitkernDecoder, ReferenceDecoder, make_weights, rel_err
+    from jitkern_decoder import make_weights, rel_err
 
     w = make_weights(cfg, device=dev, seed=0)
     for b in args.batches:
-        g = torch.Generator().manual_seed(1)
-        prompt = torch.randint(0, cfg.vocab, (b, args.prompt), generator=g).to(dev)
-        tok = torch.randint(0, cfg.vocab, (b,), generator=g).to(dev)
-        pos = torch.full((b,), args.prompt, dtype=torch.int64, device=dev)
-        model = JitkernDecoder(cfg, w, b)
-        ref = ReferenceDecoder(cfg, w, b, torch.bfloat16)
-        model.prefill(prompt)
-        ref.prefill(prompt)
-        want = ref.decode(tok, pos).float()
-        _sync(dev)
+        model, ref, tok, pos, want = decode_setup(cfg, w, b, args.prompt, dev)
 
         def figure(name, make, warm=3):
             t = time.perf_counter()

@@ -170,11 +170,11 @@ def run(args) -> dict:
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     sys.path.insert(0, str(HERE))
-    from bench_model_load import _cfg, _graph  # the same model set-up as the decode figures there
+    from bench_model_load import _cfg, _graph, decode_setup  # the same set-up as the decode figures there
 
     t_start = time.perf_counter()
     cfg = _cfg(args)
-    from jitkern_decoder import JitkernDecoder, ReferenceDecoder, make_weights, rel_err
+    from jitkern_decoder import make_weights, rel_err
 
     import triton
 
@@ -196,16 +196,7 @@ def run(args) -> dict:
             sync()
     w = make_weights(cfg, device=dev, seed=0)
     for b in args.batches:
-        g = torch.Generator().manual_seed(1)
-        prompt = torch.randint(0, cfg.vocab, (b, args.prompt), generator=g).to(dev)
-        tok = torch.randint(0, cfg.vocab, (b,), generator=g).to(dev)
-        pos = torch.full((b,), args.prompt, dtype=torch.int64, device=dev)
-        model = JitkernDecoder(cfg, w, b)
-        ref = ReferenceDecoder(cfg, w, b, torch.bfloat16)
-        model.prefill(prompt)
-        ref.prefill(prompt)
-        want = ref.decode(tok, pos).float()
-        sync()
+        model, ref, tok, pos, want = decode_setup(cfg, w, b, args.prompt, dev)
         for impl in args.impls:
             t = time.perf_counter()
             case = {"batch": b, "impl": impl}
