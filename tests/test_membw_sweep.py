@@ -191,7 +191,7 @@ def test_pa_min_rows_halves_the_partition_for_small_grids_and_sizes_the_workspac
 
 
 @pytest.mark.parametrize("next_n", [1, 2])
-@pytest.mark.parametrize("kv_load, merge, span", [(1, 0, 1), (0, 1, 2), (1, 1, 4), (1, 2, 2), (0, 2, 1)])
+@pytest.mark.parametrize("kv_load, merge, span", [(1, 0, 1), (0, 1, 2), (1, 1, 4), (1, 2, 2), (0, 2, 1), (1, 3, 2), (0, 3, 1)])
 def test_mqa_tile_fetch_and_merged_dots_match_reference(monkeypatch, next_n, kv_load, merge, span):
     """kv_load 1 (one page-table read per tile) and merge 1 (all queries in one dot, head sum as a second
     dot) at context_len == max_model_len, not a multiple of the tile, and a shorter sequence."""

@@ -48,28 +48,24 @@ CASE_BUCKETS: dict[str, list[str]] = {}
 
 # ---- grids: what is timed (every tile must pass the op's TUNABLES and the sm_90 rules) -------------
 def grids() -> dict[str, list[dict]]:
-    """Round 3 (after tools/results/issue19_h200_2026-12-02_membw_sweep2.json): around each op's winners;
-    paged_mqa_logits per bucket (next_n x small/large), so short spans for few programs, long for many."""
-    pa = [dict(partition=p, block_n=bn, num_warps=nw, num_stages=ns, head_major=1)
-          for p, bn, nw, ns in [(2048, 128, 4, 2), (2048, 128, 4, 3), (2048, 128, 8, 2), (1024, 128, 4, 2),
-                                (2048, 64, 4, 2), (2048, 128, 4, 1), (1024, 128, 8, 2)]]
-    pa += [dict(partition=2048, block_n=bn, num_warps=4, num_stages=ns, head_major=1) for bn, ns in ((64, 3), (32, 3),
-                                                                                                  (32, 2))]
-    pa.append(dict(partition=2048, block_n=128, num_warps=4, num_stages=2, head_major=0))
-    mqa = [dict(block_t=128, span=sp, num_warps=nw, num_stages=ns, merge=mg)
-           for sp, nw, ns, mg in itertools.product((4, 8, 16, 32), (4, 8), (2, 3), (0, 2))]
-    mqa += [dict(block_t=256, span=sp, num_warps=8, num_stages=ns, merge=mg)
-            for sp, ns, mg in itertools.product((4, 8, 16), (2, 3), (0, 2))]
-    mqa += [dict(block_t=64, span=sp, num_warps=4, num_stages=ns, kv_load=1, merge=mg)
-            for sp, ns, mg in itertools.product((2, 4, 8, 16, 32), (2, 3), (0, 2))]
-    mqa += [dict(block_t=32, span=sp, num_warps=nw, num_stages=ns, kv_load=1)
-            for sp, nw, ns in itertools.product((8, 16, 32), (2, 4), (2, 3))]
-    gkv = [dict(block_t=bt, block_e=be, num_warps=nw, max_splits=ms)
-           for bt, be, nw, ms in itertools.product((8, 16), (256, 512), (4, 8), (256, 1024))]
-    qnr = [dict(variant="triton", tile=t, num_warps=nw) for t, nw in itertools.product((256, 512, 1024), (1, 2, 4))]
-    # the CUDA variant: the head-per-warp layout (cuda_tok 0), then the 16-byte row layout
-    qnr.append(dict(variant="cuda", cuda_tok=0))
-    qnr += [dict(variant="cuda", cuda_tok=tok, cuda_warps=w) for tok, w in itertools.product((1, 2), (1, 2, 4, 8))]
+    """Round 4 (after tools/results/issue19_h200_2026-12-02_membw_sweep3.json, whose winners are shipped):
+    the shipped tiles and their neighbours for a second reading, and paged_mqa_logits' merge=3 (queries
+    along the dot's M, keys along N)."""
+    pa = [dict(partition=2048, block_n=bn, num_warps=4, num_stages=ns, head_major=1)
+          for bn, ns in ((128, 3), (128, 2), (64, 2), (64, 3))]
+    mqa = [dict(block_t=64, span=8, num_warps=4, num_stages=2, kv_load=1, merge=2),  # n1s
+           dict(block_t=128, span=16, num_warps=8, num_stages=2, merge=0),  # n2s
+           dict(block_t=64, span=32, num_warps=4, num_stages=2, kv_load=1, merge=0),  # n1l
+           dict(block_t=128, span=32, num_warps=8, num_stages=3, merge=2),  # n2l
+           dict(block_t=128, span=8, num_warps=4, num_stages=2, merge=0)]  # default
+    mqa += [dict(block_t=bt, span=sp, num_warps=nw, num_stages=ns, merge=3)
+            for bt, sp, nw, ns in itertools.product((128, 256), (4, 8, 16, 32), (4, 8), (2, 3))]
+    mqa += [dict(block_t=64, span=sp, num_warps=4, num_stages=ns, kv_load=1, merge=3)
+            for sp, ns in itertools.product((4, 8, 16, 32), (2, 3))]
+    gkv = [dict(block_t=8, block_e=256, num_warps=nw, max_splits=ms) for nw, ms in itertools.product((4, 8), (256, 1024))]
+    qnr = [dict(variant="triton", tile=512, num_warps=nw) for nw in (2, 4)]
+    qnr += [dict(variant="cuda", cuda_tok=0), dict(variant="cuda", cuda_tok=1, cuda_warps=4),
+            dict(variant="cuda", cuda_tok=1, cuda_warps=2)]
     return {"paged_attention_decode": pa, "paged_mqa_logits": mqa, "gather_kv_cache": gkv, "qk_norm_rope": qnr}
 
 

@@ -39,8 +39,9 @@ TUNABLES = {"block_t": (16, 32, 64, 128, 256), "span": (1, 2, 4, 8, 16, 32), "nu
             # page_size); 2 as 1, through a tensor-memory-accelerator descriptor (sm_90, contiguous pages)
             "kv_load": (0, 1, 2),
             # 1: all next_n queries in one dot, the weighted head sum as a second (16-bit) dot; 2: one dot
-            # per query as 0, all issued before the head sums
-            "merge": (0, 1, 2)}
+            # per query as 0, all issued before the head sums; 3: queries along the dot's M (q first,
+            # loop-invariant), keys along N, head sums down the columns
+            "merge": (0, 1, 2, 3)}
 TILES = {"cpu": {"block_t": 16, "span": 1, "num_warps": 4, "num_stages": 2},
          # H200 sweeps (tools/bench_h200.sh, 2026-12-01): span 8 x 128 positions: 1.3-2.3 -> 2.3-3.4 TB/s
          "sm_90": {"block_t": 128, "span": 8, "num_warps": 4, "num_stages": 2}}
