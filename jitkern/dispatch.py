@@ -149,8 +149,8 @@ class Dispatcher:
             return lambda args: tuple([None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
                                        for t in get_t(args)])
         get_s = operator.itemgetter(*static) if len(static) > 1 else (lambda a, i=static[0]: (a[i],))
-        return lambda args: (*[None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device) for t in get_t(args)],
-                             *get_s(args))
+        return lambda args: (*[None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
+                               for t in get_t(args)], *get_s(args))
 
     # ---- the call ------------------------------------------------------------------------------
     def __call__(self, *args):
