@@ -52,7 +52,7 @@ def ensure_imported():
                 import triton
             finally:
                 if fast:
-                    os.environ.pop(VARIABLE, None)
+                    os.environ.pop("TRITON_BACKENDS_IN_TREE", None)  # VARIABLE (Triton's, not a jitkern setting)
         _done = True
         return triton
 
