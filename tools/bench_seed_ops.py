@@ -54,6 +54,22 @@ def paged_decode_inputs(torch, dev, bsz: int, ctx: int, hq: int, hkv: int, d: in
     return q, k, v, bt, lens
 
 
+#: paged_mqa_logits benchmark shapes: (batch, next_n, context = max_model_len); heads 64, head_dim 128, page 64
+MQA_SHAPES = [(32, 1, 8192), (64, 2, 8192), (128, 1, 16384), (32, 2, 32768)]
+
+
+def mqa_inputs(torch, dev, bsz: int, nn: int, ctx: int, h: int = 64, d: int = 128, pg: int = 64):
+    """Random paged_mqa_logits inputs at full context: ``(q, kv_cache, weights, context_lens,
+    block_tables, bytes moved)``."""
+    nblk = ctx // pg
+    kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
+    bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+    lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(bsz, nn, h, d, dtype=torch.bfloat16, device=dev)
+    wt = torch.rand(bsz * nn, h, device=dev)
+    return q, kv, wt, lens, bt, kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="seed_ops_bench.json")
@@ -165,17 +181,9 @@ def main() -> int:
     torch.cuda.empty_cache()
 
     # ---- paged_mqa_logits --------------------------------------------------------------------------
-    h, d, pg = 64, 128, 64
-    m_shapes = [(32, 1, 8192), (64, 2, 8192), (128, 1, 16384), (32, 2, 32768)]
-    for bsz, nn, ctx in (m_shapes[:1] if args.quick else m_shapes) if "mqa" in ops else ():
-        nblk = ctx // pg
-        kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
-        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-        lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(bsz, nn, h, d, dtype=torch.bfloat16, device=dev)
-        wt = torch.rand(bsz * nn, h, device=dev)
-        nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
-        bench("paged_mqa_logits", f"b={bsz} next_n={nn} ctx=max_len={ctx} h={h} d={d}", nbytes,
+    for bsz, nn, ctx in (MQA_SHAPES[:1] if args.quick else MQA_SHAPES) if "mqa" in ops else ():
+        q, kv, wt, lens, bt, nbytes = mqa_inputs(torch, dev, bsz, nn, ctx)
+        bench("paged_mqa_logits", f"b={bsz} next_n={nn} ctx=max_len={ctx} h=64 d=128", nbytes,
               lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx: mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx),
               lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx: mqa.reference(q, kv, wt, lens, bt, ctx), close)
         del kv

@@ -72,7 +72,7 @@ def grids() -> dict[str, list[dict]]:
 # ---- cases: (label, fn, bytes moved) per shape, as the benchmarks build them ----------------------
 def cases(op: str, torch, quick: bool, dev: str = "cuda"):
     """``dev='meta'``: the same signatures without memory (``--plan-only``)."""
-    from bench_seed_ops import paged_decode_inputs
+    from bench_seed_ops import MQA_SHAPES, mqa_inputs, paged_decode_inputs
 
     torch.manual_seed(0)
     out = []
@@ -88,16 +88,8 @@ def cases(op: str, torch, quick: bool, dev: str = "cuda"):
     elif op == "paged_mqa_logits":
         from jitkern.library import paged_mqa_logits as mqa
 
-        h, d, pg = 64, 128, 64
-        shapes = [(32, 1, 8192), (64, 2, 8192), (128, 1, 16384), (32, 2, 32768)]
-        for bsz, nn, ctx in shapes[:2] if quick else shapes:
-            nblk = ctx // pg
-            kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
-            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-            lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
-            q = torch.randn(bsz, nn, h, d, dtype=torch.bfloat16, device=dev)
-            wt = torch.rand(bsz * nn, h, device=dev)
-            nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
+        for bsz, nn, ctx in MQA_SHAPES[:2] if quick else MQA_SHAPES:
+            q, kv, wt, lens, bt, nbytes = mqa_inputs(torch, dev, bsz, nn, ctx)
             out.append((f"b={bsz} n={nn} ctx={ctx}", lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx:
                         mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx), nbytes))
             CASE_BUCKETS.setdefault(op, []).append(mqa.buckets(nn, bsz * ctx)[0])
