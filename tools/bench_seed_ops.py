@@ -70,6 +70,22 @@ def mqa_inputs(torch, dev, bsz: int, nn: int, ctx: int, h: int = 64, d: int = 12
     return q, kv, wt, lens, bt, kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
 
 
+#: gather_kv_cache benchmark shapes: (batch, context, page size, entry elements)
+GKV_SHAPES = [(32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)]
+
+
+def gkv_inputs(torch, dev, bsz: int, ctx: int, pg: int, e: int):
+    """Random gather_kv_cache inputs, each sequence between half and all of ``ctx`` long: ``(kv_cache,
+    block_table, cu_seq_lens, tokens)`` (on ``meta``, tokens is 3/4 of the capacity)."""
+    nblk = ctx // pg
+    cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
+    bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
+    lens = torch.randint(ctx // 2, ctx + 1, (bsz,), device=dev)
+    cu = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
+    cu[1:] = torch.cumsum(lens, 0)
+    return cache, bt, cu, (int(cu[-1]) if dev != "meta" else bsz * ctx * 3 // 4)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="seed_ops_bench.json")
@@ -148,15 +164,8 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     # ---- gather_kv_cache ---------------------------------------------------------------------------
-    g_shapes = [(32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)]
-    for bsz, ctx, pg, e in (g_shapes[:1] if args.quick else g_shapes) if "gkv" in ops else ():
-        nblk = ctx // pg
-        cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
-        bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-        lens = torch.randint(ctx // 2, ctx + 1, (bsz,), device=dev)
-        cu = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
-        cu[1:] = torch.cumsum(lens, 0)
-        total = int(cu[-1])
+    for bsz, ctx, pg, e in (GKV_SHAPES[:1] if args.quick else GKV_SHAPES) if "gkv" in ops else ():
+        cache, bt, cu, total = gkv_inputs(torch, dev, bsz, ctx, pg, e)
         nbytes = 2 * total * e * 2
         bench("gather_kv_cache", f"b={bsz} ctx<={ctx} page={pg} entry={e}", nbytes,
               lambda cache=cache, bt=bt, cu=cu, total=total: gkv.gather_kv_cache(cache, bt, cu, num_tokens=total),
@@ -255,16 +264,9 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
         del cases
 
     if "mqa" in sops:
-        h, d, pg = 64, 128, 64
         cases = []
         for bsz, nn, ctx in ((32, 1, 8192), (64, 2, 8192), (32, 2, 32768)):
-            nblk = ctx // pg
-            kv = torch.randn(bsz * nblk, pg, d, dtype=torch.bfloat16, device=dev)
-            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-            lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
-            q = torch.randn(bsz, nn, h, d, dtype=torch.bfloat16, device=dev)
-            wt = torch.rand(bsz * nn, h, device=dev)
-            nbytes = kv.numel() * 2 + bsz * nn * ctx * 4 + q.numel() * 2
+            q, kv, wt, lens, bt, nbytes = mqa_inputs(torch, dev, bsz, nn, ctx)
             cases.append((f"b={bsz} n={nn} ctx={ctx}", (lambda q=q, kv=kv, wt=wt, lens=lens, bt=bt, ctx=ctx:
                                                        mqa.paged_mqa_logits(q, kv, wt, lens, bt, ctx)), nbytes))
         # first H200 sweep: block_t 64/128 x span 1/4/8 x 4/8 warps x 2/3 stages (128 x 8, 4 warps won)

@@ -72,7 +72,7 @@ def grids() -> dict[str, list[dict]]:
 # ---- cases: (label, fn, bytes moved) per shape, as the benchmarks build them ----------------------
 def cases(op: str, torch, quick: bool, dev: str = "cuda"):
     """``dev='meta'``: the same signatures without memory (``--plan-only``)."""
-    from bench_seed_ops import MQA_SHAPES, mqa_inputs, paged_decode_inputs
+    from bench_seed_ops import GKV_SHAPES, MQA_SHAPES, gkv_inputs, mqa_inputs, paged_decode_inputs
 
     torch.manual_seed(0)
     out = []
@@ -96,15 +96,8 @@ def cases(op: str, torch, quick: bool, dev: str = "cuda"):
     elif op == "gather_kv_cache":
         from jitkern.library import gather_kv_cache as gkv
 
-        shapes = [(32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)]
-        for bsz, ctx, pg, e in shapes[:2] if quick else shapes:
-            nblk = ctx // pg
-            cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
-            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-            lens = torch.randint(ctx // 2, ctx + 1, (bsz,), device=dev)
-            cu = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
-            cu[1:] = torch.cumsum(lens, 0)
-            total = int(cu[-1]) if dev != "meta" else bsz * ctx * 3 // 4
+        for bsz, ctx, pg, e in GKV_SHAPES[:2] if quick else GKV_SHAPES:
+            cache, bt, cu, total = gkv_inputs(torch, dev, bsz, ctx, pg, e)
             out.append((f"b={bsz} ctx={ctx} page={pg} e={e}", lambda cache=cache, bt=bt, cu=cu, total=total:
                         gkv.gather_kv_cache(cache, bt, cu, num_tokens=total), 2 * total * e * 2))
     elif op == "qk_norm_rope":
