@@ -277,14 +277,8 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
 
     if "gkv" in sops:
         cases = []
-        for bsz, ctx, pg, e in ((32, 4096, 64, 576), (128, 2048, 64, 576), (64, 8192, 16, 1024)):
-            nblk = ctx // pg
-            cache = torch.randn(bsz * nblk, pg, e, dtype=torch.bfloat16, device=dev)
-            bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)
-            lens = torch.randint(ctx // 2, ctx + 1, (bsz,), device=dev)
-            cu = torch.zeros(bsz + 1, dtype=torch.int32, device=dev)
-            cu[1:] = torch.cumsum(lens, 0)
-            total = int(cu[-1])
+        for bsz, ctx, pg, e in GKV_SHAPES:
+            cache, bt, cu, total = gkv_inputs(torch, dev, bsz, ctx, pg, e)
             cases.append((f"b={bsz} ctx={ctx} e={e}", (lambda cache=cache, bt=bt, cu=cu, total=total:
                                                       gkv.gather_kv_cache(cache, bt, cu, num_tokens=total)),
                           2 * total * e * 2))
