@@ -373,9 +373,10 @@ class Dispatcher:
             return name
         return fire_all
 
-    def _slots(self, launch: Launch, scratch: dict | None) -> list:
-        """Per kernel argument, in kernel order: ``("t", position)`` a tensor (or scratch buffer)
-        passed by address, ``("s", position)`` a per-call scalar, ``("c", value)`` a constant."""
+    def _slots(self, launch: Launch, scratch: dict | None) -> tuple[list, tuple, tuple]:
+        """``(slots, tensor positions, (position, Scalar) per scalar)``: per kernel argument, in kernel
+        order, ``("t", position)`` a tensor (or scratch buffer) passed by address, ``("s", position)`` a
+        per-call scalar, ``("c", value)`` a constant."""
         scalars, slots = dict(self._scalars), []
         for a in launch.args:
             if isinstance(a, In):
@@ -385,17 +386,18 @@ class Dispatcher:
                 slots.append(("t", scratch[a.name][0]))
             else:
                 slots.append(("c", a))
-        return slots
+        tpos = tuple(v for k, v in slots if k == "t")
+        spos = tuple((v, scalars[v]) for k, v in slots if k == "s")
+        return slots, tpos, spos
 
     def _c_launch(self, launch: Launch, kernel, scratch: dict):
         """One launch as ``jitkern.fastcall``'s ``Fire`` takes it (None: a grid with a zero dimension,
         which launches nothing)."""
         if min(launch.grid) <= 0:
             return None
-        spec, names, scalars = self.spec, self.names, dict(self._scalars)
-        slots = self._slots(launch, scratch)
-        tpos = tuple(v for k, v in slots if k == "t")
-        spos = tuple((v, scalars[v]) for k, v in slots if k == "s")
+        spec, names = self.spec, self.names
+        slots, tpos, spos = self._slots(launch, scratch)
+        scalars = dict(spos)
         c_slots = []
         for k, v in slots:
             if k == "s":
@@ -415,10 +417,7 @@ class Dispatcher:
         gx, gy, gz = launch.grid
         if gx <= 0 or gy <= 0 or gz <= 0:
             return lambda args: name
-        scalars = dict(self._scalars)
-        slots = self._slots(launch, scratch)
-        tpos = tuple(v for k, v in slots if k == "t")
-        spos = tuple((v, scalars[v]) for k, v in slots if k == "s")
+        slots, tpos, spos = self._slots(launch, scratch)
         consts = tuple(v for k, v in slots if k == "c")
         # values are gathered as (tensors, constants, scalars): the usual kernel order needs no permutation
         base, seen, order = {"t": 0, "c": len(tpos), "s": len(tpos) + len(consts)}, {"t": 0, "c": 0, "s": 0}, []

@@ -9,8 +9,9 @@ the way:
   launcher does (the kernel's arguments, then Triton's global- and profile-scratch pointers). Nothing
   of Triton is imported and no launcher stub is built, so a process whose kernels are all cached
   starts without Triton. It applies to kernels of one CTA per program with no programmatic
-  dependent launch, cooperative grid, scratch or tensor descriptors, while no Triton load or launch
-  hook is set (profilers); anything else goes to
+  dependent launch, cooperative grid, profile scratch or tensor-descriptor arguments (global scratch,
+  for device-made TMA descriptors, is allocated per launch), while no Triton load or launch hook is
+  set (profilers); anything else goes to
 * ``GPUKernel``: Triton's driver loads the binary and its generated C ``launch`` runs it, called
   directly with integer addresses (``JITKERN_DIRECT_LAUNCH=0``: through Triton's
   ``CompiledKernel`` instead).
@@ -27,7 +28,7 @@ from types import SimpleNamespace
 
 from . import fastcall, settings
 from .binaries import METADATA_FILE, binary_name
-from .builders.base import DirectLaunch, Kernel
+from .builders.base import DirectLaunch, Kernel, addresses
 from .errors import LaunchError
 from .logs import warn_once
 
@@ -292,10 +293,7 @@ class DriverKernel(Kernel):
     def run(self, gx, gy, gz, *args):
         if gx <= 0 or gy <= 0 or gz <= 0:
             return
-        a = list(args)
-        for i in self._ptr_idx:
-            if type(a[i]) is not int:
-                a[i] = a[i].data_ptr()
+        a = addresses(args, self._ptr_idx)
         scratch = self._scratch[1](gx * gy * gz * self._scratch[0]) if self._scratch else None
         trailing = (scratch.data_ptr(), *TRITON_TRAILING[1:]) if scratch is not None else TRITON_TRAILING
         try:

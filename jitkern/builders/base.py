@@ -40,6 +40,16 @@ class DirectLaunch:
     extra: tuple
 
 
+def addresses(args, pointer_positions) -> list:
+    """``args`` with the tensors at ``pointer_positions`` replaced by their device addresses (integers
+    pass as they are)."""
+    a = list(args)
+    for i in pointer_positions:
+        if type(a[i]) is not int:
+            a[i] = a[i].data_ptr()
+    return a
+
+
 class Kernel:
     """A loaded kernel.
 

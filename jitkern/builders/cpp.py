@@ -43,7 +43,7 @@ from typing import Any, Callable
 from .. import counters, fastcall, settings
 from ..toolversions import tool_version  # noqa: F401  (hip and doctor take it from here)
 from ..errors import BuildError, LaunchError, UnavailableError
-from .base import DirectLaunch, Kernel
+from .base import DirectLaunch, Kernel, addresses
 
 LOG_FILE = "build.log"
 DEFAULT_TIMEOUT = settings.setting("build_timeout").default
@@ -287,11 +287,7 @@ class DeviceKernel(Kernel):
     def run(self, gx, gy, gz, *args):
         if gx <= 0 or gy <= 0 or gz <= 0:
             return
-        a = list(args)
-        for i in self._ptr_idx:
-            v = a[i]
-            if type(v) is not int:
-                a[i] = v.data_ptr()
+        a = addresses(args, self._ptr_idx)
         bx, by, bz = self._block
         stream = self._stream(self._device)
         with self._lock:
