@@ -103,6 +103,35 @@ def _misaligned(spec: OpSpec, names, args, positions):
 _NEW = object()  # a signature not decided yet
 
 
+class _Memo(dict):
+    """The dispatcher's memo (signature -> what runs it). ``fast`` is the C path's cache of it by
+    compact signature (``jitkern.fastcall``: compact key -> memo value); every change of the memo
+    empties it, so the C path never runs a decision the memo no longer holds."""
+
+    __slots__ = ("fast",)
+
+    def __init__(self):
+        super().__init__()
+        self.fast: dict = {}
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.fast.clear()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.fast.clear()
+
+    def clear(self):
+        super().clear()
+        self.fast.clear()
+
+    def _changed(self, *a, **kw):  # noqa: ARG002
+        raise TypeError("the dispatcher's memo changes only by item assignment, deletion and clear()")
+
+    pop = popitem = setdefault = update = __ior__ = _changed
+
+
 class Dispatcher:
     """Runs ``spec``'s calls: per signature, the op's plan once; then the decided launches."""
 
@@ -130,7 +159,7 @@ class Dispatcher:
         self._static = tuple(i for i, k in enumerate(kinds) if not k and self.names[i] not in spec.scalars)
         self._scalars = tuple((self.names.index(n), s) for n, s in spec.scalars.items())
         self._check_scalars = _scalar_checker(spec.name, self.names, self._scalars)
-        self._memo: dict = {}  # signature -> Route, or once it has settled its fast path; None: no launch
+        self._memo = _Memo()  # signature -> Route, or once it has settled its fast path; None: no launch
         self._routes: dict = {}  # signature -> Route
         self._lock = threading.Lock()
         self.key = self._key_function()
@@ -214,7 +243,8 @@ class Dispatcher:
     def _use_c_path(self, fc) -> None:
         """From now on, calls go through the C ``Dispatch`` over this dispatcher's memo."""
         if self._call == self._call_python:
-            self._call = fc.Dispatch(self.tensors, self._static, self._memo, self._call_new)
+            fastcall.use_torch_signatures()  # tensors read in C++ once its reader is loaded
+            self._call = fc.Dispatch(self.tensors, self._static, self._memo, self._call_new, self._memo.fast)
 
     def _settle(self, args: tuple):
         """``(route, run)`` for these arguments' signature, decided and memoised if new."""

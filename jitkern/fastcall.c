@@ -51,6 +51,18 @@
 
 static PyObject *s_shape, *s_stride, *s_dtype, *s_device, *s_data_ptr;
 
+/* What jitkern/torchsig.cpp exports (its capsule ``api``; the layout is repeated there). Set once by
+ * use_torch(); until then, and for any tensor it declines (-1), the Python attributes are read. */
+typedef struct {
+    int version;
+    PyTypeObject *tensor_type, *param_type;
+    Py_ssize_t (*words)(PyObject *, long long *, Py_ssize_t);
+    int (*data_ptr)(PyObject *, unsigned long long *);
+} TorchSig;
+
+static const TorchSig *g_sig = NULL;
+#define SIG_WORDS 512
+
 /* ---------------------------------------------------------------------------------- Fire */
 
 enum { SLOT_T = 0, SLOT_S = 1, SLOT_C = 2 };
@@ -409,7 +421,9 @@ static int run_launch(const LaunchRec *l, PyObject *args) {
         }
         PyObject *a = PyTuple_GET_ITEM(args, s->index);
         if (s->kind == SLOT_T) {
-            PyObject *p = PyObject_CallMethodNoArgs(a, s_data_ptr);
+            unsigned long long u;
+            PyObject *p = g_sig && g_sig->data_ptr(a, &u) == 0 ? PyLong_FromUnsignedLongLong(u)
+                                                                : PyObject_CallMethodNoArgs(a, s_data_ptr);
             if (!p) goto done;
             owned[nowned++] = p;
             acc |= PyLong_AsUnsignedLongLong(p);
@@ -540,9 +554,42 @@ static PyObject *Fire_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 typedef struct {
     PyObject_HEAD
     Py_ssize_t *tensors, ntensors, *statics, nstatics;
-    PyObject *memo, *slow;
+    PyObject *memo, *slow, *fast;
     vectorcallfunc vectorcall;
 } Dispatch;
+
+/* The compact signature: one bytes object of words read from the TensorImpls (per tensor position
+ * the tensor's type, then torchsig's words; -1 for None), in a tuple with the static arguments if
+ * there are any. It tells apart at least what the Python key does. NULL without an exception: some
+ * argument is not a plain tensor (the Python key is used); NULL with one: out of memory. */
+static PyObject *compact_key(Dispatch *d, PyObject *args) {
+    long long w[SIG_WORDS];
+    Py_ssize_t n = 0, nargs = PyTuple_GET_SIZE(args);
+    for (Py_ssize_t k = 0; k < d->ntensors; k++) {
+        Py_ssize_t i = d->tensors[k];
+        if (i >= nargs || n + 1 >= SIG_WORDS) return NULL;
+        PyObject *t = PyTuple_GET_ITEM(args, i);
+        if (t == Py_None) {
+            w[n++] = -1;
+            continue;
+        }
+        w[n++] = (long long)(intptr_t)Py_TYPE(t);
+        Py_ssize_t m = g_sig->words(t, w + n, SIG_WORDS - n);
+        if (m < 0) return NULL;
+        n += m;
+    }
+    PyObject *blob = PyBytes_FromStringAndSize((const char *)w, n * (Py_ssize_t)sizeof(long long));
+    if (!blob || !d->nstatics) return blob;
+    PyObject *key = PyTuple_New(1 + d->nstatics);
+    if (!key) { Py_DECREF(blob); return NULL; }
+    PyTuple_SET_ITEM(key, 0, blob);
+    for (Py_ssize_t k = 0; k < d->nstatics; k++) {
+        Py_ssize_t i = d->statics[k];
+        if (i >= nargs) { Py_DECREF(key); return NULL; }
+        PyTuple_SET_ITEM(key, 1 + k, Py_NewRef(PyTuple_GET_ITEM(args, i)));
+    }
+    return key;
+}
 
 /* The call signature, or NULL with an exception (AttributeError/TypeError/IndexError: not keyable). */
 static PyObject *make_key(Dispatch *d, PyObject *args) {
@@ -582,14 +629,42 @@ fail:
     return NULL;
 }
 
+/* Runs what ``route`` (a memo value, borrowed) says for ``args``. */
+static PyObject *run_route(PyObject *route, PyObject *args) {
+    if (route == Py_None) Py_RETURN_NONE;
+    Py_INCREF(route);  /* the memo may change while it runs */
+    PyObject *r = Py_IS_TYPE(route, &FireType) ? fire_run((Fire *)route, args) : PyObject_CallOneArg(route, args);
+    Py_DECREF(route);
+    return r;
+}
+
 static PyObject *dispatch_run(Dispatch *d, PyObject *args) {
+    /* first the compact key's cache (``fast``: compact key -> memo value, emptied by the Python
+     * side whenever the memo changes), then the memo under the Python key */
+    PyObject *ck = NULL, *route = NULL;
+    if (g_sig && d->fast != Py_None) {
+        ck = compact_key(d, args);
+        if (ck) {
+            route = PyDict_GetItemWithError(d->fast, ck);  /* borrowed */
+            if (route) {
+                Py_DECREF(ck);
+                return run_route(route, args);
+            }
+            if (PyErr_Occurred()) {  /* an unhashable static argument: the Python key says the rest */
+                PyErr_Clear();
+                Py_CLEAR(ck);
+            }
+        } else if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
     PyObject *key = make_key(d, args);
-    PyObject *route = NULL;
     if (key) {
         route = PyDict_GetItemWithError(d->memo, key);  /* borrowed; hashing may raise (unhashable) */
         Py_DECREF(key);
     }
     if (!route) {
+        Py_XDECREF(ck);
         if (PyErr_Occurred()) {
             if (!(PyErr_ExceptionMatches(PyExc_AttributeError) || PyErr_ExceptionMatches(PyExc_TypeError) ||
                   PyErr_ExceptionMatches(PyExc_IndexError)))
@@ -598,12 +673,12 @@ static PyObject *dispatch_run(Dispatch *d, PyObject *args) {
         }
         return PyObject_CallOneArg(d->slow, args);
     }
-    if (route == Py_None) Py_RETURN_NONE;
-    if (Py_IS_TYPE(route, &FireType)) return fire_run((Fire *)route, args);
-    Py_INCREF(route);  /* the memo may change while it runs */
-    PyObject *r = PyObject_CallOneArg(route, args);
-    Py_DECREF(route);
-    return r;
+    if (ck) {
+        int rc = PyDict_SetItem(d->fast, ck, route);
+        Py_DECREF(ck);
+        if (rc < 0) return NULL;
+    }
+    return run_route(route, args);
 }
 
 static PyObject *Dispatch_vectorcall(PyObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames) {
@@ -638,6 +713,7 @@ static void Dispatch_dealloc(Dispatch *self) {
     PyObject_GC_UnTrack(self);
     Py_CLEAR(self->memo);
     Py_CLEAR(self->slow);
+    Py_CLEAR(self->fast);
     PyMem_Free(self->tensors);
     PyMem_Free(self->statics);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -646,6 +722,7 @@ static void Dispatch_dealloc(Dispatch *self) {
 static int Dispatch_traverse(Dispatch *self, visitproc visit, void *arg) {
     Py_VISIT(self->memo);
     Py_VISIT(self->slow);
+    Py_VISIT(self->fast);
     return 0;
 }
 
@@ -663,13 +740,18 @@ static PyMethodDef Dispatch_methods[] = {
 };
 
 static PyObject *Dispatch_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    PyObject *tensors, *statics, *memo, *slow;
-    if (!PyArg_ParseTuple(args, "OOO!O", &tensors, &statics, &PyDict_Type, &memo, &slow)) return NULL;
+    PyObject *tensors, *statics, *memo, *slow, *fast = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO!O|O", &tensors, &statics, &PyDict_Type, &memo, &slow, &fast)) return NULL;
+    if (fast != Py_None && !PyDict_CheckExact(fast)) {
+        PyErr_SetString(PyExc_TypeError, "Dispatch: fast must be a dict or None");
+        return NULL;
+    }
     Dispatch *self = (Dispatch *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     self->vectorcall = Dispatch_vectorcall;
     self->memo = Py_NewRef(memo);
     self->slow = Py_NewRef(slow);
+    self->fast = Py_NewRef(fast);
     if (!(self->tensors = positions(tensors, &self->ntensors)) ||
         !(self->statics = positions(statics, &self->nstatics))) {
         Py_DECREF(self);
@@ -683,7 +765,7 @@ static PyTypeObject DispatchType = {
     .tp_name = "jitkern_fastcall.Dispatch",
     .tp_basicsize = sizeof(Dispatch),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "Signature, memo lookup and the decided launches in C: Dispatch(tensors, statics, memo, slow)(args)",
+    .tp_doc = "Signature, memo lookup and the decided launches in C: Dispatch(tensors, statics, memo, slow, fast=None)(args)",
     .tp_new = Dispatch_new,
     .tp_dealloc = (destructor)Dispatch_dealloc,
     .tp_traverse = (traverseproc)Dispatch_traverse,
@@ -824,7 +906,35 @@ static PyObject *fc_launch(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *fc_use_torch(PyObject *self, PyObject *cap) {
+    if (cap == Py_None) {  /* back to the Python attributes */
+        g_sig = NULL;
+        Py_RETURN_NONE;
+    }
+    const TorchSig *sig = PyCapsule_GetPointer(cap, "jitkern_torchsig.api");
+    if (!sig) return NULL;
+    if (sig->version != 1 || !sig->words || !sig->data_ptr) {
+        PyErr_SetString(PyExc_ValueError, "use_torch: a jitkern_torchsig of another version");
+        return NULL;
+    }
+    g_sig = sig;  /* the capsule's module stays imported (sys.modules) for the process's life */
+    Py_RETURN_NONE;
+}
+
+static PyObject *fc_compact_key(PyObject *self, PyObject *args) {
+    PyObject *d, *a;
+    if (!PyArg_ParseTuple(args, "O!O!", &DispatchType, &d, &PyTuple_Type, &a)) return NULL;
+    if (!g_sig) Py_RETURN_NONE;
+    PyObject *k = compact_key((Dispatch *)d, a);
+    if (!k && !PyErr_Occurred()) Py_RETURN_NONE;
+    return k;
+}
+
 static PyMethodDef module_methods[] = {
+    {"use_torch", fc_use_torch, METH_O,
+     "use_torch(capsule): read tensors through jitkern_torchsig's api (None: through Python attributes)"},
+    {"compact_key", fc_compact_key, METH_VARARGS,
+     "compact_key(dispatch, args): the signature as the fast cache holds it, or None (Python key only)"},
     {"load_cubin", fc_load_cubin, METH_VARARGS,
      "load_cubin(image, name, shared, device) -> (function, n_regs, n_spills, max_threads)"},
     {"cu_launch_kernel", fc_cu_launch_kernel, METH_NOARGS, "the address of the driver's cuLaunchKernel"},

@@ -582,10 +582,12 @@ def prebuild(ops: Iterable[str] | None = None, arches: Iterable[_arch.Arch] | No
 
 
 def install_host_module(layer) -> None:
-    """The C hot path and CUDA loader (``jitkern.fastcall``) for this Python, into the layer: a process
-    over the layer made read-only then needs neither a C compiler nor Triton to start."""
-    try:
-        fastcall.install(layer)
-    except Exception as e:  # noqa: BLE001  (no C compiler here: the runtime builds it where it runs)
-        log.info("jitkern: prebuild: the C hot path was not built into the layer (%s: %s); processes will "
-                 "build it on first GPU use", type(e).__name__, (str(e).strip().splitlines() or [""])[-1])
+    """The C hot path and CUDA loader (``jitkern.fastcall``) for this Python, and its C++ tensor reader
+    for this torch, into the layer: a process over the layer made read-only then needs neither a
+    compiler nor Triton to start."""
+    for what, install in (("the C hot path", fastcall.install), ("its C++ tensor reader", fastcall.install_torch)):
+        try:
+            install(layer)
+        except Exception as e:  # noqa: BLE001  (no compiler here: the runtime builds it where it runs)
+            log.info("jitkern: prebuild: %s was not built into the layer (%s: %s); processes will build it on "
+                     "first GPU use", what, type(e).__name__, (str(e).strip().splitlines() or [""])[-1])

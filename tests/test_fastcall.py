@@ -51,6 +51,21 @@ class _Recording:
             self._calls.append((gx, gy, gz, STREAM, FUNCTION, *FIXED, *args))
 
 
+@pytest.fixture(scope="module")
+def torchsig_api(fc):
+    """The C++ tensor reader's capsule (built here once per machine: about 25 s)."""
+    assert fastcall.use_torch_signatures(wait=True), "torchsig.cpp must build against the installed torch"
+    return sys.modules["jitkern_torchsig"].api
+
+
+@pytest.fixture(params=["python_attributes", "torchsig"])
+def reader(request, fc, torchsig_api):
+    """The C path reading tensors through Python attributes, then through the C++ reader."""
+    fc.use_torch(torchsig_api if request.param == "torchsig" else None)
+    yield request.param
+    fc.use_torch(torchsig_api)
+
+
 @pytest.fixture
 def recorded(monkeypatch, fc):
     """``run(with_c, fn)``: fn() with every kernel loaded through a recording direct kernel; returns the
@@ -82,7 +97,7 @@ def _rms_calls():
     rn.rms_norm(x, w, out=out)
 
 
-def test_c_path_launches_what_the_python_path_launches(recorded, fc):
+def test_c_path_launches_what_the_python_path_launches(recorded, fc, reader):
     py = recorded(False, _rms_calls)
     c = recorded(True, _rms_calls)
     assert len(py) == 10 and c == py
@@ -93,7 +108,7 @@ def test_c_path_launches_what_the_python_path_launches(recorded, fc):
     assert eps == [1e-6, 1e-5, 1.0, 1.0] and all(type(e) is float for e in eps)
 
 
-def test_two_launches_and_per_call_scratch(recorded):
+def test_two_launches_and_per_call_scratch(recorded, reader):
     """paged_attention_decode: a partition kernel and a combine kernel, and a workspace the
     framework allocates for each call (its address is new each call, so compare all but that)."""
     g = torch.Generator().manual_seed(0)
@@ -130,7 +145,7 @@ def test_c_path_rejects_bad_scalars_like_the_python_path(recorded, eps, error):
     assert len(recorded(True, calls)) == 1
 
 
-def test_c_path_rejects_misaligned_tensors(recorded):
+def test_c_path_rejects_misaligned_tensors(recorded, reader):
     x, w = torch.randn(4, 257), torch.ones(256)
 
     def calls():
@@ -148,6 +163,59 @@ def test_c_key_is_the_python_key(fc):
     for args in [(x, torch.ones(256), 1e-6, None, None), (x.t(), torch.ones(4), 0.5, x, torch.empty(256, 4)),
                  (x.bfloat16(), torch.ones(256).bfloat16(), 1e-6, None, None)]:
         assert c.key(args) == d.key(args) and hash(c.key(args)) == hash(d.key(args))
+
+
+def _python_key(args, tensors=(0, 1), statics=(2,)):
+    return (*[None if args[i] is None else (type(args[i]), args[i].shape, args[i].stride(), args[i].dtype,
+                                             args[i].device) for i in tensors], *[args[i] for i in statics])
+
+
+def test_torchsig_key_tells_apart_what_the_python_key_does(fc, torchsig_api):
+    """The compact key read in C++ is equal for two calls exactly when the Python key is."""
+    fc.use_torch(torchsig_api)
+    d = fc.Dispatch((0, 1), (2,), {}, lambda args: None, {})
+
+    class Sub(torch.Tensor):
+        pass
+
+    x = torch.randn(4, 8)
+    w = torch.nn.Parameter(torch.randn(8))
+    calls = [(x, w, 3), (torch.randn(4, 8), w.detach().clone().requires_grad_(True), 3), (x, w.detach(), 3),
+             (x, w, 4), (x, w, "s"), (x.t(), w, 3), (x.t().contiguous(), w, 3), (x[:, :4], w, 3),
+             (x.reshape(32), w, 3), (x.reshape(2, 2, 8), w, 3), (x.half(), w, 3), (x, None, 3), (None, None, 3),
+             (x.unsqueeze(0), w, 3), (torch.empty(0, 8), w, 3), (torch.empty(4, 8, device="meta"), w, 3),
+             (torch.tensor(1.0), w, 3), (x.expand(2, 4, 8), w, 3), (x.as_strided((4, 8), (1, 4)), w, 3)]
+    keys = [fc.compact_key(d, a) for a in calls]
+    assert all(k is not None for k in keys)
+    for a, ka in zip(calls, keys):
+        for b, kb in zip(calls, keys):
+            assert (ka == kb) == (_python_key(a) == _python_key(b)), (a, b)
+    # not plain tensors: the Python key serves (None), and the data pointer is read the Python way
+    assert fc.compact_key(d, (x.as_subclass(Sub), w, 3)) is None
+    assert fc.compact_key(d, (x.to_sparse(), w, 3)) is None
+    assert fc.compact_key(d, ("x", w, 3)) is None
+
+
+def test_torchsig_cache_follows_the_memo(fc, torchsig_api):
+    """The C path's compact-key cache is emptied whenever the memo changes, so a replaced decision
+    runs at once; arguments it cannot read take the Python key."""
+    from jitkern.dispatch import _Memo
+
+    fc.use_torch(torchsig_api)
+    memo, slow = _Memo(), []
+    d = fc.Dispatch((0, 1), (2,), memo, lambda args: slow.append(args) or "slow", memo.fast)
+    x, w = torch.randn(4, 8), torch.randn(8)
+    assert d((x, w, 3)) == "slow" and not memo.fast
+    memo[_python_key((x, w, 3))] = lambda args: "first"
+    assert d((x, w, 3)) == "first" and len(memo.fast) == 1
+    assert d((torch.randn(4, 8), torch.randn(8), 3)) == "first" and len(memo.fast) == 1  # same signature
+    memo[_python_key((x, w, 3))] = lambda args: "second"
+    assert not memo.fast and d((x, w, 3)) == "second"
+    assert d((x, w, [1])) == "slow"  # unhashable static: neither key serves
+    memo.clear()
+    assert not memo.fast and d((x, w, 3)) == "slow"
+    with pytest.raises(TypeError):
+        memo.pop(1, None)
 
 
 def test_c_dispatch_routes_unknown_and_unkeyable_calls_to_the_slow_path(fc):
@@ -383,6 +451,7 @@ def test_prebuild_ships_the_host_module_and_a_later_layer_serves_it(tmp_path):
     assert not res.summary.get("failed")
     shipped = list(layer.rglob(f"host/{fastcall.artifact_name()}"))
     assert len(shipped) == 1
+    assert len(list(layer.rglob(f"host/{fastcall.torch_artifact_name()}"))) == 1  # and the C++ tensor reader
     env = {**os.environ, "JITKERN_CACHE_DIR": f"{fresh}{os.pathsep}{layer}"}
     r = subprocess.run([sys.executable, "-c", "import jitkern.fastcall as f; print(f.module().__file__)"],
                        env=env, capture_output=True, text=True, timeout=120)
