@@ -133,6 +133,29 @@ def test_two_launches_and_per_call_scratch(recorded, reader):
     assert len(without_scratch(c[0])) < len(c[0])  # the workspace was passed, and left out above
 
 
+def test_one_partition_allocates_no_workspace(recorded):
+    """paged_attention_decode over one partition: one kernel writes the output itself, and the
+    call passes only the caller's tensors (no workspace is allocated per call)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 64, generator=g).bfloat16()
+    k = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
+    v = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
+    bt = torch.randint(0, 12, (2, 4), generator=g, dtype=torch.int32)
+    lens = torch.tensor([16, 7], dtype=torch.int32)
+    out = torch.empty(2, 4, 64, dtype=torch.bfloat16)
+
+    def calls():
+        for _ in range(2):
+            pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=16, out=out)
+    py, c = recorded(False, calls), recorded(True, calls)
+    assert len(py) == len(c) == 2 and c == py
+    addresses = {t.data_ptr() for t in (q, k, v, bt, lens, out)}
+    assert all(a in addresses for a in c[0] if isinstance(a, int) and a > 1 << 20)
+    want = pa.reference(q, k, v, bt, lens, 1.0 / 8)
+    torch.testing.assert_close(pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=16).float(),
+                               want.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("eps, error", [(float("nan"), ArgumentError), (-1.0, ArgumentError),
                                         (math.inf, ArgumentError), ("x", ArgumentError)])
 def test_c_path_rejects_bad_scalars_like_the_python_path(recorded, eps, error):

@@ -325,6 +325,10 @@ def child_ops() -> dict:
     for name, fn in cases.items():  # first calls: plan, load (compiles on a cold cache)
         fn()
     torch.cuda.synchronize()
+    from jitkern import fastcall
+
+    # the C path's C++ tensor reader (built in the background on first use): timed once it is loaded
+    res["torch_reader"] = fastcall.use_torch_signatures(wait=True)
     for name in cases:
         routes = [r for r in jitkern.dispatcher(specs[name])._routes.values() if r is not None and r.active]
         cand = routes[-1].active_candidate
@@ -359,6 +363,11 @@ def _op_parts(fn, d) -> dict:
     parts = {"dispatcher": lambda: real(args), "signature_python": lambda: d.key(args)}
     if hasattr(real, "key"):
         parts["signature_c"] = lambda: real.key(args)
+        from jitkern import fastcall
+
+        fc = fastcall.module()
+        if fc.compact_key(real, args) is not None:  # read through the C++ tensor reader
+            parts["signature_c_compact"] = lambda: fc.compact_key(real, args)
     if run is not None:
         parts["decided_launch"] = lambda: run(args)
     out = {k: round(_best_per_call(f, iters=4000, reps=3, batch=BATCH), 3) for k, f in parts.items()}

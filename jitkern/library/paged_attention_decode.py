@@ -235,7 +235,10 @@ def plan(call):
         return None  # empty work: nothing to launch
     if parts == 0:
         return Candidate(torch=_zeros, name="zeros")
-    if workspace is None and not redzone.enabled():
+    direct = parts == 1 and DIRECT  # one partition: the partition kernel writes out itself
+    if workspace is None and direct and not redzone.enabled():
+        ws = In("out")  # a placeholder address: the direct kernel never touches the workspace
+    elif workspace is None and not redzone.enabled():
         ws = Scratch((need,), torch.float32, "workspace")  # allocated by the framework for each call
     elif workspace is None or workspace.dim() != 1 or workspace.shape[0] != need:
         return Candidate(torch=functools.partial(_with_workspace, parts), name="workspace")
@@ -248,7 +251,6 @@ def plan(call):
     aligned = all(s % 16 == 0 for s in strides[:-1])  # block-table reads are scalar anyway
     dt, group = checks.TRITON_TYPE[q.dtype], h // hkv
     ml_offset = b * h * parts * d  # the (max, sum) pairs follow the partial outputs
-    direct = parts == 1 and DIRECT  # one partition: the partition kernel writes out itself
     stage1 = Launch(partition_config(dt, page, d, group, call.arch.name, aligned, tile=tile, direct=direct),
                     (hkv, b, parts) if tile.get("head_major") else (b, hkv, parts),
                     (In("q"), In("k_cache"), In("v_cache"), In("block_tables"), In("seq_lens"), ws,
