@@ -538,13 +538,13 @@ def _scalar_checker(op: str, names, spos):
     return check
 
 
-_zeroed: dict = {}  # (op, Zeroed, device, stream) -> the kept buffer
+_zeroed: dict = {}  # (op, Zeroed, device, stream) -> [the kept buffer, zeroed only inside a captured graph]
 _zeroed_lock = threading.Lock()
 
 
 def _zeroed_getter(op: str, z: Zeroed, device):
     """``get() -> tensor``: the kept, once-zeroed buffer ``z`` of ``op`` for the current stream of
-    ``device`` (one dict lookup per call once it exists)."""
+    ``device`` (one dict lookup per call once it exists). See ``Zeroed`` for CUDA graphs."""
     import torch
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -552,22 +552,55 @@ def _zeroed_getter(op: str, z: Zeroed, device):
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         raw_stream = torch._C._cuda_getCurrentRawStream
         stream = lambda: raw_stream(index)  # noqa: E731
+        capturing = torch.cuda.is_current_stream_capturing
     else:
         stream = lambda: 0  # noqa: E731  (CPU: launches run in program order)
+        capturing = lambda: False  # noqa: E731
     base = (op, z, str(dev))
     mine: dict = {}  # stream -> buffer: this launch's own view of _zeroed (no dataclass hashing per call)
 
     def get():
         s = stream()
         buf = mine.get(s)
-        if buf is None:
-            with _zeroed_lock:
-                buf = _zeroed.get((*base, s))
-                if buf is None:
-                    buf = _zeroed[(*base, s)] = torch.zeros(z.shape, dtype=z.dtype, device=dev)
-            mine[s] = buf
-        return buf
+        if buf is not None:
+            return buf
+        now_capturing = capturing()
+        with _zeroed_lock:
+            kept = _zeroed.get((*base, s))
+            if kept is None:
+                kept = _zeroed[(*base, s)] = [_outside_graph_pools(z, dev), True]
+            if kept[1]:  # not zeroed outside a graph yet: zero it (a memset node of the graph being captured)
+                kept[0].zero_()
+                kept[1] = now_capturing
+        if not kept[1]:
+            mine[s] = kept[0]
+        return kept[0]
     return get
+
+
+def _outside_graph_pools(z: Zeroed, dev):
+    """An uninitialised tensor for ``z`` from the ordinary memory pool, even while a CUDA graph is
+    being captured or torch.compile's CUDA-graph trees warm up: those route the allocations of their
+    stream and thread to the graph's private pool, and the trees refuse a pool that holds a tensor
+    they do not know of (a kept buffer outlives the graph). So the allocation runs in a short-lived
+    thread of its own, which only allocates (no kernel, no synchronisation)."""
+    import torch
+
+    if dev.type != "cuda":
+        return torch.empty(z.shape, dtype=z.dtype, device=dev)
+    box: list = []
+
+    def allocate():
+        try:
+            box.append(torch.empty(z.shape, dtype=z.dtype, device=dev))
+        except BaseException as e:  # noqa: BLE001  (raised in the caller's thread below)
+            box.append(e)
+    t = threading.Thread(target=allocate, name="jitkern-zeroed")
+    t.start()
+    t.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
 
 
 def zeroed_buffers() -> int:

@@ -118,11 +118,13 @@ class Zeroed:
     arrives last). The framework allocates and zeroes it once per (op, name, shape, dtype, device,
     stream) and keeps it for the process, so no call pays for a memset: launches on one stream run
     in order and can share it, and each stream gets its own, so kernels running concurrently on two
-    streams never share one. A CUDA graph captures the buffer of its capture stream (a first use
-    under capture allocates it from the graph's pool, and the zeroing memset becomes part of the
-    graph); replays leave it zeroed as every launch does. Graphs captured on one stream share it, so
-    they must not be replayed concurrently on different streams. The buffers are never freed (not
-    by ``jitkern.reset()`` either: a captured graph may still use them). Names share one namespace
+    streams never share one. A CUDA graph captures the buffer of its capture stream; a buffer first
+    used under capture is allocated outside the graph's private pool (so torch.compile's CUDA-graph
+    trees, which check their pools, accept it) and zeroed by a memset node of each graph captured
+    before the buffer's first use outside capture, which zeroes it once more; replays leave it
+    zeroed as every launch does. Graphs captured on one stream share it, so they must not be
+    replayed concurrently on different streams. The buffers are never freed (not by
+    ``jitkern.reset()`` either: a captured graph may still use them). Names share one namespace
     with ``Scratch`` within a candidate."""
 
     shape: tuple

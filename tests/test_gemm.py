@@ -110,7 +110,7 @@ def test_split_k_numerics_deterministic_and_counters_left_zeroed(split, tma, mon
             out = torch.full((m, n), float("nan"), dtype=dtype)
             _check(jitkern.ops.gemm(a, b, out=out), a, b)
             results.append(out)
-            kept = [buf for key, buf in dispatch._zeroed.items() if key[0] == "gemm"]
+            kept = [buf for key, (buf, _) in dispatch._zeroed.items() if key[0] == "gemm"]
             assert kept and all(int(buf.abs().sum()) == 0 for buf in kept)
         assert torch.equal(results[0], results[1])  # fixed summation order: the same bits
         route = jitkern.dispatcher(gemm.SPEC).route_for(a, b, out)
@@ -325,7 +325,36 @@ def test_gpu_split_k_decode_shapes_graphs_and_streams(split, monkeypatch):
                 jitkern.ops.gemm(a, w.t(), out=o)
     torch.cuda.synchronize()
     assert all(torch.equal(o, want) for o in outs)
-    assert all(int(buf.abs().sum()) == 0 for key, buf in dispatch._zeroed.items() if key[0] == "gemm")
+    assert all(int(buf.abs().sum()) == 0 for key, (buf, _) in dispatch._zeroed.items() if key[0] == "gemm")
+
+
+@requires_gpu
+def test_gpu_split_k_under_torch_compile_cuda_graph_trees_at_several_batch_sizes(monkeypatch):
+    """torch.compile(mode="reduce-overhead") records one CUDA graph per batch size in one memory pool
+    and refuses a pool holding tensors it does not know of: the split-K counters (kept per stream)
+    must come from outside it. A buffer first used under capture is then zeroed before eager use."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("split-K tiles are sm_90's")
+    monkeypatch.setenv("JITKERN_GEMM_SPLIT_K", "4")
+    jitkern.reset()
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda a: jitkern.ops.gemm(a, w.t()) * 2, mode="reduce-overhead")
+    for m in (1, 32, 64, 32, 1):
+        a = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):  # warm-up, record, replay
+            _check(f(a).clone() / 2, a, w.t())
+    s = torch.cuda.Stream()  # a new stream: its counters are first made under capture
+    a = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(16, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        jitkern.ops.gemm(a, w.t(), out=out)
+    with torch.cuda.stream(s):  # eager on the capture stream before any replay
+        _check(jitkern.ops.gemm(a, w.t()), a, w.t())
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, a, w.t())
 
 
 # ---- guard-based fallback to torch.matmul (issue 4, seed 000) ------------------------------------------

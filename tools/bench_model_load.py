@@ -603,7 +603,7 @@ class Bench:
     def floors_decode(self):
         f = self.res.setdefault("floors", {})
         for b, d in self.res["decode"].items():
-            if "jitkern_cuda_graph" in d and "reference_torch_compile" in d:
+            if "step_ms" in d.get("jitkern_cuda_graph", {}) and "step_ms" in d.get("reference_torch_compile", {}):
                 r = d["jitkern_cuda_graph"]["step_ms"] / d["reference_torch_compile"]["step_ms"]
                 f[f"decode_b{b}_graph_over_compiled_ref"] = r
                 f[f"decode_b{b}_graph_le_1.0x"] = r <= 1.0
