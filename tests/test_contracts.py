@@ -50,11 +50,16 @@ def test_seed004_splitk_scratch_sized_from_sorted_size():
     # aiter: Python allocated tmp_out as (tokens, topk, N); the kernel writes (sorted_size, N) x 2.
     tokens, topk, n, experts, align_m = 4, 8, 32, 64, 16
     sorted_size = -(-(tokens * topk + experts * (align_m - 1)) // align_m) * align_m
-    lay = moe.CONTRACT.layout(num_pairs=tokens * topk, n=n, dtype=torch.bfloat16, split_k=2, sorted_size=sorted_size)
+    lay = moe.CONTRACT.layout(num_pairs=tokens * topk, n=n, dtype=torch.bfloat16, split_k=2, sorted_size=sorted_size,
+                              gated=True)
     assert lay["scratch"] == ((2, sorted_size, 2 * n), torch.float32)
     assert lay["out"] == ((tokens * topk, n), torch.bfloat16)
+    # activation "none" (a plain grouped GEMM): one partial per output column
+    plain = moe.CONTRACT.layout(num_pairs=tokens * topk, n=n, dtype=torch.bfloat16, split_k=2,
+                                sorted_size=sorted_size, gated=False)
+    assert plain["scratch"] == ((2, sorted_size, n), torch.float32) and plain["out"] == lay["out"]
     seed_way = torch.empty(tokens, topk, n, dtype=torch.float32)
-    dims = dict(num_pairs=tokens * topk, n=n, dtype=torch.bfloat16, split_k=2, sorted_size=sorted_size)
+    dims = dict(num_pairs=tokens * topk, n=n, dtype=torch.bfloat16, split_k=2, sorted_size=sorted_size, gated=True)
     with pytest.raises(BufferError) as e:
         moe.CONTRACT.prepare("cpu", dims, scratch=seed_way)
     msg = str(e.value)

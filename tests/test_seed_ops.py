@@ -119,6 +119,80 @@ def test_moe_gemm_stage1_matches_reference(split_k, activation):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=3e-2)
 
 
+def _per_pair(x, w, topk_ids, topk):
+    """PyTorch, independent of the sorted tables: row ``p`` is ``x[p // topk] @ w[expert of p].T`` (fp32)."""
+    experts = topk_ids.reshape(-1).long()
+    return torch.stack([x[p // topk].float() @ w[experts[p]].float().t() for p in range(experts.numel())])
+
+
+def _plain_inputs(tokens=5, k=128, n=24, experts=6, topk=2, align_m=16, seed=0):
+    """``activation="none"`` inputs: w [experts, N, K] (no gate/up halves), and the router's choices."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g).bfloat16()
+    w = (torch.randn(experts, n, k, generator=g) / 8).bfloat16()
+    tid = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]).int()
+    return x, w, tid, moe.moe_align(tid, experts, align_m)
+
+
+@pytest.mark.parametrize("topk, split_k, n", [(1, 1, 24), (1, 3, 24), (2, 1, 24), (2, 2, 24), (2, None, 25),
+                                              (1, 4, 16)])
+def test_moe_plain_grouped_gemm_matches_pytorch(topk, split_k, n):
+    # activation "none": out[pair] = x[pair // topk] @ w[expert].T, N = w.shape[1] (25: odd, unaligned)
+    x, w, tid, (ids, eids, npad) = _plain_inputs(n=n, topk=topk)
+    assert (ids[: int(npad)] == x.shape[0] * topk).any()  # sentinel padding is present
+    y = moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, "none", split_k=split_k)
+    assert y.shape == (x.shape[0] * topk, n) and y.dtype == x.dtype
+    want = _per_pair(x, w, tid, topk)
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=3e-2)
+    ref = moe.reference(x.float(), w.float(), ids, eids, npad, topk, activation="none")
+    torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-4)  # the op's reference agrees
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_moe_two_stages_are_the_per_pair_mlp(split_k):
+    """Stage 1 (silu, topk=2) then stage 2 = ``"none"`` with topk=1 over stage 1's rows and the same
+    tables: each pair's own expert's down projection (what the example decoder's MoE layer does)."""
+    tokens, hidden, n, experts, topk = 5, 64, 64, 6, 2  # K of both stages: 2 interpreter block_k steps
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    w1 = (torch.randn(experts, 2 * n, hidden, generator=g) / 8).bfloat16()
+    w2 = (torch.randn(experts, hidden, n, generator=g) / 6).bfloat16()
+    tid = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]).int()
+    ids, eids, npad = moe.moe_align(tid, experts, 16)
+    hmid = moe.moe_gemm_stage1(x, w1, ids, eids, npad, topk, "silu", split_k=split_k)
+    y = moe.moe_gemm_stage1(hmid, w2, ids, eids, npad, 1, "none", split_k=split_k)
+    assert y.shape == (tokens * topk, hidden)
+    gu = _per_pair(x, w1, tid, topk)
+    a = (torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]).bfloat16()
+    torch.testing.assert_close(y.float(), _per_pair(a, w2, tid, 1), rtol=3e-2, atol=3e-2)
+
+
+def test_moe_plain_grouped_gemm_shapes_and_paths(caplog, launches, monkeypatch):
+    """``"none"``: odd weight rows are fine (no halves), K must match; the contract gives [pairs, N]
+    out and [split, sorted_size, N] scratch (redzone mode around it passes); the PyTorch path for a
+    tensor subclass and the torch.library alloc agree."""
+    from jitkern.errors import ShapeError
+
+    x, w, tid, (ids, eids, npad) = _plain_inputs(tokens=3, k=64, n=17, topk=2)
+    want = _per_pair(x, w, tid, 2)
+    with pytest.raises(ShapeError, match=r"\[experts, N, 64\]"):
+        moe.moe_gemm_stage1(x, w[:, :, :32], ids, eids, npad, 2, "none")
+    assert moe.alloc(x, w, ids, eids, npad, 2, "none")["out"].shape == (6, 17)
+    assert moe.alloc(x, w[:, :16], ids, eids, npad, 2, "silu")["out"].shape == (6, 8)
+
+    class QuantizedLike(torch.Tensor):
+        pass
+
+    with caplog.at_level("WARNING", logger="jitkern"):
+        y = moe.moe_gemm_stage1(x, w.as_subclass(QuantizedLike), ids, eids, npad, 2, "none")
+    assert launches == [] and y.shape == (6, 17)
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=3e-2)
+    monkeypatch.setenv("JITKERN_DEBUG", "redzone")
+    y = moe.moe_gemm_stage1(x, w, ids, eids, npad, 2, "none", split_k=2)
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=3e-2)
+    assert len(launches) == 2  # split-K: the gemm and the reduce
+
+
 def test_moe_splitk_scratch_is_exactly_what_the_kernel_writes(monkeypatch):
     # redzone mode around the contract's scratch (split, sorted_size, 2N): the split-K kernel writes
     # padding positions too; a contract sized from tokens * topk (seed 004) would be hit
@@ -197,6 +271,12 @@ def test_cross_compile_one_config_per_op_for_gpus():
         (moe.SPEC, moe.gemm_config("bf16", "silu", False, moe.tiles("gfx950", 64)), "gfx950"),
         (mqa.SPEC, mqa.config("bf16", 64, 64, 128, 2, "sm_90"), "sm_90"),
     ]
+    # moe's plain grouped GEMM (activation "none", the MoE down projection): both kernels, split-K
+    for a in ("sm_90", "gfx942"):
+        params = moe.tiles(a, 16)
+        jobs += [(moe.SPEC, moe.gemm_config("bf16", "none", False, params), a),
+                 (moe.SPEC, moe.gemm_config("bf16", "none", True, params), a),
+                 (moe.SPEC, moe.reduce_config("bf16", "none", params), a)]
     for spec, cfg, a in jobs:
         entry, status = get_entry(plan(spec, cfg, arch.get(a)))
         assert status == "built"
@@ -235,6 +315,12 @@ def test_seed_ops_on_gpu_at_decode_shapes(launches):
     for split in (None, 1, 4):
         torch.testing.assert_close(moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, split_k=split), ref,
                                    rtol=3e-2, atol=3e-2)
+    # stage 2 as a plain grouped GEMM (activation "none", topk 1 over the pair rows): w2 [e, 7168, 256]
+    w2 = torch.randn(e, kk, n, dtype=torch.bfloat16, device=dev) / 16
+    ref2 = moe.reference(ref, w2, ids, eids, npad, 1, "none")
+    for split in (None, 1, 2):
+        torch.testing.assert_close(moe.moe_gemm_stage1(ref, w2, ids, eids, npad, 1, "none", split_k=split), ref2,
+                                   rtol=3e-2, atol=3e-2)
     # logits at context_len == max_model_len (not a multiple of the 64-token tile)
     max_len = 4000
     q2 = torch.randn(8, 2, 64, 128, dtype=torch.bfloat16, device=dev)
@@ -257,6 +343,25 @@ def test_seed_ops_trace_under_torch_compile_without_graph_break():
     f = torch.compile(lambda c, b, u: ops.gather_kv_cache(c, b, u, num_tokens=53) * 2, fullgraph=True,
                       backend="aot_eager")
     assert torch.equal(f(cache, bt, cu), gkv.reference(cache, bt, cu) * 2)
+
+
+def test_moe_both_stages_trace_under_torch_compile_without_graph_break():
+    """The torch.library path (alloc of out [pairs, N] for each activation) of stage 1 and the plain
+    grouped GEMM of stage 2, as the example decoder chains them."""
+    import jitkern.ops as ops
+
+    x, w1, ids, eids, npad, topk = _moe_inputs(tokens=3, k=64, n=16)
+    w2 = (torch.randn(w1.shape[0], 64, 16, generator=torch.Generator().manual_seed(4)) / 4).bfloat16()
+
+    def mlp(x, ids, eids, npad):
+        h = ops.moe_gemm_stage1(x, w1, ids, eids, npad, topk, "silu")
+        return ops.moe_gemm_stage1(h, w2, ids, eids, npad, 1, "none")
+
+    y = torch.compile(mlp, fullgraph=True, backend="aot_eager")(x, ids, eids, npad)
+    h = moe.reference(x, w1, ids, eids, npad, topk)
+    assert y.shape == (3 * topk, 64)
+    torch.testing.assert_close(y.float(), moe.reference(h, w2, ids, eids, npad, 1, "none").float(),
+                               rtol=2e-2, atol=3e-2)
 
 
 def test_every_op_passes_redzone_mode_with_buffers_from_its_contract(monkeypatch):
@@ -342,6 +447,11 @@ def test_plans_pick_configs_that_prebuild_builds(a):
         calls.append((moe, (torch.empty(8, 1024, **bf), torch.empty(16, 512, 1024, **bf), torch.empty(size, **i32),
                             torch.empty(size // 16, **i32), torch.empty(1, **i32), 2, "silu", split,
                             torch.empty(16, 256, **bf),
+                            torch.empty(split, size, 512, dtype=torch.float32, **m) if split > 1 else None)))
+        # a plain grouped GEMM (activation "none", topk 1: a stage 2 over the 16 pair rows), w [16, 512, 1024]
+        calls.append((moe, (torch.empty(16, 1024, **bf), torch.empty(16, 512, 1024, **bf), torch.empty(size, **i32),
+                            torch.empty(size // 16, **i32), torch.empty(1, **i32), 1, "none", split,
+                            torch.empty(16, 512, **bf),
                             torch.empty(split, size, 512, dtype=torch.float32, **m) if split > 1 else None)))
     for mod, args in calls:
         built = set(mod.SPEC.configs(target))

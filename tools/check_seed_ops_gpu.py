@@ -9,7 +9,8 @@ Checks, each recorded as pass/fail with its numbers:
   * paged_attention_decode: mixed lengths (0, 1, partition boundaries, full capacity), GQA 1/4/8,
     max_context_len far beyond the KV cache (workspace from capacity), redzone pass
   * gather_kv_cache: mixed lengths with empty sequences; 0 tokens (no launch)
-  * moe_gemm_stage1: split-K 1/2/4/auto, silu and gelu, sentinel padding, redzone pass on the scratch,
+  * moe_gemm_stage1: split-K 1/2/4/auto, silu, gelu and none (the plain grouped GEMM of a stage 2,
+    over the gate rows of w as an [experts, N, K] view), sentinel padding, redzone pass on the scratch,
     0 tokens (no launch)
   * paged_mqa_logits: context_len == max_model_len not a multiple of the tile, next_n 1 and 2; with
     the store masks removed (the seed-001 bug), redzone mode must raise naming the buffer and row
@@ -123,12 +124,13 @@ def main() -> int:
         x = torch.randn(t, hidden, dtype=torch.bfloat16, device=dev)
         tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(t)]).int()
         ids, eids, npad = moe.moe_align(tid, experts, 16)
-        for act in ("silu", "gelu"):
-            ref = moe.reference(x, w, ids, eids, npad, topk, activation=act)
+        for act in ("silu", "gelu", "none"):
+            wa = w[:, :n] if act == "none" else w  # "none": [experts, N, K], expert stride 2N*K
+            ref = moe.reference(x, wa, ids, eids, npad, topk, activation=act)
             for split in (None, 1, 2, 4):
                 for rz in ((False, True) if split in (None, 4) else (False,)):
                     redzone(rz)
-                    y = moe.moe_gemm_stage1(x, w, ids, eids, npad, topk, activation=act, split_k=split)
+                    y = moe.moe_gemm_stage1(x, wa, ids, eids, npad, topk, activation=act, split_k=split)
                     e = err(y, ref)
                     scale = float(ref.float().abs().max())  # the reference rounds x @ w to bf16 first
                     record(f"moe_gemm_stage1 tokens={t} {act} split_k={split} redzone={rz}", e <= 2e-2 * max(1.0, scale),

@@ -1,6 +1,8 @@
-"""moe_gemm_stage1: the gate-up GEMM of a MoE layer with the activation fused, over sorted pair ids.
+"""moe_gemm_stage1: the gate-up GEMM of a MoE layer with the activation fused, over sorted pair ids
+(or, with ``activation="none"``, a plain grouped GEMM: the MoE down projection).
 
-``x`` [tokens, K]; ``w1`` [experts, 2N, K] (gate rows then up rows, K contiguous);
+``x`` [tokens, K]; ``w1`` [experts, 2N, K] (gate rows then up rows, K contiguous; [experts, N, K]
+for ``"none"``);
 ``sorted_token_ids`` [sorted_size] int32: pair ids ``token * topk + slot`` grouped by expert, each
 expert's run padded to a multiple of ``align_m`` with the sentinel ``tokens * topk``;
 ``expert_ids`` [sorted_size // align_m] int32: the expert of each run block;
@@ -11,14 +13,19 @@ Table contract (the caller's; checked before the launch under ``JITKERN_DEBUG=ch
 ``ceil(num_tokens_post_padded / align_m)``), every ``sorted_token_ids`` entry is a pair id in
 ``[0, tokens * topk)`` or the sentinel ``tokens * topk``, and every ``expert_ids`` entry lies in
 ``[0, experts)``.
-Returns ``out`` [tokens * topk, N] = act(x[t] @ gate[e].T) * (x[t] @ up[e].T) per pair;
-``activation`` is ``"silu"`` (SiLU-and-mul) or ``"gelu"`` (erf GELU-and-mul).
+Returns ``out`` [tokens * topk, N] = act(x[t] @ gate[e].T) * (x[t] @ up[e].T) per pair (pair id
+``p = t * topk + slot``, ``t = p // topk``, ``e`` its run block's expert); ``activation`` is ``"silu"``
+(SiLU-and-mul), ``"gelu"`` (erf GELU-and-mul) or ``"none"``: ``out[p] = x[p // topk] @ w1[e].T`` with
+``N = w1.shape[1]`` (no halves). ``"none"`` with ``topk=1`` over the stage-1 output (``x`` = the
+[pairs, N1] rows, the same sorted tables) is the MoE down projection of each pair with its own
+expert's ``w2`` [experts, hidden, N1] (what vLLM's fused_moe kernel does for stage 2).
 
 Split-K (``split_k > 1``, chosen automatically when there are too few tiles to fill the GPU) writes
 fp32 partials of *every sorted position* the kernel covers, padding included, to ``scratch``
-[split_k, sorted_size, 2N]; a second kernel (variant ``splitk_reduce``) sums them and applies the
-activation. Seed 004 allocated that scratch as (tokens, topk, N) while the kernel wrote
-(sorted_size, N) x 2: a 16x overflow. Here the contract sizes it from ``sorted_token_ids`` itself.
+[split_k, sorted_size, 2N] ([split_k, sorted_size, N] for ``"none"``); a second kernel (variant
+``splitk_reduce``) sums them and applies the activation. Seed 004 allocated that scratch as
+(tokens, topk, N) while the kernel wrote (sorted_size, N) x 2: a 16x overflow. Here the contract
+sizes it from ``sorted_token_ids`` itself.
 
 Tile caps per arch come from ``jitkern.constraints`` (gfx950/CDNA4: block_m <= 64, block_n <= 256,
 seed 003) and ``JITKERN_MOE_GEMM_STAGE1_BLOCK_N=...``-style overrides.
@@ -41,7 +48,9 @@ from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scratch, Variant
 
 OP = "moe_gemm_stage1"
 DTYPES = (torch.bfloat16, torch.float16)
-ACTIVATIONS = ("silu", "gelu")
+ACTIVATIONS = ("silu", "gelu", "none")
+#: The activations over gate and up halves of ``w1`` (``"none"`` is a plain grouped GEMM).
+GATED = ("silu", "gelu")
 TUNABLES = {
     "block_m": (16, 32, 64, 128),
     "block_n": (16, 32, 64, 128, 256),
@@ -56,12 +65,19 @@ constraints.add_rules(
 )
 
 #: Written once beside the templates. ``sorted_size`` is ``sorted_token_ids.shape[0]``: what the
-#: split-K kernel writes, padding positions included.
+#: split-K kernel writes, padding positions included; ``n`` the output width; ``gated``: the activation
+#: has gate and up halves (two partials per output column), False for ``"none"``.
 CONTRACT = Contract(OP, (
     Buffer("out", lambda d: (d.num_pairs, d.n), lambda d: d.dtype, role="output"),
-    Buffer("scratch", lambda d: (d.split_k, d.sorted_size, 2 * d.n) if d.split_k > 1 else (0,), torch.float32,
-           role="scratch", doc="split-K fp32 partials of gate and up for every sorted position"),
+    Buffer("scratch", lambda d: (d.split_k, d.sorted_size, (2 if d.gated else 1) * d.n) if d.split_k > 1 else (0,),
+           torch.float32, role="scratch",
+           doc="split-K fp32 partials (of gate and up, or of the plain product) for every sorted position"),
 ))
+
+
+def out_width(w1, activation: str) -> int:
+    """N, the width of ``out``: half of ``w1``'s rows for a gated activation, all of them for ``"none"``."""
+    return w1.shape[1] if activation == "none" else w1.shape[1] // 2
 
 
 def moe_align(topk_ids, num_experts: int, align_m: int):
@@ -93,10 +109,17 @@ def _act(g, activation):
     return torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g)
 
 
+def _epilogue(h, n: int, activation: str):
+    """act(gate) * up of the product ``h`` [rows, 2N] (fp32), or ``h`` itself for ``"none"``."""
+    if activation == "none":
+        return h.float()
+    return _act(h[:, :n].float(), activation) * h[:, n:].float()
+
+
 def reference(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk: int, activation: str = "silu",
               split_k=None, out=None, scratch=None):
     """Eager MoE: loop over the experts that received tokens, one GEMM each."""
-    n = w1.shape[1] // 2
+    n = out_width(w1, activation)
     pairs = x.shape[0] * topk
     align_m = sorted_token_ids.shape[0] // max(1, expert_ids.shape[0])
     used = int(num_tokens_post_padded[0])
@@ -108,7 +131,7 @@ def reference(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk:
     for e in torch.unique(eid).tolist():
         rows = ids[eid == e]
         h = x[rows // topk] @ w1[e].t()
-        y[rows] = (_act(h[:, :n].float(), activation) * h[:, n:].float()).to(x.dtype)
+        y[rows] = _epilogue(h, n, activation).to(x.dtype)
     return y
 
 
@@ -213,13 +236,15 @@ def plan(call):
         raise ConfigError(f"{OP}: activation {activation!r} is not one of {ACTIVATIONS}")
     topk = checks.integer(OP, "topk", topk, minimum=1)
     tokens, k = x.shape
-    experts, two_n, kw = w1.shape
-    if kw != k or two_n % 2:
-        raise checks.ShapeError(f"{OP}: w1 must be [experts, 2N, {k}], got {tuple(w1.shape)}")
+    experts, rows_w, kw = w1.shape
+    gated = activation in GATED
+    if kw != k or (gated and rows_w % 2):
+        want = f"[experts, 2N, {k}] (gate rows then up rows)" if gated else f"[experts, N, {k}]"
+        raise checks.ShapeError(f"{OP}: w1 must be {want} for activation {activation!r}, got {tuple(w1.shape)}")
     if w1.numel() == 0:
         raise checks.ShapeError(f"{OP}: w1 has no elements (shape {tuple(w1.shape)}); it needs at least one "
                                 f"expert, N >= 1 and K >= 1")
-    n = two_n // 2
+    n = out_width(w1, activation)
     size = sorted_token_ids.shape[0]
     nblocks = expert_ids.shape[0]
     if (nblocks == 0) != (size == 0) or (nblocks and size % nblocks):
@@ -236,7 +261,7 @@ def plan(call):
     pairs = tokens * topk
     if not redzone.enabled():  # the op's hot path passes the caller's out without prepare
         CONTRACT.check_outputs(x.device, dict(num_pairs=pairs, n=n, dtype=x.dtype, split_k=split_k or 1,
-                                              sorted_size=size), out=out)
+                                              sorted_size=size, gated=gated), out=out)
     checks.tensor(OP, "out", out, like=x)
     checks.same_dtype(OP, "out", out, x, "x")
     checks.shape(OP, "out", out, (pairs, n))
@@ -258,7 +283,8 @@ def plan(call):
             tiles_mn = (size // bm) * -(-n // bn)
             split = max(1, min(8, (2 * call.arch.num_cus) // max(1, tiles_mn), k // (4 * bk)))
         if split > 1:
-            shape, dtype = CONTRACT.buffers[1].resolve(SimpleNamespace(split_k=split, sorted_size=size, n=n))
+            dims = SimpleNamespace(split_k=split, sorted_size=size, n=n, gated=gated)
+            shape, dtype = CONTRACT.buffers[1].resolve(dims)
             if scratch is not None:  # the caller's: the contract's check for the split chosen
                 contracts.check(OP, CONTRACT.buffers[1], scratch, shape, dtype, x.device)
             elif not redzone.enabled():  # the framework allocates it for each call
@@ -316,8 +342,10 @@ def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.T
                     num_tokens_post_padded: torch.Tensor, topk: int, activation: str = "silu",
                     split_k: Optional[int] = None, out: Optional[torch.Tensor] = None,
                     scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gate-up GEMM + activation for every (token, slot) pair. ``split_k``: None = automatic (1 to 8),
-    else 1 to ``min(64, K // block_k)``. ``scratch``: fp32, sized by the contract for the split used.
+    """Gate-up GEMM + activation for every (token, slot) pair (``activation="none"``: the plain grouped
+    GEMM ``x[pair // topk] @ w1[expert].T``, ``w1`` [experts, N, K]). ``split_k``: None = automatic
+    (1 to 8), else 1 to ``min(64, K // block_k)``. ``scratch``: fp32, sized by the contract for the
+    split used.
 
     Guard (seed 000): a weight or input that is a tensor subclass (e.g. a torchao quantized weight)
     cannot be read by the kernel through its data pointer; such calls run the PyTorch path instead,
@@ -330,8 +358,8 @@ def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.T
     if split_k is not None:
         split_k = checks.integer(OP, "split_k", split_k, minimum=1)
     try:
-        dims = dict(num_pairs=x.shape[0] * topk, n=w1.shape[1] // 2, dtype=x.dtype, split_k=split_k or 1,
-                    sorted_size=sorted_token_ids.shape[0])
+        dims = dict(num_pairs=x.shape[0] * topk, n=out_width(w1, activation), dtype=x.dtype,
+                    split_k=split_k or 1, sorted_size=sorted_token_ids.shape[0], gated=activation != "none")
     except (AttributeError, TypeError, IndexError):  # not tensors of the right rank: the plan says why
         _dispatch(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, out,
                   scratch)
@@ -348,7 +376,7 @@ def moe_gemm_stage1(x: torch.Tensor, w1: torch.Tensor, sorted_token_ids: torch.T
 def alloc(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation="silu", split_k=None,
           out=None, scratch=None):
     """The ``out`` moe_gemm_stage1 allocates (torch.compile path)."""
-    return {"out": torch.empty(x.shape[0] * topk, w1.shape[1] // 2, dtype=x.dtype, device=x.device)}
+    return {"out": torch.empty(x.shape[0] * topk, out_width(w1, activation), dtype=x.dtype, device=x.device)}
 
 
 _GEMM_ARGS = (
