@@ -14,10 +14,13 @@ Per layer (pre-norm, fused residual add):
 * MLP, dense layers: gate/up ``gemm``, SiLU * up in torch (no jitkern op for it), down ``gemm``;
 * MLP, MoE layers: router ``gemm`` + torch softmax/top-k, pairs sorted by expert (``moe_align`` here,
   made of CUDA-graph-capturable torch ops), ``jitkern.ops.moe_gemm_stage1`` (gate-up GEMM of each
-  pair's expert with SiLU-and-mul fused), then the down projection as ONE ``gemm`` against all
-  experts' stacked ``w2`` (``[pairs, N] @ [N, experts*hidden]``) and a gather of each pair's expert
-  slice: the library has no stage-2 op, and this keeps the step free of host syncs (so CUDA graphs
-  can capture it) at ``experts``x the FLOPs of a grouped stage 2.
+  pair's expert with SiLU-and-mul fused, ``[pairs, N]``), then the down projection as a grouped GEMM:
+  the same op with ``activation="none"`` and ``topk=1`` over those ``[pairs, N]`` rows and the same
+  sorted tables (a pair id ``token * topk + slot`` is its row of the stage-1 output), each pair
+  against its own expert's ``w2`` [experts, hidden, N] (``[pairs, hidden]``; the weights and FLOPs of
+  the experts the step routes to, as vLLM's fused_moe does for stage 2); torch weights each pair by
+  its router probability and sums over the top-k. No host syncs (the tables stay on the device), so
+  CUDA graphs can capture the step.
 
 Final ``rms_norm`` (fused residual) and the LM head ``gemm``. Every step is tensor ops only (no
 ``.item()``, no Python data-dependent branching), so ``decode`` can be captured in a CUDA graph or
@@ -185,6 +188,6 @@ class JitkernDecoder(torch.nn.Module):
             getattr(self, f"route{i}")[:n].copy_(top_i)
         ids, eids, used = moe_align(top_i, e, cfg.moe_align)
         hmid = ops.moe_gemm_stage1(x, w(p + "w1"), ids, eids, used, k, "silu")  # [n*k, N]
-        y_all = ops.gemm(hmid, w(p + "w2").view(e * hsz, -1).t())  # [n*k, e*H]: every expert's down proj
-        y = y_all.view(n * k, e, hsz)[torch.arange(n * k, device=x.device), top_i.reshape(-1)]
+        # stage 2: row `pair` of hmid against its expert's w2 [H, N]: topk=1, the same tables
+        y = ops.moe_gemm_stage1(hmid, w(p + "w2"), ids, eids, used, 1, "none")  # [n*k, H]
         return (y.float().view(n, k, hsz) * top_w[..., None]).sum(1).to(x.dtype)
