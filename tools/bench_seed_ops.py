@@ -9,7 +9,8 @@ Shapes (realistic decode):
                           batch 32-256, every sequence at context 2K-32K
   gather_kv_cache         DeepSeek MLA latent cache (entry 576 bf16, page 64) and an 8x128 KV cache,
                           batch 32-128, context 2K-8K
-  moe_gemm_stage1         DeepSeek-V3 at TP8: 256 experts, top 8, hidden 7168 -> 2x256, 32-256 tokens
+  moe_gemm_stage1         DeepSeek-V3 at TP8: 256 experts, top 8, hidden 7168 -> 2x256, 32-256 tokens;
+                          and its stage 2 (activation "none", topk 1 over the pairs' rows): 256 -> 7168
   paged_mqa_logits        DeepSeek-V3.2 indexer: 64 heads, head dim 128, page 64, next_n 1-2,
                           batch 32-128, context == max_model_len 8K-32K
 
@@ -177,6 +178,7 @@ def main() -> int:
     # ---- moe_gemm_stage1 ---------------------------------------------------------------------------
     experts, topk, hidden, n = 256, 8, 7168, 256
     w = torch.randn(experts, 2 * n, hidden, dtype=torch.bfloat16, device=dev) / 64
+    w2 = torch.randn(experts, hidden, n, dtype=torch.bfloat16, device=dev) / 16
     for t in ((64,) if args.quick else (32, 64, 128, 256)) if "moe" in ops else ():
         x = torch.randn(t, hidden, dtype=torch.bfloat16, device=dev)
         tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(t)]).int()
@@ -186,7 +188,13 @@ def main() -> int:
         bench("moe_gemm_stage1", f"tokens={t} E={experts} top{topk} {hidden}->2x{n} ({used} hit)", nbytes,
               lambda x=x, w=w, ids=ids, eids=eids, npad=npad: moe.moe_gemm_stage1(x, w, ids, eids, npad, topk),
               lambda x=x, w=w, ids=ids, eids=eids, npad=npad: moe.reference(x, w, ids, eids, npad, topk), close)
-    del w
+        # stage 2: the plain grouped GEMM of each pair's row against its expert's w2 [hidden, n]
+        h = moe.reference(x, w, ids, eids, npad, topk)
+        nbytes = used * hidden * n * 2 + h.numel() * 2 + t * topk * hidden * 2
+        bench("moe_gemm_stage1", f"stage2 tokens={t} E={experts} top{topk} {n}->{hidden} ({used} hit)", nbytes,
+              lambda h=h, ids=ids, eids=eids, npad=npad: moe.moe_gemm_stage1(h, w2, ids, eids, npad, 1, "none"),
+              lambda h=h, ids=ids, eids=eids, npad=npad: moe.reference(h, w2, ids, eids, npad, 1, "none"), close)
+    del w, w2
     torch.cuda.empty_cache()
 
     # ---- paged_mqa_logits --------------------------------------------------------------------------
