@@ -108,16 +108,20 @@ def test_c_path_launches_what_the_python_path_launches(recorded, fc, reader):
     assert eps == [1e-6, 1e-5, 1.0, 1.0] and all(type(e) is float for e in eps)
 
 
-def test_two_launches_and_per_call_scratch(recorded, reader):
-    """paged_attention_decode: a partition kernel and a combine kernel, and a workspace the
-    framework allocates for each call (its address is new each call, so compare all but that)."""
+def _pa_case(lens):
+    """paged_attention_decode inputs: 2 sequences of ``lens`` tokens, 4 heads over 2 KV heads, pages of 16."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 64, generator=g).bfloat16()
     k = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
     v = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
     bt = torch.randint(0, 12, (2, 4), generator=g, dtype=torch.int32)
-    lens = torch.tensor([40, 7], dtype=torch.int32)
-    out = torch.empty(2, 4, 64, dtype=torch.bfloat16)
+    return q, k, v, bt, torch.tensor(lens, dtype=torch.int32), torch.empty(2, 4, 64, dtype=torch.bfloat16)
+
+
+def test_two_launches_and_per_call_scratch(recorded, reader):
+    """paged_attention_decode: a partition kernel and a combine kernel, and a workspace the
+    framework allocates for each call (its address is new each call, so compare all but that)."""
+    q, k, v, bt, lens, out = _pa_case([40, 7])
 
     def calls():
         for _ in range(2):
@@ -136,13 +140,7 @@ def test_two_launches_and_per_call_scratch(recorded, reader):
 def test_one_partition_allocates_no_workspace(recorded):
     """paged_attention_decode over one partition: one kernel writes the output itself, and the
     call passes only the caller's tensors (no workspace is allocated per call)."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 64, generator=g).bfloat16()
-    k = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
-    v = torch.randn(12, 16, 2, 64, generator=g).bfloat16()
-    bt = torch.randint(0, 12, (2, 4), generator=g, dtype=torch.int32)
-    lens = torch.tensor([16, 7], dtype=torch.int32)
-    out = torch.empty(2, 4, 64, dtype=torch.bfloat16)
+    q, k, v, bt, lens, out = _pa_case([16, 7])
 
     def calls():
         for _ in range(2):
@@ -151,6 +149,7 @@ def test_one_partition_allocates_no_workspace(recorded):
     assert len(py) == len(c) == 2 and c == py
     addresses = {t.data_ptr() for t in (q, k, v, bt, lens, out)}
     assert all(a in addresses for a in c[0] if isinstance(a, int) and a > 1 << 20)
+    jitkern.reset()  # the memo holds the recording kernels: decide again with the real ones
     want = pa.reference(q, k, v, bt, lens, 1.0 / 8)
     torch.testing.assert_close(pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=16).float(),
                                want.float(), atol=2e-2, rtol=2e-2)

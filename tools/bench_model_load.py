@@ -112,46 +112,39 @@ def _install_triton_jit_loader():
             mod.GPUKernel = TritonJITKernel
 
 
+def _timed(fn, acc: list):
+    """``fn`` that adds the seconds spent inside it to ``acc[0]`` and counts its calls in ``acc[1]``."""
+    def call(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[0] += time.perf_counter() - t
+            acc[1] += 1
+    return call
+
+
 def _time_kernel_acquisition() -> list:
     """Wrap ``jitkern.runtime.kernel`` (every path that needs a kernel goes through it): returns
     ``[seconds inside it, calls]``, updated as the process runs."""
     from jitkern import runtime
 
-    inner, acc = runtime.kernel, [0.0, 0]
-
-    def kernel(*a, **kw):
-        t = time.perf_counter()
-        try:
-            return inner(*a, **kw)
-        finally:
-            acc[0] += time.perf_counter() - t
-            acc[1] += 1
-
-    runtime.kernel = kernel
+    acc = [0.0, 0]
+    runtime.kernel = _timed(runtime.kernel, acc)
     return acc
 
 
 def _time_op_calls() -> list:
-    """Wrap every ``jitkern.ops.<name>`` the model calls: returns ``[seconds inside them]``, updated as
-    the process runs. The ops launch asynchronously, so this is CPU time of jitkern's own (plan, cache
-    lookup, load, signature, launch) with none of torch's first-use costs of the model's torch ops
-    (those land between the calls) and no GPU time (until a call waits, which none does)."""
+    """Wrap every ``jitkern.ops.<name>`` the model calls: returns ``[seconds inside them, calls]``,
+    updated as the process runs. The ops launch asynchronously, so this is CPU time of jitkern's own
+    (plan, cache lookup, load, signature, launch) with none of torch's first-use costs of the model's
+    torch ops (those land between the calls) and no GPU time (until a call waits, which none does)."""
     import jitkern
     from jitkern import ops
 
-    acc = [0.0]
-
-    def timed(fn):
-        def call(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                acc[0] += time.perf_counter() - t
-        return call
-
+    acc = [0.0, 0]
     for name in jitkern.registry.names():
-        setattr(ops, name, timed(getattr(ops, name)))
+        setattr(ops, name, _timed(getattr(ops, name), acc))
     return acc
 
 
