@@ -271,3 +271,23 @@ def test_describe_reports_value_and_source_and_hides_secrets(monkeypatch):
     assert rows["JITKERN_LOCK_TIMEOUT"]["source"] == "env"
     assert "is not a duration" in rows["JITKERN_LOCK_TIMEOUT"]["value"]["error"]
     assert rows["JITKERN_AUTOTUNE"] == {**rows["JITKERN_AUTOTUNE"], "value": False, "source": "default"}
+
+
+def test_environ_prefixed_reads_the_environment_as_it_is_now(monkeypatch):
+    from jitkern import key
+
+    monkeypatch.setenv("JKTEST_A", "1")
+    monkeypatch.setenv("JKTEST_B", "two words")
+    monkeypatch.setenv("OTHER_JKTEST_C", "3")
+    assert settings.environ_prefixed("JKTEST_") == {"JKTEST_A": "1", "JKTEST_B": "two words"}
+    assert settings.environ_prefixed(("JKTEST_B", "OTHER_")) == {"JKTEST_B": "two words", "OTHER_JKTEST_C": "3"}
+    want = {k: v for k, v in os.environ.items() if k.startswith(("JKTEST_", "OTHER_"))}
+    assert settings.environ_prefixed(("JKTEST_", "OTHER_")) == want
+    monkeypatch.delenv("JKTEST_A")
+    assert settings.environ_prefixed("JKTEST_") == {"JKTEST_B": "two words"}
+    # the codegen environment in every key, and the tile overrides, are read through it
+    monkeypatch.setenv("TRITON_JKTEST_FLAG", "1")
+    assert key.codegen_env()["TRITON_JKTEST_FLAG"] == "1"
+    monkeypatch.setenv("JITKERN_GEMM_BLOCK_M", "64")
+    monkeypatch.setenv("JITKERN_GEMM_BLOCK_N", " ")
+    assert settings.tile_overrides("gemm") == {"JITKERN_GEMM_BLOCK_M": "64"}
