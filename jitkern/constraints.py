@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from . import settings
+from . import settings, state
 from .errors import ConfigError
 
 log = logging.getLogger("jitkern")
@@ -113,18 +113,67 @@ def add_rules(*rules: Rule) -> None:
 
 
 def rules_for(arch: str, op: str) -> list[Rule]:
-    return [r for r in RULES if r.matches(arch, op)]
+    return list(_rules(arch, op)[0])
+
+
+#: (arch, op) -> (its rules in order, its pins by parameter); ``_configs``: (arch, op, Config) -> its
+#: violations; ``_applied``: ``apply``'s arguments -> its result. Pure functions of ``RULES`` (and of
+#: their arguments), memoised for the list ``_memo_of`` holds a copy of: checked on every use, since
+#: ``RULES`` is a public list that ``add_rules`` extends and tests replace or rebind. Environment
+#: overrides are read on every call and are part of ``_applied``'s key.
+_memo: dict = {}
+_configs: dict = {}
+_applied: dict = {}
+_memo_of: list = []
+_MEMO_MAX = 4096
+
+
+def _rules(arch: str, op: str) -> tuple:
+    global _memo_of
+    if RULES != _memo_of:  # element identity first (C speed): a new, removed or replaced rule clears it
+        _forget()
+        _memo_of = list(RULES)
+    got = _memo.get((arch, op))
+    if got is None:
+        rules = tuple(r for r in _memo_of if r.matches(arch, op))
+        got = _memo[(arch, op)] = (rules, {r.param: r.pin for r in rules if r.pin is not None})
+    return got
+
+
+@state.on_reset
+def _forget() -> None:
+    global _memo_of
+    _memo.clear()
+    _configs.clear()
+    _applied.clear()
+    _memo_of = []
 
 
 def violations(arch: str, op: str, params: Mapping[str, Any]) -> list[str]:
     """Every rule of (arch, op) that ``params`` breaks, as readable reasons. Empty: allowed."""
     out = []
-    for r in rules_for(arch, op):
+    for r in _rules(arch, op)[0]:
         if r.param in params:
             v = r.violation(params[r.param])
             if v:
                 out.append(f"{v} on {arch} ({r.why})")
     return out
+
+
+def config_violations(arch: str, op: str, config) -> list[str]:
+    """``violations`` of a ``jitkern.spec.Config``'s parameters (memoised: a Config is hashable; the
+    dispatcher asks this for every launch of every candidate of every new call signature)."""
+    _rules(arch, op)  # drops the memo if RULES changed
+    memo = (arch, op, config)
+    try:
+        got = _configs.get(memo)
+    except TypeError:  # a parameter value that cannot be hashed
+        return violations(arch, op, config.p)
+    if got is None:
+        if len(_configs) >= _MEMO_MAX:
+            _configs.clear()
+        got = _configs[memo] = tuple(violations(arch, op, config.p))
+    return list(got)
 
 
 # ---- tunables and environment overrides ---------------------------------------------------------
@@ -170,7 +219,7 @@ def env_overrides(arch: str, op: str, tunables: Mapping[str, tuple], environ: Ma
             raise ConfigError(f"{var} is not a tunable of op {op!r}; the variables it reads are: "
                               f"{', '.join(sorted(known))}")
         value = _parse(var, raw, tuple(tunables[param]))
-        for r in rules_for(arch, op):
+        for r in _rules(arch, op)[0]:
             if r.param == param:
                 v = r.violation(value)
                 if v:
@@ -188,8 +237,26 @@ def apply(arch: str, op: str, candidates: Iterable[Mapping[str, Any]], tunables:
     Raises ``ConfigError`` for an invalid override, or when no candidate is left (naming why the
     first one was dropped).
     """
-    overrides = env_overrides(arch, op, tunables, environ)
-    pins = {r.param: r.pin for r in rules_for(arch, op) if r.pin is not None}
+    overrides = env_overrides(arch, op, tunables, environ)  # read (and validated) on every call
+    pins = _rules(arch, op)[1]
+    candidates = list(candidates)
+    memo = (arch, op, tuple(tunables), tuple(overrides.items()), tuple(tuple(c.items()) for c in candidates))
+    try:
+        got = _applied.get(memo)
+    except TypeError:  # a value that cannot be hashed: not memoised
+        memo = got = None
+    if got is not None:
+        return [dict(p) for p in got]
+    out = _apply(arch, op, candidates, tunables, overrides, pins)
+    if memo is not None:
+        if len(_applied) >= _MEMO_MAX:
+            _applied.clear()
+        _applied[memo] = tuple(dict(p) for p in out)
+    return out
+
+
+def _apply(arch: str, op: str, candidates: list, tunables: Mapping[str, tuple], overrides: dict,
+           pins: dict) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     seen = set()
     first_reason = None
@@ -213,4 +280,5 @@ def apply(arch: str, op: str, candidates: Iterable[Mapping[str, Any]], tunables:
     return out
 
 
-__all__ = ["Rule", "RULES", "add_rules", "rules_for", "violations", "env_name", "env_overrides", "apply"]
+__all__ = ["Rule", "RULES", "add_rules", "rules_for", "violations", "config_violations", "env_name", "env_overrides",
+           "apply"]

@@ -319,8 +319,10 @@ class Dispatcher:
         for c in cands:
             if not isinstance(c, Candidate):
                 raise SpecError(f"{spec.name}: plan() returned {type(c).__name__}; it returns Candidate objects")
-            c = replace(c, launches=tuple(self._resolve(la, args) for la in c.launches))
-            bad = [v for la in c.launches for v in constraints.violations(arch.name, spec.name, la.config.p)]
+            launches = tuple(self._resolve(la, args) for la in c.launches)
+            if any(new is not old for new, old in zip(launches, c.launches)):
+                c = replace(c, launches=launches)
+            bad = [v for la in c.launches for v in constraints.config_violations(arch.name, spec.name, la.config)]
             (dropped if bad else kept).append((c, bad))
         if not kept:
             why = dropped[0][1][0] if dropped else "the plan returned no candidate"
@@ -329,8 +331,9 @@ class Dispatcher:
 
     def _resolve(self, launch: Launch, args: tuple) -> Launch:
         """``launch`` with ``In`` references to arguments that are part of the signature (not tensors,
-        not per-call scalars) replaced by their values, which cannot change for this signature."""
-        out = []
+        not per-call scalars) replaced by their values, which cannot change for this signature
+        (``launch`` itself where none is)."""
+        out, changed = [], False
         for a in launch.args:
             if isinstance(a, In):
                 if a.name not in self.names:
@@ -341,9 +344,9 @@ class Dispatcher:
                     raise SpecError(f"{self.spec.name}: a launch of {launch.config.describe()} passes "
                                     f"In({a.name!r}), which is None in this call; pass another argument or a constant")
                 if i not in self.tensors and a.name not in self.spec.scalars:
-                    a = args[i]
+                    a, changed = args[i], True
             out.append(a)
-        return replace(launch, args=tuple(out))
+        return replace(launch, args=tuple(out)) if changed else launch
 
     # ---- from loaded kernels to a launch function -----------------------------------------------
     def bind(self, cand: Candidate, kernels: list, device=None):

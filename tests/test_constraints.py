@@ -122,3 +122,57 @@ def test_gemm_dtype_limit():
     assert constraints.violations("sm_90", "gemm", {"dtype": "fp32"})
     with pytest.raises(ConfigError, match="no gemm configuration is allowed on sm_90"):
         constraints.apply("sm_90", "gemm", [dict(block_k=64, dtype="fp32")], gemm.TUNABLES, environ={})
+
+
+# ---- memoised rules (a warm process decides many signatures) --------------------------------------
+def _apply_uncached(arch, op, cands, tunables, environ):
+    """``apply`` as it was before it was memoised: every call from scratch."""
+    constraints._forget()
+    return constraints.apply(arch, op, cands, tunables, environ=environ)
+
+
+def test_memoised_rules_follow_every_change_of_RULES(extra_rules, monkeypatch):
+    cands = [dict(block_m=128, block_n=512, num_warps=8), dict(block_m=64, block_n=256, num_warps=2)]
+    cfg = gemm.config("bf16", False, True, dict(block_m=128, block_n=512, block_k=64, group_m=8, num_warps=8,
+                                                num_stages=3))
+    assert constraints.apply("gfx950", "toy", cands, TUNABLES, environ={}) == cands
+    assert constraints.config_violations("gfx950", "toy", cfg) == []
+    extra_rules(Rule("gfx950", "toy", "block_n", "LDS", max=256))  # appended
+    assert constraints.apply("gfx950", "toy", cands, TUNABLES, environ={}) == [cands[1]]
+    assert "block_n=512 is over the cap 256" in constraints.config_violations("gfx950", "toy", cfg)[0]
+    assert [r.why for r in constraints.rules_for("gfx950", "toy")] == ["LDS"]
+    constraints.RULES[-1] = Rule("gfx950", "toy", "block_n", "LDS", max=128)  # replaced in place
+    with pytest.raises(ConfigError, match="over the cap 128"):
+        constraints.apply("gfx950", "toy", cands, TUNABLES, environ={})
+    monkeypatch.setattr(constraints, "RULES", [r for r in constraints.RULES if r.op != "toy"])  # rebound
+    assert constraints.apply("gfx950", "toy", cands, TUNABLES, environ={}) == cands
+    assert constraints.config_violations("gfx950", "toy", cfg) == [] and constraints.rules_for("gfx950", "toy") == []
+
+
+def test_memoised_apply_reads_overrides_every_call_and_returns_fresh_dicts(monkeypatch):
+    cands = [dict(block_m=128, block_n=128, num_warps=8)]
+    first = constraints.apply("sm_90", "toy", cands, TUNABLES)
+    assert first == cands
+    first[0]["block_m"] = 16  # a caller changing what it got changes nothing for the next caller
+    assert constraints.apply("sm_90", "toy", cands, TUNABLES) == cands
+    monkeypatch.setenv("JITKERN_TOY_BLOCK_M", "64")
+    assert constraints.apply("sm_90", "toy", cands, TUNABLES) == [dict(block_m=64, block_n=128, num_warps=8)]
+    monkeypatch.setenv("JITKERN_TOY_BLOCK_M", "48")
+    with pytest.raises(ConfigError, match="JITKERN_TOY_BLOCK_M='48'"):
+        constraints.apply("sm_90", "toy", cands, TUNABLES)
+    monkeypatch.delenv("JITKERN_TOY_BLOCK_M")
+    with constraints.settings.override(tiles={"toy": {"num_warps": 2}}):
+        assert constraints.apply("sm_90", "toy", cands, TUNABLES)[0]["num_warps"] == 2
+    assert constraints.apply("sm_90", "toy", cands, TUNABLES) == cands
+
+
+def test_gemm_candidates_are_the_same_memoised_or_not():
+    for arch in ("gfx942", "gfx950", "sm_90", "cpu"):
+        for b in ("m16", "m64", "m128", "large"):
+            for b_trans in (False, True):
+                listed = [dict(t, dtype="bf16") for t in gemm.HOPPER_CANDIDATES[b] + gemm.CANDIDATES[b]]
+                want = _apply_uncached(arch, "gemm", listed, gemm.TUNABLES, {})
+                for _ in range(2):  # a miss, then a hit
+                    assert constraints.apply(arch, "gemm", listed, gemm.TUNABLES, environ={}) == want
+                assert gemm.candidates(arch, "bf16", b, b_trans=b_trans) == gemm.candidates(arch, "bf16", b,
+                                                                                            b_trans=b_trans)

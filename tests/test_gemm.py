@@ -378,3 +378,28 @@ def test_inputs_no_kernel_takes_go_to_torch_matmul_with_one_warning(caplog):
     warnings = [r.getMessage() for r in caplog.records if "torch.matmul" in r.getMessage()]
     assert len(warnings) == 2 and "float32" in warnings[0] and "subclass" in warnings[1]
     assert counters.snapshot()["compiles"] == 0 and counters.snapshot()["guard_refusals"] == 5
+
+
+def _meta(m, n, k, b_trans):
+    a = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(n, k, dtype=torch.bfloat16, device="meta").t() if b_trans else \
+        torch.empty(k, n, dtype=torch.bfloat16, device="meta")
+    return a, b, torch.empty(m, n, dtype=torch.bfloat16, device="meta")
+
+
+def test_plan_memos_give_what_a_fresh_process_decides(monkeypatch):
+    """The tile lists and configs gemm's plan keeps for the signatures after the first (and the rules
+    memo under them) change nothing: each decision equals the one made right after jitkern.reset(),
+    and an override set between two calls applies to the second."""
+    shapes = [(1, 4096, 4096, True), (100, 4096, 4096, True), (128, 1000, 4096, False), (600, 512, 72, True)]
+    for name in ("sm_90", "gfx942", "cpu"):
+        a = arch.get(name)
+        first = []
+        for s in shapes:
+            jitkern.reset()
+            first.append(gemm._dispatch.candidates(_meta(*s), a, torch.device("meta")))
+        again = [gemm._dispatch.candidates(_meta(*s), a, torch.device("meta")) for s in shapes * 2]
+        assert again == first * 2, name
+    monkeypatch.setenv("JITKERN_GEMM_NUM_STAGES", "2")
+    got = gemm._dispatch.candidates(_meta(*shapes[0]), arch.get("sm_90"), torch.device("meta"))
+    assert got and all(la.config.p["num_stages"] == 2 for c in got for la in c.launches)

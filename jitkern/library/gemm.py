@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, counters, registry, runtime, tuning
+from .. import checks, constraints, counters, registry, runtime, state, tuning
 from ..build import get_entry
 from ..dispatch import dispatcher
 from ..errors import ConfigError, OverBudgetError, ShapeError
@@ -425,15 +425,37 @@ def plan(call):
     tiles = call.tiles([dict(t, dtype=dtype) for t in HOPPER_CANDIDATES[b_name] + CANDIDATES[b_name]], dtype=dtype,
                        bucket=tuning_buckets(b_name, b_trans, big_weight(n, k)))
     out = []
+    ins = (In("a"), In("b"), In("out"))
     for t in tiles:
-        tile = tile_of(t)
-        if split_of(tile) > 1:  # the kernel indexes its workspace with 32-bit offsets
-            checks.fits_i32(OP, "the split-K workspace", split_buffers(tile, m, n)[0].shape[0])
+        tile, split, configs = _prepared(dtype, b_trans, t)
+        bufs = split_buffers(tile, m, n) if split > 1 else ()
+        if bufs:  # the kernel indexes its workspace with 32-bit offsets
+            checks.fits_i32(OP, "the split-K workspace", bufs[0].shape[0])
         aligned = tile_aligned(tile, n, k, strides)
         grid = _grid(dict(tile, aligned=aligned), m, n, call.device)
-        out.append(Candidate(Launch(config(dtype, b_trans, aligned, tile), (grid,),
-                                    (In("a"), In("b"), In("out"), m, n, k, *strides, *split_buffers(tile, m, n)))))
+        out.append(Candidate(Launch(configs[aligned], (grid,), (*ins, m, n, k, *strides, *bufs))))
     return out
+
+
+#: (dtype, b_trans, a candidate as ``call.tiles`` gives it) -> (its tile, split_k, {aligned: Config}):
+#: pure, and the same few dozen tiles come back for every gemm signature of a process.
+_tiles_prepared: dict = {}
+
+
+def _prepared(dtype: str, b_trans: bool, t: dict) -> tuple:
+    memo = (dtype, b_trans, tuple(t.items()))
+    got = _tiles_prepared.get(memo)
+    if got is None:
+        tile = tile_of(t)
+        if len(_tiles_prepared) >= 4096:
+            _tiles_prepared.clear()
+        got = _tiles_prepared[memo] = (tile, split_of(tile), {a: config(dtype, b_trans, a, tile) for a in (False, True)})
+    return got
+
+
+@state.on_reset
+def _forget() -> None:
+    _tiles_prepared.clear()
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
