@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import settings
+from . import settings, state
 from .errors import BuildError, ConfigError, LaunchError, NoDeviceError, OverBudgetError
 from .logs import warn_once
 from . import registry, runtime
@@ -65,8 +65,21 @@ def fingerprint(arch: str, op: str) -> dict[str, Any]:
 
 
 def fingerprint_hash(arch: str, op: str) -> str:
-    blob = json.dumps(fingerprint(arch, op), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    fp = fingerprint(arch, op)
+    memo = (arch, op, fp["compiler"]["triton"], tuple(fp["compiler"]["env"].items()), fp["template"])
+    h = _fingerprint_hashes.get(memo)  # a pure function of the fingerprint (which is read afresh)
+    if h is None:
+        blob = json.dumps(fp, sort_keys=True, separators=(",", ":"))
+        h = _fingerprint_hashes[memo] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return h
+
+
+_fingerprint_hashes: dict = {}
+
+
+@state.on_reset
+def _forget() -> None:
+    _fingerprint_hashes.clear()
 
 
 # ---- records -------------------------------------------------------------------------------------
@@ -92,11 +105,13 @@ def load_record(arch: str, op: str, dtype: str, bucket: str) -> dict | None:
     mem = _memory_records.get((arch, op, dtype, bucket, fp))
     if mem is not None:
         return mem
+    name = _record_name(dtype, bucket, fp)
     for d in _tuning_dirs():
-        path = d / arch / op / _record_name(dtype, bucket, fp)
+        path = os.path.join(d, arch, op, name)  # strings: this runs for every decided signature of a tuned op
         try:
-            rec = json.loads(path.read_text())
-        except FileNotFoundError:
+            with open(path, encoding="utf-8") as f:
+                rec = json.loads(f.read())
+        except (FileNotFoundError, NotADirectoryError):
             continue
         except (OSError, ValueError) as e:
             warn_once(("bad-tuning-record", str(path)), "jitkern: ignoring unreadable tuning record %s (%s)", path, e)

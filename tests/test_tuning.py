@@ -227,3 +227,13 @@ def test_doctor_section_lists_records_overrides_and_tables(monkeypatch):
     ops = tuning.shipped_table("sm_90")["ops"]
     assert sum(len(ops["gemm"][d]) for d in ops["gemm"]) == 22
     assert rows["shipped sm_90"].startswith(f"{sum(len(b) for op in ops.values() for b in op.values())} entries")
+
+
+def test_fingerprint_hash_follows_the_codegen_environment(monkeypatch):
+    before = tuning.fingerprint_hash("sm_90", "gemm")
+    assert tuning.fingerprint_hash("sm_90", "gemm") == before
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    changed = tuning.fingerprint_hash("sm_90", "gemm")
+    assert changed != before
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION")
+    assert tuning.fingerprint_hash("sm_90", "gemm") == before != tuning.fingerprint_hash("gfx942", "gemm")
