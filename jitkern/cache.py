@@ -239,11 +239,12 @@ def read_private(path: Path) -> bytes:
     """The bytes of a record inside a layer (e.g. a plan-index record), or ``CorruptEntryError`` if it
     or its directory could have been changed by another user, or is a link (``OSError`` if absent).
     ``Layer.check_secure`` covers the directories above it."""
-    why = private_path(Path(path).parent)
+    parent = os.path.dirname(os.fspath(path))
+    why = private_path(parent)
     if why:
-        raise CorruptEntryError(f"{Path(path).parent} could be changed by another user or leads out of the cache "
+        raise CorruptEntryError(f"{parent} could be changed by another user or leads out of the cache "
                                 f"({why})")
-    return _read(Path(path))
+    return _read(path)
 
 
 #: Temporary directories of ``publish``: ``<key>.<pid>.<host>.<random>``.
@@ -254,6 +255,17 @@ _GRAVE_PREFIXES = ("discard-", "prune-")
 _OTHER_TMP = re.compile(r"^(?:import|layer)-(\d+)-[0-9a-f]+(?:\.json)?$")
 STALE_SECONDS = 3600.0
 _cleaned: set = set()
+_checks_generation = 0  # bumped by forget_checks: every Layer.ensure_secure checks in full again
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid
+
+
+def forget_checks() -> None:
+    """Make every layer's next lookup run the full ownership and mode check again (``ensure_secure``)."""
+    global _checks_generation
+    _checks_generation += 1
 
 
 class Layer:
@@ -264,6 +276,13 @@ class Layer:
         self.base = Path(root)
         self.root = self.base / f"v{FORMAT_VERSION}"
         self.installed_from = installed_from
+        # the same as strings, for the lookups every first call makes (no pathlib objects there)
+        self._root_s = os.fspath(self.root)
+        self._entries_s = os.path.join(self._root_s, "entries")
+        self._secure_dirs = (os.fspath(self.base), self._root_s,
+                             *(os.path.join(self._root_s, sub) for sub in _PRIVATE_SUBDIRS))
+        self._secure_seen = None  # (generation, identity of the layer directory) once ensure_secure passed
+        self._shards_seen: tuple = (-1, set())  # (generation, entries/<xx> names found real and private)
 
     def __repr__(self):
         return f"Layer({str(self.base)!r})"
@@ -295,13 +314,40 @@ class Layer:
         ``toolchains/`` (compiler versions that go into keys),
         ``locks/`` (a planted link there would be opened and truncated) and ``tmp/`` (entries are
         written there before the rename): the same ownership and mode rule for all, one ``lstat``
-        each, on every lookup (lookups happen once per kernel and process), so a change is seen."""
-        for d in (self.base, self.root, *(self.root / sub for sub in _PRIVATE_SUBDIRS)):
+        each. Lookups ask ``ensure_secure``, which runs this once per process and layer."""
+        self._check_secure()
+
+    def ensure_secure(self) -> None:
+        """``check_secure``, once for this layer object while the layer directory stays the same
+        directory with the same owner and mode (one ``stat`` per call after the first). Sound against
+        other users: once the layer, ``v<N>/`` and its subdirectories are owned by the user (or root)
+        and writable by no one else, only the user or root can change that (a missing subdirectory can
+        only be made by someone who can write ``v<N>/``). Checked in full again after
+        ``jitkern.reset()`` or ``jitkern.runtime.clear_memory()`` (``forget_checks``), which tests
+        that change modes in between rely on. Lookups happen once per kernel and process, twice
+        with the plan index: on a warm start this was 14 ``lstat`` calls a kernel."""
+        seen = self._secure_seen
+        if seen is not None and seen[0] == _checks_generation:
             try:
-                st = os.lstat(d) if d is not self.base else os.stat(d)
+                st = os.stat(self._secure_dirs[0])
+            except OSError:
+                st = None
+            if st is not None and _identity(st) == seen[1]:
+                return
+        st = self._check_secure()
+        self._secure_seen = None if st is None else (_checks_generation, _identity(st))
+        self._shards_seen = (_checks_generation, set())
+
+    def _check_secure(self):
+        """``check_secure``; returns the layer directory's ``stat`` if the layer and ``v<N>/`` exist
+        (None: nothing can be loaded from it yet, so nothing is remembered)."""
+        base = None
+        for i, d in enumerate(self._secure_dirs):
+            try:
+                st = os.lstat(d) if i else os.stat(d)
             except (FileNotFoundError, NotADirectoryError):
-                if d in (self.base, self.root):
-                    return  # nothing below a missing directory (or a file) can be loaded
+                if i < 2:  # the layer or v<N>/
+                    return None  # nothing below a missing directory (or a file) can be loaded
                 continue
             except OSError as e:
                 raise InsecureCacheError(f"cannot inspect jitkern cache directory {d}: {e}") from None
@@ -315,10 +361,18 @@ class Layer:
                     f"refusing to load kernels from the jitkern cache at {self.base}: {d} could be changed by another "
                     f"user ({why}), and a loaded kernel runs with your rights. Fix: 'chmod -R go-w {self.base}' "
                     f"(and chown it to yourself), or set JITKERN_CACHE_DIR to a directory only you can write")
+            if i == 0:
+                base = st
+        return base
 
     def _check_parents(self, key: str) -> None:
-        """``entries/<xx>/`` must be a real, private directory (``check_secure`` covers those above)."""
-        d = self.root / "entries" / key[:2]
+        """``entries/<xx>/`` must be a real, private directory (``check_secure`` covers those above).
+        Once found so, remembered with ``ensure_secure``'s check (only the user can change it then)."""
+        shard = key[:2]
+        seen = self._shards_seen
+        if seen[0] == _checks_generation and shard in seen[1]:
+            return
+        d = os.path.join(self._entries_s, shard)
         try:
             st = os.lstat(d)
         except (FileNotFoundError, NotADirectoryError):
@@ -330,6 +384,8 @@ class Layer:
         if why:
             raise InsecureCacheError(f"refusing to load from {d}: another user could change it ({why}). "
                                      f"Fix: chmod go-w {d}")
+        if seen[0] == _checks_generation and self._secure_seen is not None:  # the layer above was found sound
+            seen[1].add(shard)
 
     def clean_stale(self, force: bool = False) -> list[str]:
         """Remove temporary directories of dead processes from ``tmp/`` (once per process and layer
@@ -368,9 +424,13 @@ class Layer:
     # ---- read ----------------------------------------------------------------------------------
     def verify(self, key: str) -> Entry:
         """Check an entry against its manifest; raise ``CorruptEntryError`` (or FileNotFoundError)."""
-        path = self.entry_dir(key)
-        self.check_secure()
-        self._check_parents(key)
+        self.ensure_secure()
+        self._check_parents(_check_key(key))
+        return self._verify(key)
+
+    def _verify(self, key: str) -> Entry:
+        """``verify`` once ``check_secure`` and ``_check_parents`` have passed (``open`` runs them)."""
+        path = os.path.join(self._entries_s, key[:2], key)  # a string: error texts read the same as a Path's
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -385,7 +445,7 @@ class Layer:
         if why:
             raise CorruptEntryError(f"entry {path} could be changed by another user ({why})")
         try:
-            raw_manifest = _read(path / MANIFEST)
+            raw_manifest = _read(os.path.join(path, MANIFEST))
             manifest = json.loads(raw_manifest)
             files = manifest["files"]
             if manifest.get("key") != key:
@@ -394,9 +454,9 @@ class Layer:
             for name, want in files.items():
                 if not _safe_name(name):
                     raise CorruptEntryError(f"manifest of {path} names an unsafe file {name!r}")
-                data = _read(path / name)
+                data = _read(os.path.join(path, name))
                 if len(data) != want["size"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
-                    raise CorruptEntryError(f"{path / name} does not match its checksum")
+                    raise CorruptEntryError(f"{os.path.join(path, name)} does not match its checksum")
                 verified[name] = data
             meta = json.loads(verified.get(ENTRY_META, b"{}"))
             if not isinstance(meta, dict):
@@ -420,7 +480,7 @@ class Layer:
             raise
         if meta.get("key", key) != key:
             raise CorruptEntryError(f"entry {path} holds metadata for key {meta.get('key')!r}")
-        return Entry(key, path, meta, verified, manifest=raw_manifest)
+        return Entry(key, Path(path), meta, verified, manifest=raw_manifest)
 
     def check_signed(self, entry: Entry, public_keys) -> str:
         """The key id that signed ``entry`` (its ``signature.json`` over key + manifest); raises
@@ -498,8 +558,8 @@ class Layer:
         """The verified entry, holding its shared lock (``Entry.hold``) so that no process evicts it
         while the returned object lives; ``stamp``: record this use (the entry directory's mtime, the
         last-use stamp of LRU eviction). Raises like ``verify``."""
-        path = self.entry_dir(key)
-        self.check_secure()
+        path = os.path.join(self._entries_s, key[:2], _check_key(key))
+        self.ensure_secure()
         self._check_parents(key)
         if os.path.islink(path):
             raise CorruptEntryError(f"entry {path} is a symbolic link")
@@ -514,7 +574,7 @@ class Layer:
             if stamp:
                 with contextlib.suppress(OSError):
                     os.utime(path, follow_symlinks=False)
-            entry = self.verify(key)
+            entry = self._verify(key)  # the layer and entries/<xx>/ were checked above
         except BaseException:
             hold.release()
             raise
@@ -539,17 +599,32 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _read(path: Path) -> bytes:
-    """Read a regular file without following a symbolic link (ELOOP if ``path`` is one)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _read(path) -> bytes:
+    """Read a regular file without following a symbolic link (ELOOP if ``path`` is one). With
+    ``os.read`` on the descriptor (the same system calls as a file object's ``read()``, less Python:
+    every lookup reads each file of an entry)."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.ENXIO, "not a regular file", str(path))
         why = others_can_write(st)
         if why:
             raise CorruptEntryError(f"{path} could be changed by another user ({why})")
-        return f.read()
+        chunks = []
+        want = st.st_size + 1  # one more byte than the size: a file that grew is read to its end too
+        while True:
+            data = os.read(fd, want)
+            if not data:
+                break
+            chunks.append(data)
+            want = max(65536, want - len(data))
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _safe_name(name) -> bool:
@@ -828,7 +903,7 @@ class Store:
         layer holds, so a record can never make jitkern build source no entry was built from."""
         for layer in self.layers:
             try:
-                if stat.S_ISDIR(os.lstat(layer.entry_dir(key)).st_mode):
+                if stat.S_ISDIR(os.lstat(os.path.join(layer._entries_s, key[:2], _check_key(key))).st_mode):
                     return True
             except (OSError, CacheError):
                 continue
@@ -870,6 +945,7 @@ def _forget_default() -> None:
     global _default, _default_env
     _default, _default_env = None, None
     _cleaned.clear()
+    forget_checks()
 
 
 def default_store() -> Store:

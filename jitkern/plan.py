@@ -61,8 +61,8 @@ def plan(spec: OpSpec, config: Config, arch: Arch, store: Store | None = None) -
     ih = index_key(spec, config, arch, compiler)
     for layer in store.layers:
         try:
-            layer.check_secure()
-            rec = json.loads(read_private(_index_path(layer, ih)))
+            layer.ensure_secure()
+            rec = json.loads(read_private(os.path.join(os.fspath(layer.root), "index", ih[:2], f"{ih}.json")))
             key, source = rec["key"], rec["source"]
         except (OSError, ValueError, KeyError, TypeError) as e:  # CorruptEntryError/InsecureCacheError too
             if not isinstance(e, FileNotFoundError):
@@ -124,7 +124,7 @@ def job_meta(job: Job) -> dict[str, Any]:
 
 
 # ---- the plan index ------------------------------------------------------------------------------
-_RENDER_CODE = tuple(Path(__file__).with_name(n) for n in ("plan.py", "render.py"))
+_RENDER_CODE = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), n) for n in ("plan.py", "render.py"))
 _dir_digests: dict = {}
 
 
@@ -133,17 +133,17 @@ def _stat_list(paths) -> tuple:
     for p in paths:
         try:
             st = os.stat(p)
-            out.append((str(p), st.st_size, st.st_mtime_ns))
+            out.append((p, st.st_size, st.st_mtime_ns))
         except OSError:
-            out.append((str(p), -1, -1))
+            out.append((p, -1, -1))
     return tuple(out)
 
 
-def _files_under(d: Path) -> list[Path]:
+def _files_under(d) -> list[str]:
     found = []
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if x != "__pycache__")
-        found.extend(Path(root) / f for f in sorted(files))
+        found.extend(os.path.join(root, f) for f in sorted(files))
     return found
 
 

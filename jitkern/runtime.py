@@ -16,6 +16,7 @@ import threading
 from . import arch as _arch
 from . import counters, settings, state
 from .build import get_entry
+from .cache import forget_checks
 from .builders.base import Kernel
 from .errors import BuildError, DeviceError, LaunchError
 from .load import load
@@ -93,9 +94,11 @@ def remember_failure(spec: OpSpec, config: Config, device, err: Exception) -> No
 
 @state.on_reset
 def clear_memory() -> None:
-    """Forget kernels loaded by this process."""
+    """Forget kernels loaded by this process (the next loads check the cache layers' ownership and
+    modes in full again: ``jitkern.cache.forget_checks``)."""
     with _lock:
         _kernels.clear()
+    forget_checks()
 
 
 __all__ = ["arches_for", "select_arch", "kernel", "remember_failure", "clear_memory"]

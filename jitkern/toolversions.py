@@ -159,7 +159,7 @@ def _recorded(ident: tuple) -> str | None:
         return None
     path = record_path(layer, ident)
     try:
-        layer.check_secure()
+        layer.ensure_secure()
         rec = json.loads(read_private(path))
         if not isinstance(rec, dict) or {k: rec.get(k) for k in _fields(ident)} != _fields(ident):
             raise ValueError("the record is about another file")

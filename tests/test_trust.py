@@ -128,6 +128,47 @@ def test_index_locks_and_tmp_writable_by_others_are_refused_like_entries(cache_d
         _op()
 
 
+def test_lookups_check_a_layer_once_then_again_after_a_reset(cache_dir, monkeypatch):
+    """Lookups run the full ownership and mode check once per layer (then one stat of the layer
+    directory); after jitkern.runtime.clear_memory() (dispatch.clear_memory, jitkern.reset) in full
+    again. Replacing or chmodding the layer directory itself is seen at once."""
+    from jitkern import cache, runtime
+
+    _op()
+    layer = cache.default_store().layers[0]
+    full = []
+    orig = Layer._check_secure
+    monkeypatch.setattr(Layer, "_check_secure", lambda self: full.append(self) or orig(self))
+    _op()  # clear_memory first: one full check, then none for the other lookups of the op
+    n = len(full)
+    assert n >= 1
+    for _ in range(3):
+        layer.ensure_secure()
+    assert len(full) == n
+    cache_dir.chmod(0o777)
+    with pytest.raises(InsecureCacheError, match="world-writable"):
+        layer.ensure_secure()
+    cache_dir.chmod(0o700)
+    layer.ensure_secure()
+    (layer.root / "entries").chmod(0o777)
+    try:
+        runtime.clear_memory()
+        with pytest.raises(InsecureCacheError, match="entries"):
+            layer.ensure_secure()
+    finally:
+        (layer.root / "entries").chmod(0o700)
+    layer.ensure_secure()
+    moved = cache_dir.with_name("moved")
+    cache_dir.rename(moved)
+    try:
+        shutil.copytree(moved, cache_dir, symlinks=True)  # another directory in its place: checked in full
+        n = len(full)
+        layer.ensure_secure()
+        assert len(full) == n + 1
+    finally:
+        shutil.rmtree(moved)
+
+
 ATTACK = textwrap.dedent("""
     import json, sys
     path, marker = sys.argv[1], sys.argv[2]
