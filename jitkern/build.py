@@ -77,12 +77,14 @@ def _lookup_or_build(job: Job, store: Store | None = None, *, record_failures: b
     lock before it propagates, so no process retries it (see ``jitkern.fallback``).
     """
     store = store or default_store()
-    if job.arch.backend is not None and job.variant.kind == "triton":
-        triton_cache.ensure_writable()  # Triton writes its cache while compiling and loading
     check = checker(job)
     entry = store.lookup(job.key, check)
     if entry is not None:
         return _cached(entry)
+    if job.arch.backend is not None and job.variant.kind == "triton":
+        # Triton writes its cache while compiling (loads through Triton's driver check it in
+        # jitkern.launcher.GPUKernel; a cached entry loaded by the CUDA driver alone never needs it)
+        triton_cache.ensure_writable()
     try:
         lock = store.build_lock(job.key, job.describe())
     except CacheError:

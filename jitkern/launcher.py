@@ -26,7 +26,7 @@ from collections import namedtuple
 from dataclasses import replace
 from types import SimpleNamespace
 
-from . import fastcall, settings
+from . import fastcall, settings, triton_cache
 from .binaries import METADATA_FILE, binary_name
 from .builders.base import DirectLaunch, Kernel, addresses
 from .errors import LaunchError
@@ -162,6 +162,7 @@ def direct_fixed(run, packed) -> tuple:
 class GPUKernel(Kernel):
     def __init__(self, entry, job):
         super().__init__(entry, job)
+        triton_cache.ensure_writable()  # Triton's driver builds (and caches) the kernel's C launcher stub
         from triton import knobs
         from triton.runtime.driver import driver
 

@@ -479,3 +479,21 @@ def test_cache_dir_setting_is_validated(tmp_path):
     f = tmp_path / "a-file"
     f.write_text("")
     assert Store([f]).write_layer is None  # a file is not a layer: in-memory builds, with a warning
+
+
+def test_triton_cache_is_checked_before_a_build_not_for_a_cached_entry(cache_dir, monkeypatch):
+    """A warm process whose kernels are all cached never writes Triton's cache (CUDA-driver loads
+    import no Triton; loads through Triton's driver check it in jitkern.launcher.GPUKernel), so its
+    lookups make no write probe of it: only a build does."""
+    from jitkern import registry, triton_cache
+    from jitkern.plan import plan
+
+    calls = []
+    monkeypatch.setattr(triton_cache, "ensure_writable", lambda: calls.append(1))
+    spec, sm90 = registry.get("rms_norm"), arch.get("sm_90")
+    job = plan(spec, next(iter(spec.configs(sm90))), sm90)
+    build.get_entry(job)
+    assert calls == [1]
+    jitkern.reset()
+    build.get_entry(job)
+    assert calls == [1]
