@@ -424,8 +424,9 @@ class Layer:
     # ---- read ----------------------------------------------------------------------------------
     def verify(self, key: str) -> Entry:
         """Check an entry against its manifest; raise ``CorruptEntryError`` (or FileNotFoundError)."""
+        _check_key(key)
         self.ensure_secure()
-        self._check_parents(_check_key(key))
+        self._check_parents(key)
         return self._verify(key)
 
     def _verify(self, key: str) -> Entry:
@@ -558,7 +559,7 @@ class Layer:
         """The verified entry, holding its shared lock (``Entry.hold``) so that no process evicts it
         while the returned object lives; ``stamp``: record this use (the entry directory's mtime, the
         last-use stamp of LRU eviction). Raises like ``verify``."""
-        path = os.path.join(self._entries_s, key[:2], _check_key(key))
+        path = os.path.join(self._entries_s, _check_key(key)[:2], key)
         self.ensure_secure()
         self._check_parents(key)
         if os.path.islink(path):
@@ -903,7 +904,7 @@ class Store:
         layer holds, so a record can never make jitkern build source no entry was built from."""
         for layer in self.layers:
             try:
-                if stat.S_ISDIR(os.lstat(os.path.join(layer._entries_s, key[:2], _check_key(key))).st_mode):
+                if stat.S_ISDIR(os.lstat(os.path.join(layer._entries_s, _check_key(key)[:2], key)).st_mode):
                     return True
             except (OSError, CacheError):
                 continue
