@@ -10,7 +10,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-from . import settings
+from . import settings, state
 from .errors import NoDeviceError, UnknownArchError
 
 KiB = 1024
@@ -106,12 +106,23 @@ def detect(device_index: int | None = None) -> Arch:
             "or TRITON_INTERPRET=1 to run on CPU tensors through Triton's interpreter"
         )
     idx = torch.cuda.current_device() if device_index is None else device_index
-    props = torch.cuda.get_device_properties(idx)
-    if getattr(torch.version, "hip", None):
-        raw = props.gcnArchName
-    else:
-        raw = f"sm_{props.major}{props.minor}"
-    return get(raw)
+    got = _detected.get(idx)
+    if got is None:  # asked for every new call signature and kernel: the device's properties once
+        props = torch.cuda.get_device_properties(idx)
+        if getattr(torch.version, "hip", None):
+            raw = props.gcnArchName
+        else:
+            raw = f"sm_{props.major}{props.minor}"
+        got = _detected[idx] = get(raw)
+    return got
+
+
+_detected: dict = {}  # device index -> its Arch (a GPU's does not change while the process runs)
+
+
+@state.on_reset
+def _forget() -> None:
+    _detected.clear()
 
 
 def current() -> Arch:

@@ -126,6 +126,7 @@ def job_meta(job: Job) -> dict[str, Any]:
 # ---- the plan index ------------------------------------------------------------------------------
 _RENDER_CODE = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), n) for n in ("plan.py", "render.py"))
 _dir_digests: dict = {}
+_render_stats: tuple | None = None
 
 
 def _stat_list(paths) -> tuple:
@@ -149,7 +150,10 @@ def _files_under(d) -> list[str]:
 
 def _digest(template_dir: Path) -> str:
     """Hash of the template folder's files and jitkern's rendering code (memoised on their stats)."""
-    stats = _stat_list(_files_under(template_dir)) + _stat_list(_RENDER_CODE)
+    global _render_stats
+    if _render_stats is None:  # the code this process runs: imported once, so looked at once
+        _render_stats = _stat_list(_RENDER_CODE)
+    stats = _stat_list(_files_under(template_dir)) + _render_stats
     d = _dir_digests.get(stats)
     if d is None:
         h = hashlib.sha256()
@@ -196,7 +200,9 @@ def _remember(store: Store, ih: str, job: Job) -> None:
 
 @state.on_reset
 def clear_memory() -> None:
+    global _render_stats
     _dir_digests.clear()
+    _render_stats = None
 
 
 __all__ = ["Job", "plan", "make_job", "job_meta", "index_key"]
