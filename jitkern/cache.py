@@ -605,8 +605,9 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLO
 
 def _read(path) -> bytes:
     """Read a regular file without following a symbolic link (ELOOP if ``path`` is one). With
-    ``os.read`` on the descriptor (the same system calls as a file object's ``read()``, less Python:
-    every lookup reads each file of an entry)."""
+    ``os.read`` on the descriptor, as many bytes as ``fstat`` reported in one call (a file object's
+    ``read()`` reads once more to see the end: every lookup reads each file of an entry), to the
+    end if the file turns out longer."""
     fd = os.open(path, _READ_FLAGS)
     try:
         st = os.fstat(fd)
@@ -615,14 +616,15 @@ def _read(path) -> bytes:
         why = others_can_write(st)
         if why:
             raise CorruptEntryError(f"{path} could be changed by another user ({why})")
-        chunks = []
-        want = st.st_size + 1  # one more byte than the size: a file that grew is read to its end too
+        size, got, chunks = st.st_size, 0, []
         while True:
-            data = os.read(fd, want)
+            data = os.read(fd, size + 1 - got if got <= size else 65536)  # one byte more: a file that grew
             if not data:
                 break
             chunks.append(data)
-            want = max(65536, want - len(data))
+            got += len(data)
+            if got == size:  # what fstat reported, and a short read: the end (an entry's files never change)
+                break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         os.close(fd)

@@ -13,11 +13,15 @@ that warm cache and time only jitkern's own work on the first call of each signa
 
 never the kernels' execution (on the CPU: Triton's interpreter), nor torch's own ops. On the CPU, Triton
 is imported before the clock (the interpreter needs it; a warm GPU load imports none). ``kernel`` is the
-part of ``acquire`` inside ``jitkern.runtime.kernel``. Figures are medians over the runs, in ms, for
-the decoder's first forward (``decoder_*``) and for the gemm signatures (``gemm_*``) (on a busy machine
-the fastest run is the steadier figure: it is printed too); ``--profile``
-writes a cProfile of those regions only (one more child, not counted). ``--jitkern CHECKOUT`` runs
-another checkout's jitkern on the same cache (before/after comparisons).
+part of ``acquire`` inside ``jitkern.runtime.kernel``, ``load`` the part of that loading entries (on the
+CPU: executing the kernel module for Triton's interpreter, a cost GPU loads do not have; so
+``*_own_but_load_ms`` is the closer figure for what a GPU process spends deciding and looking up).
+
+Figures are medians over the runs, in ms, for the decoder's first forward (``decoder_*``) and for the
+gemm signatures (``gemm_*``); on a busy machine the fastest run is the steadier figure (printed too).
+``--profile`` writes a cProfile of those regions only (one more child, not counted). ``--jitkern
+CHECKOUT`` runs another checkout's jitkern on the same cache (before/after comparisons; plan-index
+records are per checkout, since they hash the template paths: an uncounted first child writes them).
 
 Triton's interpreter is switched on (``TRITON_INTERPRET=1``) for CPU runs (``--device cpu``, the
 default). ``--arch sm_90`` (``JITKERN_ARCH``) chooses configurations as for that GPU (its tile lists and
@@ -53,11 +57,12 @@ class Regions:
     def __init__(self, profile=None):
         from jitkern import dispatch, fallback, runtime
 
-        self.acc = {"decide": [0.0, 0], "acquire": [0.0, 0], "kernel": [0.0, 0]}
+        self.acc = {"decide": [0.0, 0], "acquire": [0.0, 0], "kernel": [0.0, 0], "load": [0.0, 0]}
         self.prof, self.depth = profile, 0
         self._wrap(dispatch.Dispatcher, "_settle", "decide")
         self._wrap(fallback.Route, "_acquire", "acquire")
         self._wrap(runtime, "kernel", "kernel")
+        self._wrap(runtime, "load", "load")  # what runtime.kernel calls to load an entry
 
     def _wrap(self, owner, name, what):
         inner, acc, perf = getattr(owner, name), self.acc[what], time.perf_counter
@@ -141,6 +146,7 @@ def child(args) -> dict:
     out.update({f"gemm_{k}": v for k, v in _diff(s2, s1).items()})
     for part in ("decoder", "gemm"):
         out[f"{part}_own_ms"] = out[f"{part}_decide_ms"] + out[f"{part}_acquire_ms"]
+        out[f"{part}_own_but_load_ms"] = out[f"{part}_own_ms"] - out[f"{part}_load_ms"]
     out["stats"] = {k: v for k, v in jitkern.stats().items() if v}
     if prof is not None:
         import io
@@ -221,8 +227,9 @@ def main(argv=None) -> int:
                   f"(decide {med[f'{part}_decide_ms']:.2f} ms over {med[f'{part}_decide_calls']:.0f} signatures, "
                   f"acquire {med[f'{part}_acquire_ms']:.2f} ms over {med[f'{part}_acquire_calls']:.0f}, "
                   f"of which runtime.kernel {med[f'{part}_kernel_ms']:.2f} ms over "
-                  f"{med[f'{part}_kernel_calls']:.0f} calls); fastest run {min(r[f'{part}_own_ms'] for r in runs):.2f} ms",
-                  flush=True)
+                  f"{med[f'{part}_kernel_calls']:.0f} calls, load {med[f'{part}_load_ms']:.2f} ms); fastest run "
+                  f"{min(r[f'{part}_own_ms'] for r in runs):.2f} ms; without loads {med[f'{part}_own_but_load_ms']:.2f} ms "
+                  f"(fastest {min(r[f'{part}_own_but_load_ms'] for r in runs):.2f})", flush=True)
         print(f"warm run stats: {runs[0]['stats']}")
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1))
