@@ -112,7 +112,7 @@ def _install_triton_jit_loader():
             mod.GPUKernel = TritonJITKernel
 
 
-def _timed(fn, acc: list):
+def _accumulating(fn, acc: list):
     """``fn`` that adds the seconds spent inside it to ``acc[0]`` and counts its calls in ``acc[1]``."""
     def call(*a, **kw):
         t = time.perf_counter()
@@ -130,7 +130,7 @@ def _time_kernel_acquisition() -> list:
     from jitkern import runtime
 
     acc = [0.0, 0]
-    runtime.kernel = _timed(runtime.kernel, acc)
+    runtime.kernel = _accumulating(runtime.kernel, acc)
     return acc
 
 
@@ -144,7 +144,7 @@ def _time_op_calls() -> list:
 
     acc = [0.0, 0]
     for name in jitkern.registry.names():
-        setattr(ops, name, _timed(getattr(ops, name), acc))
+        setattr(ops, name, _accumulating(getattr(ops, name), acc))
     return acc
 
 
