@@ -28,7 +28,8 @@ machine's C++ compiler against the installed torch's headers, named by a hash of
 Python ABI and the torch build, and kept beside the first one (``jitkern prebuild`` installs both).
 Where it is not built yet, the first process that needs it builds it in a background thread (about
 20 s of one core) and switches to it when it loads; until then, and where it cannot be built, the
-Python attributes are read (the same facts; only slower). Only exact ``torch.Tensor`` and
+Python attributes are read (the same facts; only slower). Under ``JITKERN_STRICT`` it is only loaded,
+never compiled. Only exact ``torch.Tensor`` and
 ``torch.nn.Parameter`` objects are read this way: a subclass can change what Python sees.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import settings
+from . import settings, strict
 from .cache import default_store
 from .logs import log, warn_once
 
@@ -131,7 +132,8 @@ def use_torch_signatures(wait: bool = False) -> bool:
 def _torch_build(fc) -> None:
     global _torch_state
     try:
-        mod = _load_or_build(TORCH_NAME, torch_artifact_name(), _build_torch)
+        build = _build_torch if strict.mode() is None else _not_in_strict_mode
+        mod = _load_or_build(TORCH_NAME, torch_artifact_name(), build)
         fc.use_torch(mod.api)
         _torch_state = "ready"
         log.debug("jitkern: the C hot path reads tensors through %s", TORCH_NAME)
@@ -254,6 +256,11 @@ def _build_torch(path: Path) -> None:
         _compile(path, [*cmd, "-std=c++20"])
     except RuntimeError:
         _compile(path, [*cmd, "-std=c++17"])
+
+
+def _not_in_strict_mode(path: Path) -> None:
+    raise RuntimeError(f"JITKERN_STRICT is set, so {path.name} is not compiled at run time (jitkern prebuild "
+                       f"puts it into the layer it builds)")
 
 
 def _compile(path: Path, cmd: list) -> None:

@@ -240,6 +240,26 @@ def test_torchsig_cache_follows_the_memo(fc, torchsig_api):
         memo.pop(1, None)
 
 
+def test_torchsig_is_not_compiled_in_strict_mode(fc, torchsig_api, tmp_path, monkeypatch, caplog):
+    """JITKERN_STRICT: the C++ reader is loaded where it is built, never compiled; the C path then
+    reads Python attributes, with one warning that says why."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # no private build of this machine
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("JITKERN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JITKERN_STRICT", "1")
+    jitkern.reset()
+    monkeypatch.setattr(fastcall, "_torch_state", None)
+    try:
+        assert fastcall.use_torch_signatures(wait=True) is False
+        assert "JITKERN_STRICT is set" in caplog.text
+        assert not list((tmp_path / "cache").rglob(f"*{fastcall.TORCH_NAME}*"))
+    finally:
+        fc.use_torch(torchsig_api)
+        monkeypatch.setattr(fastcall, "_torch_state", "ready")
+
+
 def test_c_dispatch_routes_unknown_and_unkeyable_calls_to_the_slow_path(fc):
     seen = []
     memo = {}
