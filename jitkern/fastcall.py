@@ -77,7 +77,7 @@ def module():
     with _lock:
         if not _tried:
             try:
-                _module = _load_or_build()
+                _module = _load_or_build(artifact_name(), _build)
             except Exception as e:  # no C compiler or Python headers, no writable cache layer
                 first = str(e).strip().splitlines()
                 warn_once(("fastcall",), "jitkern: the C dispatch path could not be built (%s: %s); launching "
@@ -133,7 +133,7 @@ def _torch_build(fc) -> None:
     global _torch_state
     try:
         build = _build_torch if strict.mode() is None else _not_in_strict_mode
-        mod = _load_or_build(TORCH_NAME, torch_artifact_name(), build)
+        mod = _load_or_build(torch_artifact_name(), build)
         fc.use_torch(mod.api)
         _torch_state = "ready"
         log.debug("jitkern: the C hot path reads tensors through %s", TORCH_NAME)
@@ -147,9 +147,10 @@ def _torch_build(fc) -> None:
         _torch_done.set()
 
 
-def _load_or_build(name: str = NAME, artifact: str | None = None, build=None):
-    store, name = default_store(), artifact or artifact_name()
-    build = build or _build
+def _load_or_build(name: str, build):
+    """The extension file ``name`` loaded from the first configured layer that holds it, else
+    obtained (``build``) into the writable layer or this user's private directory."""
+    store = default_store()
     write = store.write_layer
     signed_only = bool(settings.get("cache_verify_key"))
     for layer in store.layers:
