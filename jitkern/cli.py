@@ -11,7 +11,7 @@ Subcommands::
     jitkern cache stats|verify [--discard]|prune --max-size SIZE|clear [--failures] [--dry-run]
                   |export FILE|import FILE|push|pull [--remote redis://host:port/db]
                   |check|explain --manifest FILE --arch LIST
-    jitkern tune --op NAME --shapes MxNxK,... [--dtype bf16|fp16] [--b-trans] [--force]
+    jitkern tune --op NAME --shapes MxNxK,... [--dtype bf16|fp16] [--b-trans] [--force] [--exact]
 
 Global options, accepted before or after the subcommand: ``-v/--verbose`` (repeat for debug),
 ``--cache-dir DIR`` (layers separated by ``os.pathsep``; default ``JITKERN_CACHE_DIR``, else the
@@ -759,6 +759,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="input dtype (default: bf16)")
     p.add_argument("--b-trans", action="store_true", help="gemm: B is a transposed row-major [N, K] weight")
     p.add_argument("--force", action="store_true", help="retune buckets that already have a record")
+    p.add_argument("--exact", action="store_true",
+                   help="one record per shape the op keys exactly (gemm: per weight N x K, looked up before the "
+                        "bucket's), instead of per bucket")
     p.set_defaults(func=_run_tune)
 
 
@@ -768,7 +771,7 @@ def _run_tune(args) -> int:
     cache = {"cache_dir": args.cache_dir} if getattr(args, "cache_dir", None) is not None else {}
     with settings.override(**cache):
         records = tuning.tune_op(args.op, tuning.parse_shapes(args.shapes), args.dtype, b_trans=args.b_trans,
-                                 force=args.force)
+                                 force=args.force, exact=args.exact)
     if args.json:
         print(json.dumps(records, indent=1, sort_keys=True, default=str))
         return 0

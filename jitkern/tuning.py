@@ -168,12 +168,14 @@ def _bench(fn: Callable[[], Any]) -> float:
 
 
 def tune(spec, arch, dtype: str, bucket: str, cfgs, run: Callable, info: Mapping[str, Any] | None = None,
+         check: Callable[[Callable], str | None] | None = None, *,
          bench: Callable[[Callable], float] | None = None) -> dict:
     """Benchmark ``cfgs`` (Configs) with ``run(cfg) -> launch function`` and persist the winner.
 
-    Candidates over the budget or failing to build/load are recorded with the reason and skipped.
-    ``bench(fn) -> ms`` times one candidate (default: Triton's ``do_bench`` on the GPU). Returns the
-    record.
+    Candidates over the budget or failing to build/load are recorded with the reason and skipped;
+    so is one whose results ``check(fn)`` (runs ``fn`` on fresh outputs, compares them with the
+    op's reference) calls wrong: a fast wrong kernel must never win. ``bench(fn) -> ms`` times one
+    candidate (default: Triton's ``do_bench`` on the GPU). Returns the record.
     """
     bench = bench or _bench
     results = []
@@ -182,6 +184,12 @@ def tune(spec, arch, dtype: str, bucket: str, cfgs, run: Callable, info: Mapping
         try:
             fn = run(cfg)
             fn()  # compile/load and warm up outside the timing
+            wrong = check(fn) if check is not None else None
+            if wrong:
+                results.append({"params": tile, "wrong": wrong})
+                log.warning("jitkern: tune %s %s %s on %s: candidate %s gives wrong results (%s); skipped",
+                            spec.name, dtype, bucket, arch.name, tile, wrong)
+                continue
             ms = bench(fn)
         except OverBudgetError as e:
             results.append({"params": tile, "rejected": str(e)})
@@ -246,10 +254,12 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
 
 
 def tune_op(op: str, shapes, dtype: str = "bf16", *, b_trans: bool = False, force: bool = False,
-            device=None) -> list[dict]:
+            device=None, exact: bool = False) -> list[dict]:
     """Tune ``op`` on this GPU for ``shapes`` (grouped by the op's shape buckets; the shapes of one
     bucket are timed together) and persist one record per bucket. Buckets that already have a
-    record for this toolchain are kept unless ``force``. Returns the records, in bucket order."""
+    record for this toolchain are kept unless ``force``. ``exact``: the op's most specific records
+    instead (its ``tuning_bucket(shape, b_trans, exact=True)``; gemm: one per weight shape).
+    Returns the records, in bucket order."""
     import torch
 
     spec = registry.get(op)
@@ -265,7 +275,8 @@ def tune_op(op: str, shapes, dtype: str = "bf16", *, b_trans: bool = False, forc
     _, arch = runtime.arches_for(device)
     groups: dict[str, list] = {}
     for shape in shapes:
-        groups.setdefault(bucket_of(shape, b_trans), []).append(tuple(shape))
+        name = bucket_of(shape, b_trans, exact=True) if exact else bucket_of(shape, b_trans)
+        groups.setdefault(name, []).append(tuple(shape))
     records = []
     for b, group in groups.items():
         if force:

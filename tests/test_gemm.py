@@ -168,6 +168,37 @@ def test_decode_buckets_tuned_apart_by_weight_size(monkeypatch):
     assert cfg in set(gemm.configs(arch.get("sm_90")))  # prebuild covers the size class's winner
 
 
+def test_a_weight_shape_record_comes_first_and_prebuild_covers_shipped_ones(monkeypatch):
+    """A model's own weight shapes (tune_gemm.py --per-weight) have records of their own, looked up
+    before the size class; prebuild compiles the shipped ones' winners."""
+    assert gemm.record_bucket((128, 6144, 4096), True, exact=True) == "m128_n6144k4096_nk"
+    assert gemm.record_bucket((128, 6144, 4096), True) == "m128_nk"
+    assert gemm.tuning_buckets("m128", True, True, (24576, 4096)) == ("m128_n24576k4096_nk", "m128_w8k_nk", "m128_nk",
+                                                                     "m128")
+    assert gemm.parse_tuning_bucket("m128_n24576k4096_nk") == ("m128", True, False, (24576, 4096))
+    assert gemm.parse_tuning_bucket("m64_w8k") == ("m64", False, True, None) and gemm.parse_tuning_bucket("x_y") is None
+    from jitkern import tuning
+    won = dict(gemm.SPLIT_CANDIDATES["m128"][3])
+    real_lookup, real_table = tuning.lookup, tuning.shipped_table
+    # a weight shape the shipped table does not have (5120 x 4096), with a record of its own
+    monkeypatch.setattr(tuning, "lookup", lambda a, op, dt, b: won if b == "m128_n5120k4096_nk" else real_lookup(a, op, dt, b))
+    assert gemm.candidates("sm_90", "bf16", "m128", b_trans=True, weight=(5120, 4096))[0] == gemm.tile_of(won)
+    assert gemm.candidates("sm_90", "bf16", "m128", b_trans=True, weight=(4096, 4096))[0] != gemm.tile_of(won)
+    cfg, _ = gemm.choose(arch.get("sm_90"), "bf16", 128, 5120, 4096, True)
+    assert gemm.tile_of(cfg.p) == gemm.tile_of(won)
+    sm90 = arch.get("sm_90")
+    assert cfg not in set(gemm.configs(sm90))  # not shipped: prebuild does not know it ...
+
+    def table(name):
+        doc = real_table(name)
+        if name == "sm_90":
+            doc = {**doc, "ops": {**doc["ops"], "gemm": {**doc["ops"]["gemm"], "bf16": {
+                **doc["ops"]["gemm"]["bf16"], "m128_n5120k4096_nk": {"params": won}}}}}
+        return doc
+    monkeypatch.setattr(tuning, "shipped_table", table)
+    assert cfg in set(gemm.configs(sm90))  # ... shipped, it is compiled
+
+
 def test_out_argument_and_strided_rows():
     a_big = torch.randn(24, 96, dtype=torch.float16)
     a = a_big[:, :80]  # row stride 96, not contiguous

@@ -26,7 +26,7 @@ SHAPE = (40, 96, 64)  # bucket m64
 def _tune_on_cpu(winner_index):
     """Tune the m64 bucket on CPU tensors (interpreter) with a stand-in timer that makes candidate
     ``winner_index`` the fastest; everything else (candidates, launches, persistence) is real."""
-    cfgs, run, info = gemm.tune_args("bf16", [SHAPE], False, torch.device("cpu"))
+    cfgs, run, info, check = gemm.tune_args("bf16", [SHAPE], False, torch.device("cpu"))
     target = cfgs[winner_index]
     timed = []
 
@@ -40,7 +40,7 @@ def _tune_on_cpu(winner_index):
         timed.append(fn.cfg)
         return 1.0 if fn.cfg == target else 2.0 + len(timed)
 
-    rec = tuning.tune(gemm.SPEC, arch.get("cpu"), "bf16", "m64", cfgs, run_marked, info, bench=bench)
+    rec = tuning.tune(gemm.SPEC, arch.get("cpu"), "bf16", "m64", cfgs, run_marked, info, check, bench=bench)
     return rec, target, cfgs, timed
 
 
@@ -72,6 +72,28 @@ def test_record_written_and_used_by_a_second_process(cache_dir):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["tile"] == tile and got["first"] == tile
     assert got["err"] < 0.5
+
+
+def test_a_wrong_candidate_never_wins(cache_dir):
+    """gemm's check catches a candidate that leaves its output unwritten (NaN) and passes a real one;
+    tune() skips what check calls wrong even when it would time fastest."""
+    cfgs, run, info, check = gemm.tune_args("bf16", [SHAPE], False, torch.device("cpu"))
+    assert check(run(cfgs[0])) is None
+    assert "max abs error nan" in check(lambda: None)
+    fastest, second = cfgs[0], cfgs[1]
+
+    def run_marked(cfg):
+        fn = run(cfg)
+        fn.cfg = cfg
+        return fn
+
+    def check_marked(fn):  # candidate 0 writes nothing: the real check sees NaN outputs
+        return check(lambda: None) if fn.cfg == fastest else check(fn)
+
+    rec = tuning.tune(gemm.SPEC, arch.get("cpu"), "bf16", "m64", cfgs[:3], run_marked, info, check_marked,
+                      bench=lambda fn: 1.0 if fn.cfg == fastest else (2.0 if fn.cfg == second else 3.0))
+    assert rec["params"] == {p: second.p[p] for p in gemm.TILE_PARAMS}
+    assert "nan" in rec["results"][0]["wrong"] and "ms" not in rec["results"][0]
 
 
 def test_record_of_another_toolchain_is_not_used(monkeypatch):
@@ -125,18 +147,17 @@ def test_shipped_table_fits_its_arch(name, monkeypatch):
     assert table.get("arch") == name
     entries = table["ops"]["gemm"]["bf16"]
     buckets = {b for b, _ in gemm.BUCKETS}
-    assert buckets <= set(entries) <= {gemm.tuning_bucket(b, t, big) for b in buckets for t in (False, True)
-                                       for big in (False, True)}
+    assert buckets <= set(entries)
     a = arch.get(name)
     for key, entry in entries.items():
-        b, b_trans = key.removesuffix("_nk"), key.endswith("_nk")
-        b, big = b.removesuffix(gemm.SIZE_TAG), b.endswith(gemm.SIZE_TAG)
+        b, b_trans, big, weight = gemm.parse_tuning_bucket(key)  # None (not a record name): fails here
+        assert gemm.tuning_bucket(b, b_trans, big, weight) == key
         tile = entry["params"]
         # the six base parameters, plus the Hopper (TMA) ones for sm_90's TMA winners only
         assert set(tile) == set(gemm.tile_of(tile)) and all(v in gemm.TUNABLES[k] for k, v in tile.items())
         assert set(gemm.TILE_PARAMS) <= set(tile) and (not tile.get("tma") or name == "sm_90")
         assert constraints.violations(name, "gemm", dict(tile, dtype="bf16")) == []
-        assert gemm.candidates(name, "bf16", b, b_trans=b_trans, big=big)[0] == tile  # shipped winners come first
+        assert gemm.candidates(name, "bf16", b, b_trans=b_trans, big=big, weight=weight)[0] == tile  # shipped first
         if key in ("large", "m16"):  # two real compiles per arch keep this test short
             st = report(plan(gemm.SPEC, gemm.config("bf16", False, True, tile), a))
             assert st["status"] in ("built", "cached"), st
@@ -151,7 +172,7 @@ def test_gpu_autotune_end_to_end(monkeypatch, cache_dir):
     c = jitkern.ops.gemm(a, b)
     torch.testing.assert_close(c.float(), a.float() @ b.float(), rtol=2e-2, atol=2e-1)
     a_ = arch.current()
-    rec = tuning.load_record(a_.name, "gemm", "bf16", "m64")
+    rec = tuning.load_record(a_.name, "gemm", "bf16", gemm.record_bucket((48, 1024, 1024), exact=True))
     assert rec is not None and any("ms" in r for r in rec["results"])
     assert min(r["ms"] for r in rec["results"] if "ms" in r) == rec["ms"]
     (cfg,) = jitkern.dispatcher(gemm.SPEC).active_configs()

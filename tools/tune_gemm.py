@@ -50,7 +50,7 @@ def tile_text(p):
     return text
 
 
-def precompile(shapes, dtype, b_trans, jobs, arch=None):
+def precompile(shapes, dtype, b_trans, jobs, arch=None, per_weight=False):
     """Build every candidate tune_op will time, ``jobs`` at a time (each build runs in its own
     worker process), so the timing loop only loads kernels; ``arch``: the build arch (default: this
     GPU's). Returns (built, failed, seconds)."""
@@ -70,10 +70,11 @@ def precompile(shapes, dtype, b_trans, jobs, arch=None):
     cfgs = set()
     groups = {}
     for s in shapes:
-        groups.setdefault(gemm.SPEC.extra["tuning_bucket"](s, b_trans), []).append(s)
+        groups.setdefault(gemm.record_bucket(s, b_trans, exact=per_weight), []).append(s)
     for group in groups.values():
         m, n, k = group[0]
-        for t in gemm.candidates(arch, dtype, gemm.bucket(m), b_trans=b_trans, big=gemm.big_weight(n, k)):
+        for t in gemm.candidates(arch, dtype, gemm.bucket(m), b_trans=b_trans, big=gemm.big_weight(n, k),
+                                 weight=(n, k) if per_weight else None):
             for (m_, n_, k_) in group:  # the tensors tune_args makes are contiguous
                 strides = (k_, k_ if b_trans else n_, n_)
                 cfgs.add(gemm.config(dtype, b_trans, gemm.tile_aligned(t, n_, k_, strides), t))
@@ -109,17 +110,17 @@ def offline(arches, dtype):
     return out
 
 
-def tune(shapes_text, dtype, b_trans, write_table, jobs=8):
+def tune(shapes_text, dtype, b_trans, write_table, jobs=8, per_weight=False):
     import torch
 
     from jitkern import tuning
 
     shapes = tuning.parse_shapes(shapes_text)
     if jobs > 1:
-        built, failed, secs = precompile(shapes, dtype, b_trans, jobs)
+        built, failed, secs = precompile(shapes, dtype, b_trans, jobs, per_weight=per_weight)
         print(f"precompiled {built} candidates ({failed} over budget or failed) in {secs:.1f} s, {jobs} at a time")
     t0 = time.time()
-    records = tuning.tune_op("gemm", shapes, dtype, b_trans=b_trans, force=True)
+    records = tuning.tune_op("gemm", shapes, dtype, b_trans=b_trans, force=True, exact=per_weight)
     rows = []
     for rec in records:
         flops = sum(2 * m * n * k for m, n, k in rec["shapes"])
@@ -154,6 +155,9 @@ def main(argv=None):
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"MxNxK,... (default {DEFAULT_SHAPES})")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--b-trans", action="store_true", help="B is the transpose of a row-major [N, K] weight")
+    p.add_argument("--per-weight", action="store_true",
+                   help="one record per M bucket and weight shape N x K (<bucket>_n<N>k<K>[_nk]: what a model's "
+                        "own shapes look up first) instead of per bucket and size class")
     p.add_argument("--write-table", metavar="PATH", help="merge the winners into this shipped table JSON")
     p.add_argument("--offline", metavar="ARCHES", help="no GPU: compiled figures of every candidate for these arches")
     p.add_argument("--out", metavar="FILE", help="write the records / figures as JSON")
@@ -161,7 +165,7 @@ def main(argv=None):
                    help="candidates compiled in parallel before timing (default min(8, cores)); 1: compile as timed")
     args = p.parse_args(argv)
     result = offline(args.offline, args.dtype) if args.offline else tune(args.shapes, args.dtype, args.b_trans,
-                                                                        args.write_table, args.jobs)
+                                                                        args.write_table, args.jobs, args.per_weight)
     text = json.dumps(result, indent=1, sort_keys=True, default=str)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -14,6 +14,7 @@ artifact fits the arch's shared-memory budget (``jitkern.budget``) is used.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Optional
 
 import torch
@@ -116,10 +117,11 @@ HOPPER_CANDIDATES_BASE = {
     "m16": (_h(16, 64, 256, 1, 4, 4, 0), _h(16, 32, 256, 1, 4, 6, 0), _h(16, 32, 512, 1, 4, 4, 0),
             _h(16, 16, 512, 1, 4, 6, 0), _h(16, 64, 256, 1, 4, 5, 0), _h(16, 128, 128, 1, 4, 6, 0)),
     "m64": (_h(64, 32, 256, 1, 4, 4, 0), _h(64, 64, 128, 1, 4, 6, 0), _h(64, 32, 128, 1, 4, 8, 0),
-            _h(64, 16, 256, 1, 4, 5, 0), _h(64, 64, 256, 1, 4, 3, 0), _h(64, 128, 64, 1, 4, 6, 0)),
+            _h(64, 16, 256, 1, 4, 5, 0), _h(64, 64, 256, 1, 4, 3, 0), _h(64, 128, 64, 1, 4, 6, 0),
+            _h(64, 128, 128, 1, 4, 4, 0), _h(64, 256, 64, 1, 4, 4, 0)),
     "m128": (_h(64, 64, 128, 1, 4, 6, 0), _h(128, 64, 128, 1, 4, 4, 0), _h(128, 32, 128, 1, 4, 5, 0),
              _h(64, 64, 128, 1, 4, 4, 0), _h(128, 64, 64, 1, 4, 6, 0), _h(64, 128, 64, 1, 4, 6, 0),
-             _h(128, 128, 64, 1, 8, 4, 0)),
+             _h(128, 128, 64, 1, 8, 4, 0), _h(128, 256, 64, 8, 8, 3), _h(128, 128, 128, 1, 8, 3, 0)),
     "large": (_h(128, 256, 64, 8, 8, 3), _h(128, 256, 64, 8, 8, 4, epi_split=2), _h(128, 256, 64, 8, 8, 3, epi_split=2),
               _h(128, 128, 64, 8, 4, 5, warp_spec=1), _h(128, 128, 64, 8, 4, 6, warp_spec=1), _h(256, 128, 64, 8, 8, 3),
               _h(256, 128, 64, 8, 8, 4, epi_split=2), _h(128, 256, 64, 8, 8, 3, 0), _h(128, 128, 64, 8, 8, 4),
@@ -128,16 +130,18 @@ HOPPER_CANDIDATES_BASE = {
 
 #: Split-K tiles for the decode buckets (sm_90), after the one-program-per-tile ones: at N=K=4096 a
 #: 128x64 tile gives M=128 only 32 programs for 132 SMs; K slices multiply that (most of these make
-#: about 128 programs, one wave, at N=4096 or 8192). Shared bytes are those of the tile without
+#: about 128 programs, one wave, at N=4096 or 8192). The last ones, 16 columns by 8 slices, are for
+#: skinny weights (a MoE router: N = experts = 8), where any wider tile leaves a few programs each
+#: walking all of K. Shared bytes are those of the tile without
 #: split-K (the partials go through global memory, L2-resident); compiled for sm_90: 122904 (16-row
 #: tiles) to 196656 (64x64x128 s6), all within 232448.
 SPLIT_CANDIDATES = {
     "m16": (_sk(2, 16, 64, 256, 4, 4), _sk(4, 16, 64, 256, 4, 4), _sk(4, 16, 128, 128, 4, 6), _sk(2, 16, 128, 128, 4, 6),
-            _sk(2, 16, 32, 256, 4, 6)),
+            _sk(2, 16, 32, 256, 4, 6), _sk(8, 16, 16, 256, 4, 4)),
     "m64": (_sk(2, 64, 64, 128, 4, 6), _sk(4, 64, 64, 128, 4, 6), _sk(2, 64, 128, 64, 4, 6), _sk(4, 64, 128, 64, 4, 6),
-            _sk(2, 64, 32, 256, 4, 4)),
+            _sk(2, 64, 32, 256, 4, 4), _sk(8, 32, 16, 128, 4, 4), _sk(8, 64, 16, 128, 4, 4)),
     "m128": (_sk(4, 128, 64, 64, 4, 6), _sk(2, 128, 64, 64, 4, 6), _sk(2, 128, 64, 128, 4, 4), _sk(4, 128, 64, 128, 4, 4), _sk(2, 64, 64, 128, 4, 6),
-             _sk(4, 128, 128, 64, 8, 4), _sk(2, 128, 128, 64, 8, 4)),
+             _sk(4, 128, 128, 64, 8, 4), _sk(2, 128, 128, 64, 8, 4), _sk(8, 64, 16, 128, 4, 4), _sk(8, 32, 16, 128, 4, 4)),
     "large": (),
 }
 HOPPER_CANDIDATES = {b: HOPPER_CANDIDATES_BASE[b] + SPLIT_CANDIDATES[b] for b in HOPPER_CANDIDATES_BASE}
@@ -180,30 +184,56 @@ def big_weight(n: int, k: int) -> bool:
     return n * k > BIG_WEIGHT
 
 
-def tuning_bucket(bucket_name: str, b_trans: bool, big: bool = False) -> str:
+def tuning_bucket(bucket_name: str, b_trans: bool, big: bool = False, weight: Optional[tuple] = None) -> str:
     """The bucket name tuning records use: B's layout changes which tile wins, so ``w.t()``
     operands (unit stride along K) are tuned apart, as ``<bucket>_nk``; decode buckets with a big
-    weight (``big_weight``) as ``<bucket>_w8k[_nk]``."""
-    size = SIZE_TAG if big and bucket_name != "large" else ""
+    weight (``big_weight``) as ``<bucket>_w8k[_nk]``; ``weight`` ``(N, K)``: the record of that one
+    weight shape, ``<bucket>_n<N>k<K>[_nk]`` (a model has a handful of them: tuned per shape, as
+    serving engines ship their gemm configs)."""
+    if weight is not None:
+        size = f"_n{int(weight[0])}k{int(weight[1])}"
+    else:
+        size = SIZE_TAG if big and bucket_name != "large" else ""
     return f"{bucket_name}{size}_nk" if b_trans else f"{bucket_name}{size}"
 
 
-def tuning_buckets(bucket_name: str, b_trans: bool, big: bool = False) -> tuple:
-    """The tuning-record names a call looks up, most specific first: size class and layout, layout,
-    the bare bucket."""
+def tuning_buckets(bucket_name: str, b_trans: bool, big: bool = False, weight: Optional[tuple] = None) -> tuple:
+    """The tuning-record names a call looks up, most specific first: its weight shape (where given),
+    size class and layout, layout, the bare bucket."""
     names = [tuning_bucket(bucket_name, b_trans, big), tuning_bucket(bucket_name, b_trans), bucket_name]
+    if weight is not None:
+        names.insert(0, tuning_bucket(bucket_name, b_trans, weight=weight))
     return tuple(dict.fromkeys(names))
 
 
+_WEIGHT_TAG = re.compile(r"^(?P<bucket>[a-z0-9]+?)(?:_n(?P<n>\d+)k(?P<k>\d+)|(?P<big>_w8k))?(?P<nk>_nk)?$")
+
+
+def parse_tuning_bucket(name: str) -> Optional[tuple]:
+    """``tuning_bucket``'s inverse: ``(bucket, b_trans, big, weight)``, or None for another name."""
+    got = _WEIGHT_TAG.match(name)
+    if got is None or got["bucket"] not in dict(BUCKETS):
+        return None
+    weight = (int(got["n"]), int(got["k"])) if got["n"] else None
+    return got["bucket"], bool(got["nk"]), bool(got["big"]), weight
+
+
+def record_bucket(shape, b_trans: bool = False, exact: bool = False) -> str:
+    """The tuning record a tuned ``(M, N, K)`` goes to: its bucket and size class, or with ``exact``
+    its own weight shape's record (``tools/tune_gemm.py --per-weight``, and ``JITKERN_AUTOTUNE``)."""
+    m, n, k = (int(x) for x in shape)
+    return tuning_bucket(bucket(m), b_trans, big_weight(n, k), weight=(n, k) if exact else None)
+
+
 def candidates(arch, dtype: str, bucket_name: str, tuned: bool = True, b_trans: bool = False,
-               big: bool = False) -> list[dict]:
+               big: bool = False, weight: Optional[tuple] = None) -> list[dict]:
     """Tile candidates for ``arch`` (name or Arch) in order: tuned winner first (unless ``tuned`` is
     False; the first of ``tuning_buckets`` that has one), then the bucket's list; pins and
     ``JITKERN_GEMM_*`` overrides applied, rule breakers dropped."""
     name = getattr(arch, "name", arch)
     if tuned:
         found = None
-        for b in tuning_buckets(bucket_name, b_trans, big):
+        for b in tuning_buckets(bucket_name, b_trans, big, weight):
             found = tuning.lookup(name, OP, dtype, b)
             if found:
                 break
@@ -261,26 +291,30 @@ def configs(arch):
     step, not covered by prebuild.)"""
     seen = set()
     for dtype in ("bf16", "fp16"):
-        for b_name, _ in BUCKETS:
-            for b_trans, big in ((False, False), (True, False), (False, True), (True, True)):
-                if big and b_name == "large":
-                    continue
-                # a bad override raises ConfigError here as at call time: prebuild must not build a silent subset
-                tiles = candidates(arch, dtype, b_name, b_trans=b_trans, big=big)
-                fits = [arch.backend is None or estimated_shared_bytes(arch, t) <= arch.shared_mem_per_block
-                        for t in tiles]
-                first = fits.index(True) if True in fits else len(tiles) - 1
-                for tile in tiles[:first + 2]:
-                    for aligned in (True, False):
-                        cfg = config(dtype, b_trans, aligned, tile)
-                        if cfg not in seen:
-                            seen.add(cfg)
-                            yield cfg
+        classes = [(b_name, b_trans, big, None) for b_name, _ in BUCKETS
+                   for b_trans, big in ((False, False), (True, False), (False, True), (True, True))
+                   if not (big and b_name == "large")]
+        # the shipped per-weight-shape winners too (a model's own shapes, tools/tune_gemm.py --per-weight)
+        shipped = tuning.shipped_table(arch.name).get("ops", {}).get(OP, {}).get(dtype, {})
+        classes += [c for c in map(parse_tuning_bucket, sorted(shipped)) if c is not None and c[3] is not None]
+        for b_name, b_trans, big, weight in classes:
+            # a bad override raises ConfigError here as at call time: prebuild must not build a silent subset
+            tiles = candidates(arch, dtype, b_name, b_trans=b_trans, big=big, weight=weight)
+            fits = [arch.backend is None or estimated_shared_bytes(arch, t) <= arch.shared_mem_per_block
+                    for t in tiles]
+            first = fits.index(True) if True in fits else len(tiles) - 1
+            for tile in tiles[:first + 2]:
+                for aligned in (True, False):
+                    cfg = config(dtype, b_trans, aligned, tile)
+                    if cfg not in seen:
+                        seen.add(cfg)
+                        yield cfg
 
 
 def tune_args(dtype: str, shapes, b_trans: bool, device):
     """What ``jitkern.tuning`` needs to benchmark gemm candidates on ``shapes`` [(M, N, K), ...] of
-    one bucket: (candidate Configs, ``run(cfg) -> function launching every shape once``, info)."""
+    one bucket: (candidate Configs, ``run(cfg) -> function launching every shape once``, info,
+    ``check(fn)``: whether that function's results are right)."""
     shapes = [tuple(int(x) for x in s) for s in shapes]
     if any(len(s) != 3 for s in shapes):
         raise ConfigError(f"{OP}: tune shapes are MxNxK (three sizes), got {shapes}")
@@ -297,7 +331,9 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
     _, build_arch = runtime.arches_for(device)
     m0, n0, k0 = shapes[0]
     cfgs = []
-    for t in candidates(build_arch, dtype, bucket(m0), b_trans=b_trans, big=big_weight(n0, k0)):
+    one_weight = len({(n, k) for _, n, k in shapes}) == 1
+    for t in candidates(build_arch, dtype, bucket(m0), b_trans=b_trans, big=big_weight(n0, k0),
+                        weight=(n0, k0) if one_weight else None):
         cfg = config(dtype, b_trans, tile_aligned(t, n0, k0, tensors[0][3]), t)
         if cfg not in cfgs:
             cfgs.append(cfg)
@@ -319,7 +355,23 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
                 fn(*args)
         return launch_all
 
-    return cfgs, run, {"shapes": [list(s) for s in shapes], "b_trans": b_trans}
+    wants = []
+
+    def check(fn) -> Optional[str]:
+        """Outputs poisoned with NaN, ``fn`` run, each compared with fp32 torch (what gemm's own
+        tests allow a 16-bit gemm: 2% of the reference's largest magnitude)."""
+        if not wants:
+            wants.extend((a.float() @ b.float()) for a, b, _, _ in tensors)
+        for _, _, c, _ in tensors:
+            c.fill_(float("nan"))
+        fn()
+        for (m, n, k), (_, _, c, _), want in zip(shapes, tensors, wants):
+            err = (c.float() - want).abs().max().item()
+            if not err <= 0.02 * max(want.abs().max().item(), 1.0):  # NaN fails too
+                return f"{m}x{n}x{k}: max abs error {err:.4g} against a reference of magnitude {want.abs().max().item():.4g}"
+        return None
+
+    return cfgs, run, {"shapes": [list(s) for s in shapes], "b_trans": b_trans}, check
 
 
 def output_tiles(p, m, n) -> int:
@@ -420,10 +472,10 @@ def plan(call):
     dtype = checks.TRITON_TYPE[a.dtype]
     b_name = bucket(m)
     if tuning.autotune_enabled() and call.arch.backend is not None and call.device.type == "cuda":
-        tuning.ensure_tuned(SPEC, call.arch, dtype, tuning_bucket(b_name, b_trans, big_weight(n, k)),
+        tuning.ensure_tuned(SPEC, call.arch, dtype, record_bucket((m, n, k), b_trans, exact=True),
                             lambda: tune_args(dtype, [(m, n, k)], b_trans, call.device))
     tiles = call.tiles([dict(t, dtype=dtype) for t in HOPPER_CANDIDATES[b_name] + CANDIDATES[b_name]], dtype=dtype,
-                       bucket=tuning_buckets(b_name, b_trans, big_weight(n, k)))
+                       bucket=tuning_buckets(b_name, b_trans, big_weight(n, k), (n, k)))
     out = []
     ins = (In("a"), In("b"), In("out"))
     for t in tiles:
@@ -505,8 +557,7 @@ SPEC = registry.register(OpSpec(
     tunables=TUNABLES,
     doc=__doc__,
     extra={"buckets": BUCKETS, "tune_args": tune_args,
-           "tuning_bucket": lambda shape, b_trans=False: tuning_bucket(bucket(shape[0]), b_trans,
-                                                                        big_weight(shape[1], shape[2]))},
+           "tuning_bucket": record_bucket},
     outputs=("out",),
     alloc=alloc,
 ))
