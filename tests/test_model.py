@@ -63,7 +63,7 @@ def test_moe_align_matches_library_layout():
     from jitkern.library.moe_gemm_stage1 import moe_align as lib_align
 
     g = torch.Generator().manual_seed(3)
-    for tokens, experts, topk, align in ((1, 4, 2, 16), (37, 8, 2, 16), (5, 3, 3, 32)):
+    for tokens, experts, topk, align in ((1, 4, 2, 16), (37, 8, 2, 16), (5, 3, 3, 32), (128, 8, 2, 16)):
         ids = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)])
         got, want = moe_align(ids, experts, align), lib_align(ids, experts, align)
         for a, b in zip(got, want):

@@ -339,6 +339,9 @@ def _graph(model, tok, pos):
     def replay():
         graph.replay()
         return out
+    # the graph reads st and sp where they were at capture: keep them alive (freed, their memory goes to
+    # the next allocations, and replays read whatever those write: a device-side index assert, or noise)
+    replay.static_inputs = (st, sp)
     return replay
 
 

@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -212,6 +213,7 @@ def run(args) -> dict:
                     case["error"] = "the profiler recorded no GPU work for these steps (CUPTI activity missing?)"
             except Exception as e:  # report it; the other cases still run
                 case["error"] = f"{type(e).__name__}: {e}"[:2000]
+                traceback.print_exc()
             res["cases"].append(case)
             save()
             print(format_case(case) if "table" in case else f"batch {b} {impl}: {case['error']}", flush=True)
