@@ -243,10 +243,11 @@ def test_doctor_section_lists_records_overrides_and_tables(monkeypatch):
     rows = {r["label"]: r["text"] for r in doctor._doctor_tuning()["rows"]}
     assert rows["tile overrides"] == "JITKERN_GEMM_BLOCK_M=64"
     assert any(k.startswith("records in") and v == "cpu/gemm: 1" for k, v in rows.items())
-    # gemm's 22 (per dtype: 4 buckets x 2 layouts, and the N=K=8192 size class of the 3 decode buckets for
-    # B = w.t()), then the memory-bound ops' (tools/sweep_membw.py)
+    # gemm's 58 (per dtype: 4 buckets x 2 layouts, the N=K=8192 size class of the 3 decode buckets for
+    # B = w.t(), and 18 per-weight records: the example decoder's 6 weights x 3 decode buckets), then the
+    # memory-bound ops' (tools/sweep_membw.py)
     ops = tuning.shipped_table("sm_90")["ops"]
-    assert sum(len(ops["gemm"][d]) for d in ops["gemm"]) == 22
+    assert sum(len(ops["gemm"][d]) for d in ops["gemm"]) == 2 * (11 + 18)
     assert rows["shipped sm_90"].startswith(f"{sum(len(b) for op in ops.values() for b in op.values())} entries")
 
 
