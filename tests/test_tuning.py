@@ -199,7 +199,7 @@ def test_tune_op_on_cpu_times_for_real_and_cli_prints_the_winner(monkeypatch, ca
     monkeypatch.setattr(tuning, "tune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retuned")))
     assert tuning.tune_op("gemm", [SHAPE], "fp16", device=torch.device("cpu"))[0]["params"] == rec["params"]
     monkeypatch.setattr(tuning, "tune_op", lambda *a, **k: recs)
-    args = argparse.Namespace(op="gemm", shapes="40x96x64", dtype="fp16", b_trans=False, force=False, cache_dir=None,
+    args = argparse.Namespace(op="gemm", shapes="40x96x64", dtype="fp16", b_trans=False, force=False, exact=False, cache_dir=None,
                               json=False)
     from jitkern import cli
 
