@@ -4,6 +4,8 @@
 #
 #   OUT=/some/dir bash tools/bench_h200.sh            (from the repo root; JITKERN_CACHE_DIR optional)
 #   STAGES="bench" bash tools/bench_h200.sh           (benchmarks only: the shipped tables as they are)
+#   STAGES="model" bash tools/bench_h200.sh           (gemm per weight shape of the example decoder, tuned and
+#                                                       benchmarked; the winners merged into $OUT/sm_90.json)
 #   STAGES="membw" bash tools/bench_h200.sh           (tools/sweep_membw.py: memory-bound ops' tiles; then
 #                                                       python3 tools/sweep_membw.py --apply $OUT/membw_sweep.json)
 #
@@ -25,6 +27,15 @@ if has tune; then
   shapes="4096x4096x4096,1x4096x4096,16x4096x4096,1x8192x8192,16x8192x8192,64x4096x4096,64x8192x8192,128x4096x4096,128x8192x8192"
   timeout ${T_TUNE:-120} python3 tools/tune_gemm.py --shapes "$shapes" --jobs 8 --out "$OUT/gemm_tune_kn.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
   timeout ${T_TUNE:-120} python3 tools/tune_gemm.py --shapes "$shapes" --jobs 8 --b-trans --out "$OUT/gemm_tune_nk.json" --write-table "$OUT/sm_90.json" | grep -v '^[ {}\[\]"]'
+fi
+if has model; then  # the decoder's weights (Qwen3-8B: QKV, O, gate/up, down, LM head, 8-expert router) at 1/32/128 rows
+  [ -f "$OUT/sm_90.json" ] || cp jitkern/tuned/sm_90.json "$OUT/sm_90.json"
+  shapes=$(for m in 128 32 1; do for nk in 6144x4096 4096x4096 24576x4096 4096x12288 151936x4096 8x4096; do
+    printf '%s,' "${m}x$nk"; done; done)
+  timeout ${T_MODEL:-150} python3 tools/tune_gemm.py --shapes "${shapes%,}" --per-weight --b-trans --jobs 12 \
+    --out "$OUT/gemm_tune_model_nk.json" --write-table "$OUT/sm_90.json" | grep -E 'WINNER|tuned|wrote'
+  timeout ${T_MODEL_BENCH:-100} python3 tools/bench_gemm.py --shapes "${shapes%,}" --dtype bf16 --layouts nk --rounds 1 \
+    --rep 40 --out "$OUT/bench_gemm_model.json" | sed -n '/^{/q;p'
 fi
 if has bench; then
   timeout ${T_GEMM:-100} python3 tools/bench_gemm.py --dtype bf16,fp16 --rounds 2 --rep 60 --out "$OUT/bench_gemm.json" \
