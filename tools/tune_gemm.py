@@ -72,9 +72,7 @@ def precompile(shapes, dtype, b_trans, jobs, arch=None, per_weight=False):
     for s in shapes:
         groups.setdefault(gemm.record_bucket(s, b_trans, exact=per_weight), []).append(s)
     for group in groups.values():
-        m, n, k = group[0]
-        for t in gemm.candidates(arch, dtype, gemm.bucket(m), b_trans=b_trans, big=gemm.big_weight(n, k),
-                                 weight=(n, k) if per_weight else None):
+        for t in gemm.tune_candidates(arch, dtype, group, b_trans):  # what tune_args will time
             for (m_, n_, k_) in group:  # the tensors tune_args makes are contiguous
                 strides = (k_, k_ if b_trans else n_, n_)
                 cfgs.add(gemm.config(dtype, b_trans, gemm.tile_aligned(t, n_, k_, strides), t))

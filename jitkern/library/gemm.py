@@ -311,6 +311,15 @@ def configs(arch):
                         yield cfg
 
 
+def tune_candidates(arch, dtype: str, shapes, b_trans: bool) -> list[dict]:
+    """The tiles tuning times for ``shapes`` (one bucket, sized by the first shape): the bucket's
+    candidates, after the record of their one weight shape where they share one."""
+    m0, n0, k0 = shapes[0]
+    one_weight = len({(n, k) for _, n, k in shapes}) == 1
+    return candidates(arch, dtype, bucket(m0), b_trans=b_trans, big=big_weight(n0, k0),
+                      weight=(n0, k0) if one_weight else None)
+
+
 def tune_args(dtype: str, shapes, b_trans: bool, device):
     """What ``jitkern.tuning`` needs to benchmark gemm candidates on ``shapes`` [(M, N, K), ...] of
     one bucket: (candidate Configs, ``run(cfg) -> function launching every shape once``, info,
@@ -331,9 +340,7 @@ def tune_args(dtype: str, shapes, b_trans: bool, device):
     _, build_arch = runtime.arches_for(device)
     m0, n0, k0 = shapes[0]
     cfgs = []
-    one_weight = len({(n, k) for _, n, k in shapes}) == 1
-    for t in candidates(build_arch, dtype, bucket(m0), b_trans=b_trans, big=big_weight(n0, k0),
-                        weight=(n0, k0) if one_weight else None):
+    for t in tune_candidates(build_arch, dtype, shapes, b_trans):
         cfg = config(dtype, b_trans, tile_aligned(t, n0, k0, tensors[0][3]), t)
         if cfg not in cfgs:
             cfgs.append(cfg)
