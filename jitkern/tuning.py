@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -267,6 +268,9 @@ def tune_op(op: str, shapes, dtype: str = "bf16", *, b_trans: bool = False, forc
     if bucket_of is None or make is None:
         raise ConfigError(f"op {op!r} cannot be tuned: its spec declares no 'tuning_bucket' and 'tune_args' in "
                           f"extra")
+    if exact and "exact" not in inspect.signature(bucket_of).parameters:
+        raise ConfigError(f"op {op!r} keeps no exact tuning records (its 'tuning_bucket' takes no exact=); tune it "
+                          f"per bucket, without --exact")
     if device is None:
         if not torch.cuda.is_available():
             raise NoDeviceError("tuning measures kernels on a GPU and none was found; run `jitkern tune` on the "

@@ -179,6 +179,13 @@ def test_gpu_autotune_end_to_end(monkeypatch, cache_dir):
     assert {p: cfg.p[p] for p in gemm.TILE_PARAMS} == rec["params"]
 
 
+def test_exact_records_need_an_op_that_keys_them(monkeypatch):
+    """--exact on an op whose tuning hook has no exact= is a clear error, before any device or timing."""
+    monkeypatch.setitem(gemm.SPEC.extra, "tuning_bucket", lambda shape, b_trans=False: gemm.record_bucket(shape, b_trans))
+    with pytest.raises(ConfigError, match="keeps no exact tuning records"):
+        tuning.tune_op("gemm", [SHAPE], "bf16", exact=True, device=torch.device("cpu"))
+
+
 def test_tune_op_on_cpu_times_for_real_and_cli_prints_the_winner(monkeypatch, capsys):
     """tune_op end to end on CPU tensors (interpreter), timed with a wall clock instead of CUDA events."""
     import argparse
