@@ -1,7 +1,7 @@
 """Record the example manifest: the call signatures of the example decoder at Qwen3-8B shapes.
 
     PYTHONPATH=$PWD python tools/record_example_manifest.py [-o examples/manifests/qwen3_8b.jsonl]
-        [--phases 1x16,8x16] [--layers 2] [--steps 1] [--vocab N]
+        [--phases 1x16,8x16] [--layers 2] [--steps 1] [--vocab N] [--device cuda]
 
 examples/jitkern_decoder (issue 16) at ``qwen3_8b_shapes`` runs on the CPU through Triton's
 interpreter with ``JITKERN_ARCH=sm_90`` and ``JITKERN_RECORD=OUT``: every op call the model makes is
@@ -12,7 +12,9 @@ dense, one MoE) give every signature a deeper model makes: all layers of a kind 
 
 The manifest holds no arch and no tile: ``jitkern prebuild --manifest OUT --arch gfx942,gfx950,sm_90``
 decides those per arch with each op's own plan. Interpreted kernels at these shapes are slow (the
-LM head alone takes minutes on one core); this is run once, and its output is committed.
+LM head alone takes minutes on one core); ``--device cuda`` records on a GPU instead (seconds; the
+signatures are the same: they hold shapes, strides and dtypes, not the device). Run once per change
+of the model, and commit its output.
 """
 from __future__ import annotations
 
@@ -59,25 +61,28 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=1, help="decode steps after each prefill")
     ap.add_argument("--vocab", type=int, help="override the vocabulary size (default: Qwen3-8B's 151936)")
+    ap.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda")
     ap.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     args = ap.parse_args(argv)
     if args.phase:
         b, t = (int(v) for v in args.phase.split("x"))
-        phase(b, t, args.steps, args.layers, args.vocab)
+        phase(b, t, args.steps, args.layers, args.vocab, args.device)
         return 0
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    where = "Triton interpreter" if args.device == "cpu" else f"on {args.device}"
     header = (f"# jitkern manifest: examples/jitkern_decoder at qwen3_8b_shapes(layers={args.layers}"
               + (f", vocab={args.vocab}" if args.vocab else "") + f"), bf16, phases {args.phases} (batch x prompt, "
               f"then {args.steps} decode step(s))\n# recorded by tools/record_example_manifest.py on "
-              f"{time.strftime('%Y-%m-%d', time.gmtime())} (Triton interpreter, JITKERN_ARCH=sm_90); "
+              f"{time.strftime('%Y-%m-%d', time.gmtime())} ({where}, JITKERN_ARCH=sm_90); "
               "one JSON line per call signature, no arch, no tile\n")
     out.write_text(header)
-    env = dict(os.environ, TRITON_INTERPRET="1", JITKERN_ARCH="sm_90", JITKERN_RECORD=str(out))
+    env = dict(os.environ, JITKERN_ARCH="sm_90", JITKERN_RECORD=str(out))
+    env["TRITON_INTERPRET"] = "1" if args.device == "cpu" else "0"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("JITKERN_STRICT", None)
     t0 = time.time()
-    extra = ["--layers", str(args.layers), "--steps", str(args.steps)] + (["--vocab", str(args.vocab)] if args.vocab else [])
+    extra = ["--layers", str(args.layers), "--steps", str(args.steps), "--device", args.device] + (["--vocab", str(args.vocab)] if args.vocab else [])
     procs = [subprocess.Popen([sys.executable, __file__, "--phase", p, *extra], env=env)
              for p in args.phases.split(",")]
     rcs = [p.wait() for p in procs]

@@ -25,10 +25,18 @@ class DecoderConfig:
     max_seq_len: int = 256  # KV cache tokens per sequence
     rope_base: float = 1_000_000.0
     eps: float = 1e-6
-    moe_align: int = 16  # the sorting block of moe_align (a multiple of moe_gemm_stage1's block_m)
+    moe_align: int = 16  # the smallest sorting block of moe_align (moe_gemm_stage1's block_m divides it)
+    moe_align_max: int = 64  # the largest (moe_gemm_stage1's largest block_m)
 
     def is_moe(self, layer: int) -> bool:
         return self.moe_every > 0 and layer % self.moe_every == self.moe_every - 1
+
+    def moe_block(self, tokens: int) -> int:
+        """The sorting block of a step over ``tokens`` tokens: the power of two at or above the mean pairs
+        per expert, within ``[moe_align, moe_align_max]``. Where routing is even one kernel block then
+        holds an expert's pairs (each expert's weights are read once), and small steps pad little."""
+        mean = -(-tokens * self.topk // max(1, self.experts))
+        return min(self.moe_align_max, max(self.moe_align, 1 << max(0, mean - 1).bit_length()))
 
     @property
     def qkv_width(self) -> int:
