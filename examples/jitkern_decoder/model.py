@@ -19,7 +19,7 @@ Per layer (pre-norm, fused residual add):
   sorted tables (a pair id ``token * topk + slot`` is its row of the stage-1 output), each pair
   against its own expert's ``w2`` [experts, hidden, N] (``[pairs, hidden]``; the weights and FLOPs of
   the experts the step routes to, as vLLM's fused_moe does for stage 2); torch weights each pair by
-  its router probability and sums over the top-k (one ``torch.bmm``). No host syncs (the tables stay
+  its router probability and sums over the top-k. No host syncs (the tables stay
   on the device), so CUDA graphs can capture the step.
 
 Final ``rms_norm`` (fused residual) and the LM head ``gemm``. Every step is tensor ops only (no
@@ -192,5 +192,6 @@ class JitkernDecoder(torch.nn.Module):
         hmid = ops.moe_gemm_stage1(x, w(p + "w1"), ids, eids, used, k, "silu")  # [n*k, N]
         # stage 2: row `pair` of hmid against its expert's w2 [H, N]: topk=1, the same tables
         y = ops.moe_gemm_stage1(hmid, w(p + "w2"), ids, eids, used, 1, "none")  # [n*k, H]
-        # the routing-weighted sum over each token's top-k: one batched [1, k] x [k, H] product per token
-        return torch.bmm(top_w.to(x.dtype)[:, None, :], y.view(n, k, hsz)).view(n, hsz)
+        # the routing-weighted sum over each token's top-k, in two kernels (torch reduces bf16 in fp32; a bmm
+        # would be one, but would make cuBLAS's first-use setup part of the first token)
+        return (y.view(n, k, hsz) * top_w.to(x.dtype)[..., None]).sum(1)
