@@ -26,10 +26,7 @@ also replayed through Triton's own JIT from the same rendered source (``tools/ji
 Prints a table and writes JSON.
 
 ``--sweep`` times tile settings through the ops' ``JITKERN_<OP>_<PARAM>`` overrides instead
-(``--sweep-ops pa,moe,mqa,gkv,moe_model``) and writes them as JSON. ``moe_model`` sweeps
-moe_gemm_stage1's tiles at the example decoder's MoE shapes (examples/jitkern_decoder: 8 experts, top
-2, hidden 4096 -> 2x1536, and stage 2 1536 -> 4096) at 1/32/128 tokens, with the sorting block
-equal to block_m.
+(``--sweep-ops pa,moe,mqa,gkv``) and writes them as JSON.
 """
 from __future__ import annotations
 
@@ -98,7 +95,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="instead: time tile settings of the ops named by --sweep-ops "
                          "(through their JITKERN_<OP>_<PARAM> overrides) and write them as JSON")
-    ap.add_argument("--sweep-ops", default="pa,moe", help="pa, moe, mqa, gkv, moe_model (comma separated)")
+    ap.add_argument("--sweep-ops", default="pa,moe", help="pa, moe, mqa, gkv (comma separated)")
     ap.add_argument("--ops", default="pa,gkv,moe,mqa", help="which ops to benchmark (default all)")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -318,39 +315,6 @@ def sweep(args, torch, do_bench, pa, moe, mqa, gkv) -> int:
                 rec = {**params, "split_k": split, "ms": t, "TB/s": nbytes / t / 1e9 if isinstance(t, float) else None}
                 out["moe_gemm_stage1"].append(rec)
                 print("moe", json.dumps(rec), flush=True)
-        with_env("JITKERN_MOE_GEMM_STAGE1_", {})
-
-    if "moe_model" in sops:  # the example decoder's MoE layer (qwen3_8b_shapes): stage 1 and stage 2
-        experts, topk, hidden, n = 8, 2, 4096, 1536
-        w1 = torch.randn(experts, 2 * n, hidden, dtype=torch.bfloat16, device=dev) / 64
-        w2 = torch.randn(experts, hidden, n, dtype=torch.bfloat16, device=dev) / 32
-        inputs = {}
-        for t in (1, 32, 128):
-            x = torch.randn(t, hidden, dtype=torch.bfloat16, device=dev)
-            tid = torch.stack([torch.randperm(experts, device=dev)[:topk] for _ in range(t)]).int()
-            h = torch.randn(t * topk, n, dtype=torch.bfloat16, device=dev)
-            hit = int(torch.unique(tid).numel())
-            inputs[t] = (x, tid, h, hit)
-        out["moe_model"] = []
-        grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-                for bm, bn, (bk, nw, ns) in itertools.product((16, 32, 64), (32, 64, 128),
-                                                              ((128, 4, 3), (128, 4, 4), (64, 4, 4), (128, 8, 3)))
-                if not (nw == 8 and bn == 32)]
-        for params in grid:
-            with_env("JITKERN_MOE_GEMM_STAGE1_", params)
-            rec = dict(params)
-            for t, (x, tid, h, hit) in inputs.items():
-                ids, eids, npad = moe.moe_align(tid, experts, params["block_m"])
-                for stage, fn, nbytes in (
-                        ("s1", lambda: moe.moe_gemm_stage1(x, w1, ids, eids, npad, topk), hit * 2 * n * hidden * 2),
-                        ("s2", lambda: moe.moe_gemm_stage1(h, w2, ids, eids, npad, 1, "none"), hit * n * hidden * 2)):
-                    ms = timed(fn)
-                    rec[f"{stage} t={t} us"] = round(ms * 1e3, 2) if isinstance(ms, float) else ms
-                    rec[f"{stage} t={t} TB/s"] = round(nbytes / ms / 1e9, 3) if isinstance(ms, float) else None
-            out["moe_model"].append(rec)
-            print("moe_model", json.dumps(rec), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(out, f, indent=1)
         with_env("JITKERN_MOE_GEMM_STAGE1_", {})
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -39,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: env prefix of each op's tile overrides
 PREFIX = {"paged_attention_decode": "JITKERN_PAGED_ATTENTION_DECODE_", "paged_mqa_logits": "JITKERN_PAGED_MQA_LOGITS_",
-          "gather_kv_cache": "JITKERN_GATHER_KV_CACHE_", "qk_norm_rope": "JITKERN_QK_NORM_ROPE_"}
-SHORT = {"pa": "paged_attention_decode", "mqa": "paged_mqa_logits", "gkv": "gather_kv_cache", "qnr": "qk_norm_rope"}
+          "gather_kv_cache": "JITKERN_GATHER_KV_CACHE_", "qk_norm_rope": "JITKERN_QK_NORM_ROPE_",
+          "moe_gemm_stage1": "JITKERN_MOE_GEMM_STAGE1_"}
+SHORT = {"pa": "paged_attention_decode", "mqa": "paged_mqa_logits", "gkv": "gather_kv_cache", "qnr": "qk_norm_rope",
+         "moe": "moe_gemm_stage1"}
 BUCKET = "default"  # the bucket the ops look up in jitkern/tuned/<arch>.json
 #: per op, the shipped-table bucket of each case (ops whose plan looks up per-shape buckets)
 CASE_BUCKETS: dict[str, list[str]] = {}
@@ -66,7 +68,49 @@ def grids() -> dict[str, list[dict]]:
     qnr = [dict(variant="triton", tile=512, num_warps=nw) for nw in (2, 4)]
     qnr += [dict(variant="cuda", cuda_tok=0), dict(variant="cuda", cuda_tok=1, cuda_warps=4),
             dict(variant="cuda", cuda_tok=1, cuda_warps=2)]
-    return {"paged_attention_decode": pa, "paged_mqa_logits": mqa, "gather_kv_cache": gkv, "qk_norm_rope": qnr}
+    # moe_gemm_stage1 at decode sizes streams its experts' weights: block_m is the sorting block's (each
+    # case's), so a tile here is the rest; each bucket (sorting block, gated or plain) ships its own winner
+    moe = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+           for bn, (bk, nw, ns) in itertools.product((32, 64, 128), ((128, 4, 3), (128, 4, 4), (64, 4, 4), (128, 8, 3)))
+           if not (nw == 8 and bn == 32)]
+    return {"paged_attention_decode": pa, "paged_mqa_logits": mqa, "gather_kv_cache": gkv, "qk_norm_rope": qnr,
+            "moe_gemm_stage1": moe}
+
+
+#: moe cases: the example decoder's MoE layer (examples/jitkern_decoder, qwen3_8b_shapes): 8 experts, top 2,
+#: hidden 4096 -> 2 x 1536 (stage 1, SiLU) and 1536 -> 4096 (stage 2, "none"), at these token counts and
+#: sorting blocks
+MOE_SHAPE = dict(experts=8, topk=2, hidden=4096, n=1536)
+MOE_TOKENS = (1, 32, 128)
+MOE_BLOCKS = (16, 32, 64)
+
+
+def _moe_cases(torch, quick: bool, dev: str):
+    from jitkern.library import moe_gemm_stage1 as moe
+
+    e, k, hid, n = (MOE_SHAPE[x] for x in ("experts", "topk", "hidden", "n"))
+    w1 = torch.randn(e, 2 * n, hid, device=dev).to(torch.bfloat16) / 64
+    w2 = torch.randn(e, hid, n, device=dev).to(torch.bfloat16) / 32
+    out = []
+    for t in MOE_TOKENS[-1:] if quick else MOE_TOKENS:
+        x = torch.randn(t, hid, device=dev).to(torch.bfloat16)
+        h = torch.randn(t * k, n, device=dev).to(torch.bfloat16)
+        g = torch.Generator().manual_seed(t)
+        tid = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).int()
+        hit = int(torch.unique(tid).numel())
+        for align in MOE_BLOCKS:
+            if dev == "meta":  # the tables' sizes only (planning)
+                size = -(-(t * k + e * (align - 1)) // align) * align
+                ids, eids, npad = (torch.empty(m, dtype=torch.int32, device=dev) for m in (size, size // align, 1))
+            else:
+                ids, eids, npad = moe.moe_align(tid.to(dev), e, align)
+            out.append((f"s1 t={t} a={align}", lambda x=x, ids=ids, eids=eids, npad=npad: moe.moe_gemm_stage1(
+                x, w1, ids, eids, npad, k), hit * 2 * n * hid * 2 + x.numel() * 2 + t * k * n * 2))
+            CASE_BUCKETS.setdefault("moe_gemm_stage1", []).append(moe.bucket(align, "silu"))
+            out.append((f"s2 t={t} a={align}", lambda h=h, ids=ids, eids=eids, npad=npad: moe.moe_gemm_stage1(
+                h, w2, ids, eids, npad, 1, "none"), hit * n * hid * 2 + h.numel() * 2 + t * k * hid * 2))
+            CASE_BUCKETS["moe_gemm_stage1"].append(moe.bucket(align, "none"))
+    return out
 
 
 # ---- cases: (label, fn, bytes moved) per shape, as the benchmarks build them ----------------------
@@ -100,6 +144,8 @@ def cases(op: str, torch, quick: bool, dev: str = "cuda"):
             cache, bt, cu, total = gkv_inputs(torch, dev, bsz, ctx, pg, e)
             out.append((f"b={bsz} ctx={ctx} page={pg} e={e}", lambda cache=cache, bt=bt, cu=cu, total=total:
                         gkv.gather_kv_cache(cache, bt, cu, num_tokens=total), 2 * total * e * 2))
+    elif op == "moe_gemm_stage1":
+        out = _moe_cases(torch, quick, dev)
     elif op == "qk_norm_rope":
         from jitkern.library import qk_norm_rope as qnr
 
@@ -387,29 +433,38 @@ def summarize(doc: dict, peak: float) -> dict:
     for op, d in doc["ops"].items():
         rows = [r for r in d["rows"] if r["ms"] and all(isinstance(m, float) for m in r["ms"])
                 and r.get("matches", True)]  # a variant that does not match the reference never wins
-        if not rows:
+        if not rows and not d.get("buckets"):
             out[op] = {"error": "no tile timed at every shape"}
             continue
         n = len(d["shapes"])
-        best = [min(r["ms"][i] for r in rows) for i in range(n)]
-        per_shape = []
-        for i, label in enumerate(d["shapes"]):
-            r = min(rows, key=lambda r: r["ms"][i])
-            per_shape.append({"shape": label, "tile": r["tile"], "ms": r["ms"][i],
-                              "frac_peak": round(d["bytes"][i] / r["ms"][i] / 1e9 / peak * 1e12, 4)})
-        def pick(rs):
-            return min(rs, key=lambda r: (max(r["ms"][i] / best[i] for i in range(n)), sum(r["ms"])))
+        out[op] = {"shapes": d["shapes"], "copy_frac_peak": d.get("copy_frac_peak")}
+        if rows:  # the overall winner: the tile closest to each shape's best at every shape
+            best = [min(r["ms"][i] for r in rows) for i in range(n)]
+            per_shape = []
+            for i, label in enumerate(d["shapes"]):
+                r = min(rows, key=lambda r: r["ms"][i])
+                per_shape.append({"shape": label, "tile": r["tile"], "ms": r["ms"][i],
+                                  "frac_peak": round(d["bytes"][i] / r["ms"][i] / 1e9 / peak * 1e12, 4)})
+            def pick(rs):
+                return min(rs, key=lambda r: (max(r["ms"][i] / best[i] for i in range(n)), sum(r["ms"])))
 
-        win = pick(rows)
-        out[op] = {"winner": win["tile"], "winner_index": d["rows"].index(win), "copy_frac_peak": d.get("copy_frac_peak"),
-                   "winner_frac_peak": [round(d["bytes"][i] / win["ms"][i] / 1e9 / peak * 1e12, 4) for i in range(n)],
-                   "winner_worst_over_best": round(max(win["ms"][i] / best[i] for i in range(n)), 4),
-                   "winner_ms": win["ms"], "shapes": d["shapes"], "best_per_shape": per_shape}
+            win = pick(rows)
+            out[op] |= {"winner": win["tile"], "winner_index": d["rows"].index(win),
+                        "winner_frac_peak": [round(d["bytes"][i] / win["ms"][i] / 1e9 / peak * 1e12, 4)
+                                             for i in range(n)],
+                        "winner_worst_over_best": round(max(win["ms"][i] / best[i] for i in range(n)), 4),
+                        "winner_ms": win["ms"], "best_per_shape": per_shape}
         if d.get("buckets"):  # each bucket's own winner, over the shapes in it
             out[op]["by_bucket"] = {}
             for bk in dict.fromkeys(d["buckets"]):
                 idx = [i for i in range(n) if d["buckets"][i] == bk]
-                w = min(rows, key=lambda r: (max(r["ms"][i] / best[i] for i in idx), sum(r["ms"][i] for i in idx)))
+                # a tile that fails elsewhere (over budget at a larger block) may still win its own bucket
+                rows_b = [r for r in d["rows"] if r["ms"] and all(isinstance(r["ms"][i], float) for i in idx)
+                          and r.get("matches", True)]
+                if not rows_b:
+                    continue
+                best_b = {i: min(r["ms"][i] for r in rows_b) for i in idx}
+                w = min(rows_b, key=lambda r: (max(r["ms"][i] / best_b[i] for i in idx), sum(r["ms"][i] for i in idx)))
                 out[op]["by_bucket"][bk] = {"tile": w["tile"], "index": d["rows"].index(w),
                                             "shapes": [d["shapes"][i] for i in idx],
                                             "ms": [w["ms"][i] for i in idx],
@@ -432,9 +487,12 @@ def print_summary(summary: dict) -> None:
         if "error" in s:
             print(f"{op}: {s['error']}")
             continue
-        print(f"{op}: overall {json.dumps(s['winner'])} (row {s['winner_index']}, worst shape "
-              f"{s['winner_worst_over_best']:.3f}x its best)")
-        for i, b in enumerate(s["best_per_shape"]):
+        if "winner" in s:
+            print(f"{op}: overall {json.dumps(s['winner'])} (row {s['winner_index']}, worst shape "
+                  f"{s['winner_worst_over_best']:.3f}x its best)")
+        else:
+            print(f"{op}: no tile timed at every shape; per bucket:")
+        for i, b in enumerate(s.get("best_per_shape", ())):
             cp = f"copy {s['copy_frac_peak'][i] * 100:5.1f}%  " if s.get("copy_frac_peak") else ""
             print(f"   {b['shape']:32s} {cp}winner {s['winner_frac_peak'][i] * 100:5.1f}%   best {b['frac_peak'] * 100:5.1f}% "
                   f"{json.dumps(b['tile'])}")
@@ -476,6 +534,8 @@ def apply(sweep_json: str, table: str, pick: str) -> int:
             row = doc["ops"][op]["rows"][int(picks.get(short, picks.get(op)))]
         elif "winner" in s:
             row = doc["ops"][op]["rows"][s["winner_index"]]
+        elif s.get("by_bucket"):
+            row = doc["ops"][op]["rows"][next(iter(s["by_bucket"].values()))["index"]]
         else:
             continue
         params = {k: v for k, v in row["tile"].items() if k != "variant"}
@@ -486,10 +546,16 @@ def apply(sweep_json: str, table: str, pick: str) -> int:
         entry = {"params": params, "ms": row["ms"], "shapes": doc["ops"][op]["shapes"], "device": doc.get("device"),
                  "triton": doc.get("triton"), "tuned": doc.get("date_utc"),
                  "source": "tools/sweep_membw.py " + Path(sweep_json).name}
-        per_bucket = {BUCKET: entry}
+        # moe_gemm_stage1's tiles leave block_m to each case's sorting block: only its buckets ship, each
+        # with the block_m of its sorting block
+        per_bucket = {} if op == "moe_gemm_stage1" else {BUCKET: entry}
         for bk, w in ({} if (short in picks or op in picks) else s.get("by_bucket", {})).items():
             per_bucket[bk] = dict(entry, params={k: v for k, v in w["tile"].items() if k != "variant"}, ms=w["ms"],
                                   shapes=w["shapes"])
+            if op == "moe_gemm_stage1":
+                from jitkern.library import moe_gemm_stage1 as moe
+
+                per_bucket[bk]["params"]["block_m"] = moe.bucket_block_m(bk)
         for dt in ("bf16", "fp16"):
             for bk, e in per_bucket.items():
                 ops_tab.setdefault(op, {}).setdefault(dt, {})[bk] = dict(e, **({"from": "bf16"} if dt == "fp16" else {}))

@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from .. import checks, constraints, contracts, redzone, registry, table_checks
+from .. import checks, constraints, contracts, redzone, registry, table_checks, tuning
 from ..contracts import Buffer, Contract
 from ..errors import ConfigError
 from ..logs import warn_once
@@ -167,6 +167,19 @@ def tile_candidates(arch_name: str, align_m: int) -> list[dict]:
     return cands
 
 
+def bucket(align_m: int, activation: str) -> str:
+    """The tuning bucket of calls over runs aligned to ``align_m`` (``jitkern/tuned/<arch>.json``): the
+    sorting block decides block_m (the largest that divides it, up to 64), and gated activations read
+    two weight tiles per step where ``"none"`` reads one."""
+    return f"a{align_m}_{'gated' if activation in GATED else 'plain'}"
+
+
+def bucket_block_m(name: str) -> int:
+    """The block_m of a bucket's calls (what a tuned entry of ``name`` is timed with)."""
+    align_m = int(name.split("_")[0][1:])
+    return max(bm for bm in TUNABLES["block_m"] if bm <= min(align_m, 64) and align_m % bm == 0)
+
+
 def _check_tile(params: dict, align_m: int) -> dict:
     if align_m % params["block_m"]:
         raise ConfigError(f"{OP}: block_m={params['block_m']} must divide the sorting block {align_m}; "
@@ -174,22 +187,29 @@ def _check_tile(params: dict, align_m: int) -> dict:
     return params
 
 
-def tiles(arch_name: str, align_m: int) -> dict:
-    """The tile for runs aligned to ``align_m``, after the arch's rules and env overrides (what the
-    plan gets from ``call.tiles``; prebuild and tools use this)."""
-    return _check_tile(constraints.apply(arch_name, OP, tile_candidates(arch_name, align_m), TUNABLES)[0], align_m)
+def tiles(arch_name: str, align_m: int, dtype: str = "bf16", activation: str = "silu") -> dict:
+    """The tile for runs aligned to ``align_m``, after the arch's rules and env overrides: the shipped
+    winner of its bucket (``bucket``, ``jitkern/tuned/<arch>.json``) first, if any (what the plan gets
+    from ``call.tiles``; prebuild and tools use this)."""
+    listed = tile_candidates(arch_name, align_m)
+    won = tuning.shipped(arch_name, OP, dtype, bucket(align_m, activation))
+    if won:
+        listed.insert(0, {**listed[0], **won})
+    return _check_tile(constraints.apply(arch_name, OP, listed, TUNABLES)[0], align_m)
 
 
 def configs(arch):
-    """What the runtime can pick: the tile ``tiles()`` gives for each sorting block size."""
-    picked = []
+    """What the runtime can pick: the tile ``tiles()`` gives for each sorting block size, dtype and
+    activation."""
+    seen = set()
     for align_m in TUNABLES["block_m"]:
-        params = tiles(arch.name, align_m)
-        if params not in picked:
-            picked.append(params)
-    for params in picked:
         for dtype in ("bf16", "fp16"):
             for act in ACTIVATIONS:
+                params = tiles(arch.name, align_m, dtype, act)
+                mark = (dtype, act, tuple(sorted(params.items())))
+                if mark in seen:
+                    continue
+                seen.add(mark)
                 for aligned in (True, False):
                     yield gemm_config(dtype, act, False, params, aligned)
                     yield gemm_config(dtype, act, True, params, aligned)
@@ -273,7 +293,8 @@ def plan(call):
         return None  # empty work (seed 003: an empty prefill): nothing to launch
     for what, v in (("num_pairs", pairs), ("sorted_size", size), ("N", n), ("K", k)):
         checks.fits_i32(OP, what, v)
-    params = _check_tile(call.tiles(tile_candidates(call.arch.name, align_m))[0], align_m)
+    params = _check_tile(call.tiles(tile_candidates(call.arch.name, align_m), dtype=checks.TRITON_TYPE[x.dtype],
+                                    bucket=bucket(align_m, activation))[0], align_m)
     bm, bn, bk = params["block_m"], params["block_n"], params["block_k"]
     fallback = Candidate(torch=_torch_path, name="torch")
     scratch_arg = None
