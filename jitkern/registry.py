@@ -24,6 +24,7 @@ BUILTIN = {
     "rms_norm": "jitkern.library.rms_norm",
     "paged_attention_decode": "jitkern.library.paged_attention_decode",
     "moe_gemm_stage1": "jitkern.library.moe_gemm_stage1",
+    "moe_align": "jitkern.library.moe_align",
     "gather_kv_cache": "jitkern.library.gather_kv_cache",
     "paged_mqa_logits": "jitkern.library.paged_mqa_logits",
     "qk_norm_rope": "jitkern.library.qk_norm_rope",

@@ -5,10 +5,10 @@
 (put ``examples/`` on ``sys.path``, or ``pip install -e examples/``).
 """
 from .config import TINY, DecoderConfig, qwen3_8b_shapes
-from .model import JitkernDecoder, moe_align
+from .model import JitkernDecoder
 from .reference import ReferenceDecoder
 from .run import compare, rel_err
 from .weights import make_weights
 
-__all__ = ["TINY", "DecoderConfig", "qwen3_8b_shapes", "JitkernDecoder", "moe_align", "ReferenceDecoder",
+__all__ = ["TINY", "DecoderConfig", "qwen3_8b_shapes", "JitkernDecoder", "ReferenceDecoder",
            "compare", "rel_err", "make_weights"]

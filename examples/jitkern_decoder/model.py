@@ -11,16 +11,16 @@ Per layer (pre-norm, fused residual add):
   through **torch's SDPA** (causal, GQA), since the library has no prefill attention op;
 * output projection: ``jitkern.ops.gemm``;
 * MLP, dense layers: gate/up ``gemm``, SiLU * up in torch (no jitkern op for it), down ``gemm``;
-* MLP, MoE layers: router ``gemm`` + torch softmax/top-k, pairs sorted by expert (``moe_align`` here,
-  made of CUDA-graph-capturable torch ops; its sorting block grows with the step's tokens,
-  ``DecoderConfig.moe_block``), ``jitkern.ops.moe_gemm_stage1`` (gate-up GEMM of each
-  pair's expert with SiLU-and-mul fused, ``[pairs, N]``), then the down projection as a grouped GEMM:
+* MLP, MoE layers: router ``gemm`` + torch softmax/top-k, pairs sorted by expert on the device by
+  ``jitkern.ops.moe_align`` (its sorting block grows with the step's tokens, ``DecoderConfig.moe_block``),
+  ``jitkern.ops.moe_gemm_stage1`` (gate-up GEMM of each pair's expert with SiLU-and-mul fused,
+  ``[pairs, N]``), then the down projection as a grouped GEMM:
   the same op with ``activation="none"`` and ``topk=1`` over those ``[pairs, N]`` rows and the same
   sorted tables (a pair id ``token * topk + slot`` is its row of the stage-1 output), each pair
   against its own expert's ``w2`` [experts, hidden, N] (``[pairs, hidden]``; the weights and FLOPs of
   the experts the step routes to, as vLLM's fused_moe does for stage 2); torch weights each pair by
-  its router probability and sums over the top-k. No host syncs (the tables stay
-  on the device), so CUDA graphs can capture the step.
+  its router probability and sums over the top-k. No host syncs (the tables stay on the device), so
+  CUDA graphs can capture the step.
 
 Final ``rms_norm`` (fused residual) and the LM head ``gemm``. Every step is tensor ops only (no
 ``.item()``, no Python data-dependent branching), so ``decode`` can be captured in a CUDA graph or
@@ -36,35 +36,6 @@ import jitkern
 from jitkern.library.qk_norm_rope import cos_sin_table
 
 from .config import DecoderConfig
-
-
-def moe_align(topk_ids: torch.Tensor, experts: int, align_m: int):
-    """``(sorted_token_ids, expert_ids, num_tokens_post_padded)`` for ``moe_gemm_stage1``: pair ids
-    ``token * topk + slot`` grouped by expert, each group padded to a multiple of ``align_m`` with
-    the sentinel ``pairs``. Same layout as ``jitkern.library.moe_gemm_stage1.moe_align``, which uses
-    ``torch.bincount`` (a host sync on CUDA, so not capturable). No sort either: a pair's place in
-    its expert's group is a running count over a [pairs, experts] one-hot (experts is small), so the
-    step launches a few elementwise kernels instead of a radix sort (~27 us a call at 256 pairs on an H200)."""
-    dev = topk_ids.device
-    flat = topk_ids.reshape(-1)
-    pairs = flat.numel()
-    onehot = (flat[:, None] == torch.arange(experts, device=dev)).to(torch.int32)  # [pairs, experts]
-    counts = onehot.sum(0)
-    padded = (counts + (align_m - 1)) // align_m * align_m
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    # earlier pairs of the same expert (a stable order): a running count along each expert's row of the
-    # transposed one-hot (a scan over the innermost dim; over dim 0 torch's scan is ~40 us at 256 pairs)
-    rank = onehot.t().cumsum(1, dtype=torch.int32).t()[torch.arange(pairs, device=dev), flat] - 1
-    pos = starts[flat] + rank
-    size = -(-(pairs + experts * (align_m - 1)) // align_m) * align_m
-    ids = torch.full((size,), pairs, dtype=torch.int32, device=dev)
-    ids.index_copy_(0, pos.long(), torch.arange(pairs, dtype=torch.int32, device=dev))
-    used = ends[-1:]
-    blocks = torch.arange(0, size, align_m, device=dev)
-    eids = torch.searchsorted(ends, blocks, right=True).clamp_(max=experts - 1)
-    eids = torch.where(blocks < used, eids, 0).to(torch.int32)
-    return ids, eids, used.to(torch.int32)
 
 
 def _attr(weight_name: str) -> str:
@@ -188,7 +159,7 @@ class JitkernDecoder(torch.nn.Module):
         top_w = top_w / top_w.sum(-1, keepdim=True)
         if self.record_routes:
             getattr(self, f"route{i}")[:n].copy_(top_i)
-        ids, eids, used = moe_align(top_i, e, cfg.moe_block(n))
+        ids, eids, used = ops.moe_align(top_i, e, cfg.moe_block(n))
         hmid = ops.moe_gemm_stage1(x, w(p + "w1"), ids, eids, used, k, "silu")  # [n*k, N]
         # stage 2: row `pair` of hmid against its expert's w2 [H, N]: topk=1, the same tables
         y = ops.moe_gemm_stage1(hmid, w(p + "w2"), ids, eids, used, 1, "none")  # [n*k, H]

@@ -7,7 +7,8 @@ for ``"none"``);
 expert's run padded to a multiple of ``align_m`` with the sentinel ``tokens * topk``;
 ``expert_ids`` [sorted_size // align_m] int32: the expert of each run block;
 ``num_tokens_post_padded`` [1] int32: how many leading entries of ``sorted_token_ids`` are in use.
-``moe_align()`` builds the three from router ``topk_ids`` (the layout of vLLM's moe_align_block_size).
+``jitkern.ops.moe_align`` builds the three from router ``topk_ids`` on the device, in one launch (the
+layout of vLLM's moe_align_block_size; ``moe_align`` here is its torch reference).
 Table contract (the caller's; checked before the launch under ``JITKERN_DEBUG=checks``):
 ``num_tokens_post_padded[0]`` in ``[0, sorted_size]``; in the run blocks it covers (the first
 ``ceil(num_tokens_post_padded / align_m)``), every ``sorted_token_ids`` entry is a pair id in
@@ -45,6 +46,7 @@ from ..logs import warn_once
 from ..render import builtin_template_dir
 from ..dispatch import dispatcher
 from ..spec import Arg, Candidate, Config, In, Launch, OpSpec, Scratch, Variant
+from .moe_align import reference as moe_align  # noqa: F401  the tables in torch (jitkern.ops.moe_align: one kernel)
 
 OP = "moe_gemm_stage1"
 DTYPES = (torch.bfloat16, torch.float16)
@@ -78,31 +80,6 @@ CONTRACT = Contract(OP, (
 def out_width(w1, activation: str) -> int:
     """N, the width of ``out``: half of ``w1``'s rows for a gated activation, all of them for ``"none"``."""
     return w1.shape[1] if activation == "none" else w1.shape[1] // 2
-
-
-def moe_align(topk_ids, num_experts: int, align_m: int):
-    """``(sorted_token_ids, expert_ids, num_tokens_post_padded)`` for router choices ``topk_ids``
-    [tokens, topk]: pair ids grouped by expert, each group padded to a multiple of ``align_m`` with
-    the sentinel ``tokens * topk``; ``sorted_size`` is the worst case ``pairs + experts*(align_m-1)``
-    rounded up to ``align_m``, as serving engines allocate it."""
-    dev = topk_ids.device
-    flat = topk_ids.reshape(-1).long()
-    pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
-    padded = (counts + align_m - 1) // align_m * align_m
-    starts = torch.cumsum(padded, 0) - padded
-    order = torch.argsort(flat, stable=True)
-    first = torch.cumsum(counts, 0) - counts
-    e_sorted = flat[order]
-    pos = starts[e_sorted] + torch.arange(pairs, device=dev) - first[e_sorted]
-    size = -(-(pairs + num_experts * (align_m - 1)) // align_m) * align_m
-    ids = torch.full((size,), pairs, dtype=torch.int32, device=dev)
-    ids[pos] = order.to(torch.int32)
-    used = padded.sum()
-    blocks = torch.arange(size // align_m, device=dev) * align_m
-    eids = torch.searchsorted(torch.cumsum(padded, 0), blocks, right=True)
-    eids = torch.where(blocks < used, eids, 0).to(torch.int32)
-    return ids, eids, used.reshape(1).to(torch.int32)
 
 
 def _act(g, activation):
