@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import jitkern
+from conftest import requires_gpu
 from jitkern.errors import ArgumentError, DTypeError, ShapeError, TableError
 from jitkern.library import moe_align as ma
 from jitkern.library import moe_gemm_stage1 as moe
@@ -79,3 +80,12 @@ def test_out_of_range_expert_ids_raise_under_debug_checks(monkeypatch):
     tid[2, 1] = 8
     with pytest.raises(TableError, match=r"topk_ids\[2\]\[1\] = 8"):
         jitkern.ops.moe_align(tid, 8, 16)
+
+
+@requires_gpu
+def test_tables_match_reference_on_gpu_at_prefill_and_decode_sizes():
+    for tokens, experts, topk, align in ((1, 8, 2, 16), (128, 8, 2, 32), (8192, 256, 8, 64), (4096, 128, 8, 16)):
+        tid = _routes(tokens, experts, topk, seed=tokens).cuda()
+        got = jitkern.ops.moe_align(tid, experts, align)
+        for a, b in zip(got, ma.reference(tid, experts, align)):
+            assert torch.equal(a, b), (tokens, experts, topk, align)
