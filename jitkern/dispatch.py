@@ -627,15 +627,17 @@ def dispatcher(spec: OpSpec) -> Dispatcher:
 
 
 @state.on_reset
-def clear_memory() -> None:
-    """Forget every per-signature decision and loaded kernel: the next calls decide and load afresh
-    (from the cache). ``jitkern.reset()`` also forgets counters and log-once keys."""
+def clear_memory(kernels: bool = True) -> None:
+    """Forget every per-signature decision and (``kernels``) loaded kernel: the next calls decide and
+    load afresh (from the cache). ``kernels=False`` keeps the loaded kernel objects (a tool that wraps
+    their launches decides again with them). ``jitkern.reset()`` also forgets counters and log-once keys."""
     for d in list(_dispatchers.values()):
         with d._lock:
             d._memo.clear()
             d._routes.clear()
             d._call = d._call_python
-    runtime.clear_memory()
+    if kernels:
+        runtime.clear_memory()
 
 
 __all__ = ["Call", "Dispatcher", "dispatcher", "In", "Launch", "Candidate", "Scalar", "Scratch", "Zeroed"]

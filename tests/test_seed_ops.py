@@ -461,23 +461,3 @@ def test_plans_pick_configs_that_prebuild_builds(a):
         for cfg in launched:
             assert cfg in built, (mod.OP, a, cfg.describe())
 
-
-@pytest.mark.parametrize("tokens,align,want", [(1, 16, 8), (128, 32, 1)])
-def test_moe_automatic_split_counts_the_blocks_that_can_hold_pairs(tokens, align, want):
-    # sm_90 plan at the example decoder's MoE shape (8 experts, top 2, 4096 -> 2 x 1536), meta tensors: one
-    # token fills 2 of the 8 worst-case blocks, so K is split to fill the GPU; 128 tokens fill it unsplit
-    from jitkern import arch as _arch
-    from jitkern.library import moe_align as ma
-
-    experts, topk, k, n = 8, 2, 4096, 1536
-    size = ma.sorted_size(tokens * topk, experts, align)
-    meta = dict(device="meta")
-    args = (torch.empty(tokens, k, dtype=torch.bfloat16, **meta),
-            torch.empty(experts, 2 * n, k, dtype=torch.bfloat16, **meta),
-            torch.empty(size, dtype=torch.int32, **meta), torch.empty(size // align, dtype=torch.int32, **meta),
-            torch.empty(1, dtype=torch.int32, **meta), topk, "silu", None,
-            torch.empty(tokens * topk, n, dtype=torch.bfloat16, **meta), None)
-    cands = jitkern.dispatcher(moe.SPEC).candidates(args, _arch.get("sm_90"), torch.device("meta"))
-    gemm = cands[0].launches[0]
-    assert gemm.grid[2] == want, gemm.grid
-    assert len(cands[0].launches) == (2 if want > 1 else 1)  # split-K adds the reduce

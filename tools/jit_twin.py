@@ -58,11 +58,13 @@ def record(fn):
 
         patched.append((k, run, launch))
         k.run, k.launch = make_run(), make_launch()
-    from jitkern import dispatch
+    from jitkern import dispatch, settings
 
-    dispatch.clear_memory()  # the dispatcher binds a kernel's run when it decides: decide again, patched
+    # the dispatcher binds a kernel's run when it decides: decide again, with these (patched) kernels
+    dispatch.clear_memory(kernels=False)
     try:
-        fn()
+        with settings.override(fast_call=False):  # the C hot path launches without run()/launch()
+            fn()
     finally:
         for k, run, launch in patched:
             for name, old in (("run", run), ("launch", launch)):
@@ -70,7 +72,7 @@ def record(fn):
                     k.__dict__.pop(name, None)
                 else:
                     setattr(k, name, old)
-        dispatch.clear_memory()
+        dispatch.clear_memory(kernels=False)
     # a launch through kernel[grid] reaches launch() (and on the direct path run()): keep one of each
     out, last = [], None
     for item in launches:

@@ -278,10 +278,7 @@ def plan(call):
     if split_k is None:
         split = 1
         if call.arch.backend is not None:  # enough tiles to fill the GPU twice, else split K
-            # blocks that can hold pairs: each expert that got any (at most min(experts, pairs)) has one
-            # partial run, plus the full runs (sorted_size counts the worst-case padding of every expert)
-            runs = min(experts, pairs) + pairs // align_m
-            tiles_mn = min(size // bm, runs * (align_m // bm)) * -(-n // bn)
+            tiles_mn = (size // bm) * -(-n // bn)
             split = max(1, min(8, (2 * call.arch.num_cus) // max(1, tiles_mn), k // (4 * bk)))
         if split > 1:
             dims = SimpleNamespace(split_k=split, sorted_size=size, n=n, gated=gated)
