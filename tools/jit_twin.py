@@ -120,11 +120,6 @@ def twin(launches):
     return replay
 
 
-def uses_global_scratch(launches) -> bool:
-    """Whether any recorded kernel needs Triton's global scratch (its JIT then needs an allocator)."""
-    return any(getattr(getattr(k, "_metadata", None), "global_scratch_size", 0) for k, _, _ in launches)
-
-
 def ensure_allocator():
     """Triton's JIT launches kernels needing global scratch (TMA descriptors made on the device) only
     with an allocator set: give it torch's (the twin only; jitkern allocates its own)."""
@@ -140,8 +135,7 @@ def compare(fn, do_bench, **bench_kw) -> dict:
     launches = record(fn)
     if not launches:
         return {"twin": None}
-    if uses_global_scratch(launches):
-        ensure_allocator()
+    ensure_allocator()  # device-made TMA descriptors need one; a driver-loaded kernel does not say so
     rep = twin(launches)
     rep()
     import torch
