@@ -461,3 +461,30 @@ def test_plans_pick_configs_that_prebuild_builds(a):
         for cfg in launched:
             assert cfg in built, (mod.OP, a, cfg.describe())
 
+
+@pytest.mark.parametrize("tokens,align,activation", [(128, 32, "silu"), (32, 64, "none")])
+def test_moe_plan_takes_its_buckets_shipped_tile_and_prebuild_builds_it(tokens, align, activation):
+    # sm_90 at the example decoder's MoE shapes, meta tensors: the plan's tile is the shipped winner of
+    # bucket a<align>_<gated|plain> (tools/sweep_membw.py --apply), and configs() holds what it launches
+    from jitkern import arch as _arch
+    from jitkern import tuning
+    from jitkern.library import moe_align as ma
+
+    sm90 = _arch.get("sm_90")
+    experts, topk, k, n = 8, 2, 4096, 1536
+    if activation == "none":
+        tokens, topk, k, n = tokens * topk, 1, n, k  # stage 2: the pairs' rows against w2 [E, hidden, N]
+    rows_w = n if activation == "none" else 2 * n
+    size = ma.sorted_size(tokens * topk, experts, align)
+    meta = dict(device="meta")
+    args = (torch.empty(tokens, k, dtype=torch.bfloat16, **meta),
+            torch.empty(experts, rows_w, k, dtype=torch.bfloat16, **meta),
+            torch.empty(size, dtype=torch.int32, **meta), torch.empty(size // align, dtype=torch.int32, **meta),
+            torch.empty(1, dtype=torch.int32, **meta), topk, activation, None,
+            torch.empty(tokens * topk, n, dtype=torch.bfloat16, **meta), None)
+    won = tuning.shipped("sm_90", moe.OP, "bf16", moe.bucket(align, activation))
+    assert won and won["block_m"] == moe.bucket_block_m(moe.bucket(align, activation)) == align
+    gemm_cfg = jitkern.dispatcher(moe.SPEC).candidates(args, sm90, torch.device("meta"))[0].launches[0].config
+    assert {key: gemm_cfg.p[key] for key in won} == won
+    built = set(moe.configs(sm90))
+    assert gemm_cfg in built

@@ -32,6 +32,7 @@ ID_DTYPES = (torch.int32, torch.int64)
 EXPERT_BINS = (8, 16, 32, 64, 128, 256, 512)
 #: Pairs per step of the kernel's loops (its per-step rank matrix is BLOCK x BLOCK).
 BLOCK = 64
+OUTPUTS = ("sorted_token_ids", "expert_ids", "num_tokens_post_padded")
 
 
 def sorted_size(pairs: int, num_experts: int, align_m: int) -> int:
@@ -61,12 +62,10 @@ def reference(topk_ids, num_experts: int, align_m: int, sorted_token_ids=None, e
     eids = torch.where(blocks < used, eids, 0).to(torch.int32)
     got = (ids, eids, used.reshape(1).to(torch.int32))
     given = (sorted_token_ids, expert_ids, num_tokens_post_padded)
-    if any(g is not None for g in given):
-        for g, v in zip(given, got):
-            if g is not None:
-                g.copy_(v)
-        return tuple(v if g is None else g for g, v in zip(given, got))
-    return got
+    for g, v in zip(given, got):
+        if g is not None:
+            g.copy_(v)
+    return tuple(v if g is None else g for g, v in zip(given, got))
 
 
 def expert_bins(num_experts: int) -> int:
@@ -119,12 +118,12 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, align_m: int,
               num_tokens_post_padded: Optional[torch.Tensor] = None):
     """The sorted pair tables of ``topk_ids`` (see the module doc); given output tensors are filled and
     returned, missing ones allocated. Returns ``(sorted_token_ids, expert_ids, num_tokens_post_padded)``."""
-    outs = alloc(topk_ids, num_experts, align_m, sorted_token_ids, expert_ids, num_tokens_post_padded)
-    ids, eids, npad = (outs[n] if g is None else g for n, g in
-                       (("sorted_token_ids", sorted_token_ids), ("expert_ids", expert_ids),
-                        ("num_tokens_post_padded", num_tokens_post_padded)))
-    _dispatch(topk_ids, num_experts, align_m, ids, eids, npad)
-    return ids, eids, npad
+    given = {"sorted_token_ids": sorted_token_ids, "expert_ids": expert_ids,
+             "num_tokens_post_padded": num_tokens_post_padded}
+    bufs = {n: t for n, t in given.items() if t is not None} | alloc(topk_ids, num_experts, align_m, **given)
+    tables = tuple(bufs[n] for n in OUTPUTS)
+    _dispatch(topk_ids, num_experts, align_m, *tables)
+    return tables
 
 
 def alloc(topk_ids, num_experts, align_m, sorted_token_ids=None, expert_ids=None, num_tokens_post_padded=None):
@@ -132,12 +131,11 @@ def alloc(topk_ids, num_experts, align_m, sorted_token_ids=None, expert_ids=None
     dev = topk_ids.device if isinstance(topk_ids, torch.Tensor) else None
     try:
         size = sorted_size(topk_ids.numel(), int(num_experts), int(align_m))
-        shapes = {"sorted_token_ids": (size,), "expert_ids": (size // int(align_m),), "num_tokens_post_padded": (1,)}
+        shapes = (size,), (size // int(align_m),), (1,)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError):  # bad arguments: the plan says why
-        shapes = {n: (0,) for n in ("sorted_token_ids", "expert_ids", "num_tokens_post_padded")}
-    given = {"sorted_token_ids": sorted_token_ids, "expert_ids": expert_ids,
-             "num_tokens_post_padded": num_tokens_post_padded}
-    return {n: torch.empty(s, dtype=torch.int32, device=dev) for n, s in shapes.items() if given[n] is None}
+        shapes = (0,), (0,), (0,)
+    given = (sorted_token_ids, expert_ids, num_tokens_post_padded)
+    return {n: torch.empty(s, dtype=torch.int32, device=dev) for n, s, g in zip(OUTPUTS, shapes, given) if g is None}
 
 
 SPEC = registry.register(OpSpec(
@@ -158,7 +156,7 @@ SPEC = registry.register(OpSpec(
     plan=plan,
     tunables={"num_warps": (1, 2, 4, 8)},
     doc=__doc__,
-    outputs=("sorted_token_ids", "expert_ids", "num_tokens_post_padded"),
+    outputs=OUTPUTS,
     alloc=alloc,
     debug_checks=check_tables,
 ))
