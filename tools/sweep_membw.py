@@ -86,6 +86,7 @@ MOE_BLOCKS = (16, 32, 64)
 
 
 def _moe_cases(torch, quick: bool, dev: str):
+    from jitkern.library import moe_align
     from jitkern.library import moe_gemm_stage1 as moe
 
     e, k, hid, n = (MOE_SHAPE[x] for x in ("experts", "topk", "hidden", "n"))
@@ -100,7 +101,7 @@ def _moe_cases(torch, quick: bool, dev: str):
         hit = int(torch.unique(tid).numel())
         for align in MOE_BLOCKS:
             if dev == "meta":  # the tables' sizes only (planning)
-                size = -(-(t * k + e * (align - 1)) // align) * align
+                size = moe_align.sorted_size(t * k, e, align)
                 ids, eids, npad = (torch.empty(m, dtype=torch.int32, device=dev) for m in (size, size // align, 1))
             else:
                 ids, eids, npad = moe.moe_align(tid.to(dev), e, align)

@@ -133,12 +133,16 @@ def _candidates(arch_name: str, block_m: int) -> list[dict]:
              "num_stages": 2 if amd else 3} for bn in (32, 64)]
 
 
+def _block_ms(align_m: int) -> list[int]:
+    """The block_m a run aligned to ``align_m`` can take, largest first (block_m must divide ``align_m``:
+    a run block may span several kernel blocks of the same expert)."""
+    return [bm for bm in TUNABLES["block_m"][::-1] if bm <= min(align_m, 64) and align_m % bm == 0]
+
+
 def tile_candidates(arch_name: str, align_m: int) -> list[dict]:
     """The tiles for runs aligned to ``align_m``, before the arch's rules and env overrides: largest
-    block_m first (block_m must divide ``align_m``: a run block may span several kernel blocks of
-    the same expert)."""
-    cands = [c for bm in TUNABLES["block_m"][::-1] if bm <= min(align_m, 64) and align_m % bm == 0
-             for c in _candidates(arch_name, bm)]
+    block_m first."""
+    cands = [c for bm in _block_ms(align_m) for c in _candidates(arch_name, bm)]
     if not cands:
         raise checks.ShapeError(f"{OP}: the sorting block {align_m} must be a multiple of 16")
     return cands
@@ -153,8 +157,7 @@ def bucket(align_m: int, activation: str) -> str:
 
 def bucket_block_m(name: str) -> int:
     """The block_m of a bucket's calls (what a tuned entry of ``name`` is timed with)."""
-    align_m = int(name.split("_")[0][1:])
-    return max(bm for bm in TUNABLES["block_m"] if bm <= min(align_m, 64) and align_m % bm == 0)
+    return _block_ms(int(name.split("_")[0][1:]))[0]
 
 
 def _check_tile(params: dict, align_m: int) -> dict:
