@@ -80,24 +80,24 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def _install_triton_jit_loader():
+def _install_triton_jit_loader() -> list:
     """Case (d): Triton variants' kernels are launched through ``triton.jit`` on the rendered source in
-    jitkern's entry (Triton's JIT specialises, looks up its own cache, loads and launches)."""
-    import importlib
-
-    from jitkern import launcher
+    jitkern's entry (Triton's JIT specialises, looks up its own cache, loads and launches). jitkern still
+    plans the call and finds the entry (its own cost stays in (d)); only loading and launching are
+    Triton's. Returns ``[kernels made]``: a (d) run that made none did not measure Triton's JIT."""
+    from jitkern.builders import base
     from jitkern.builders import triton as triton_builder
 
-    base = getattr(launcher, "Kernel", None) or importlib.import_module("jitkern.builders.base").Kernel
-    SOURCE_FILE, import_source, kernel_function = (triton_builder.SOURCE_FILE, triton_builder.import_source,
-                                                   triton_builder.kernel_function)
+    made = [0]
 
-    class TritonJITKernel(base):
+    class TritonJITKernel(base.Kernel):
         def __init__(self, entry, job):
             super().__init__(entry, job)
-            module = import_source(entry.file(SOURCE_FILE), f"bench_jit.k{entry.key[:16]}")
-            self._fn = kernel_function(module, job.variant.kernel, entry.path)
+            module = triton_builder.import_source(entry.file(triton_builder.SOURCE_FILE),
+                                                  f"bench_jit.k{entry.key[:16]}")
+            self._fn = triton_builder.kernel_function(module, job.variant.kernel, entry.path)
             self._options = job.config.compile_options()
+            made[0] += 1
 
         def launch(self, grid3, *args):
             self._fn[grid3](*args, **self._options)
@@ -107,9 +107,11 @@ def _install_triton_jit_loader():
 
     # kernels that make TMA descriptors on the device need global scratch: Triton's JIT asks this allocator
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    for mod in (launcher, triton_builder):  # where Triton GPU kernels are made from entries
-        if hasattr(mod, "GPUKernel"):
-            mod.GPUKernel = TritonJITKernel
+    gpu_load = triton_builder.load_gpu  # where GPU entries become kernels (the driver path and the fast
+    # C launch path hang off it: a TritonJITKernel has neither, so every launch goes through its JIT)
+    triton_builder.load_gpu = lambda entry, job: (TritonJITKernel(entry, job) if job.arch.backend == "cuda"
+                                                  else gpu_load(entry, job))
+    return made
 
 
 def _accumulating(fn, acc: list):
@@ -163,8 +165,7 @@ def child_ttft(args) -> dict:
     cfg = _cfg(args)
     from jitkern_decoder import JitkernDecoder, ReferenceDecoder, make_weights
 
-    if args.impl == "triton-jit":
-        _install_triton_jit_loader()
+    jit_made = _install_triton_jit_loader() if args.impl == "triton-jit" else None
     acquire = _time_kernel_acquisition() if args.impl != "eager" else None
     in_ops = _time_op_calls() if args.impl != "eager" else None
     t_import = time.time()
@@ -226,6 +227,9 @@ def child_ttft(args) -> dict:
     if in_ops is not None:  # inside jitkern.ops calls: first forward, second, and what the first adds
         out["in_ops_first_s"], out["in_ops_second_s"] = ops_first, ops_second
         out["jitkern_own_s"] = ops_first - ops_second
+    if jit_made is not None:
+        out["triton_jit_kernels"] = jit_made[0]
+    out["triton_imported"] = "triton" in sys.modules
     if acquire is not None:  # inside jitkern.runtime.kernel: plan, cache lookup (or build), load
         out["kernel_acquire_s"], out["kernel_acquires"] = acquire[0], acquire[1]
     if "jitkern" in sys.modules:
@@ -415,7 +419,9 @@ class Bench:
             self.summarize(case)
         print(f"  {case}: ttft {r['ttft_s']:.3f} s (torch {r['import_torch_s']:.2f}, cuda {r['cuda_init_s']:.2f}, "
               f"model code {r['import_model_s']:.3f}, weights {r['weights_s']:.3f}, first fwd "
-              f"{r['first_forward_s']:.3f}, second {r['second_forward_s']:.3f}) {r.get('stats', '')}", flush=True)
+              f"{r['first_forward_s']:.3f}, second {r['second_forward_s']:.3f}; triton imported: {r['triton_imported']}"
+              + (f", {r['triton_jit_kernels']} kernels through Triton's JIT" if "triton_jit_kernels" in r else "")
+              + f") {r.get('stats', '')}", flush=True)
         self.save()
         return r
 
@@ -429,6 +435,8 @@ class Bench:
     def decode(self, env: dict):
         a = self.args
         need = 25 if a.device == "cpu" else 90
+        if not a.batches:
+            return
         if self.left() < need:
             self.res["skipped"].append(f"decode: {self.left():.0f} s left, needs ~{need} s")
             self.save()
@@ -521,8 +529,9 @@ class Bench:
         for _ in range(a.runs):
             self.ttft("b_warm" + PREWARMED, "jitkern", self.env(warm, warm_tc), small)
         if a.profile_warm:  # one more warm run (not counted) under cProfile: where jitkern's time goes
-            self.ttft("b_warm_profiled" + PREWARMED, "jitkern", self.env(warm, warm_tc), small, keep=False,
-                      extra_argv=["--profile", str(self.path.with_name(self.path.stem + "_warm_profile.txt"))])
+            for case in ("b_warm_profiled", "b_warm_profiled" + PREWARMED):  # torch's first use in, then out
+                self.ttft(case, "jitkern", self.env(warm, warm_tc), small, keep=False,
+                          extra_argv=["--profile", str(self.path.with_name(f"{self.path.stem}_{case}.txt"))])
         for _ in range(a.runs):
             self.ttft("e_pytorch_eager", "eager", self.env(t / "jk-none", t / "tc-none"), small)
         jit_tc = t / "tc-jit"
@@ -591,6 +600,9 @@ class Bench:
             r = m["b_warm"]["from_cuda_ready_s"] / m["d_triton_jit_warm"]["from_cuda_ready_s"]
             f["b_over_d_from_cuda_ready"] = r
             f["b_over_d_le_0.5"] = r <= 0.5
+            # a (d) whose kernels were not made by Triton's JIT measured jitkern twice
+            f["d_kernels_through_triton_jit"] = min(x.get("triton_jit_kernels", 0)
+                                                    for x in self.res["ttft"]["d_triton_jit_warm"]["runs"])
             f["b_over_d_first_forward"] = m["b_warm"]["first_forward_s"] / m["d_triton_jit_warm"]["first_forward_s"]
         if m.get("b_warm" + PREWARMED) and m.get("e_pytorch_eager"):  # torch's share of case (b)'s jitkern time
             f["torch_first_use_s"] = m["b_warm"]["jitkern_s"] - m["b_warm" + PREWARMED]["jitkern_s"]
@@ -690,7 +702,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--ttft-batch", type=int, default=1)
-    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128])
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 32, 128],
+                    help="decode batch sizes ('': no decode cases)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--background", action="store_true", help="also (a) with JITKERN_BACKGROUND_BUILD=1")
@@ -698,7 +711,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--prewarm-torch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-warm", action="store_true",
-                    help="also one warm run under cProfile, written beside the JSON (*_warm_profile.txt)")
+                    help="also two warm runs under cProfile (torch's first use in, then prewarmed), written beside the JSON "
+                         "(*_b_warm_profiled*.txt)")
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # a child: cProfile its first forward
     args = ap.parse_args(argv)
     if args.child == "ttft":
