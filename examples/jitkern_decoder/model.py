@@ -65,7 +65,9 @@ class JitkernDecoder(torch.nn.Module):
             self.register_buffer(f"k_cache{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v_cache{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         perm = torch.randperm(nb, generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("block_tables", perm.view(batch, -1).to(torch.int32).to(device), persistent=False)
+        #: the block tables as the host-side scheduler keeps them (a prefill's slots are made from these)
+        self.host_block_tables = perm.view(batch, -1).to(torch.int32)
+        self.register_buffer("block_tables", self.host_block_tables.to(device), persistent=False)
         self.register_buffer("rows", torch.arange(batch, device=device), persistent=False)
         self.register_buffer("cos_sin", cos_sin_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, device=device),
                              persistent=False)
@@ -88,21 +90,25 @@ class JitkernDecoder(torch.nn.Module):
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prompts ``tokens`` [B, T] (all of length T) at positions 0..T-1: logits of the last token."""
         b, t = tokens.shape
-        pos = torch.arange(t, device=tokens.device).repeat(b)
-        seq = self.rows.repeat_interleave(t)
-        out = self._forward(tokens.reshape(-1), pos, seq, prefill=(b, t))
+        # positions and KV-cache slots made on the host, as a serving engine's scheduler makes them, and
+        # copied over (no index arithmetic kernels on the device)
+        pos = torch.arange(t).repeat(b)
+        seq = torch.arange(b).repeat_interleave(t)
+        slots = self.host_block_tables[seq, pos // self.cfg.page_size].long() * self.cfg.page_size \
+            + pos % self.cfg.page_size
+        pos, slots = pos.to(tokens.device), slots.to(tokens.device)
+        out = self._forward(tokens.reshape(-1), pos, slots, prefill=(b, t))
         return self._logits(out.view(b, t, -1)[:, -1])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One new token per sequence (``tokens`` [B], at ``positions`` [B] int64): its logits [B, vocab]."""
-        out = self._forward(tokens, positions, self.rows, prefill=None)
-        return self._logits(out)
+        page = self.cfg.page_size  # slots on the device: a CUDA graph of the step makes them from `positions`
+        slots = self.block_tables[self.rows, positions // page].long() * page + positions % page
+        return self._logits(self._forward(tokens, positions, slots, prefill=None))
 
     # ---- layers --------------------------------------------------------------------------------
-    def _forward(self, tokens, pos, seq, prefill):
+    def _forward(self, tokens, pos, slots, prefill):
         cfg, w, ops = self.cfg, self._w, jitkern.ops
-        page = cfg.page_size
-        slots = self.block_tables[seq, pos // page].long() * page + pos % page
         seq_lens = (pos + 1).to(torch.int32) if prefill is None else None
         res = w("embed")[tokens]  # [T, H]: the residual stream (a new tensor: indexing copies)
         h = None
