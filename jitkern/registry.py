@@ -22,14 +22,18 @@ ENTRY_POINT_GROUP = "jitkern.ops"
 #: Built-in ops: name -> module defining ``SPEC``.
 BUILTIN = {
     "rms_norm": "jitkern.library.rms_norm",
+    "silu_and_mul": "jitkern.library.silu_and_mul",
     "paged_attention_decode": "jitkern.library.paged_attention_decode",
     "moe_gemm_stage1": "jitkern.library.moe_gemm_stage1",
     "moe_align": "jitkern.library.moe_align",
+    "moe_topk_softmax": "jitkern.library.moe_topk_softmax",
+    "moe_combine": "jitkern.library.moe_combine",
     "gather_kv_cache": "jitkern.library.gather_kv_cache",
     "paged_mqa_logits": "jitkern.library.paged_mqa_logits",
     "qk_norm_rope": "jitkern.library.qk_norm_rope",
     "qk_norm_rope_cache": "jitkern.library.qk_norm_rope_cache",
     "gemm": "jitkern.library.gemm",
+    "prefill_attention": "jitkern.library.prefill_attention",
 }
 
 _specs: dict[str, OpSpec] = {}

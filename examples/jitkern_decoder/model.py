@@ -10,7 +10,7 @@ Per layer (pre-norm, fused residual add):
 * attention: decode through ``jitkern.ops.paged_attention_decode`` over the paged cache; prefill
   through **torch's SDPA** (causal, GQA), since the library has no prefill attention op;
 * output projection: ``jitkern.ops.gemm``;
-* MLP, dense layers: gate/up ``gemm``, SiLU * up in torch (no jitkern op for it), down ``gemm``;
+* MLP, dense layers: gate/up ``gemm``, ``jitkern.ops.silu_and_mul``, down ``gemm``;
 * MLP, MoE layers: router ``gemm`` + torch softmax/top-k, pairs sorted by expert on the device by
   ``jitkern.ops.moe_align`` (its sorting block grows with the step's tokens, ``DecoderConfig.moe_block``),
   ``jitkern.ops.moe_gemm_stage1`` (gate-up GEMM of each pair's expert with SiLU-and-mul fused,
@@ -149,10 +149,9 @@ class JitkernDecoder(torch.nn.Module):
         return ops.gemm(o, w(p + "o").t())
 
     def _mlp(self, i, x):
-        w, ops, m = self._w, jitkern.ops, self.cfg.intermediate
+        w, ops = self._w, jitkern.ops
         p = f"layers.{i}."
-        gu = ops.gemm(x, w(p + "gate_up").t())
-        a = torch.nn.functional.silu(gu[:, :m]) * gu[:, m:]
+        a = ops.silu_and_mul(ops.gemm(x, w(p + "gate_up").t()))
         return ops.gemm(a, w(p + "down").t())
 
     def _moe(self, i, x):
