@@ -8,21 +8,25 @@ Per layer (pre-norm, fused residual add):
 * ``jitkern.ops.qk_norm_rope_cache``: Qwen3's per-head q/k RMSNorm and NeoX rotary embedding, in place,
   fused with the write of k and v into the paged KV cache at the tokens' slots;
 * attention: decode through ``jitkern.ops.paged_attention_decode`` over the paged cache; prefill
-  through **torch's SDPA** (causal, GQA), since the library has no prefill attention op;
+  through ``jitkern.ops.prefill_attention`` (causal, GQA, variable-length sequences by ``cu_seqlens``)
+  on q, k and v as views of the QKV projection;
 * output projection: ``jitkern.ops.gemm``;
 * MLP, dense layers: gate/up ``gemm``, ``jitkern.ops.silu_and_mul``, down ``gemm``;
-* MLP, MoE layers: router ``gemm`` + torch softmax/top-k, pairs sorted by expert on the device by
+* MLP, MoE layers: router ``gemm``, ``jitkern.ops.moe_topk_softmax`` (the top-k experts and their
+  renormalised probabilities), pairs sorted by expert on the device by
   ``jitkern.ops.moe_align`` (its sorting block grows with the step's tokens, ``DecoderConfig.moe_block``),
   ``jitkern.ops.moe_gemm_stage1`` (gate-up GEMM of each pair's expert with SiLU-and-mul fused,
   ``[pairs, N]``), then the down projection as a grouped GEMM:
   the same op with ``activation="none"`` and ``topk=1`` over those ``[pairs, N]`` rows and the same
   sorted tables (a pair id ``token * topk + slot`` is its row of the stage-1 output), each pair
   against its own expert's ``w2`` [experts, hidden, N] (``[pairs, hidden]``; the weights and FLOPs of
-  the experts the step routes to, as vLLM's fused_moe does for stage 2); torch weights each pair by
-  its router probability and sums over the top-k. No host syncs (the tables stay on the device), so
+  the experts the step routes to, as vLLM's fused_moe does for stage 2); ``jitkern.ops.moe_combine``
+  weights each pair by its router probability and sums over the top-k. No host syncs (the tables stay on the device), so
   CUDA graphs can capture the step.
 
-Final ``rms_norm`` (fused residual) and the LM head ``gemm``. Every step is tensor ops only (no
+Final ``rms_norm`` (fused residual) and the LM head ``gemm``. Torch itself runs only the embedding
+lookup, views, and (decode) the slot arithmetic; a prefill's positions, slots and ``cu_seqlens`` come
+from the host, as a serving engine's scheduler makes them. Every step is tensor ops only (no
 ``.item()``, no Python data-dependent branching), so ``decode`` can be captured in a CUDA graph or
 compiled with ``torch.compile``.
 """
@@ -96,8 +100,9 @@ class JitkernDecoder(torch.nn.Module):
         seq = torch.arange(b).repeat_interleave(t)
         slots = self.host_block_tables[seq, pos // self.cfg.page_size].long() * self.cfg.page_size \
             + pos % self.cfg.page_size
-        pos, slots = pos.to(tokens.device), slots.to(tokens.device)
-        out = self._forward(tokens.reshape(-1), pos, slots, prefill=(b, t))
+        cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32)
+        pos, slots, cu_seqlens = (z.to(tokens.device) for z in (pos, slots, cu_seqlens))
+        out = self._forward(tokens.reshape(-1), pos, slots, prefill=(cu_seqlens, t))
         return self._logits(out.view(b, t, -1)[:, -1])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -141,11 +146,8 @@ class JitkernDecoder(torch.nn.Module):
                                            cfg.max_seq_len)
             o = o.view(n, hq * d)
         else:
-            b, t = prefill
-            qh, kh, vh = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
-            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale,
-                                                                 enable_gqa=hkv != hq)
-            o = o.transpose(1, 2).reshape(n, hq * d)
+            cu_seqlens, max_len = prefill
+            o = ops.prefill_attention(q, k, v, cu_seqlens, max_len, self.scale).view(n, hq * d)
         return ops.gemm(o, w(p + "o").t())
 
     def _mlp(self, i, x):
@@ -157,17 +159,13 @@ class JitkernDecoder(torch.nn.Module):
     def _moe(self, i, x):
         cfg, w, ops = self.cfg, self._w, jitkern.ops
         p = f"layers.{i}."
-        e, k, hsz = cfg.experts, cfg.topk, cfg.hidden
+        e, k = cfg.experts, cfg.topk
         n = x.shape[0]
-        probs = torch.softmax(ops.gemm(x, w(p + "router").t()).float(), dim=-1)
-        top_w, top_i = probs.topk(k, dim=-1)
-        top_w = top_w / top_w.sum(-1, keepdim=True)
+        top_w, top_i = ops.moe_topk_softmax(ops.gemm(x, w(p + "router").t()), k)  # renormalised, fp32
         if self.record_routes:
             getattr(self, f"route{i}")[:n].copy_(top_i)
         ids, eids, used = ops.moe_align(top_i, e, cfg.moe_block(n))
         hmid = ops.moe_gemm_stage1(x, w(p + "w1"), ids, eids, used, k, "silu")  # [n*k, N]
         # stage 2: row `pair` of hmid against its expert's w2 [H, N]: topk=1, the same tables
         y = ops.moe_gemm_stage1(hmid, w(p + "w2"), ids, eids, used, 1, "none")  # [n*k, H]
-        # the routing-weighted sum over each token's top-k, in two kernels (torch reduces bf16 in fp32; a bmm
-        # would be one, but would make cuBLAS's first-use setup part of the first token)
-        return (y.view(n, k, hsz) * top_w.to(x.dtype)[..., None]).sum(1)
+        return ops.moe_combine(y, top_w)  # each token's routing-weighted sum over its top-k, fp32 accumulation
