@@ -120,6 +120,22 @@ def test_cross_compile_variants(monkeypatch):
     assert counters.snapshot()["compiler_runs"] == runs
 
 
+def test_a_named_nvcc_that_is_missing_makes_cuda_unavailable(monkeypatch, tmp_path):
+    """JITKERN_NVCC names the one nvcc to use: when it is not an executable, CUDA variants are unavailable
+    (and say why), never built by another nvcc found on PATH or in /usr/local/cuda."""
+    from jitkern.builders import cpp
+
+    monkeypatch.setenv("JITKERN_NVCC", str(tmp_path / "no-nvcc"))
+    assert cpp.find_nvcc() is None
+    why = cpp.CUDA.probe(arch.get("sm_90"))
+    assert f"JITKERN_NVCC={tmp_path / 'no-nvcc'} is not an executable file" in why
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("JITKERN_NVCC", str(fake))
+    assert cpp.find_nvcc() == str(fake)
+
+
 def test_empty_batch_is_a_no_op():
     qkv, qw, kw, cs, pos = make_inputs(0, 2, 1, 64, torch.float32)
     assert jitkern.ops.qk_norm_rope(qkv, qw, kw, cs, pos, 2, 1, 64) is qkv

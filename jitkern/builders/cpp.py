@@ -102,12 +102,15 @@ def _env_flags(name: str) -> list[str]:
 
 # ---- toolchains ----------------------------------------------------------------------------------
 def find_nvcc() -> str | None:
-    for env in ("JITKERN_NVCC", "CUDA_HOME", "CUDA_PATH"):
-        v = (settings.get("nvcc") or "") if env == "JITKERN_NVCC" else os.environ.get(env, "").strip()
-        if v:
-            p = v if env == "JITKERN_NVCC" else os.path.join(v, "bin", "nvcc")
-            if os.access(p, os.X_OK):
-                return p
+    """``JITKERN_NVCC`` when set (that one or none: never another nvcc than the one asked for), else
+    CUDA_HOME/CUDA_PATH, PATH, /usr/local/cuda."""
+    pinned = settings.get("nvcc")
+    if pinned:
+        return pinned if os.access(pinned, os.X_OK) else None
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        v = os.environ.get(env, "").strip()
+        if v and os.access(os.path.join(v, "bin", "nvcc"), os.X_OK):
+            return os.path.join(v, "bin", "nvcc")
     p = shutil.which("nvcc")
     return p or ("/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None)
 
@@ -161,7 +164,9 @@ class Toolchain:
             where = "CPU tensors (Triton interpreter)" if arch.vendor == "cpu" else f"arch {arch.name}"
             reasons.append(f"{self.kind} variants need {what}; this call is for {where}")
         if self.find() is None:
-            reasons.append({"cuda": "nvcc not found (set CUDA_HOME or JITKERN_NVCC, or put nvcc on PATH)",
+            pinned = settings.get("nvcc") if self.kind == "cuda" else None
+            reasons.append(f"JITKERN_NVCC={pinned} is not an executable file" if pinned else
+                           {"cuda": "nvcc not found (set CUDA_HOME or JITKERN_NVCC, or put nvcc on PATH)",
                             "cpp": "no C++ compiler found (set CXX or put c++ on PATH)"}[self.kind])
         return "; ".join(reasons) or None
 
