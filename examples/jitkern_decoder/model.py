@@ -21,8 +21,8 @@ Per layer (pre-norm, fused residual add):
   sorted tables (a pair id ``token * topk + slot`` is its row of the stage-1 output), each pair
   against its own expert's ``w2`` [experts, hidden, N] (``[pairs, hidden]``; the weights and FLOPs of
   the experts the step routes to, as vLLM's fused_moe does for stage 2); ``jitkern.ops.moe_combine``
-  weights each pair by its router probability and sums over the top-k. No host syncs (the tables stay on the device), so
-  CUDA graphs can capture the step.
+  weights each pair by its router probability and sums over the top-k. No host syncs (the tables stay
+  on the device), so CUDA graphs can capture the step.
 
 Final ``rms_norm`` (fused residual) and the LM head ``gemm``. Torch itself runs only the embedding
 lookup, views, and (decode) the slot arithmetic; a prefill's positions, slots and ``cu_seqlens`` come
