@@ -647,8 +647,15 @@ PREWARMED = "_torch_prewarmed"
 
 
 def _git_head() -> str | None:
+    """HEAD, with ``+changes`` when tracked files differ from it (a copied tree whose git metadata is
+    older than its files: the commit alone would name code that did not run)."""
     p = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return p.stdout.strip() or None
+    head = p.stdout.strip()
+    if not head:
+        return None
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
 
 
 #: The model's op whose preferred variant on sm_90 is CUDA C++ (nvcc) with a Triton one after it: the
