@@ -243,7 +243,8 @@ declare("lock_timeout", "duration", 1800.0,
         "(past it the build goes on privately).", _seconds_or_inf)
 declare("build_timeout", "duration", 600.0,
         "Time limit of one C++/CUDA/HIP compiler run (at least 1 s).", _positive_seconds)
-declare("nvcc", "path", None, "nvcc to use (else CUDA_HOME/CUDA_PATH, PATH, /usr/local/cuda).", _text)
+declare("nvcc", "path", None, "The nvcc to use (else CUDA_HOME/CUDA_PATH, PATH, /usr/local/cuda); a path that is not an "
+        "executable makes CUDA variants unavailable (never another nvcc).", _text)
 declare("hipcc", "path", None, "hipcc to use for HIP variants (else JITKERN_HIP_CLANG, a ROCm install's hipcc, "
         "clang++-22..20 on PATH; see docs/amd.md).", _text)
 declare("hip_clang", "path", None, "clang++ (LLVM 20 or later) to drive directly for HIP variants.", _text)
