@@ -723,13 +723,14 @@ def main(argv=None):
                     help="decode batch sizes ('': no decode cases)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--background", action="store_true", help="also (a) with JITKERN_BACKGROUND_BUILD=1")
+    ap.add_argument("--background", action="store_true", help="also (f): a warm cache without qk_norm_rope_cache's CUDA entries, with and without "
+                         "JITKERN_BACKGROUND_BUILD=1 (serve while compiling)")
     ap.add_argument("--budget-s", type=float, default=330.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--prewarm-torch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-warm", action="store_true",
-                    help="also two warm runs under cProfile (torch's first use in, then prewarmed), written beside the JSON "
-                         "(*_b_warm_profiled*.txt)")
+                    help="also two warm runs under cProfile (torch's first use in, then prewarmed), written "
+                         "beside the JSON (*_b_warm_profiled*.txt)")
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # a child: cProfile its first forward
     args = ap.parse_args(argv)
     if args.child == "ttft":
