@@ -27,7 +27,11 @@ one MoE-shaped), bf16, random weights, prompt ``--prompt`` tokens x ``--ttft-bat
    (d) Triton JIT: the same rendered kernel sources imported as modules and launched through
        ``triton.jit`` with Triton's warm cache (jitkern only looks the source up in its cache);
        C++ variants (qk_norm_rope_cache's CUDA kernel) still load through jitkern;
-   (e) PyTorch eager: the reference model in bf16 (cuBLAS, SDPA; no jitkern).
+   (e) PyTorch eager: the reference model in bf16 (cuBLAS, SDPA; no jitkern);
+   (f) ``--background``, serve while compiling: the warm cache without the CUDA entries of
+       ``CUDA_VARIANT_OP`` (its Triton variant cached instead), the preferred CUDA variant built before
+       the first token (foreground) or by a background worker while the Triton one serves
+       (``JITKERN_BACKGROUND_BUILD=1``; the child waits for the switch and records the logits after it).
 
 2. **Decode step** (one process per batch size; prompt ``--prompt`` tokens, median of 3 timings of
    ``--iters`` steps each, CUDA events): jitkern eager, jitkern under a CUDA graph, jitkern under
