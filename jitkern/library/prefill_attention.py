@@ -198,7 +198,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     """Attention of packed variable-length sequences (see the module doc); ``scale`` multiplies q.k (usually
     ``1/sqrt(head_dim)``). ``out`` is filled and returned, allocated if not given."""
     if out is None and isinstance(q, torch.Tensor):
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = alloc(q, k, v, cu_seqlens, max_seqlen, scale, causal)["out"]
     _dispatch(q, k, v, cu_seqlens, max_seqlen, scale, causal, out)
     return out
 
