@@ -38,3 +38,43 @@ def test_describe_prints_the_measured_copy_beside_the_peak():
     line = gpu_peaks.describe(rep)
     assert "peak HBM 4.80 TB/s" in line and "989 TFLOP/s" in line and "4.22 TB/s (87.9% of peak)" in line
     assert gpu_peaks.frac(2.4e12, peak) == pytest.approx(0.5)
+
+
+def test_floor_applies_only_where_a_copy_of_the_same_bytes_reaches_it():
+    peak = gpu_peaks.lookup("NVIDIA H200").as_dict()  # 4.8 TB/s
+    short = gpu_peaks.floor_row(2.4e12, 3.2e12, peak)  # a copy of these bytes reaches 66.7%: no floor
+    assert short["floor_applies"] is False and short["floor_met"] is None
+    assert short["frac_same_bytes_copy"] == pytest.approx(0.75) and short["frac_peak"] == pytest.approx(0.5)
+    long = gpu_peaks.floor_row(3.7e12, 4.2e12, peak)  # the copy reaches 87.5%: 77% misses the floor
+    assert long["floor_applies"] is True and long["floor_met"] is False
+    assert gpu_peaks.floor_row(3.9e12, 4.2e12, peak)["floor_met"] is True
+    assert "misses" in gpu_peaks.describe_floor(long) and "n/a" in gpu_peaks.describe_floor(short)
+    unknown = gpu_peaks.floor_row(1e12, 2e12, None)  # no datasheet: the share of the copy only
+    assert unknown["floor_applies"] is False and "50% of a same-bytes copy" in gpu_peaks.describe_floor(unknown)
+
+
+def test_same_bytes_copy_moves_half_the_bytes_each_way():
+    seen = {}
+
+    class FakeTorch:
+        uint8 = "u8"
+
+        @staticmethod
+        def empty(n, dtype, device):
+            seen.setdefault("sizes", []).append(n)
+
+            class Buf:
+                def random_(self, *a):
+                    return self
+
+                def copy_(self, other):
+                    return self
+            return Buf()
+
+        class cuda:
+            @staticmethod
+            def empty_cache():
+                pass
+
+    bw = gpu_peaks.same_bytes_copy(FakeTorch, lambda fn, **kw: (fn(), 0.5)[1], 1 << 20)
+    assert seen["sizes"] == [1 << 19, 1 << 19] and bw == pytest.approx((1 << 20) / 0.5e-3)

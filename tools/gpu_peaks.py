@@ -19,6 +19,13 @@ Figures are the vendors' datasheet values for the parts as sold (dense, no struc
 Lookup matches the most specific table name contained in the device name (case-insensitive), so
 ``"NVIDIA H200 NVL"`` is not taken for the SXM part and ``"AMD Instinct MI300X VF"`` is the MI300X.
 An unknown device gives None: callers then report the measured copy only.
+
+A memory-bound op's floor (issue 19: 80% of the HBM peak "where the bytes moved allow it") is judged
+per shape against a copy moving the same bytes (``same_bytes_copy``): a short stream never reaches a
+long one's bandwidth (launch, ramp-up and tail are a larger share of it; on an H200 a copy moving
+67 MiB reached 68% of the datasheet peak where one moving 1 GiB reached 87%), so ``floor_row`` says
+whether the floor applies to a shape (the same-bytes copy reaches it) and, either way, how close the
+op comes to that copy.
 No torch import at module level (``measure_copy`` takes the torch module and a bench function).
 """
 from __future__ import annotations
@@ -68,6 +75,36 @@ def measure_copy(torch, do_bench, nbytes: int = 1 << 30, device: str = "cuda") -
     bufs.clear()
     torch.cuda.empty_cache()
     return {"copy_bytes": nbytes, "copy_ms": ms, "copy_bytes_per_s": 2 * nbytes / ms * 1e3}
+
+
+def same_bytes_copy(torch, do_bench, nbytes: int, device: str = "cuda") -> float:
+    """Bytes per second of a device copy moving ``nbytes`` in all (half read, half written): what a
+    plain stream of an op's size reaches in this run, launch and ramp included."""
+    return measure_copy(torch, do_bench, max(1, nbytes // 2), device)["copy_bytes_per_s"]
+
+
+#: The memory-bound ops' floor, as a fraction of the datasheet HBM peak (issue 19).
+FLOOR = 0.80
+
+
+def floor_row(op_bytes_per_s: float, copy_bytes_per_s: float, peak: Optional[dict], floor: float = FLOOR) -> dict:
+    """One shape judged against the floor: the op's and the same-bytes copy's fractions of the peak
+    (None where the peak is unknown), the op's fraction of that copy, whether the floor applies (the
+    copy itself reaches it) and whether the op meets it (None where it does not apply)."""
+    op_frac, copy_frac = frac(op_bytes_per_s, peak), frac(copy_bytes_per_s, peak)
+    applies = copy_frac is not None and copy_frac >= floor
+    return {"frac_peak": op_frac, "same_bytes_copy_frac_peak": copy_frac,
+            "frac_same_bytes_copy": op_bytes_per_s / copy_bytes_per_s, "floor": floor, "floor_applies": applies,
+            "floor_met": (op_frac >= floor) if applies else None}
+
+
+def describe_floor(row: dict) -> str:
+    """``floor_row`` in a few words for a table cell."""
+    if row["frac_peak"] is None:
+        return f"{row['frac_same_bytes_copy'] * 100:.0f}% of a same-bytes copy"
+    verdict = ("meets" if row["floor_met"] else "misses") if row["floor_applies"] else "n/a"
+    return (f"{row['frac_peak'] * 100:4.1f}% peak; same-bytes copy {row['same_bytes_copy_frac_peak'] * 100:4.1f}% "
+            f"(op at {row['frac_same_bytes_copy'] * 100:3.0f}% of it); {row['floor'] * 100:.0f}% floor {verdict}")
 
 
 def device_report(torch, do_bench=None, copy: bool = True) -> dict:

@@ -341,7 +341,7 @@ def main() -> int:
     for op in ops:
         rows = []
         doc["ops"][op] = {"shapes": [c[0] for c in op_cases[op]], "bytes": [c[2] for c in op_cases[op]], "rows": rows,
-                          "copy_frac_peak": [copy_anchor(torch, do_bench, c[2]) / peak for c in op_cases[op]],
+                          "copy_frac_peak": [gpu_peaks.same_bytes_copy(torch, do_bench, c[2]) / peak for c in op_cases[op]],
                           "buckets": CASE_BUCKETS.get(op)}
         print(f"{op}: a device copy of each shape's bytes reaches "
               + " ".join(f"{f * 100:5.1f}%" for f in doc["ops"][op]["copy_frac_peak"]) + " of peak", flush=True)
@@ -414,17 +414,6 @@ def plan_only(args) -> int:
     built = build_all(pairs, a, args.jobs)
     print(json.dumps({"arch": a.name, "configs": len(pairs), "plan_errors": bad, "build": built}))
     return 1 if bad or any(k not in ("built", "cached", "seconds") for k in built) else 0
-
-
-def copy_anchor(torch, do_bench, nbytes: int) -> float:
-    """Bytes per second of a device copy moving ``nbytes`` (half read, half written): what a plain
-    stream of that size reaches, launch and ramp included."""
-    n = max(1, nbytes // 2)
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=20, return_mode="median")
-    del src, dst
-    return 2 * n / ms * 1e3
 
 
 def summarize(doc: dict, peak: float) -> dict:

@@ -143,7 +143,7 @@ def tune(shapes_text, dtype, b_trans, write_table, jobs=8, per_weight=False):
             ops.setdefault(dtype, {})[rec["bucket"]] = tuning.table_entry(rec)
             if dtype == "bf16":
                 ops.setdefault("fp16", {})[rec["bucket"]] = {**tuning.table_entry(rec), "from": "bf16"}
-        path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        path.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {path}")
     return records
 
