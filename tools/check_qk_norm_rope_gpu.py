@@ -72,10 +72,12 @@ def main() -> int:
     gpu = gpu_peaks.device_report(torch, do_bench)
     print(gpu_peaks.describe(gpu))
     peak = gpu["peak"]
+    same_copy = gpu_peaks.same_bytes_copy(torch, do_bench, moved)  # the floor's anchor at this op's size
+    print(f"a copy moving the same {moved / 2**20:.0f} MiB: {same_copy / 1e12:.2f} TB/s")
     report = {"device": torch.cuda.get_device_name(), "gpu": gpu, "arch": a.name, "torch": torch.__version__,
               "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "shape": {"tokens": t, "hq": hq, "hkv": hkv, "head_dim": d, "dtype": "bf16", "cache": "fp32"},
-              "results": []}
+              "same_bytes_copy_TBps": same_copy / 1e12, "results": []}
     ok = True
     if args.sweep:
         report["sweep"] = sweep(torch, do_bench, qnr, a, qkv0, qw, kw, cs, pos, hq, hkv, moved)
@@ -121,7 +123,8 @@ def main() -> int:
             ms = do_bench(lambda: fire(y_args))
             row.update(ms=round(ms, 5), gbps=round(moved / ms / 1e6, 1), speedup_vs_anchor=round(anchor_ms / ms, 2),
                        frac_peak=round(gpu_peaks.frac(moved / ms * 1e3, peak), 3) if peak else None,
-                       frac_copy=round(moved / ms * 1e3 / gpu["copy_bytes_per_s"], 3), config=cand.launches[0].config.describe())
+                       frac_copy=round(moved / ms * 1e3 / gpu["copy_bytes_per_s"], 3), config=cand.launches[0].config.describe(),
+                       floor=gpu_peaks.floor_row(moved / ms * 1e3, same_copy, peak))
             if cand.variant == "triton":
                 try:
                     # bound on each call, so the twin's recording sees the kernels' (patched) launch
@@ -188,7 +191,8 @@ def main() -> int:
             note = f"build/load {r['build_or_load_s']} s"
         fp = f"{r['frac_peak'] * 100:.0f}%" if r.get("frac_peak") else ""
         print(f"{r['style']:6} {r['variant']:38} {ms!s:>9} {r.get('gbps', '')!s:>7} {fp:>6} {r.get('jit_over_jitkern', '')!s:>6} "
-              f"{r.get('speedup_vs_anchor', '')!s:>8} {err!s:>9}  {note} {r.get('reason', '')}")
+              f"{r.get('speedup_vs_anchor', '')!s:>8} {err!s:>9}  {note} {r.get('reason', '')}"
+              + (f" [{gpu_peaks.describe_floor(r['floor'])}]" if "floor" in r else ""))
     print("host overhead per call (1 token, back to back):", report["host_overhead_us"])
     print("all variants match the reference:", ok)
     return 0 if ok else 1
