@@ -64,7 +64,7 @@ if has membw; then  # the memory-bound ops' tiles and variants (issue 19 must-ha
   timeout ${T_MEMBW:-240} python3 tools/sweep_membw.py --out "$OUT" | sed -n '/^== winners/,$p'
 fi
 if has bench && [ -z "${GEMM_ONLY:-}" ]; then
-  timeout ${T_SEED:-60} python3 tools/bench_seed_ops.py --ops pa,gkv,mqa --out "$OUT/seed_ops_bench.json"
+  timeout ${T_SEED:-120} python3 tools/bench_seed_ops.py --ops pa,gkv,mqa --out "$OUT/seed_ops_bench.json"
   sweep=""; has sweep && sweep="--sweep"
   timeout ${T_QK:-45} python3 tools/check_qk_norm_rope_gpu.py $sweep --out "$OUT/qk_norm_rope.json" | grep -v "qk_norm_rope sweep"
 fi
