@@ -122,7 +122,7 @@ def config(dtype: str, head_dim: int, causal: bool, aligned: bool, tile: dict) -
 
 
 def configs(arch):
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype in checks.FLOAT_TYPES:
         for head_dim in HEAD_DIMS:
             tile = tiles(arch.name, dtype, head_dim)
             for causal in (True, False):

@@ -51,7 +51,7 @@ def config(dtype: str, residual: bool, aligned: bool, block_n: int, single_pass:
 
 
 def configs(arch):
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype in checks.FLOAT_TYPES:
         for residual in (False, True):
             for aligned in (True, False):
                 for b in BLOCKS:

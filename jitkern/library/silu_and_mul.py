@@ -40,7 +40,7 @@ def config(dtype: str, aligned: bool, block: int, num_warps: int = 4) -> Config:
 
 
 def configs(arch):
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype in checks.FLOAT_TYPES:
         for aligned in (True, False):
             for b in BLOCKS:
                 yield config(dtype, aligned, b)
