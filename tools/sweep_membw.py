@@ -73,6 +73,11 @@ def grids() -> dict[str, list[dict]]:
     moe = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
            for bn, (bk, nw, ns) in itertools.product((32, 64, 128), ((128, 4, 3), (128, 4, 4), (64, 4, 4), (128, 8, 3)))
            if not (nw == 8 and bn == 32)]
+    # swap_ab: the weight tile on the warpgroup MMA's M side (64 rows per warpgroup: block_n >= 64 with 4
+    # warps, >= 128 with 8); over 227 KiB of shared memory is refused by the budget check, not timed
+    moe += [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, swap_ab=1)
+            for bn, bk, nw, ns in itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 3, 4))
+            if bn >= 64 * nw // 4 and bn * bk * ns <= 128 * 128 * 4]
     return {"paged_attention_decode": pa, "paged_mqa_logits": mqa, "gather_kv_cache": gkv, "qk_norm_rope": qnr,
             "moe_gemm_stage1": moe}
 

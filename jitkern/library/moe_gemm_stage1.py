@@ -59,6 +59,9 @@ TUNABLES = {
     "block_k": (32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
+    # 1: weights on the dot's M side and the pairs on N (sm_90 decode buckets, tuned: Hopper's warpgroup
+    # MMA wants M >= 64, more than a decode step's pairs per expert); absent or 0: pairs on M
+    "swap_ab": (0, 1),
 }
 constraints.add_rules(
     constraints.Rule("gfx950", OP, "block_m", "160 KiB LDS: 128x512 tiles need ~269 KiB (seed 003)", max=64),
@@ -208,10 +211,13 @@ def _plain(x, w1, *rest) -> bool:
 
 
 def _torch_path(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, split_k, out, scratch):
-    """Seed 000: what the kernel cannot read (tensor subclasses) runs the PyTorch path, with one warning."""
-    warn_once((OP, "subclass", type(w1), type(x)), "jitkern: %s: x is %s and w1 is %s, tensor subclasses "
-              "the Triton kernel cannot read; running the PyTorch path for them", OP, type(x).__name__,
-              type(w1).__name__)
+    """Seed 000: what the kernel cannot read (tensor subclasses) runs the PyTorch path, with one warning.
+    Plain tensors get here only when every kernel candidate was ruled out (the framework has said why:
+    over the arch's budget, or a failed build), so the subclass warning is not theirs."""
+    if not _plain(x, w1):
+        warn_once((OP, "subclass", type(w1), type(x)), "jitkern: %s: x is %s and w1 is %s, tensor "
+                  "subclasses the Triton kernel cannot read; running the PyTorch path for them", OP,
+                  type(x).__name__, type(w1).__name__)
     reference(x, w1, sorted_token_ids, expert_ids, num_tokens_post_padded, topk, activation, out=out)
 
 
