@@ -290,3 +290,38 @@ def test_mqa_buckets_per_shape_are_shipped_and_planned(tmp_path, monkeypatch):
     (cand,) = jitkern.dispatcher(mqa.SPEC).candidates(_mqa_args("meta"), arch.get("sm_90"), torch.device("meta"))
     assert cand.launches[0].config.p["span"] == 4  # 2 x 64 positions: a small launch
     assert {c.p["span"] for c in mqa.configs(arch.get("sm_90")) if c.p["next_n"] == 1} == {4, 16}
+
+
+def _pa_args(b, ctx, cap, device="meta"):
+    q = torch.empty(b, 32, 128, dtype=torch.bfloat16, device=device)
+    k = torch.empty(b * -(-ctx // 16), 16, 8, 128, dtype=torch.bfloat16, device=device)
+    bt = torch.empty(b, -(-ctx // 16), dtype=torch.int32, device=device)
+    lens = torch.empty(b, dtype=torch.int32, device=device)
+    return q, k, k, bt, lens, 0.088, cap, torch.empty_like(q), None
+
+
+def test_pa_short_buckets_are_shipped_and_planned(tmp_path, monkeypatch):
+    """paged_attention_decode: launches of capacity <= SHORT_CAP ship and plan their own tiles (short,
+    and short_l with many rows), longer ones the default; sweeps are re-bucketed by today's rules."""
+    tool = _tool()
+    rows = [{"tile": {"partition": 2048, "block_n": 128, "num_warps": 4, "num_stages": 3}, "ms": [1.0, 2.0, 3.0]},
+            {"tile": {"partition": 2048, "block_n": 64, "num_warps": 4, "num_stages": 2}, "ms": [2.0, 1.0, 2.0]},
+            {"tile": {"partition": 2048, "block_n": 16, "num_warps": 2, "num_stages": 2}, "ms": [3.0, 3.0, 1.0]}]
+    doc = {"peak_TBps": 4.8, "ops": {pa.OP: {"shapes": ["b=32 ctx=2048", "b=32 ctx=129 cap=192",
+                                                        "b=128 ctx=129 cap=192"],
+                                             "bytes": [1e9, 1e9, 1e9], "rows": rows, "buckets": ["default"] * 3}}}
+    (tmp_path / "s.json").write_text(json.dumps(doc))
+    table = tmp_path / "t.json"
+    tool.apply(str(tmp_path / "s.json"), str(table), "")
+    got = json.loads(table.read_text())["ops"][pa.OP]["bf16"]
+    assert {b: got[b]["params"]["block_n"] for b in ("default", "short", "short_l")} == \
+        {"default": 128, "short": 64, "short_l": 16}
+    monkeypatch.setattr(tuning, "shipped_table", lambda a: json.loads(table.read_text()) if a == "sm_90" else {})
+    jitkern.reset()
+    sm90 = arch.get("sm_90")
+    # the capacity is the least of max_context_len and what the cache and table hold
+    for (b, ctx, cap), bn in {(32, 129, 192): 64, (128, 129, 192): 16, (128, 1024, 4096): 128, (1, 600, 600): 128}.items():
+        cands = jitkern.dispatcher(pa.SPEC).candidates(_pa_args(b, ctx, cap), sm90, torch.device("meta"))
+        assert cands[0].launches[0].config.p["block_n"] == bn, (b, ctx, cap)
+    assert pa.tiles("gfx942", "bf16", pa.buckets(192, 4096)) == pa.tiles("gfx942")  # other arches keep theirs
+    assert {c.p["block_n"] for c in pa.configs(sm90) if c.variant == "partition"} == {16, 64, 128}  # prebuild

@@ -47,8 +47,9 @@ import jit_twin  # noqa: E402
 
 
 def paged_decode_inputs(torch, dev, bsz: int, ctx: int, hq: int, hkv: int, d: int, page: int):
-    """Random bf16 decode inputs over a paged KV cache: q, k_cache, v_cache, block table, lengths."""
-    nblk = ctx // page
+    """Random bf16 decode inputs over a paged KV cache: q, k_cache, v_cache, block table, lengths
+    (every sequence ``ctx`` tokens long, in ``cdiv(ctx, page)`` pages)."""
+    nblk = -(-ctx // page)
     k = torch.randn(bsz * nblk, page, hkv, d, dtype=torch.bfloat16, device=dev)
     v = torch.randn_like(k)
     bt = torch.randperm(bsz * nblk, device=dev).int().view(bsz, nblk)

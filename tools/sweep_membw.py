@@ -55,6 +55,12 @@ def grids() -> dict[str, list[dict]]:
     along the dot's M, keys along N)."""
     pa = [dict(partition=2048, block_n=bn, num_warps=4, num_stages=ns, head_major=1)
           for bn, ns in ((128, 3), (128, 2), (64, 2), (64, 3))]
+    # for the short bucket (capacity <= 512: one partition, a few pages per program): how many programs
+    # share an SM (block_n, stages, warps), and split partitions for small batches
+    pa += [dict(partition=2048, block_n=bn, num_warps=nw, num_stages=ns, head_major=hm)
+           for bn, ns, nw, hm in itertools.product((16, 32, 64, 128), (1, 2, 3), (2, 4), (0, 1))
+           if (bn, ns, nw, hm) not in ((128, 3, 4, 1), (128, 2, 4, 1), (64, 2, 4, 1), (64, 3, 4, 1))]
+    pa += [dict(partition=64, block_n=bn, num_warps=4, num_stages=2, head_major=1) for bn in (32, 64)]
     mqa = [dict(block_t=64, span=8, num_warps=4, num_stages=2, kv_load=1, merge=2),  # n1s
            dict(block_t=128, span=16, num_warps=8, num_stages=2, merge=0),  # n2s
            dict(block_t=64, span=32, num_warps=4, num_stages=2, kv_load=1, merge=0),  # n1l
@@ -85,6 +91,9 @@ def grids() -> dict[str, list[dict]]:
 #: moe cases: the example decoder's MoE layer (examples/jitkern_decoder, qwen3_8b_shapes): 8 experts, top 2,
 #: hidden 4096 -> 2 x 1536 (stage 1, SiLU) and 1536 -> 4096 (stage 2, "none"), at these token counts and
 #: sorting blocks
+#: paged_attention_decode's short-capacity cases: the example decoder's decode batches, 129 tokens each
+PA_SHORT_BATCHES = (1, 32, 128)
+PA_SHORT_CTX = 129
 MOE_SHAPE = dict(experts=8, topk=2, hidden=4096, n=1536)
 MOE_TOKENS = (1, 32, 128)
 MOE_BLOCKS = (16, 32, 64)
@@ -135,6 +144,15 @@ def cases(op: str, torch, quick: bool, dev: str = "cuda"):
             nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2 + bt.numel() * 4
             out.append((f"b={bsz} ctx={ctx}", lambda q=q, k=k, v=v, bt=bt, lens=lens: pa.paged_attention_decode(
                 q, k, v, bt, lens, max_context_len=131072), nbytes))
+            CASE_BUCKETS.setdefault(op, []).append(pa.buckets(131072, bsz * 32)[0])
+        # the example decoder's decode steps (tools/bench_model_load.py: a 128-token prompt, capacity
+        # 192): the short bucket; bytes are the 129 tokens read per sequence, not the pages' 144
+        for bsz in () if quick else PA_SHORT_BATCHES:
+            q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, PA_SHORT_CTX, 32, 8, 128, 16)
+            nbytes = 2 * bsz * PA_SHORT_CTX * 8 * 128 * 2 + 2 * q.numel() * 2 + bt.numel() * 4
+            out.append((f"b={bsz} ctx={PA_SHORT_CTX} cap=192", lambda q=q, k=k, v=v, bt=bt, lens=lens:
+                        pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=192), nbytes))
+            CASE_BUCKETS[op].append(pa.buckets(192, bsz * 32)[0])
     elif op == "paged_mqa_logits":
         from jitkern.library import paged_mqa_logits as mqa
 
@@ -511,6 +529,18 @@ def _mqa_buckets(labels: list[str]) -> list[str]:
     return out
 
 
+def _pa_buckets(labels: list[str]) -> list[str]:
+    """paged_attention_decode buckets of shape labels ``b=B ctx=C [cap=N]`` as today's rules give them
+    (32 query heads; no cap: the sweep's 131072), so a sweep timed under older buckets ships today's."""
+    from jitkern.library import paged_attention_decode as pa
+
+    out = []
+    for label in labels:
+        kv = dict(part.split("=", 1) for part in label.split() if "=" in part)
+        out.append(pa.buckets(int(kv.get("cap", 131072)), int(kv["b"]) * 32)[0])
+    return out
+
+
 def apply(sweep_json: str, table: str, pick: str) -> int:
     """Merge each op's overall winner (or the ``--pick`` rows), and each bucket's, into the shipped table.
     The summary is recomputed from the timed rows (so an older sweep gets today's selection)."""
@@ -518,6 +548,9 @@ def apply(sweep_json: str, table: str, pick: str) -> int:
     mq = doc.get("ops", {}).get("paged_mqa_logits")
     if mq and not mq.get("buckets"):
         mq["buckets"] = _mqa_buckets(mq["shapes"])
+    pad = doc.get("ops", {}).get("paged_attention_decode")
+    if pad:
+        pad["buckets"] = _pa_buckets(pad["shapes"])
     summary = summarize(doc, doc["peak_TBps"] * 1e12) if doc.get("peak_TBps") else (doc.get("summary") or {})
     picks = dict(p.split("=") for p in pick.split(",") if p)
     path = Path(table)

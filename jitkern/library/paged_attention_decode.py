@@ -66,12 +66,28 @@ DEFAULT_TILES = {"partition": 512, "block_n": 32, "num_warps": 4, "num_stages": 
 #: The bucket of this op's winners in the shipped tables (``jitkern/tuned/<arch>.json``, written by
 #: ``tools/sweep_membw.py --apply``): one tile per arch and dtype, looked up before ``TILES``.
 TUNED_BUCKET = "default"
+#: Launches whose capacity is at most this many tokens (a decode step of short sequences: one
+#: partition, a few pages per program) look up the shipped ``short`` bucket first: their tile is a
+#: latency choice (how many programs share an SM), where the default's is one of streaming long contexts.
+SHORT_CAP = 512
+#: Short launches with at least this many (sequence, query head) rows fill the GPU several times over
+#: and look up ``short_l`` first (small steps, more programs per SM); fewer rows take ``short``.
+MANY_ROWS = 2048
 
 
-def _listed(arch_name: str, dtype: str) -> list[dict]:
-    """The tile candidates before rules and overrides: the shipped winner (if any), then ``TILES``."""
+def buckets(cap: int, rows: int = 0) -> tuple[str, ...]:
+    """Shipped-table buckets for a launch of capacity ``cap`` over ``rows`` = batch x num_heads, most
+    specific first."""
+    if cap > SHORT_CAP:
+        return (TUNED_BUCKET,)
+    return (("short_l",) if rows >= MANY_ROWS else ()) + ("short", TUNED_BUCKET)
+
+
+def _listed(arch_name: str, dtype: str, bucket: tuple[str, ...] = (TUNED_BUCKET,)) -> list[dict]:
+    """The tile candidates before rules and overrides: the shipped winner of the first bucket that has
+    one (if any), then ``TILES``."""
     base = TILES.get(arch_name, DEFAULT_TILES)
-    won = tuning.shipped(arch_name, OP, dtype, TUNED_BUCKET)
+    won = next((w for w in (tuning.shipped(arch_name, OP, dtype, b) for b in bucket) if w), None)
     return ([{**base, **won}] if won else []) + [base]
 BLOCK_P = 16
 #: One partition covering the capacity: the partition kernel writes ``out`` itself and no combine runs
@@ -86,9 +102,10 @@ CONTRACT = Contract(OP, (
 ))
 
 
-def tiles(arch_name: str, dtype: str = "bf16") -> dict:
-    """partition, block_n, num_warps, num_stages for an arch, after rules and env overrides."""
-    return constraints.apply(arch_name, OP, _listed(arch_name, dtype), TUNABLES)[0]
+def tiles(arch_name: str, dtype: str = "bf16", bucket: tuple[str, ...] = (TUNED_BUCKET,)) -> dict:
+    """partition, block_n, num_warps, num_stages for an arch, after rules and env overrides (what
+    ``call.tiles`` gives the plan for ``bucket``; prebuild and tools use this)."""
+    return constraints.apply(arch_name, OP, _listed(arch_name, dtype, bucket), TUNABLES)[0]
 
 
 def capacity(max_context_len: int | None, kv_cache_tokens: int, table_tokens: int | None = None) -> int:
@@ -102,7 +119,7 @@ def workspace_nbytes(batch: int, num_heads: int, head_dim: int, max_context_len:
     """Bytes of the ``workspace`` the op needs (for engines that pre-allocate, e.g. for CUDA graphs).
     ``table_tokens``: ``block_tables.shape[1] * page_size`` if it bounds the context further."""
     cap = capacity(max_context_len, kv_cache_tokens, table_tokens)
-    parts = -(-cap // partition_for(tiles(arch), batch, num_heads, cap))
+    parts = -(-cap // partition_for(tiles(arch, bucket=buckets(cap, batch * num_heads)), batch, num_heads, cap))
     return CONTRACT.nbytes(batch=batch, heads=num_heads, head_dim=head_dim, parts=parts,
                            dtype=torch.bfloat16)["workspace"]
 
@@ -157,14 +174,21 @@ def combine_config(dtype, head_dim, arch_name, tile: dict | None = None) -> Conf
 
 
 def configs(arch):
+    seen = set()
     for dtype in ("bf16", "fp16"):
-        for head_dim in HEAD_DIMS:
-            yield combine_config(dtype, head_dim, arch.name)
-            for page in PAGE_SIZES:
-                for group in GROUPS:
-                    for aligned in (True, False):
-                        for direct in (False, True):
-                            yield partition_config(dtype, page, head_dim, group, arch.name, aligned, direct=direct)
+        # every tile a launch can get: the short buckets' (or the default) and the default
+        for tile in {tuple(sorted(tiles(arch.name, dtype, buckets(cap, rows)).items())): None
+                     for cap, rows in ((SHORT_CAP, 0), (SHORT_CAP, MANY_ROWS), (SHORT_CAP + 1, 0))}:
+            tile = dict(tile)
+            for head_dim in HEAD_DIMS:
+                cfgs = [combine_config(dtype, head_dim, arch.name, tile)]
+                cfgs += [partition_config(dtype, page, head_dim, group, arch.name, aligned, tile, direct)
+                         for page in PAGE_SIZES for group in GROUPS for aligned in (True, False)
+                         for direct in (False, True)]
+                for cfg in cfgs:
+                    if cfg not in seen:
+                        seen.add(cfg)
+                        yield cfg
 
 
 def _zeros(q, k_cache, v_cache, block_tables, seq_lens, scale, max_context_len, out, workspace):
@@ -222,9 +246,9 @@ def plan(call):
     checks.same_dtype(OP, "out", out, q, "q")
     checks.shape(OP, "out", out, (b, h, d))
     checks.unit_last_stride(OP, "out", out)
-    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[q.dtype],
-                      bucket=TUNED_BUCKET)[0]
     cap = capacity(max_context_len, nb * page, block_tables.shape[1] * page)
+    tile = call.tiles([TILES.get(call.arch.name, DEFAULT_TILES)], dtype=checks.TRITON_TYPE[q.dtype],
+                      bucket=buckets(cap, b * h))[0]
     tile = dict(tile, partition=partition_for(tile, b, h, cap))
     part = tile["partition"]
     parts = -(-cap // part)
