@@ -176,15 +176,20 @@ def combine_config(dtype, head_dim, arch_name, tile: dict | None = None) -> Conf
 def configs(arch):
     seen = set()
     for dtype in ("bf16", "fp16"):
-        # every tile a launch can get: the short buckets' (or the default) and the default
-        for tile in {tuple(sorted(tiles(arch.name, dtype, buckets(cap, rows)).items())): None
-                     for cap, rows in ((SHORT_CAP, 0), (SHORT_CAP, MANY_ROWS), (SHORT_CAP + 1, 0))}:
+        # every tile a launch can get: the default's, and the short buckets' (a short launch whose
+        # partition covers SHORT_CAP has one partition: the direct kernel alone, no combine)
+        modes: dict = {}
+        for cap, rows in ((SHORT_CAP + 1, 0), (SHORT_CAP, 0), (SHORT_CAP, MANY_ROWS)):
+            tile = tiles(arch.name, dtype, buckets(cap, rows))
+            only = cap <= SHORT_CAP and tile["partition"] >= SHORT_CAP
+            modes.setdefault(tuple(sorted(tile.items())), (True,) if only else (False, True))
+        for tile, direct_modes in modes.items():
             tile = dict(tile)
             for head_dim in HEAD_DIMS:
-                cfgs = [combine_config(dtype, head_dim, arch.name, tile)]
+                cfgs = [] if direct_modes == (True,) else [combine_config(dtype, head_dim, arch.name, tile)]
                 cfgs += [partition_config(dtype, page, head_dim, group, arch.name, aligned, tile, direct)
                          for page in PAGE_SIZES for group in GROUPS for aligned in (True, False)
-                         for direct in (False, True)]
+                         for direct in direct_modes]
                 for cfg in cfgs:
                     if cfg not in seen:
                         seen.add(cfg)
