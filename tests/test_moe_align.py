@@ -24,7 +24,9 @@ def _routes(tokens, experts, topk, seed=0, dtype=torch.int64, skew=False):
 @pytest.mark.parametrize("tokens,experts,topk,align,dtype,skew", [
     (1, 8, 2, 16, torch.int64, False),
     (37, 8, 2, 16, torch.int32, False),
-    (128, 8, 2, 32, torch.int64, False),   # two loop steps of the kernel
+    (128, 8, 2, 32, torch.int64, False),   # 256 pairs: one step of the kernel's loops (512 a step for 8 bins)
+    (300, 8, 2, 32, torch.int32, True),    # two steps, the running counts carried from the first
+    (100, 32, 4, 16, torch.int64, False),  # 32 bins: 128 pairs a step, four steps
     (100, 5, 3, 16, torch.int64, True),    # experts not a power of two; a run of many blocks
     (70, 256, 8, 64, torch.int32, False),  # DeepSeek-sized expert count
     (3, 4, 1, 1, torch.int64, False),      # no padding at all

@@ -30,8 +30,10 @@ OP = "moe_align"
 ID_DTYPES = (torch.int32, torch.int64)
 #: Expert counts the kernel is built for: one histogram bin per expert, a power of two.
 EXPERT_BINS = (8, 16, 32, 64, 128, 256, 512)
-#: Pairs per step of the kernel's loops (its per-step rank matrix is BLOCK x BLOCK).
-BLOCK = 64
+#: Pairs per step of the kernel's loops, at the most and at the least: ``block_for`` keeps the
+#: per-step rank of a chunk to 4096 elements ([block, bins] one-hot, or [64, 64] pairwise for more than
+#: 64 bins), so few experts take few steps (a batch-128 decode with top-2 of 8: one step, not four).
+MAX_BLOCK, BLOCK = 512, 64
 OUTPUTS = ("sorted_token_ids", "expert_ids", "num_tokens_post_padded")
 
 
@@ -72,8 +74,12 @@ def expert_bins(num_experts: int) -> int:
     return next(b for b in EXPERT_BINS if b >= num_experts)
 
 
+def block_for(bins: int) -> int:
+    return max(BLOCK, min(MAX_BLOCK, 4096 // bins))
+
+
 def config(id_dtype: str, bins: int, num_warps: int = 4) -> Config:
-    return Config.make("triton", id_dtype=id_dtype, expert_bins=bins, block=BLOCK, num_warps=num_warps)
+    return Config.make("triton", id_dtype=id_dtype, expert_bins=bins, block=block_for(bins), num_warps=num_warps)
 
 
 def configs(arch):
