@@ -7,8 +7,9 @@ process. The answer is therefore kept in the user's writable cache layer::
 
     <layer>/v<N>/toolchains/<id[:2]>/<id>.json   {"path", "mtime_ns", "size", "ino", "dev", "runs", "version"}
 
-``id`` is the SHA-256 of the tool's real path, ``st_mtime_ns``, ``st_size``, ``st_ino`` and
-``st_dev``: a rebuilt, replaced or touched binary has another id and is asked again. A small ``#!``
+``id`` is the SHA-256 of the tool's real path, ``st_mtime_ns`` and ``st_size``; the record holds
+``st_ino`` and ``st_dev`` too, and in the writable layer all five must match: a rebuilt, replaced or
+touched binary is asked again. A small ``#!``
 wrapper script (``/usr/local/bin/nvcc`` holding ``exec /usr/local/cuda-13.0/bin/nvcc "$@"``) adds the
 same figures of every existing file it names by absolute path (``runs``), so an upgrade behind an
 unchanged wrapper is seen too; a wrapper that finds its compiler some other way (``$PATH``, a
@@ -17,8 +18,13 @@ held to the rules of the layer's ``entries/`` and ``index/`` (``toolchains/`` is
 ``jitkern.cache``'s private subdirectories: ``Layer.check_secure``), written with
 ``cache.write_private`` (0600, atomic rename) and read with ``cache.read_private`` (refused if the
 file or its directory is a link, or could be written by another user). A record that is refused,
-unreadable, corrupt or about another file is ignored and the tool is run; read-only layers are
-never consulted nor written (the ids hold inode numbers of this machine), and no cache is created
+unreadable, corrupt or about another file is ignored and the tool is run. Read-only layers (a
+prebuilt layer shipped in an image: ``prebuild`` records the versions it asked for in the layer it
+builds) are read after the writable one and never written; their records were made on another
+machine or in another container, where the same binary has other inode and device numbers, so
+there the path, mtime and size (and those of a wrapper's targets) must match, which is what an
+image copy keeps. So a process over a read-only prebuilt layer alone starts no compiler either.
+No cache is created
 for a record (``Store.existing_write_layer``): a version asked for before the layer exists is
 recorded by a later call of the same process once it does (a build creates it), or at its exit. Counters: a real run is
 ``toolchain_queries``, a record used is ``toolchain_cache_hits`` (``jitkern.stats()``).
@@ -136,9 +142,16 @@ def _fields(ident: tuple) -> dict:
     return json.loads(json.dumps(dict(zip(("path", "mtime_ns", "size", "ino", "dev", "runs"), ident))))
 
 
+def _portable(ident: tuple) -> tuple:
+    """The part of ``ident`` an image copy keeps: path, mtime_ns and size (a wrapper's targets too),
+    not the inode and device numbers."""
+    real, mtime_ns, size, _ino, _dev, targets = ident
+    return real, mtime_ns, size, tuple(t[:3] for t in targets)
+
+
 def record_path(layer, ident: tuple):
-    """Where ``layer`` keeps the record of the tool ``ident`` (realpath, mtime_ns, size, ino, dev)."""
-    h = hashlib.sha256(json.dumps(list(ident)).encode()).hexdigest()
+    """Where ``layer`` keeps the record of the tool ``ident`` (realpath, mtime_ns, size, ino, dev, runs)."""
+    h = hashlib.sha256(json.dumps(list(_portable(ident))).encode()).hexdigest()
     return layer.root / SUBDIR / h[:2] / f"{h}.json"
 
 
@@ -153,25 +166,50 @@ def _layer():
         return None
 
 
-def _recorded(ident: tuple) -> str | None:
-    layer = _layer()
-    if layer is None:
-        return None
-    path = record_path(layer, ident)
+def _read_only_layers(writable) -> list:
+    """The configured layers other than the writable one that exist (nothing is created)."""
     try:
-        layer.ensure_secure()
-        rec = json.loads(read_private(path))
-        if not isinstance(rec, dict) or {k: rec.get(k) for k in _fields(ident)} != _fields(ident):
-            raise ValueError("the record is about another file")
-        text = rec["version"]
-        if not isinstance(text, str):
-            raise ValueError("no version text")
-    except (OSError, ValueError, KeyError, TypeError) as e:  # CorruptEntryError/InsecureCacheError too
-        if not isinstance(e, FileNotFoundError):
-            log.debug("jitkern: toolchain record %s not used (%s); running %s --version", path, e, ident[0])
-        return None
-    counters.bump("toolchain_cache_hits")
-    return text
+        layers = default_store().layers
+    except Exception as e:  # a bad JITKERN_CACHE_DIR: never worth failing a plan for
+        log.debug("jitkern: no cache layers for toolchain versions: %s", e)
+        return []
+    return [layer for layer in layers if layer is not writable and layer.root.is_dir()]
+
+
+def _recorded(ident: tuple) -> str | None:
+    """The version text recorded for ``ident``: the writable layer's record if all of the identity
+    matches, else the first read-only layer's whose portable part does (see the module doc)."""
+    writable = _layer()
+    want = _fields(ident)
+    real, mtime_ns, size, targets = _portable(ident)
+    portable = json.loads(json.dumps({"path": real, "mtime_ns": mtime_ns, "size": size, "runs": targets}))
+    for layer in ([writable] if writable is not None else []) + _read_only_layers(writable):
+        path = record_path(layer, ident)
+        try:
+            layer.ensure_secure()
+            rec = json.loads(read_private(path))
+            if not isinstance(rec, dict):
+                raise ValueError("not a record")
+            if layer is writable:
+                same = {k: rec.get(k) for k in want} == want
+            else:
+                runs = rec.get("runs")
+                got = {**{k: rec.get(k) for k in ("path", "mtime_ns", "size")},
+                       "runs": [r[:3] for r in runs] if isinstance(runs, list) and
+                       all(isinstance(r, list) for r in runs) else runs}
+                same = got == portable
+            if not same:
+                raise ValueError("the record is about another file")
+            text = rec["version"]
+            if not isinstance(text, str):
+                raise ValueError("no version text")
+        except (OSError, ValueError, KeyError, TypeError) as e:  # CorruptEntryError/InsecureCacheError too
+            if not isinstance(e, FileNotFoundError):
+                log.debug("jitkern: toolchain record %s not used (%s)", path, e)
+            continue
+        counters.bump("toolchain_cache_hits")
+        return text
+    return None
 
 
 def _record(ident: tuple, text: str) -> bool:

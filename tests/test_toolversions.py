@@ -184,6 +184,30 @@ def test_no_writable_layer_just_runs_the_tool(tmp_path, tool):
     assert runs(ran) == 2
 
 
+def test_a_read_only_layer_from_another_machine_answers(tmp_path, tool):
+    """A prebuilt layer's record, made where the same binary had other inode and device numbers (an
+    image built elsewhere), answers a process whose only other layer is its own: no compiler run,
+    and nothing written into the read-only layer. A touched binary is asked again."""
+    nvcc, ran = tool
+    shipped = tmp_path / "shipped"
+    fresh_process(shipped, str(nvcc))  # the prebuild machine: it records into the layer it builds
+    [rec] = records(shipped)
+    doc = json.loads(rec.read_text())
+    rec.write_text(json.dumps({**doc, "ino": doc["ino"] + 1, "dev": doc["dev"] + 7}))  # another machine's numbers
+    rec.chmod(0o600)
+    assert fresh_process(shipped, str(nvcc))["queries"] == 1  # as the writable layer: all five must match
+    rec.write_text(json.dumps({**doc, "ino": doc["ino"] + 1, "dev": doc["dev"] + 7}))
+    rec.chmod(0o600)
+    layers = f"{tmp_path / 'user'}{os.pathsep}{shipped}"
+    before = rec.read_text()
+    out = fresh_process(Path(layers), str(nvcc), "look")  # the user's layer does not exist yet
+    assert out == {"version": "Cuda compilation tools, release 12.8", "queries": 0, "hits": 1}
+    assert runs(ran) == 2 and rec.read_text() == before
+    st = nvcc.stat()
+    os.utime(nvcc, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched since the image was built
+    assert fresh_process(Path(layers), str(nvcc), "look")["queries"] == 1
+
+
 def test_one_process_asks_once(tool):
     """In a process, the answer is memoised (and the record is read once)."""
     import jitkern
