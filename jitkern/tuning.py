@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from . import settings, state
 from .errors import BuildError, ConfigError, LaunchError, NoDeviceError, OverBudgetError
@@ -147,9 +147,14 @@ def shipped_table(arch: str) -> dict:
         return {}
 
 
-def shipped(arch: str, op: str, dtype: str, bucket: str) -> dict | None:
-    entry = shipped_table(arch).get("ops", {}).get(op, {}).get(dtype, {}).get(bucket)
-    return dict(entry["params"]) if entry else None
+def shipped(arch: str, op: str, dtype: str, bucket: str | Sequence[str]) -> dict | None:
+    """The shipped winner's parameters for ``bucket``; given several (most specific first), those of
+    the first that has one."""
+    entries = shipped_table(arch).get("ops", {}).get(op, {}).get(dtype, {})
+    for b in (bucket,) if isinstance(bucket, str) else bucket:
+        if entries.get(b):
+            return dict(entries[b]["params"])
+    return None
 
 
 def lookup(arch: str, op: str, dtype: str, bucket: str) -> dict | None:

@@ -91,9 +91,11 @@ def grids() -> dict[str, list[dict]]:
 #: moe cases: the example decoder's MoE layer (examples/jitkern_decoder, qwen3_8b_shapes): 8 experts, top 2,
 #: hidden 4096 -> 2 x 1536 (stage 1, SiLU) and 1536 -> 4096 (stage 2, "none"), at these token counts and
 #: sorting blocks
-#: paged_attention_decode's short-capacity cases: the example decoder's decode batches, 129 tokens each
+#: paged_attention_decode cases: 32 query heads over 8 kv heads of 128; the long shapes' capacity; the
+#: short-capacity cases (the example decoder's decode batches, 129 tokens each, capacity 192)
+PA_HEADS, PA_CAP = 32, 131072
 PA_SHORT_BATCHES = (1, 32, 128)
-PA_SHORT_CTX = 129
+PA_SHORT_CTX, PA_SHORT_CAP = 129, 192
 MOE_SHAPE = dict(experts=8, topk=2, hidden=4096, n=1536)
 MOE_TOKENS = (1, 32, 128)
 MOE_BLOCKS = (16, 32, 64)
@@ -140,19 +142,19 @@ def cases(op: str, torch, quick: bool, dev: str = "cuda"):
 
         shapes = [(32, 2048), (64, 8192), (256, 2048), (32, 32768), (128, 4096)]
         for bsz, ctx in shapes[:2] if quick else shapes:
-            q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, 32, 8, 128, 16)
+            q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, ctx, PA_HEADS, 8, 128, 16)
             nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2 + bt.numel() * 4
             out.append((f"b={bsz} ctx={ctx}", lambda q=q, k=k, v=v, bt=bt, lens=lens: pa.paged_attention_decode(
-                q, k, v, bt, lens, max_context_len=131072), nbytes))
-            CASE_BUCKETS.setdefault(op, []).append(pa.buckets(131072, bsz * 32)[0])
+                q, k, v, bt, lens, max_context_len=PA_CAP), nbytes))
+            CASE_BUCKETS.setdefault(op, []).append(pa.buckets(PA_CAP, bsz * PA_HEADS)[0])
         # the example decoder's decode steps (tools/bench_model_load.py: a 128-token prompt, capacity
         # 192): the short bucket; bytes are the 129 tokens read per sequence, not the pages' 144
         for bsz in () if quick else PA_SHORT_BATCHES:
-            q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, PA_SHORT_CTX, 32, 8, 128, 16)
+            q, k, v, bt, lens = paged_decode_inputs(torch, dev, bsz, PA_SHORT_CTX, PA_HEADS, 8, 128, 16)
             nbytes = 2 * bsz * PA_SHORT_CTX * 8 * 128 * 2 + 2 * q.numel() * 2 + bt.numel() * 4
-            out.append((f"b={bsz} ctx={PA_SHORT_CTX} cap=192", lambda q=q, k=k, v=v, bt=bt, lens=lens:
-                        pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=192), nbytes))
-            CASE_BUCKETS[op].append(pa.buckets(192, bsz * 32)[0])
+            out.append((f"b={bsz} ctx={PA_SHORT_CTX} cap={PA_SHORT_CAP}", lambda q=q, k=k, v=v, bt=bt, lens=lens:
+                        pa.paged_attention_decode(q, k, v, bt, lens, max_context_len=PA_SHORT_CAP), nbytes))
+            CASE_BUCKETS[op].append(pa.buckets(PA_SHORT_CAP, bsz * PA_HEADS)[0])
     elif op == "paged_mqa_logits":
         from jitkern.library import paged_mqa_logits as mqa
 
@@ -515,14 +517,18 @@ def print_summary(summary: dict) -> None:
             print(f"   {v} winner {json.dumps(w['tile'])}: " + " ".join(f"{f * 100:5.1f}%" for f in w["frac_peak"]))
 
 
+def _label_fields(label: str) -> dict[str, str]:
+    """``{"b": "32", "ctx": "2048"}`` of a shape label ``b=32 ctx=2048``."""
+    return dict(part.split("=", 1) for part in label.split() if "=" in part)
+
+
 def _mqa_buckets(labels: list[str]) -> list[str]:
     """paged_mqa_logits buckets of shape labels ``b=B n=N ctx=C`` (sweeps written before the tool
     recorded them)."""
     from jitkern.library import paged_mqa_logits as mqa
 
     out = []
-    for label in labels:
-        kv = dict(part.split("=", 1) for part in label.split() if "=" in part)
+    for kv in map(_label_fields, labels):
         if not {"b", "n", "ctx"} <= set(kv):
             return None
         out.append(mqa.buckets(int(kv["n"]), int(kv["b"]) * int(kv["ctx"]))[0])
@@ -531,14 +537,10 @@ def _mqa_buckets(labels: list[str]) -> list[str]:
 
 def _pa_buckets(labels: list[str]) -> list[str]:
     """paged_attention_decode buckets of shape labels ``b=B ctx=C [cap=N]`` as today's rules give them
-    (32 query heads; no cap: the sweep's 131072), so a sweep timed under older buckets ships today's."""
+    (``PA_HEADS`` query heads; no cap: ``PA_CAP``), so a sweep timed under older buckets ships today's."""
     from jitkern.library import paged_attention_decode as pa
 
-    out = []
-    for label in labels:
-        kv = dict(part.split("=", 1) for part in label.split() if "=" in part)
-        out.append(pa.buckets(int(kv.get("cap", 131072)), int(kv["b"]) * 32)[0])
-    return out
+    return [pa.buckets(int(kv.get("cap", PA_CAP)), int(kv["b"]) * PA_HEADS)[0] for kv in map(_label_fields, labels)]
 
 
 def apply(sweep_json: str, table: str, pick: str) -> int:

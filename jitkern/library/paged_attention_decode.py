@@ -87,7 +87,7 @@ def _listed(arch_name: str, dtype: str, bucket: tuple[str, ...] = (TUNED_BUCKET,
     """The tile candidates before rules and overrides: the shipped winner of the first bucket that has
     one (if any), then ``TILES``."""
     base = TILES.get(arch_name, DEFAULT_TILES)
-    won = next((w for w in (tuning.shipped(arch_name, OP, dtype, b) for b in bucket) if w), None)
+    won = tuning.shipped(arch_name, OP, dtype, bucket)
     return ([{**base, **won}] if won else []) + [base]
 BLOCK_P = 16
 #: One partition covering the capacity: the partition kernel writes ``out`` itself and no combine runs

@@ -67,7 +67,7 @@ def _listed(arch_name: str, dtype: str, bucket: tuple[str, ...] = (TUNED_BUCKET,
     """The tile candidates before rules and overrides: the shipped winner of the first bucket that has
     one (if any), then ``TILES``."""
     base = TILES.get(arch_name, DEFAULT_TILES)
-    won = next((w for w in (tuning.shipped(arch_name, OP, dtype, b) for b in bucket) if w), None)
+    won = tuning.shipped(arch_name, OP, dtype, bucket)
     return ([{**base, **won}] if won else []) + [base]
 #: Every store masked by ``t < max_model_len``. Only tests turn this off, to show that redzone mode
 #: catches the seed-001 bug.
